@@ -1,0 +1,3 @@
+"""edgeknn: a teachable image classifier for Raspberry Pi-class boards."""
+
+__version__ = "0.1.0"

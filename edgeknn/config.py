@@ -1,0 +1,306 @@
+"""Typed configuration loaded from TOML.
+
+Every section is a frozen dataclass; every field says what it accepts in its metadata. Loading
+collects *all* problems, each naming the key path (``mqtt.port: expected an integer 1..65535,
+got "abc"``), so a person fixes a config file in one pass. Unknown keys are errors: a typo must
+not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/edgeknn/edgeknn.toml")
+CLASS_NAME_HELP = "1-32 characters: letters, digits, space, '_', '-', '.'; not starting with a space"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def _int(lo: int | None = None, hi: int | None = None):
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            return _expect_int(lo, hi)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            return _expect_int(lo, hi)
+        return None
+
+    return check
+
+
+def _expect_int(lo: int | None, hi: int | None) -> str:
+    if lo is not None and hi is not None:
+        return f"expected an integer {lo}..{hi}"
+    if lo is not None:
+        return f"expected an integer >= {lo}"
+    return "expected an integer"
+
+
+def _float(lo: float | None = None, hi: float | None = None):
+    def check(v: Any) -> str | None:
+        text = "expected a number" + (
+            f" {lo}..{hi}" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else ""
+        )
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return text
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            return text
+        return None
+
+    return check
+
+
+def _str(choices: tuple[str, ...] | None = None, nonempty: bool = False):
+    def check(v: Any) -> str | None:
+        if choices is not None and v not in choices:
+            return "expected one of " + ", ".join(f'"{c}"' for c in choices)
+        if not isinstance(v, str):
+            return "expected a string"
+        if nonempty and not v:
+            return "expected a non-empty string"
+        return None
+
+    return check
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "expected true or false"
+
+
+def _pins(v: Any) -> str | None:
+    """GPIO pins: BCM numbers (17) or gpiozero pin names ("GPIO17", "BOARD11")."""
+    ok = isinstance(v, list) and all(
+        (isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= 53) or (isinstance(p, str) and p)
+        for p in v
+    )
+    return None if ok else "expected a list of GPIO pins (BCM numbers 0..53 or names like \"GPIO17\")"
+
+
+def _pin_or_none(v: Any) -> str | None:
+    if v == "" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 53) or isinstance(v, str):
+        return None
+    return 'expected a GPIO pin (BCM number 0..53, a name like "GPIO17", or "" for none)'
+
+
+def _class_names(v: Any) -> str | None:
+    from edgeknn.commands import class_name_error
+
+    if not isinstance(v, list) or not v or len(v) > 32:
+        return "expected a list of 1..32 class names"
+    for name in v:
+        if class_name_error(name):
+            return f"expected class names of {CLASS_NAME_HELP}, got {name!r}"
+    if len(set(v)) != len(v):
+        return "expected distinct class names"
+    return None
+
+
+def _str_list(v: Any) -> str | None:
+    return None if isinstance(v, list) and all(isinstance(s, str) for s in v) else "expected a list of strings"
+
+
+def key(default: Any, check, doc: str = ""):
+    """A config field: its default, its validator and a one-line description."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"check": check, "doc": doc})
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = key("", _str(), "TFLite model; empty = the extractor in <state_dir>/models (edgeknn model fetch)")
+    threads: int = key(0, _int(0, 64), "interpreter threads; 0 = one per CPU core")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = key("", _str(), "the example store (.npz); empty = <state_dir>/store.npz")
+    k: int = key(3, _int(1, 100), "neighbours that vote")
+    rule: str = key("default", _str(), 'classification rule: "default" or one of `edgeknn eval --help`')
+    threshold: float = key(0.0, _float(-1.0, 1.0), "below this best similarity the answer is unknown")
+    capacity: int = key(1000, _int(1, 1_000_000), "examples kept per class; the oldest goes first")
+    storage: str = key("float32", _str(("float32", "uint8")), "row storage; uint8 = 4x less memory")
+    autosave_s: float = key(5.0, _float(0.0, 86400.0), "save this long after the last change; 0 = at once")
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    source: str = key("auto", _str(nonempty=True), "auto | picamera2[:N] | v4l2:/dev/videoN | v4l2:N | replay:PATH")
+    fps: float = key(30.0, _float(0.1, 240.0), "frames per second asked of the camera")
+
+
+@dataclass(frozen=True)
+class StabilizerConfig:
+    mode: str = key("consecutive", _str(("consecutive", "window")), "how a label becomes stable")
+    frames: int = key(3, _int(1, 100), "consecutive frames, or the window length for a majority")
+
+
+@dataclass(frozen=True)
+class PanelConfig:
+    kind: str = key("gpio", _str(("gpio", "keyboard", "none")), "buttons and LEDs: gpio, keyboard or none")
+    buttons: list = key([17, 27, 22], _pins, "one button per class, in class order")
+    leds: list = key([5, 6, 13], _pins, "one LED per class, in class order")
+    clear_button: Any = key(26, _pin_or_none, 'the clear button; "" for none')
+    status_led: Any = key(19, _pin_or_none, 'the status LED; "" for none')
+    active_high: bool = key(False, _bool, "buttons: true if a press drives the pin high")
+    pull_up: bool = key(True, _bool, "buttons: use the internal pull-up (button to GND)")
+    hold_time: float = key(0.8, _float(0.1, 10.0), "seconds held before hold-to-record starts")
+    hold_rate: float = key(5.0, _float(0.1, 30.0), "examples per second while a class button is held")
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    enabled: bool = key(True, _bool, "publish predictions and accept commands over MQTT")
+    host: str = key("localhost", _str(nonempty=True), "broker host")
+    port: int = key(1883, _int(1, 65535), "broker port")
+    device_id: str = key("", _str(), "device id in topics; empty = the host name")
+    base_topic: str = key("edgeknn/{device_id}", _str(nonempty=True), "topic prefix")
+    client_id: str = key("", _str(), "MQTT client id; empty = edgeknn-<device_id>")
+    username: str = key("", _str(), "broker user name")
+    password: str = key("", _str(), "broker password (prefer password_file)")
+    password_file: str = key("", _str(), "file whose first line is the password")
+    tls: bool = key(False, _bool, "connect with TLS")
+    ca_file: str = key("", _str(), "CA certificate for TLS; empty = system CAs")
+    cert_file: str = key("", _str(), "client certificate for TLS")
+    key_file: str = key("", _str(), "client key for TLS")
+    keepalive: int = key(30, _int(5, 3600), "seconds between keepalive pings")
+    qos: int = key(1, _int(0, 2), "QoS of predictions, state and events")
+    publish: str = key("change", _str(("change", "every_frame")), "publish predictions on change or every frame")
+    heartbeat_s: float = key(30.0, _float(0.0, 86400.0), "re-publish the prediction this often; 0 = never")
+    commands: bool = key(True, _bool, "accept commands on <base>/cmd/<name>")
+    allowed_commands: list = key([], _str_list, "if non-empty, only these commands are accepted")
+    max_payload: int = key(4096, _int(64, 1_000_000), "command payloads above this many bytes are refused")
+    discovery: bool = key(True, _bool, "publish Home Assistant discovery")
+    discovery_prefix: str = key("homeassistant", _str(nonempty=True), "Home Assistant discovery prefix")
+
+
+@dataclass(frozen=True)
+class Config:
+    classes: list = key(["one", "two", "three"], _class_names, "class names, in button order")
+    state_dir: str = key("/var/lib/edgeknn", _str(nonempty=True), "where the store and the model live")
+    log_level: str = key("info", _str(("debug", "info", "warning", "error")), "log level")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    stabilizer: StabilizerConfig = field(default_factory=StabilizerConfig)
+    panel: PanelConfig = field(default_factory=PanelConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+
+    def model_path(self) -> Path:
+        from edgeknn.model import DEFAULT_MODEL_FILE
+
+        return Path(self.model.path) if self.model.path else Path(self.state_dir) / "models" / DEFAULT_MODEL_FILE
+
+    def store_path(self) -> Path:
+        return Path(self.store.path) if self.store.path else Path(self.state_dir) / "store.npz"
+
+    def resolved_device_id(self) -> str:
+        return self.mqtt.device_id or os.uname().nodename.split(".")[0] or "edgeknn"
+
+    def resolved_base_topic(self) -> str:
+        return self.mqtt.base_topic.replace("{device_id}", self.resolved_device_id())
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, dict):
+        return "a table"
+    if isinstance(v, list):
+        return "a list" if len(repr(v)) > 40 else repr(v)
+    return repr(v)
+
+
+def _build(cls: type, table: dict, prefix: str, errors: list[str]) -> Any:
+    values: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in table.items():
+        path = f"{prefix}{name}"
+        f = fields.get(name)
+        if f is None:
+            errors.append(f"{path}: unknown key (known: {', '.join(fields)})")
+            continue
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            if not isinstance(value, dict):
+                errors.append(f"{path}: expected a table [{path}], got {_describe(value)}")
+                continue
+            values[name] = _build(f.default_factory, value, path + ".", errors)
+            continue
+        problem = f.metadata["check"](value)
+        if problem:
+            errors.append(f"{path}: {problem}, got {_describe(value)}")
+            continue
+        values[name] = float(value) if f.type == "float" else value
+    return cls(**values)
+
+
+def from_dict(data: dict) -> Config:
+    """Build a Config from parsed TOML; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    config = _build(Config, data, "", errors)
+    if not errors:
+        errors.extend(_cross_check(config))
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def _cross_check(config: Config) -> list[str]:
+    errors = []
+    n = len(config.classes)
+    if config.panel.kind == "gpio":
+        for name in ("buttons", "leds"):
+            pins = getattr(config.panel, name)
+            if len(pins) < n:
+                errors.append(f"panel.{name}: expected one pin per class ({n}), got {len(pins)}")
+    if config.mqtt.cert_file and not config.mqtt.key_file:
+        errors.append("mqtt.key_file: expected a key file when mqtt.cert_file is set")
+    if "+" in config.mqtt.base_topic or "#" in config.mqtt.base_topic:
+        errors.append(f'mqtt.base_topic: expected no MQTT wildcards (+, #), got "{config.mqtt.base_topic}"')
+    return errors
+
+
+def load(path: Path | None) -> Config:
+    """Load a TOML file; ``None`` (or the default path missing) gives the defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config file ({e.strerror})"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML ({e})"]) from None
+    return from_dict(data)
+
+
+def replace(config: Config, **overrides: Any) -> Config:
+    """Return a copy with dotted overrides applied, e.g. ``{"camera.source": "replay:x"}``, validated."""
+    data = to_dict(config)
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        table = data
+        for p in parents:
+            table = table[p]
+        table[last] = value
+    return from_dict(data)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)

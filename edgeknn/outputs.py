@@ -1,0 +1,40 @@
+"""What the main loop tells its outputs (LEDs, MQTT), and the interface every output implements.
+
+Outputs must never block the loop: an output that does I/O hands it to its own thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One classified frame after stabilising."""
+
+    label: str  # the stable label, or "unknown"
+    confidence: float  # of the stable label in this frame (0 for unknown)
+    scores: dict[str, float]  # per-class confidence of this frame, summing to 1 (empty if no examples)
+    similarity: float  # best cosine similarity to any stored example (0 if none)
+    frame: int  # frame number from the camera
+    ts: float  # capture time, seconds since the epoch
+    latency_ms: float  # from capture to now
+    changed: bool  # the stable label changed with this frame
+    inference_ms: float = 0.0  # embedding time of this frame
+
+
+class Output(Protocol):
+    """Something that shows the device's answers and state: the LED panel, the MQTT link."""
+
+    def show(self, reading: Reading) -> None:
+        """Called for every classified frame; the output decides what to act on."""
+
+    def event(self, event: dict) -> None:
+        """A one-off happening: ``{"event": "example_added", "class": "cup", "count": 12, ...}``."""
+
+    def state(self, state: dict) -> None:
+        """The device's state changed (classes, counts, camera/broker health, settings)."""
+
+    def close(self) -> None:
+        """Release hardware or connections; called once at shutdown."""
