@@ -83,7 +83,7 @@ def _pins(v: Any) -> str | None:
         (isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= 53) or (isinstance(p, str) and p)
         for p in v
     )
-    return None if ok else "expected a list of GPIO pins (BCM numbers 0..53 or names like \"GPIO17\")"
+    return None if ok else 'expected a list of GPIO pins (BCM numbers 0..53 or names like "GPIO17")'
 
 
 def _pin_or_none(v: Any) -> str | None:
@@ -106,7 +106,9 @@ def _class_names(v: Any) -> str | None:
 
 
 def _str_list(v: Any) -> str | None:
-    return None if isinstance(v, list) and all(isinstance(s, str) for s in v) else "expected a list of strings"
+    return (
+        None if isinstance(v, list) and all(isinstance(s, str) for s in v) else "expected a list of strings"
+    )
 
 
 def key(default: Any, check, doc: str = ""):
@@ -118,7 +120,9 @@ def key(default: Any, check, doc: str = ""):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = key("", _str(), "TFLite model; empty = the extractor in <state_dir>/models (edgeknn model fetch)")
+    path: str = key(
+        "", _str(), "TFLite model; empty = the extractor in <state_dir>/models (edgeknn model fetch)"
+    )
     threads: int = key(0, _int(0, 64), "interpreter threads; 0 = one per CPU core")
 
 
@@ -135,7 +139,9 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class CameraConfig:
-    source: str = key("auto", _str(nonempty=True), "auto | picamera2[:N] | v4l2:/dev/videoN | v4l2:N | replay:PATH")
+    source: str = key(
+        "auto", _str(nonempty=True), "auto | picamera2[:N] | v4l2:/dev/videoN | v4l2:N | replay:PATH"
+    )
     fps: float = key(30.0, _float(0.1, 240.0), "frames per second asked of the camera")
 
 
@@ -175,7 +181,9 @@ class MqttConfig:
     key_file: str = key("", _str(), "client key for TLS")
     keepalive: int = key(30, _int(5, 3600), "seconds between keepalive pings")
     qos: int = key(1, _int(0, 2), "QoS of predictions, state and events")
-    publish: str = key("change", _str(("change", "every_frame")), "publish predictions on change or every frame")
+    publish: str = key(
+        "change", _str(("change", "every_frame")), "publish predictions on change or every frame"
+    )
     heartbeat_s: float = key(30.0, _float(0.0, 86400.0), "re-publish the prediction this often; 0 = never")
     commands: bool = key(True, _bool, "accept commands on <base>/cmd/<name>")
     allowed_commands: list = key([], _str_list, "if non-empty, only these commands are accepted")
@@ -199,7 +207,9 @@ class Config:
     def model_path(self) -> Path:
         from edgeknn.model import DEFAULT_MODEL_FILE
 
-        return Path(self.model.path) if self.model.path else Path(self.state_dir) / "models" / DEFAULT_MODEL_FILE
+        return (
+            Path(self.model.path) if self.model.path else Path(self.state_dir) / "models" / DEFAULT_MODEL_FILE
+        )
 
     def store_path(self) -> Path:
         return Path(self.store.path) if self.store.path else Path(self.state_dir) / "store.npz"
@@ -232,7 +242,9 @@ def _build(cls: type, table: dict, prefix: str, errors: list[str]) -> Any:
         if f is None:
             errors.append(f"{path}: unknown key (known: {', '.join(fields)})")
             continue
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+        if dataclasses.is_dataclass(
+            f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        ):
             if not isinstance(value, dict):
                 errors.append(f"{path}: expected a table [{path}], got {_describe(value)}")
                 continue

@@ -1,0 +1,431 @@
+"""The `edgeknn` command: the only entry point and the only place that reads argv.
+
+Every failure a person can fix prints one line naming the culprit and exits non-zero:
+1 for a bad file or model, 2 for bad usage, 78 (EX_CONFIG) for a bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from edgeknn import __version__, config
+from edgeknn.commands import class_name_error
+from edgeknn.imagefiles import ImageError, find_images, load_rgb
+from edgeknn.model import (
+    DEFAULT_MODEL_FILE,
+    DEFAULT_MODEL_SHA256,
+    DEFAULT_MODEL_URL,
+    Classifier,
+    Embedder,
+    Model,
+    ModelError,
+)
+from edgeknn.store import RULES, VIEW_RULES, KnnStore, StoreError
+
+EX_CONFIG = 78
+
+
+class UsageError(Exception):
+    """Bad input from the command line that argparse cannot see (exit 2)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except config.ConfigError as e:
+        for line in e.errors:
+            print(f"edgeknn: {line}", file=sys.stderr)
+        return EX_CONFIG
+    except UsageError as e:
+        print(f"edgeknn: {e}", file=sys.stderr)
+        return 2
+    except (ModelError, StoreError, ImageError, OSError) as e:
+        print(f"edgeknn: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeknn", description="A teachable image classifier for small boards."
+    )
+    parser.add_argument("--version", action="version", version=f"edgeknn {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument(
+            "--config", type=Path, help=f"TOML config (default {config.DEFAULT_CONFIG_PATH} if present)"
+        )
+        p.set_defaults(func=func)
+        return p
+
+    p = command("run", _run, "run the device: camera, k-NN, buttons, LEDs and MQTT")
+    p.add_argument(
+        "--source", help="camera source URI (auto, picamera2[:N], v4l2:N, replay:PATH?fps=10&loop=1)"
+    )
+    p.add_argument("--panel", choices=("gpio", "keyboard", "none"), help="buttons and LEDs")
+    p.add_argument("--model", help="TFLite model (default: model.path)")
+    p.add_argument("--store", help="the example store (default: store.path)")
+    p.add_argument("--mqtt", metavar="HOST[:PORT]", help='MQTT broker, or "none" to run without MQTT')
+    p.add_argument("--device-id", help="device id in MQTT topics")
+
+    p = command("classify", _classify, "top-k ImageNet-style labels of images (a pretrained classifier)")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--model", type=Path, help="classifier model, or the extractor with --head")
+    p.add_argument("--labels", type=Path, help="labels file (else the labels in the model's metadata)")
+    p.add_argument("--head", type=Path, help="head model that takes the extractor's output")
+    p.add_argument("--top", type=int, default=5, help="how many labels (default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
+
+    p = command("teach", _teach, "add images (files or folders) as examples of a class")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--class", dest="class_name", required=True, help="class name")
+    p.add_argument("--model", type=Path)
+
+    p = command("predict", _predict, "classify images with a trained store")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--model", type=Path)
+    p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
+
+    p = command("store", None, "inspect and edit a store: info, export, import, forget, rename")
+    store_sub = p.add_subparsers(metavar="ACTION")
+    for name, func, help, extra in (
+        ("info", _store_info, "classes, counts, model and size", []),
+        ("export", _store_export, "write the examples as portable JSON", ["output"]),
+        ("import", _store_import, "add the examples of an exported JSON file", ["input"]),
+        ("forget", _store_forget, "forget every example of a class", ["class_name"]),
+        ("rename", _store_rename, "rename a class", ["class_name", "new_name"]),
+    ):
+        sp = store_sub.add_parser(name, help=help, description=help)
+        sp.add_argument("store", type=Path)
+        for arg in extra:
+            sp.add_argument(arg)
+        sp.add_argument("--config", type=Path, help="TOML config")
+        sp.add_argument("--model", type=Path, help="the store's model (default: model.path)")
+        sp.set_defaults(func=func)
+
+    p = command("eval", _eval, "few-shot accuracy on a folder of <class>/<image> photos")
+    p.add_argument("dataset", type=Path)
+    p.add_argument("--shots", default="1,5,10", help="examples per class, comma-separated (default 1,5,10)")
+    p.add_argument("--seeds", type=int, default=5, help="random draws per shot count (default 5)")
+    p.add_argument(
+        "--rule", choices=RULES, help=f"one rule (default: the default rule and tfjs); {', '.join(RULES)}"
+    )
+    p.add_argument("--k", type=int, default=3, help="neighbours that vote (default 3)")
+    p.add_argument("--model", type=Path)
+    p.add_argument(
+        "--open-set", action="store_true", help="hold out half the classes; report AUROC of unknown"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("bench", _bench, "measure the pipeline, the k-NN and the footprint")
+    p.add_argument("--model", type=Path)
+    p.add_argument("--threads", type=int, default=0, help="interpreter threads (default: model.threads)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (for tests)")
+
+    p = command("model", None, "inspect or fetch models")
+    model_sub = p.add_subparsers(metavar="ACTION")
+    sp = model_sub.add_parser("info", help="tensors, shapes, quantization and backend of a model")
+    sp.add_argument("path", type=Path)
+    sp.add_argument("--config", type=Path)
+    sp.set_defaults(func=_model_info)
+    sp = model_sub.add_parser("fetch", help="download the default model into the state directory")
+    sp.add_argument("--config", type=Path)
+    sp.add_argument("--url", default=DEFAULT_MODEL_URL, help="where to download from")
+    sp.add_argument("--sha256", default=DEFAULT_MODEL_SHA256, help="expected checksum")
+    sp.add_argument("--dest", type=Path, help="target file (default <state_dir>/models/<file>)")
+    sp.set_defaults(func=_model_fetch)
+    return parser
+
+
+def _config(args) -> config.Config:
+    return config.load(getattr(args, "config", None))
+
+
+def _model_path(args, cfg: config.Config) -> Path:
+    return Path(args.model) if getattr(args, "model", None) else cfg.model_path()
+
+
+def _store_settings(cfg: config.Config) -> dict:
+    s = cfg.store
+    return {"k": s.k, "rule": s.rule, "threshold": s.threshold, "capacity": s.capacity, "storage": s.storage}
+
+
+def _open_store(path: Path, embedder: Embedder, cfg: config.Config, create: bool) -> KnnStore:
+    if create and not Path(path).exists():
+        return KnnStore(embedder.dim, embedder.identity, **_store_settings(cfg))
+    return KnnStore.load(path, embedder.identity, **_store_settings(cfg))
+
+
+def _images(paths: list[Path]) -> list[Path]:
+    return find_images(paths)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, ensure_ascii=False))
+
+
+def _run(args) -> int:
+    from edgeknn.daemon import run
+
+    return run(args)
+
+
+def _classify(args) -> int:
+    cfg = _config(args)
+    if args.top < 1:
+        raise UsageError("--top: expected an integer >= 1")
+    classifier = Classifier(
+        _model_path(args, cfg), labels=args.labels, head=args.head, threads=cfg.model.threads
+    )
+    for path in _images(args.images):
+        labels = classifier.classify(load_rgb(path, max_side=1024), top=args.top)
+        if args.json:
+            _print_json({"file": str(path), "results": [vars(x) for x in labels]})
+        else:
+            print(f"{path}: " + ", ".join(f"{x.label} ({x.confidence:.2f})" for x in labels))
+    return 0
+
+
+def _teach(args) -> int:
+    cfg = _config(args)
+    problem = class_name_error(args.class_name)
+    if problem:
+        raise UsageError(f"--class: {problem}, got {args.class_name!r}")
+    files = _images(args.paths)
+    embedder = Embedder(_model_path(args, cfg), cfg.model.threads)
+    store = _open_store(args.store, embedder, cfg, create=True)
+    views = store.rule in VIEW_RULES
+    for path in files:
+        image = load_rgb(path, max_side=1024)
+        count = store.add(args.class_name, embedder.embed_views(image) if views else embedder.embed(image))
+    store.save(args.store)
+    print(f"{args.store}: class {args.class_name!r} now has {count} examples ({len(files)} added)")
+    return 0
+
+
+def _predict(args) -> int:
+    cfg = _config(args)
+    embedder = Embedder(_model_path(args, cfg), cfg.model.threads)
+    store = _open_store(args.store, embedder, cfg, create=False)
+    for path in _images(args.images):
+        p = store.classify(embedder.embed(load_rgb(path, max_side=1024)))
+        if args.json:
+            _print_json(
+                {
+                    "file": str(path),
+                    "label": p.label,
+                    "confidence": round(p.confidence, 4),
+                    "scores": {k: round(v, 4) for k, v in p.scores.items()},
+                    "similarity": round(p.similarity, 4),
+                    "neighbours": [{"class": c, "similarity": round(s, 4)} for c, s in p.neighbours],
+                }
+            )
+        else:
+            print(f"{path}: {p.label} ({p.confidence:.2f}, similarity {p.similarity:.2f})")
+    return 0
+
+
+def _store_for_edit(args) -> tuple[KnnStore, config.Config]:
+    cfg = _config(args)
+    model_id = _store_model_id(args, cfg)
+    return KnnStore.load(args.store, model_id, **_store_settings(cfg)), cfg
+
+
+def _store_model_id(args, cfg: config.Config) -> str:
+    """The identity a store must carry: that of --model, else the one in the file (inspection only)."""
+    if getattr(args, "model", None):
+        return Model(args.model).sha256
+    try:
+        with np.load(args.store, allow_pickle=False) as f:
+            return str(f["model_id"])
+    except Exception:
+        return ""  # KnnStore.load reports what is wrong with the file
+
+
+def _store_info(args) -> int:
+    store, _ = _store_for_edit(args)
+    print(f"store: {args.store}")
+    print(f"model: {store.model_id}")
+    print(f"rows: {len(store)} of {store.dim} values ({store.storage})")
+    for name, count in store.counts().items():
+        print(f"  {name}: {count} examples")
+    return 0
+
+
+def _store_export(args) -> int:
+    store, _ = _store_for_edit(args)
+    rows = store._float_rows()
+    data = {
+        "format": "edgeknn-examples",
+        "model_id": store.model_id,
+        "classes": store.classes,
+        "examples": [
+            {
+                "class": store.classes[int(label)],
+                "example": int(ex),
+                "vector": [round(float(v), 6) for v in row],
+            }
+            for row, label, ex in zip(
+                rows, store._labels[: len(store)], store._example[: len(store)], strict=True
+            )
+        ],
+    }
+    Path(args.output).write_text(json.dumps(data))
+    print(f"{args.output}: {len(rows)} rows of {len(store.classes)} classes")
+    return 0
+
+
+def _store_import(args) -> int:
+    try:
+        data = json.loads(Path(args.input).read_text())
+        model_id, examples = data["model_id"], data["examples"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{args.input}: not an edgeknn export ({type(e).__name__}: {e})") from None
+    cfg = _config(args)
+    if Path(args.store).exists():
+        store = KnnStore.load(args.store, model_id, **_store_settings(cfg))
+    else:
+        store = KnnStore(len(examples[0]["vector"]) if examples else 1, model_id, **_store_settings(cfg))
+    groups: dict[tuple[str, int], list] = {}
+    for ex in examples:
+        if class_name_error(ex.get("class")):
+            raise UsageError(f"{args.input}: invalid class name {ex.get('class')!r}")
+        groups.setdefault((ex["class"], ex.get("example", 0)), []).append(ex["vector"])
+    for (name, _), vectors in groups.items():
+        store.add(name, np.array(vectors, np.float32))
+    store.save(args.store)
+    print(f"{args.store}: imported {len(groups)} examples")
+    return 0
+
+
+def _store_forget(args) -> int:
+    store, _ = _store_for_edit(args)
+    if args.class_name not in store.classes:
+        raise UsageError(f"{args.store}: no class {args.class_name!r} (classes: {', '.join(store.classes)})")
+    removed = store.forget(args.class_name)
+    store.save(args.store)
+    print(f"{args.store}: forgot {removed} examples of {args.class_name!r}")
+    return 0
+
+
+def _store_rename(args) -> int:
+    store, _ = _store_for_edit(args)
+    problem = class_name_error(args.new_name)
+    if problem:
+        raise UsageError(f"new name: {problem}, got {args.new_name!r}")
+    if args.class_name not in store.classes:
+        raise UsageError(f"{args.store}: no class {args.class_name!r} (classes: {', '.join(store.classes)})")
+    try:
+        store.rename(args.class_name, args.new_name)
+    except ValueError as e:
+        raise UsageError(f"{args.store}: {e}") from None
+    store.save(args.store)
+    print(f"{args.store}: renamed {args.class_name!r} to {args.new_name!r}")
+    return 0
+
+
+def _eval(args) -> int:
+    from edgeknn.evaluate import evaluate, load_dataset
+
+    cfg = _config(args)
+    try:
+        shots = [int(s) for s in args.shots.split(",")]
+    except ValueError:
+        raise UsageError(f"--shots: expected comma-separated integers, got {args.shots!r}") from None
+    if min(shots) < 1 or args.seeds < 1:
+        raise UsageError("--shots and --seeds: expected integers >= 1")
+    rules = [args.rule] if args.rule else ["softmax", "tfjs"]
+    start = time.perf_counter()
+    embedder = Embedder(_model_path(args, cfg), cfg.model.threads)
+    data = load_dataset(args.dataset, embedder)
+    smallest = min(int((data.labels == c).sum()) for c in range(len(data.classes)))
+    if max(shots) >= smallest:
+        raise UsageError(f"--shots: the smallest class has {smallest} photos; use fewer than that")
+    result = evaluate(data, embedder, rules, shots, args.seeds, k=args.k, open_set=args.open_set)
+    seconds = time.perf_counter() - start
+    result = {
+        "model": str(_model_path(args, cfg)),
+        "default_rule": "softmax",
+        **result,
+        "seconds": round(seconds, 1),
+    }
+    if args.json:
+        _print_json(result)
+        return 0
+    print(
+        f"{args.dataset}: {len(data.files)} photos, {len(data.classes)} classes, {args.seeds} seeds, k={args.k}"
+    )
+    print("rule        " + "".join(f"{n:>4} shot{'s' if n > 1 else ' '}     " for n in shots))
+    for rule, per_shot in result["rules"].items():
+        cells = "".join(f"{v['mean']:.3f} ± {v['std']:.3f}  " for v in per_shot.values())
+        print(f"{rule:<12}{cells}")
+    for rule, per_shot in result.get("open_set_auroc", {}).items():
+        print(f"open-set AUROC ({rule}): " + ", ".join(f"{n} shots {v:.3f}" for n, v in per_shot.items()))
+    print(f"took {seconds:.1f} s")
+    return 0
+
+
+def _bench(args) -> int:
+    from edgeknn.bench import run_bench
+
+    return run_bench(args, _config(args))
+
+
+def _model_info(args) -> int:
+    model = Model(args.path)
+    info = model.describe()
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _model_fetch(args) -> int:
+    cfg = _config(args)
+    dest = args.dest or Path(cfg.state_dir) / "models" / DEFAULT_MODEL_FILE
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(args.url, timeout=60) as response, open(part, "wb") as f:
+            for block in iter(lambda: response.read(1 << 16), b""):
+                digest.update(block)
+                f.write(block)
+    except OSError as e:  # URLError is an OSError
+        part.unlink(missing_ok=True)
+        raise ModelError(f"{args.url}: download failed ({getattr(e, 'reason', e)})") from None
+    if digest.hexdigest() != args.sha256:
+        part.unlink(missing_ok=True)
+        raise ModelError(
+            f"{args.url}: checksum mismatch: expected sha256 {args.sha256}, got {digest.hexdigest()}"
+        )
+    part.replace(dest)
+    print(f"{dest}: sha256 {args.sha256} verified")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Few-shot evaluation on a folder of labelled photos, with the same Embedder and KnnStore the daemon uses.
+
+Per seed, N examples per class are drawn at random into a store and every other photo is
+classified. Each photo is embedded once and reused across shots, seeds and rules. Before
+classifying, the store observes every query's embedding, as the device observes every frame it
+sees (the default rule centres its features on that running mean).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeknn.imagefiles import ImageError, find_images, load_rgb
+from edgeknn.model import Embedder
+from edgeknn.store import VIEW_RULES, KnnStore
+
+
+@dataclass
+class Dataset:
+    classes: list[str]
+    files: list[Path]
+    labels: np.ndarray
+    vectors: np.ndarray
+
+
+def load_dataset(
+    root: Path, embedder: Embedder, progress: Callable[[int, int], None] | None = None
+) -> Dataset:
+    """Embed every photo of ``root/<class>/<image>`` once."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ImageError(f"{root}: not a folder of <class>/<image> folders")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise ImageError(f"{root}: expected at least 2 class folders, found {len(classes)}")
+    files, labels = [], []
+    for i, name in enumerate(classes):
+        found = find_images([root / name])
+        files += found
+        labels += [i] * len(found)
+    max_side = 2 * max(embedder.model.input_size)
+    vectors = np.zeros((len(files), embedder.dim), np.float32)
+    for j, path in enumerate(files):
+        vectors[j] = embedder.embed(load_rgb(path, max_side=max_side))
+        if progress:
+            progress(j + 1, len(files))
+    return Dataset(classes, files, np.array(labels), vectors)
+
+
+def evaluate(
+    data: Dataset,
+    embedder: Embedder,
+    rules: list[str],
+    shots: list[int],
+    seeds: int,
+    k: int = 3,
+    open_set: bool = False,
+) -> dict:
+    """Mean and std accuracy per rule and shot count (and open-set AUROC when asked)."""
+    views: dict[int, np.ndarray] = {}
+    max_side = 2 * max(embedder.model.input_size)
+
+    def views_of(i: int) -> np.ndarray:
+        if i not in views:
+            views[i] = embedder.embed_views(load_rgb(data.files[i], max_side=max_side))
+        return views[i]
+
+    results: dict[str, dict[str, dict[str, float]]] = {rule: {} for rule in rules}
+    aurocs: dict[str, dict[str, float]] = {rule: {} for rule in rules}
+    n_classes = len(data.classes)
+    for n in shots:
+        for rule in rules:
+            accs, auc = [], []
+            for seed in range(seeds):
+                rng = np.random.default_rng(seed)
+                picks = [
+                    rng.choice(np.flatnonzero(data.labels == c), n, replace=False) for c in range(n_classes)
+                ]
+                train = np.concatenate(picks)
+                test = np.setdiff1d(np.arange(len(data.labels)), train)
+                known = np.arange(n_classes) if not open_set else rng.permutation(n_classes)[: n_classes // 2]
+                store = KnnStore(embedder.dim, embedder.identity, k=k, rule=rule)
+                for i in train:
+                    if data.labels[i] in known:
+                        store.add(
+                            data.classes[data.labels[i]],
+                            views_of(i) if rule in VIEW_RULES else data.vectors[i],
+                        )
+                for i in test:
+                    store.observe(data.vectors[i])
+                preds = [store.classify(data.vectors[i]) for i in test]
+                is_known = np.isin(data.labels[test], known)
+                right = [p.label == data.classes[c] for p, c in zip(preds, data.labels[test], strict=True)]
+                accs.append(float(np.mean(np.array(right)[is_known])))
+                if open_set:
+                    auc.append(auroc(np.array([p.similarity for p in preds]), is_known))
+            results[rule][str(n)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs))}
+            if open_set:
+                aurocs[rule][str(n)] = float(np.mean(auc))
+    out = {"rules": results}
+    if open_set:
+        out["open_set_auroc"] = aurocs
+    return out
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve: the chance a positive scores above a negative (ties count half)."""
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks of ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1
+    ranks[order] = np.repeat(avg, counts)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def timed(fn: Callable, *args, **kwargs):
+    start = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - start

@@ -1,0 +1,425 @@
+"""TFLite models: loading, preprocessing, embeddings and top-k labels.
+
+Knows numpy and the interpreter only. The interpreter comes from the first backend that can
+*construct* an interpreter on the model: ai_edge_litert (LiteRT, with XNNPACK for uint8 on x86
+and arm), then tflite_runtime (the armv7 wheels), then tensorflow.lite. Importing is not enough:
+tflite-runtime 2.14 imports under numpy 2 but fails at construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL_FILE = "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
+DEFAULT_MODEL_URL = (
+    "https://raw.githubusercontent.com/google-coral/test_data/104342d2d3480b3e66203073dac24f4e2dbb4c41/"
+    + DEFAULT_MODEL_FILE
+)
+DEFAULT_MODEL_SHA256 = "f409ef4f73fcbb9667841965623c5c8524aac33d41b9bf5f3667161fb4a76319"
+BACKENDS = ("ai_edge_litert", "tflite_runtime", "tensorflow")
+
+
+class ModelError(Exception):
+    """A model cannot be loaded or used; the message is one line naming the file."""
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _interpreter_class(backend: str):
+    if backend == "ai_edge_litert":
+        from ai_edge_litert.interpreter import Interpreter
+    elif backend == "tflite_runtime":
+        from tflite_runtime.interpreter import Interpreter
+    else:
+        from tensorflow.lite import Interpreter  # type: ignore[import-not-found]
+    return Interpreter
+
+
+def load_interpreter(content: bytes, name: str, threads: int = 0, preserve_all_tensors: bool = False):
+    """Construct and allocate an interpreter with the first backend that works; return (it, backend)."""
+    threads = threads or os.cpu_count() or 1
+    failures = []
+    for backend in BACKENDS:
+        try:
+            cls = _interpreter_class(backend)
+        except Exception as e:  # ImportError, or a broken wheel raising anything at import
+            failures.append(f"{backend}: not importable ({type(e).__name__}: {e})")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # LiteRT warns that preserving tensors is for debugging
+                it = cls(
+                    model_content=content,
+                    num_threads=threads,
+                    experimental_preserve_all_tensors=preserve_all_tensors,
+                )
+            it.allocate_tensors()
+            return it, backend
+        except ValueError as e:
+            raise ModelError(f"{name}: not a valid TFLite model ({str(e).splitlines()[0]})") from None
+        except Exception as e:
+            cause = e.__cause__ or e.__context__ or e
+            failures.append(f"{backend}: cannot construct an interpreter ({type(cause).__name__}: {cause})")
+    raise ModelError(f"{name}: no TFLite interpreter works here: " + "; ".join(failures))
+
+
+def read_model(path: Path) -> bytes:
+    try:
+        content = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ModelError(
+            f"{path}: model file not found (set model.path or run `edgeknn model fetch`)"
+        ) from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read model file ({e.strerror})") from None
+    if len(content) < 8 or content[4:8] != b"TFL3":
+        raise ModelError(f"{path}: not a TFLite model (no TFL3 identifier)")
+    return content
+
+
+def crop_and_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre-crop ``image`` to the target aspect ratio, then resize it bilinearly (uint8 RGB in and out).
+
+    Cropping keeps proportions (measured: 0.5-9 accuracy points better than stretching). A crop much
+    larger than the target is first box-averaged by an integer factor, so downscaling does not alias.
+    A frame already of the target size is returned as is.
+    """
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    target = width / height
+    if w / h > target:
+        cw, ch = max(1, round(h * target)), h
+    else:
+        cw, ch = w, max(1, round(w / target))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    crop = image[top : top + ch, left : left + cw]
+    factor = min(ch // height, cw // width)
+    if factor >= 2:
+        crop = _box_reduce(crop, factor)
+        ch, cw = crop.shape[:2]
+    if (ch, cw) == (height, width):
+        return crop
+    ys = np.clip((np.arange(height, dtype=np.float32) + 0.5) * (ch / height) - 0.5, 0, ch - 1)
+    xs = np.clip((np.arange(width, dtype=np.float32) + 0.5) * (cw / width) - 0.5, 0, cw - 1)
+    y0, x0 = ys.astype(np.intp), xs.astype(np.intp)
+    y1, x1 = np.minimum(y0 + 1, ch - 1), np.minimum(x0 + 1, cw - 1)
+    wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    top, bottom = crop[y0], crop[y1]
+    a, b = top[:, x0].astype(np.float32), top[:, x1].astype(np.float32)
+    c, d = bottom[:, x0].astype(np.float32), bottom[:, x1].astype(np.float32)
+    a += (b - a) * wx
+    c += (d - c) * wx
+    a += (c - a) * wy
+    a += 0.5
+    return a.astype(np.uint8)
+
+
+def _box_reduce(image: np.ndarray, factor: int) -> np.ndarray:
+    """Average ``factor`` x ``factor`` blocks (integer sums of strided views: no per-pixel Python)."""
+    h, w = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
+    total = np.zeros((h // factor, w // factor, 3), np.uint32)
+    for dy in range(factor):
+        for dx in range(factor):
+            total += image[dy:h:factor, dx:w:factor]
+    total += factor * factor // 2
+    total //= factor * factor
+    return total.astype(np.uint8)
+
+
+def _input_lut(dtype, scale: float, zero_point: int) -> np.ndarray | None:
+    """Map raw pixels 0..255 to the model's input values for MobileNet's [-1, 1] range.
+
+    Returns None when the quantization already maps raw pixels to that range (pycoral's rule:
+    feed the pixels as they are), else a 256-entry lookup table.
+    """
+    pixels = np.arange(256, dtype=np.float64)
+    wanted = pixels / 127.5 - 1.0
+    if dtype == np.float32:
+        return wanted.astype(np.float32)
+    if scale == 0:  # unquantized integer input: raw pixels
+        return None if dtype == np.uint8 else pixels.astype(dtype)
+    info = np.iinfo(dtype)
+    q = np.clip(np.round(wanted / scale + zero_point), info.min, info.max)
+    if dtype == np.uint8 and np.abs(q - pixels).max() <= 1:
+        return None
+    return q.astype(dtype)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    index: int
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float
+    zero_point: int
+
+
+class Model:
+    """A loaded TFLite model with one image input: preprocessing and invoke."""
+
+    def __init__(self, path: Path, threads: int = 0, preserve_all_tensors: bool = False):
+        self.path = Path(path)
+        content = read_model(self.path)
+        self.sha256 = hashlib.sha256(content).hexdigest()
+        self.interpreter, self.backend = load_interpreter(content, str(path), threads, preserve_all_tensors)
+        self.threads = threads or os.cpu_count() or 1
+        self._content = content
+        inp = self.interpreter.get_input_details()[0]
+        self.input = _info(inp)
+        self.output = _info(self.interpreter.get_output_details()[0])
+        shape = self.input.shape
+        if len(shape) != 4 or shape[3] != 3:
+            raise ModelError(f"{path}: expected an image input of shape [1, H, W, 3], got {list(shape)}")
+        self.height, self.width = int(shape[1]), int(shape[2])
+        self._lut = _input_lut(inp["dtype"], self.input.scale, self.input.zero_point)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(width, height) of the model's input, as cameras count it."""
+        return self.width, self.height
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """Crop and resize an RGB uint8 frame to the model's input size (done on the camera thread)."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+        return crop_and_resize(image, self.height, self.width)
+
+    def invoke(self, image: np.ndarray) -> None:
+        """Run the model on one RGB uint8 frame of any size."""
+        pixels = self.prepare(image)
+        if self._lut is not None:
+            pixels = self._lut[pixels]
+        self.interpreter.set_tensor(self.input.index, np.ascontiguousarray(pixels[np.newaxis]))
+        self.interpreter.invoke()
+
+    def tensor(self, info: TensorInfo) -> np.ndarray:
+        """A dequantized float32 copy of a tensor after invoke."""
+        raw = self.interpreter.get_tensor(info.index).reshape(-1)
+        if info.scale:
+            return (raw.astype(np.float32) - info.zero_point) * np.float32(info.scale)
+        return raw.astype(np.float32)
+
+    def labels_from_metadata(self) -> list[str] | None:
+        """Labels from the zip that TFLite metadata appends to the model file, if any."""
+        try:
+            with zipfile.ZipFile(io.BytesIO(self._content)) as z:
+                names = [n for n in z.namelist() if n.endswith(".txt")]
+                if not names:
+                    return None
+                return parse_labels(z.read(names[0]).decode("utf-8"))
+        except (zipfile.BadZipFile, UnicodeDecodeError):
+            return None
+
+    def describe(self) -> dict:
+        """What `edgeknn model info` prints."""
+        details = self.interpreter.get_input_details() + self.interpreter.get_output_details()
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "backend": self.backend,
+            "threads": self.threads,
+            "inputs": [_jsonable(_info(d)) for d in self.interpreter.get_input_details()],
+            "outputs": [_jsonable(_info(d)) for d in details[len(self.interpreter.get_input_details()) :]],
+            "labels_in_metadata": len(self.labels_from_metadata() or []),
+        }
+
+
+def _info(d: dict) -> TensorInfo:
+    scale, zp = d.get("quantization", (0.0, 0))
+    return TensorInfo(
+        d["name"], int(d["index"]), tuple(int(x) for x in d["shape"]), d["dtype"].__name__, scale, zp
+    )
+
+
+def _jsonable(info: TensorInfo) -> dict:
+    return {
+        "name": info.name,
+        "shape": list(info.shape),
+        "dtype": info.dtype,
+        "scale": info.scale,
+        "zero_point": info.zero_point,
+    }
+
+
+def parse_labels(text: str) -> list[str]:
+    """One label per line; a leading "<index> " on every line (Teachable Machine's labels.txt) is dropped."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    numbered = [re.match(r"^(\d+)[\s:]+(.+)$", line) for line in lines]
+    if lines and all(m and int(m.group(1)) == i for i, m in enumerate(numbered)):
+        return [m.group(2) for m in numbered]
+    return lines
+
+
+def read_labels(path: Path) -> list[str]:
+    try:
+        return parse_labels(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: labels file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: cannot read labels file ({e})") from None
+
+
+def _width(info: TensorInfo) -> int:
+    return int(np.prod(info.shape))
+
+
+class Embedder:
+    """Image → L2-normalised float32 embedding.
+
+    Works with an embedding extractor (its output is the embedding) and with a full classifier,
+    whose penultimate (pooled) tensor is read; that needs ``experimental_preserve_all_tensors``,
+    which costs memory and some time per invoke (see the README).
+    """
+
+    def __init__(self, path: Path, threads: int = 0):
+        probe = Model(path, threads)
+        self.is_classifier = _looks_like_classifier(probe)
+        self.model = Model(path, threads, preserve_all_tensors=True) if self.is_classifier else probe
+        self.feature = _penultimate(self.model) if self.is_classifier else self.model.output
+        self.dim = _width(self.feature)
+        self.identity = self.model.sha256
+
+    def embed(self, image: np.ndarray) -> np.ndarray:
+        self.model.invoke(image)
+        vector = self.model.tensor(self.feature)
+        norm = float(np.linalg.norm(vector))
+        return vector / norm if norm > 0 else vector
+
+    def embed_views(self, image: np.ndarray) -> np.ndarray:
+        """Embeddings of ``augmented_views(image)``: what one added example stores, shape (6, dim)."""
+        return np.stack(
+            [self.embed(view) for view in augmented_views(image, self.model.width / self.model.height)]
+        )
+
+
+def augmented_views(image: np.ndarray, aspect: float = 1.0, zoom: float = 0.8) -> list[np.ndarray]:
+    """The frame as the model sees it, its mirror image, and its four corners at ``zoom``.
+
+    Storing these six views per added example raised few-shot accuracy (1 shot: +2.5 points on
+    the sign-digit photos; see the README), at the cost of six invokes per added example.
+    """
+    h, w = image.shape[:2]
+    cw, ch = (round(h * aspect), h) if w / h > aspect else (w, round(w / aspect))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    seen = image[top : top + ch, left : left + cw]
+    zh, zw = max(1, round(ch * zoom)), max(1, round(cw * zoom))
+    corners = [seen[y : y + zh, x : x + zw] for y in (0, ch - zh) for x in (0, cw - zw)]
+    return [seen, seen[:, ::-1], *corners]
+
+
+def _looks_like_classifier(model: Model) -> bool:
+    """A classifier ends in per-class scores (a softmax, or labels in its metadata)."""
+    return (
+        "softmax" in model.output.name.lower()
+        or "prediction" in model.output.name.lower()
+        or model.labels_from_metadata() is not None
+        or len(model.output.shape) == 2
+        and model.output.shape[1] in (1000, 1001)
+    )
+
+
+def _penultimate(model: Model) -> TensorInfo:
+    """The last pooled feature tensor before the logits: shape [1,1,1,C] or [1,C], C != the output width."""
+    n_out = _width(model.output)
+    candidates = []
+    for d in model.interpreter.get_tensor_details():
+        shape = tuple(int(x) for x in d["shape"])
+        pooled = (len(shape) == 4 and shape[:3] == (1, 1, 1)) or (len(shape) == 2 and shape[0] == 1)
+        if (
+            pooled
+            and shape[-1] not in (n_out, n_out - 1)
+            and shape[-1] >= 16
+            and d["index"] != model.input.index
+        ):
+            candidates.append(d)
+    if not candidates:
+        raise ModelError(f"{model.path}: cannot find a pooled feature tensor to use as the embedding")
+    return _info(max(candidates, key=lambda d: d["index"]))
+
+
+@dataclass(frozen=True)
+class Label:
+    label: str
+    confidence: float
+
+
+class Classifier:
+    """Image → top-k ``[{label, confidence}]``, as ml5's ``imageClassifier.classify()`` returns.
+
+    From a classifier model with a labels file or labels in its metadata (Teachable Machine's
+    TFLite export with its labels.txt loads the same way), or from the embedding extractor plus a
+    separate head model that takes the extractor's output tensor.
+    """
+
+    def __init__(self, path: Path, labels: Path | None = None, head: Path | None = None, threads: int = 0):
+        self.model = Model(path, threads)
+        self.head = _Head(Path(head), self.model, threads) if head else None
+        scores_info = self.head.model_output if self.head else self.model.output
+        if labels:
+            self.labels = read_labels(labels)
+        else:
+            self.labels = self.model.labels_from_metadata() or (self.head and self.head.labels) or None
+        if not self.labels:
+            raise ModelError(f"{path}: no labels: pass a labels file (--labels)")
+        n = _width(scores_info)
+        if len(self.labels) == n - 1:  # labels without the "background" class at index 0
+            self.labels = ["background", *self.labels]
+        if len(self.labels) != n:
+            raise ModelError(f"{labels or path}: {len(self.labels)} labels for a model with {n} outputs")
+
+    def classify(self, image: np.ndarray, top: int = 5) -> list[Label]:
+        self.model.invoke(image)
+        scores = self.head.run() if self.head else self.model.tensor(self.model.output)
+        if not (scores.min() >= 0 and abs(float(scores.sum()) - 1) < 0.05):  # logits: apply softmax
+            e = np.exp(scores - scores.max())
+            scores = e / e.sum()
+        top = min(top, scores.size)
+        best = np.argpartition(-scores, top - 1)[:top]
+        best = best[np.argsort(-scores[best], kind="stable")]
+        return [Label(self.labels[i], float(scores[i])) for i in best]
+
+
+class _Head:
+    """A head model fed with the extractor's raw output tensor."""
+
+    def __init__(self, path: Path, extractor: Model, threads: int):
+        content = read_model(path)
+        self.interpreter, _ = load_interpreter(content, str(path), threads)
+        self.extractor = extractor
+        self.input = _info(self.interpreter.get_input_details()[0])
+        self.model_output = _info(self.interpreter.get_output_details()[0])
+        if _width(self.input) != _width(extractor.output):
+            raise ModelError(
+                f"{path}: head input has {_width(self.input)} values, "
+                f"the model's output has {_width(extractor.output)}"
+            )
+        self.labels = None
+
+    def run(self) -> np.ndarray:
+        raw = self.extractor.interpreter.get_tensor(self.extractor.output.index)
+        self.interpreter.set_tensor(self.input.index, raw.reshape(self.input.shape))
+        self.interpreter.invoke()
+        out = self.interpreter.get_tensor(self.model_output.index).reshape(-1)
+        q = self.model_output
+        return (
+            (out.astype(np.float32) - q.zero_point) * np.float32(q.scale)
+            if q.scale
+            else out.astype(np.float32)
+        )

@@ -1,0 +1,394 @@
+"""KnnStore: the trained examples, how a frame is classified against them, and their file.
+
+Plain numpy. Rows are L2-normalised embeddings kept in one preallocated matrix that doubles when
+full (so adding is O(1) amortised), with the class of each row and the example it came from (an
+added example may be stored as several augmented views). The store knows the model only by its
+identity string, and refuses a file written for another model.
+
+Rules (``RULES``):
+- ``tfjs``: TensorFlow.js knn-classifier: the k most similar rows vote, confidences are votes/k, a
+  tie goes to the lowest class index. Kept for comparison.
+- ``nearest``: the same vote, a tie goes to the class of the most similar row.
+- ``prototype``: the most similar class mean of the transformed features.
+- ``softmax`` (the default; best measured, see README): a small softmax head refit on the store's
+  rows in milliseconds, as Teachable Machine 2 does, on square-rooted, centred features. The
+  centre is the running mean of the frames the device has seen (``observe``), or of the rows.
+Every rule answers ``unknown`` when the store is empty or the best cosine similarity to any row is
+below ``threshold``, and names its nearest rows so that an answer can be explained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+RULES = ("softmax", "prototype", "nearest", "tfjs")
+DEFAULT_RULE = "softmax"
+VIEW_RULES = ("softmax", "prototype")  # rules that store augmented views of each added example
+UNKNOWN = "unknown"
+_FIT_STEPS, _REFIT_STEPS, _TEMPERATURE, _LEARNING_RATE, _WEIGHT_DECAY = 100, 30, 10.0, 1.0, 1e-3
+_CENTER_WINDOW = 1000  # frames: the centre becomes a moving average after this many
+
+
+class StoreError(Exception):
+    """A store file cannot be used; ``corrupt`` tells whether moving it aside is the remedy."""
+
+    def __init__(self, message: str, corrupt: bool = False):
+        super().__init__(message)
+        self.corrupt = corrupt
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    confidence: float
+    scores: dict[str, float]
+    similarity: float
+    neighbours: list[tuple[str, float]] = field(default_factory=list)
+
+
+class KnnStore:
+    def __init__(
+        self,
+        dim: int,
+        model_id: str,
+        *,
+        k: int = 3,
+        rule: str = DEFAULT_RULE,
+        threshold: float = 0.0,
+        capacity: int = 1000,
+        storage: str = "float32",
+    ):
+        if rule == "default":
+            rule = DEFAULT_RULE
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
+        if storage not in ("float32", "uint8"):
+            raise ValueError(f"unknown storage {storage!r}; expected float32 or uint8")
+        self.dim, self.model_id = dim, model_id
+        self.k, self.rule, self.threshold, self.capacity, self.storage = k, rule, threshold, capacity, storage
+        self.classes: list[str] = []
+        self._n = 0
+        self._rows = np.zeros((64, dim), np.float32 if storage == "float32" else np.uint8)
+        self._scale = np.zeros(64, np.float32)  # uint8 storage: 1 / norm of each raw row
+        self._labels = np.zeros(64, np.int32)
+        self._example = np.zeros(64, np.int64)  # which added example a row belongs to (views share it)
+        self._next_example = 0
+        self._examples: dict[str, int] = {}
+        self._center = np.zeros(dim, np.float32)
+        self._seen = 0
+        self._head: tuple[np.ndarray, np.ndarray] | None = None  # (d, classes) weights, bias
+        self._present = np.zeros(0, bool)
+        self._dirty = True
+
+    # --- examples -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._n
+
+    def counts(self) -> dict[str, int]:
+        """Examples per class, in class order (a class may have none yet)."""
+        return {name: self._examples.get(name, 0) for name in self.classes}
+
+    def ensure_class(self, name: str) -> int:
+        if name not in self.classes:
+            self.classes.append(name)
+        return self.classes.index(name)
+
+    def add(self, name: str, views: np.ndarray) -> int:
+        """Store one example of class ``name`` (one or more views, rows of ``dim``); return its class count."""
+        views = np.atleast_2d(np.asarray(views, np.float32))
+        if views.shape[1] != self.dim:
+            raise ValueError(f"expected vectors of {self.dim} values, got {views.shape[1]}")
+        label = self.ensure_class(name)
+        if self._examples.get(name, 0) >= self.capacity:
+            self._drop_oldest(label)
+        need = self._n + len(views)
+        if need > len(self._rows):
+            self._grow(max(need, 2 * len(self._rows)))
+        rows = slice(self._n, need)
+        if self.storage == "float32":
+            self._rows[rows] = views / np.maximum(np.linalg.norm(views, axis=1, keepdims=True), 1e-12)
+        else:
+            self._rows[rows], self._scale[rows] = _to_uint8(views)
+        self._labels[rows] = label
+        self._example[rows] = self._next_example
+        self._next_example += 1
+        self._n = need
+        self._examples[name] = self._examples.get(name, 0) + 1
+        self._dirty = True
+        return self._examples[name]
+
+    def forget(self, name: str) -> int:
+        """Remove every example of class ``name`` (the class stays known); return how many went."""
+        if name not in self.classes:
+            raise KeyError(name)
+        keep = self._labels[: self._n] != self.classes.index(name)
+        self._compact(keep)
+        return self._examples.pop(name, 0)
+
+    def rename(self, old: str, new: str) -> None:
+        if old not in self.classes:
+            raise KeyError(old)
+        if new in self.classes:
+            raise ValueError(f"class {new!r} already exists")
+        self.classes[self.classes.index(old)] = new
+        if old in self._examples:
+            self._examples[new] = self._examples.pop(old)
+        self._dirty = True
+
+    def reset(self) -> None:
+        """Forget every example; the class names stay."""
+        self._compact(np.zeros(self._n, bool))
+        self._examples.clear()
+
+    def _drop_oldest(self, label: int) -> None:
+        mine = self._labels[: self._n] == label
+        oldest = self._example[: self._n][mine].min()
+        self._compact(~(mine & (self._example[: self._n] == oldest)))
+        self._examples[self.classes[label]] -= 1
+
+    def _compact(self, keep: np.ndarray) -> None:
+        n = int(keep.sum())
+        for a in (self._rows, self._scale, self._labels, self._example):
+            a[:n] = a[: self._n][keep]
+        self._n = n
+        self._dirty = True
+
+    def _grow(self, size: int) -> None:
+        for name in ("_rows", "_scale", "_labels", "_example"):
+            old = getattr(self, name)
+            new = np.zeros((size, *old.shape[1:]), old.dtype)
+            new[: self._n] = old[: self._n]
+            setattr(self, name, new)
+
+    # --- classification -------------------------------------------------------------------
+
+    def observe(self, vector: np.ndarray) -> None:
+        """Fold a seen frame's embedding into the centre of the feature space (the default rule uses it)."""
+        self._seen += 1
+        rate = 1.0 / min(self._seen, _CENTER_WINDOW)
+        self._center += rate * (_sqrt_features(vector[np.newaxis])[0] - self._center)
+        if self._seen % _CENTER_WINDOW == 0:
+            self._dirty = True  # the centre has moved: refit the head on the next frame
+
+    def similarities(self, vector: np.ndarray) -> np.ndarray:
+        """Cosine similarity of a unit ``vector`` to every stored row."""
+        q = np.asarray(vector, np.float32)
+        if self.storage == "float32":
+            return self._rows[: self._n] @ q
+        out = np.empty(self._n, np.float32)
+        for start in range(0, self._n, 4096):  # bounded temporaries: the uint8 rows widen per chunk
+            stop = min(start + 4096, self._n)
+            np.matmul(self._rows[start:stop], q, out=out[start:stop])
+        return out * self._scale[: self._n]
+
+    def classify(self, vector: np.ndarray) -> Prediction:
+        """Classify one unit embedding; ``unknown`` with empty scores when the store has no examples."""
+        if self._n == 0:
+            return Prediction(UNKNOWN, 0.0, {}, 0.0)
+        sims = self.similarities(vector)
+        k = min(self.k, self._n)
+        nearest = np.argpartition(-sims, k - 1)[:k]
+        nearest = nearest[np.argsort(-sims[nearest], kind="stable")]
+        labels = self._labels[nearest]
+        if self.rule in ("tfjs", "nearest"):
+            votes = np.bincount(labels, minlength=len(self.classes)).astype(np.float32)
+            winners = np.flatnonzero(votes == votes.max())
+            best = winners[0] if self.rule == "tfjs" or len(winners) == 1 else labels[0]
+            probs = votes / k
+        else:
+            probs = self._probabilities(vector)
+            best = int(np.argmax(probs))
+        scores = {
+            name: float(p) for name, p in zip(self.classes, probs, strict=True) if self._examples.get(name)
+        }
+        similarity = float(sims[nearest[0]])
+        neighbours = [(self.classes[i], float(s)) for i, s in zip(labels, sims[nearest], strict=True)]
+        if similarity < self.threshold:
+            return Prediction(UNKNOWN, 0.0, scores, similarity, neighbours)
+        return Prediction(self.classes[best], float(probs[best]), scores, similarity, neighbours)
+
+    def _features(self, rows: np.ndarray) -> np.ndarray:
+        center = self._center if self._seen else _sqrt_features(self._float_rows()).mean(axis=0)
+        f = _sqrt_features(rows) - center
+        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+    def _float_rows(self) -> np.ndarray:
+        rows = self._rows[: self._n]
+        return rows if self.storage == "float32" else rows.astype(np.float32) * self._scale[: self._n, None]
+
+    def _probabilities(self, vector: np.ndarray) -> np.ndarray:
+        if self._dirty:
+            self._fit()
+        q = self._features(np.asarray(vector, np.float32)[np.newaxis])
+        weights, bias = self._head
+        logits = _TEMPERATURE * (q @ weights) + bias
+        logits[:, ~self._present] = -np.inf  # a class with no examples can never win
+        return _softmax(logits)[0]
+
+    def _fit(self) -> None:
+        """Refit the prototypes or the softmax head on the store's rows (warm-started when possible)."""
+        x = self._features(self._float_rows())
+        y = self._labels[: self._n]
+        c = len(self.classes)
+        self._present = np.bincount(y, minlength=c) > 0
+        if self.rule == "prototype":
+            protos = np.zeros((self.dim, c), np.float32)
+            np.add.at(protos.T, y, x)
+            protos /= np.maximum(np.linalg.norm(protos, axis=0, keepdims=True), 1e-12)
+            self._head = (protos, np.zeros(c, np.float32))
+        else:
+            self._head = _fit_softmax(x, y, c, self._head)
+        self._dirty = False
+
+    # --- files ----------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """Write atomically: a temporary file beside ``path``, fsync, rename, fsync the directory."""
+        path = Path(path)
+        arrays = self._arrays()
+        arrays["checksum"] = np.array(_checksum(arrays))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        n = self._n
+        return {
+            "format_version": np.array(FORMAT_VERSION),
+            "model_id": np.array(self.model_id),
+            "storage": np.array(self.storage),
+            "classes": np.array(self.classes, dtype=str) if self.classes else np.zeros(0, "<U1"),
+            "rows": self._rows[:n],
+            "scale": self._scale[:n],
+            "labels": self._labels[:n],
+            "example": self._example[:n],
+            "center": self._center,
+            "seen": np.array(self._seen),
+        }
+
+    @classmethod
+    def load(cls, path: Path, model_id: str, **settings) -> KnnStore:
+        """Load a store; StoreError names the file and says what is wrong with it."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {name: f[name] for name in f.files}
+        except FileNotFoundError:
+            raise StoreError(f"{path}: store file not found") from None
+        except PermissionError as e:
+            raise StoreError(f"{path}: cannot read store ({e.strerror})") from None
+        except ValueError as e:
+            if "pickle" in str(e):
+                raise StoreError(f"{path}: store holds pickled objects, refused", corrupt=True) from None
+            raise StoreError(f"{path}: not a readable store ({e})", corrupt=True) from None
+        except (OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+            raise StoreError(
+                f"{path}: not a readable store ({type(e).__name__}: {e})", corrupt=True
+            ) from None
+        expected = {*cls(1, "")._arrays(), "checksum"}
+        if set(arrays) != expected:
+            raise StoreError(f"{path}: not an edgeknn store (arrays {sorted(arrays)})", corrupt=True)
+        checksum = str(arrays.pop("checksum"))
+        if _checksum(arrays) != checksum:
+            raise StoreError(f"{path}: checksum mismatch, the file is damaged", corrupt=True)
+        if int(arrays["format_version"]) != FORMAT_VERSION:
+            raise StoreError(
+                f"{path}: store format {int(arrays['format_version'])}, expected {FORMAT_VERSION}"
+            )
+        if str(arrays["model_id"]) != model_id:
+            raise StoreError(
+                f"{path}: store was made with model {str(arrays['model_id'])[:12]}, "
+                f"not the configured model {model_id[:12]}; move it aside or configure that model"
+            )
+        rows = arrays["rows"]
+        settings.setdefault("storage", str(arrays["storage"]))
+        store = cls(rows.shape[1], model_id, **settings)
+        store.classes = [str(c) for c in arrays["classes"]]
+        n = len(rows)
+        store._grow(max(64, n))
+        if settings["storage"] == str(arrays["storage"]):
+            store._rows[:n], store._scale[:n] = rows, arrays["scale"]
+        else:  # converting between storages
+            as_float = rows.astype(np.float32) * arrays["scale"][:, None] if rows.dtype == np.uint8 else rows
+            if store.storage == "float32":
+                store._rows[:n] = as_float
+            else:
+                store._rows[:n], store._scale[:n] = _to_uint8(as_float)
+        store._labels[:n], store._example[:n] = arrays["labels"], arrays["example"]
+        store._n = n
+        store._next_example = int(arrays["example"].max()) + 1 if n else 0
+        first_rows = np.unique(arrays["example"], return_index=True)[1]
+        per_class = np.bincount(arrays["labels"][first_rows], minlength=len(store.classes))
+        store._examples = {name: int(c) for name, c in zip(store.classes, per_class, strict=True) if c}
+        store._center, store._seen = arrays["center"].astype(np.float32), int(arrays["seen"])
+        return store
+
+
+def _checksum(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _to_uint8(views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-negative vectors as uint8 rows scaled to 0..255 plus 1/norm of each row.
+
+    The extractor's output is uint8 with zero point 0, so its cosine is kept (up to rounding).
+    """
+    if (views < 0).any():
+        raise ValueError("uint8 storage needs non-negative embeddings (ReLU outputs); use float32")
+    peak = np.maximum(views.max(axis=1, keepdims=True), 1e-12)
+    q = np.round(views * (255.0 / peak)).astype(np.uint8)
+    norms = np.linalg.norm(q.astype(np.float32), axis=1)
+    return q, (1.0 / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _sqrt_features(rows: np.ndarray) -> np.ndarray:
+    """Square root (Tukey's power transform: evens out ReLU features), then unit length."""
+    f = np.sqrt(np.maximum(rows, 0))
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _fit_softmax(x: np.ndarray, y: np.ndarray, classes: int, start) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression by full-batch gradient descent on (n, d) unit features."""
+    d = x.shape[1]
+    weights, bias = np.zeros((d, classes), np.float32), np.zeros(classes, np.float32)
+    steps = _FIT_STEPS
+    if start is not None and start[0].shape == weights.shape:
+        weights, bias, steps = start[0].copy(), start[1].copy(), _REFIT_STEPS
+    onehot = np.eye(classes, dtype=np.float32)[y]
+    for _ in range(steps):
+        p = _softmax(_TEMPERATURE * (x @ weights) + bias)
+        g = (p - onehot) / len(x)
+        weights -= _LEARNING_RATE * (_TEMPERATURE * (x.T @ g) + _WEIGHT_DECAY * weights)
+        bias -= _LEARNING_RATE * g.sum(axis=0)
+    return weights, bias
