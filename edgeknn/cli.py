@@ -380,7 +380,7 @@ def _eval(args) -> int:
     print(
         f"{args.dataset}: {len(data.files)} photos, {len(data.classes)} classes, {args.seeds} seeds, k={args.k}"
     )
-    print("rule        " + "".join(f"{n:>4} shot{'s' if n > 1 else ' '}     " for n in shots))
+    print("rule        " + "".join(f"{n:>4} shot{'s' if n > 1 else ' '}" + " " * 5 for n in shots))
     for rule, per_shot in result["rules"].items():
         cells = "".join(f"{v['mean']:.3f} ± {v['std']:.3f}  " for v in per_shot.values())
         print(f"{rule:<12}{cells}")

@@ -102,7 +102,7 @@ class KnnStore:
         return self.classes.index(name)
 
     def add(self, name: str, views: np.ndarray) -> int:
-        """Store one example of class ``name`` (one or more views, rows of ``dim``); return its class count."""
+        """Store one example of ``name`` (one or more views, rows of ``dim``); return its class count."""
         views = np.atleast_2d(np.asarray(views, np.float32))
         if views.shape[1] != self.dim:
             raise ValueError(f"expected vectors of {self.dim} values, got {views.shape[1]}")

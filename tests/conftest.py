@@ -23,3 +23,34 @@ DIGITS = DATA / "sign_language_digits"
 def shared() -> Path:
     assert SHARED.is_dir(), f"{SHARED} is missing: the tests need ../shared beside the repository"
     return SHARED
+
+
+# --- MQTT: a real Mosquitto per test (tests/broker.py) ---
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    """A started Mosquitto on a free port on 127.0.0.1 with anonymous access; stopped by its PID after."""
+    from broker import Broker, find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.kill()
+
+
+@pytest.fixture
+def subscriber():
+    """A factory: ``subscriber(port, ["topic/#"])`` gives a recording test client, closed after the test."""
+    from broker import Subscriber
+
+    made: list[Subscriber] = []
+
+    def make(port: int, topics: list[str], **kw) -> Subscriber:
+        made.append(Subscriber(port, topics, **kw))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()

@@ -1,0 +1,431 @@
+"""The panel, driven through gpiozero's own MockFactory: pins are pressed and LEDs read as on a Pi."""
+
+from __future__ import annotations
+
+import io
+import sys
+import threading
+import time
+import warnings
+
+import pytest
+from gpiozero import BadPinFactory, Device, PinFactoryFallback
+from gpiozero.pins.mock import MockFactory
+
+from edgeknn import panel as panel_mod
+from edgeknn.commands import AddExample, ForgetClass, Reset, Save
+from edgeknn.config import PanelConfig
+from edgeknn.outputs import Reading
+from edgeknn.panel import GpioPanel, KeyboardPanel, PanelError, open_panel
+
+CLASSES = ["one", "two", "three"]
+B1, B2, B3, CLEAR = 17, 27, 22, 26
+L1, L2, L3, STATUS = 5, 6, 13, 19
+FORGET, RESET = 0.2, 0.4  # short clear durations keep the suite fast
+FAST = PanelConfig(hold_time=0.2, hold_rate=20.0)
+
+
+def wait_for(condition, timeout: float = 2.0) -> bool:
+    """Poll ``condition`` until it is true or ``timeout`` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return bool(condition())
+        time.sleep(0.005)
+    return True
+
+
+def reading(label: str) -> Reading:
+    return Reading(label, 1.0, {}, 0.9, 1, time.time(), 1.0, True)
+
+
+class Recorder:
+    """A thread-safe ``submit`` that remembers the commands and when they came."""
+
+    def __init__(self):
+        self.commands: list = []
+        self.times: list[float] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, command) -> None:
+        with self._lock:
+            self.commands.append(command)
+            self.times.append(time.monotonic())
+
+
+@pytest.fixture
+def factory():
+    f = MockFactory()
+    yield f
+    f.reset()
+
+
+@pytest.fixture
+def make(factory):
+    """Build GpioPanels on the mock factory; close them after the test."""
+    panels = []
+
+    def build(config=FAST, submit=None, classes=CLASSES):
+        submit = submit if submit is not None else Recorder()
+        p = GpioPanel(classes, submit, config, pin_factory=factory, forget_time=FORGET, reset_time=RESET)
+        panels.append(p)
+        return p, submit
+
+    yield build
+    for p in panels:
+        p.close()
+
+
+def press(pin, seconds: float = 0.05) -> None:
+    """A pull-up button: pressing drives the pin low."""
+    pin.drive_low()
+    time.sleep(seconds)
+    pin.drive_high()
+
+
+def add(name: str) -> AddExample:
+    return AddExample(class_name=name, count=1, source="button")
+
+
+# Buttons
+
+
+def test_short_press_adds_exactly_one_example_of_its_class(make, factory):
+    _, rec = make()
+    press(factory.pin(B2))
+    assert wait_for(lambda: rec.commands)
+    time.sleep(FAST.hold_time + 0.05)  # nothing more turns up once the hold time has passed
+    assert rec.commands == [add("two")]
+
+
+def test_contact_bounce_is_not_a_press(make, factory):
+    _, rec = make()
+    press(factory.pin(B1), seconds=0.001)
+    time.sleep(0.05)
+    assert rec.commands == []
+    press(factory.pin(B1))
+    assert wait_for(lambda: rec.commands == [add("one")])
+
+
+def test_hold_records_at_hold_rate_and_stops_on_release(make, factory):
+    _, rec = make()
+    pin = factory.pin(B3)
+    pin.drive_low()
+    start = time.monotonic()
+    time.sleep(0.5)
+    pin.drive_high()
+    assert wait_for(lambda: len(rec.commands) >= 3)
+    count = len(rec.commands)
+    time.sleep(0.2)
+    assert len(rec.commands) == count, "examples kept coming after the release"
+    assert set(rec.commands) == {add("three")}
+    # the first comes after hold_time, then one per 1/hold_rate (0.05 s): about 7 in 0.5 s
+    assert rec.times[0] - start >= FAST.hold_time - 0.01
+    assert 3 <= count <= 8
+    gaps = [b - a for a, b in zip(rec.times, rec.times[1:], strict=False)]
+    assert 0.03 <= sum(gaps) / len(gaps) <= 0.1
+
+
+def test_hold_then_short_press_uses_the_hold_time_again(make, factory):
+    _, rec = make()
+    pin = factory.pin(B1)
+    pin.drive_low()
+    assert wait_for(lambda: len(rec.commands) >= 2)
+    pin.drive_high()
+    time.sleep(0.05)
+    held = len(rec.commands)
+    press(pin, seconds=0.1)  # shorter than hold_time, longer than the repeat interval
+    assert wait_for(lambda: len(rec.commands) == held + 1)
+    time.sleep(0.1)
+    assert len(rec.commands) == held + 1
+
+
+def test_a_raising_submit_does_not_break_later_presses(make, factory, caplog):
+    rec = Recorder()
+    calls = []
+
+    def submit(command):
+        calls.append(command)
+        if len(calls) == 1:
+            raise RuntimeError("queue exploded")
+        rec(command)
+
+    make(submit=submit)
+    press(factory.pin(B1))
+    assert wait_for(lambda: calls)
+    press(factory.pin(B2))
+    assert wait_for(lambda: rec.commands == [add("two")])
+    assert "queue exploded" in caplog.text
+
+
+def test_active_high_buttons_without_pull_up(make, factory):
+    _, rec = make(PanelConfig(hold_time=0.2, hold_rate=20.0, pull_up=False, active_high=True))
+    pin = factory.pin(B1)
+    assert pin.pull == "floating"
+    pin.drive_high()
+    time.sleep(0.05)
+    pin.drive_low()
+    assert wait_for(lambda: rec.commands == [add("one")])
+
+
+# The clear button
+
+
+def test_a_short_press_of_clear_destroys_nothing(make, factory):
+    _, rec = make()
+    press(factory.pin(CLEAR), seconds=0.1)
+    time.sleep(RESET + 0.1)
+    assert rec.commands == []
+
+
+def test_clear_with_a_class_button_forgets_that_class_and_adds_nothing(make, factory):
+    _, rec = make()
+    clear, button = factory.pin(CLEAR), factory.pin(B2)
+    clear.drive_low()
+    time.sleep(0.05)
+    button.drive_low()
+    assert wait_for(lambda: rec.commands)
+    time.sleep(FAST.hold_time)  # held past hold_time: still no examples
+    button.drive_high()
+    clear.drive_high()
+    time.sleep(0.05)
+    assert rec.commands == [ForgetClass(class_name="two", source="button")]
+
+
+def test_class_button_first_then_clear_also_forgets(make, factory):
+    _, rec = make()
+    clear, button = factory.pin(CLEAR), factory.pin(B3)
+    button.drive_low()
+    time.sleep(0.05)
+    clear.drive_low()
+    assert wait_for(lambda: rec.commands)
+    clear.drive_high()
+    button.drive_high()
+    time.sleep(0.05)
+    assert rec.commands == [ForgetClass(class_name="three", source="button")]
+
+
+def test_releasing_the_class_button_early_cancels_the_forget_and_the_reset(make, factory):
+    _, rec = make()
+    clear, button = factory.pin(CLEAR), factory.pin(B1)
+    clear.drive_low()
+    press(button, seconds=FORGET / 2)
+    time.sleep(RESET)  # clear alone long enough for a reset, but a class took part
+    clear.drive_high()
+    assert rec.commands == []
+
+
+def test_clear_held_alone_resets_once(make, factory):
+    _, rec = make()
+    clear = factory.pin(CLEAR)
+    clear.drive_low()
+    time.sleep(FORGET + 0.05)
+    assert rec.commands == [], "a forget-length hold must not reset"
+    assert wait_for(lambda: rec.commands)
+    time.sleep(0.1)
+    clear.drive_high()
+    assert rec.commands == [Reset(source="button")]
+
+
+# LEDs
+
+
+def test_leds_follow_the_stable_label(make, factory):
+    p, _ = make()
+    leds = [factory.pin(n) for n in (L1, L2, L3)]
+    assert [led.state for led in leds] == [False, False, False]
+    p.show(reading("two"))
+    assert [led.state for led in leds] == [False, True, False]
+    p.show(reading("three"))
+    assert [led.state for led in leds] == [False, False, True]
+    p.show(reading("unknown"))
+    assert [led.state for led in leds] == [False, False, False]
+    p.show(reading("one"))
+    p.show(reading("not-a-class"))
+    assert [led.state for led in leds] == [False, False, False]
+
+
+def test_example_added_blinks_then_returns_to_the_steady_state(make, factory):
+    p, _ = make()
+    lit, dark = factory.pin(L1), factory.pin(L2)
+    p.show(reading("one"))
+    p.event({"event": "example_added", "class": "one", "count": 3, "source": "button"})
+    p.event({"event": "example_added", "class": "two", "count": 1, "source": "button"})
+    assert (lit.state, dark.state) == (False, True)
+    assert wait_for(lambda: (lit.state, dark.state) == (True, False), timeout=1.0)
+    assert 0.1 <= lit.states[-1].timestamp <= 0.5  # it was off for about BLINK_S
+    p.show(reading("one"))  # every frame: no change, no flicker
+    p.event({"event": "prediction"})
+    time.sleep(panel_mod.BLINK_S + 0.05)
+    assert (lit.state, dark.state) == (True, False)
+
+
+def test_a_label_change_during_a_blink_wins(make, factory):
+    p, _ = make()
+    led = factory.pin(L3)
+    p.event({"event": "example_added", "class": "three"})
+    assert led.state
+    p.show(reading("three"))
+    time.sleep(panel_mod.BLINK_S + 0.05)
+    assert led.state
+
+
+# The status LED
+
+OK = {"camera": "ok", "broker": "ok", "error": ""}
+
+
+def toggles(pin, seconds: float, poke=lambda: None) -> list[bool]:
+    """Sample ``pin`` every 10 ms for ``seconds``; return the states it changed through."""
+    seen = [pin.state]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        poke()
+        if pin.state != seen[-1]:
+            seen.append(pin.state)
+        time.sleep(0.01)
+    return seen
+
+
+def test_status_steady_when_running(make, factory):
+    p, _ = make()
+    led = factory.pin(STATUS)
+    assert not led.state
+    p.state(OK)
+    assert led.state
+    p.state(dict(OK, broker="disabled"))
+    assert toggles(led, 0.3) == [True]
+
+
+def test_status_fast_blink_on_error_is_not_restarted_by_repeated_state(make, factory):
+    p, _ = make()
+    led = factory.pin(STATUS)
+    broken = dict(OK, error="model failed to load")
+    p.state(broken)
+    seen = toggles(led, 0.55, poke=lambda: p.state(broken))
+    assert len(seen) >= 4, seen  # on 0.1 s / off 0.1 s
+    p.state(OK)
+    assert toggles(led, 0.25) == [True]
+
+
+def test_status_slow_blink_when_camera_or_broker_down(make, factory):
+    p, _ = make()
+    led = factory.pin(STATUS)
+    p.state(dict(OK, camera="down"))
+    assert toggles(led, 0.8, poke=lambda: p.state(dict(OK, camera="down"))) == [True]
+    assert wait_for(lambda: not led.state, timeout=0.5)  # off after SLOW_BLINK's 1 s on
+    p.state(dict(OK, broker="down"))  # still "slow": the blink keeps its rhythm
+    assert not led.state
+
+
+def test_no_status_led_and_no_clear_button(factory):
+    rec = Recorder()
+    p = GpioPanel(CLASSES, rec, PanelConfig(clear_button="", status_led=""), pin_factory=factory)
+    try:
+        p.state(dict(OK, error="x"))
+        press(factory.pin(B1))
+        assert wait_for(lambda: rec.commands == [add("one")])
+        assert factory.pin(STATUS).function == "input"  # never claimed
+    finally:
+        p.close()
+
+
+def test_close_releases_every_pin(factory):
+    config = PanelConfig()
+    GpioPanel(CLASSES, Recorder(), config, pin_factory=factory).close()
+    p = GpioPanel(CLASSES, Recorder(), config, pin_factory=factory)  # would raise GPIOPinInUse
+    p.close()
+    p.close()
+    p.show(reading("one"))  # after close: a no-op, not an error
+    assert not factory.pin(L1).state
+
+
+# Errors
+
+
+def test_no_gpio_gives_one_clear_line(monkeypatch):
+    """Whatever machine runs the suite, the default pin factory is made to fail as off a Pi."""
+
+    def no_gpio():
+        warnings.warn(PinFactoryFallback("Falling back from lgpio: No module named 'lgpio'"), stacklevel=1)
+        raise BadPinFactory("Unable to load any default pin factory!")
+
+    monkeypatch.setattr(Device, "pin_factory", None)
+    monkeypatch.setattr(Device, "_default_pin_factory", staticmethod(no_gpio))
+    with pytest.raises(PanelError) as e:
+        GpioPanel(CLASSES, Recorder(), PanelConfig())
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith('panel.kind = "gpio" but no GPIO found here (lgpio: No module named')
+    assert message.endswith('set panel.kind = "keyboard" or "none"')
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gpiozero's default factories are for Linux")
+def test_no_gpio_on_this_machine(monkeypatch):
+    """The real default pin factory, on a machine without GPIO (skipped where there is GPIO)."""
+    from pathlib import Path
+
+    if any(Path("/dev").glob("gpiochip*")) or Path("/proc/device-tree/model").exists():
+        pytest.skip("this machine has GPIO")
+    monkeypatch.setattr(Device, "pin_factory", None)
+    monkeypatch.delenv("GPIOZERO_PIN_FACTORY", raising=False)
+    with pytest.raises(PanelError, match=r'^panel.kind = "gpio" but no GPIO found here \(.+\); set'):
+        open_panel("gpio", CLASSES, Recorder(), PanelConfig())
+    assert Device.pin_factory is None
+
+
+def test_a_bad_pin_names_its_key_and_frees_the_pins_already_taken(factory):
+    two = ["one", "two"]
+    with pytest.raises(PanelError, match=r"^panel.leds\[1\] = 'GPIO99': "):
+        GpioPanel(two, Recorder(), PanelConfig(leds=[5, "GPIO99"]), pin_factory=factory)
+    with pytest.raises(PanelError, match=r"^panel.status_led = 17: "):  # already a button
+        GpioPanel(two, Recorder(), PanelConfig(status_led=17), pin_factory=factory)
+    GpioPanel(two, Recorder(), PanelConfig(), pin_factory=factory).close()
+
+
+def test_too_few_pins(factory):
+    with pytest.raises(PanelError, match="one pin per class"):
+        GpioPanel(CLASSES, Recorder(), PanelConfig(buttons=[17, 27]), pin_factory=factory)
+
+
+# open_panel and the keyboard
+
+
+def test_open_panel(factory):
+    assert open_panel("none", CLASSES, Recorder(), PanelConfig()) is None
+    p = open_panel("gpio", CLASSES, Recorder(), PanelConfig(), pin_factory=factory)
+    assert isinstance(p, GpioPanel)
+    p.close()
+    with pytest.raises(PanelError, match="panel.kind"):
+        open_panel("usb", CLASSES, Recorder(), PanelConfig())
+
+
+def test_keyboard_panel_turns_lines_into_commands(capsys):
+    rec = Recorder()
+    p = KeyboardPanel(CLASSES, rec, stream=io.StringIO("1\n 2 \nf3\ns\n?\nbogus\n\n9\nF1\nreset\n"))
+    assert wait_for(lambda: not p._thread.is_alive())
+    assert rec.commands == [
+        AddExample(class_name="one", source="keyboard"),
+        AddExample(class_name="two", source="keyboard"),
+        ForgetClass(class_name="three", source="keyboard"),
+        Save(source="keyboard"),
+        ForgetClass(class_name="one", source="keyboard"),
+        Reset(source="keyboard"),
+    ]
+    err = capsys.readouterr().err
+    assert "1=one, 2=two, 3=three" in err  # the help
+    assert "unknown key 'bogus'" in err and "unknown key '9'" in err
+    p.close()
+
+
+def test_keyboard_panel_logs_the_label_when_it_changes(caplog):
+    caplog.set_level("INFO", logger="edgeknn.panel")
+    p = KeyboardPanel(CLASSES, Recorder(), stream=io.StringIO(""))  # EOF at once, quietly
+    for label in ("one", "one", "unknown", "unknown", "two"):
+        p.show(reading(label))
+    assert [r.getMessage() for r in caplog.records] == [
+        "stable label: one",
+        "stable label: unknown",
+        "stable label: two",
+    ]
+    p.close()
