@@ -7,11 +7,9 @@ Every failure a person can fix prints one line naming the culprit and exits non-
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,6 @@ from edgeknn import __version__, config
 from edgeknn.commands import class_name_error
 from edgeknn.imagefiles import ImageError, find_images, load_rgb
 from edgeknn.model import (
-    DEFAULT_MODEL_FILE,
     DEFAULT_MODEL_SHA256,
     DEFAULT_MODEL_URL,
     Classifier,
@@ -380,7 +377,8 @@ def _eval(args) -> int:
     print(
         f"{args.dataset}: {len(data.files)} photos, {len(data.classes)} classes, {args.seeds} seeds, k={args.k}"
     )
-    print("rule        " + "".join(f"{n:>4} shot{'s' if n > 1 else ' '}" + " " * 5 for n in shots))
+    header = "".join(f"{n:>4} shot{'s' if n > 1 else ' '}" + " " * 5 for n in shots)
+    print("rule        " + header)
     for rule, per_shot in result["rules"].items():
         cells = "".join(f"{v['mean']:.3f} ± {v['std']:.3f}  " for v in per_shot.values())
         print(f"{rule:<12}{cells}")
@@ -404,25 +402,10 @@ def _model_info(args) -> int:
 
 
 def _model_fetch(args) -> int:
+    from edgeknn.download import fetch
+
     cfg = _config(args)
-    dest = args.dest or Path(cfg.state_dir) / "models" / DEFAULT_MODEL_FILE
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(args.url, timeout=60) as response, open(part, "wb") as f:
-            for block in iter(lambda: response.read(1 << 16), b""):
-                digest.update(block)
-                f.write(block)
-    except OSError as e:  # URLError is an OSError
-        part.unlink(missing_ok=True)
-        raise ModelError(f"{args.url}: download failed ({getattr(e, 'reason', e)})") from None
-    if digest.hexdigest() != args.sha256:
-        part.unlink(missing_ok=True)
-        raise ModelError(
-            f"{args.url}: checksum mismatch: expected sha256 {args.sha256}, got {digest.hexdigest()}"
-        )
-    part.replace(dest)
+    dest = fetch(args.url, args.sha256, args.dest or cfg.default_model_path())
     print(f"{dest}: sha256 {args.sha256} verified")
     return 0
 

@@ -195,7 +195,9 @@ class MqttConfig:
 @dataclass(frozen=True)
 class Config:
     classes: list = key(["one", "two", "three"], _class_names, "class names, in button order")
-    state_dir: str = key("/var/lib/edgeknn", _str(nonempty=True), "where the store and the model live")
+    state_dir: str = key(
+        "", _str(), "store and model folder; empty = $STATE_DIRECTORY or ~/.local/state/edgeknn"
+    )
     log_level: str = key("info", _str(("debug", "info", "warning", "error")), "log level")
     model: ModelConfig = field(default_factory=ModelConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -204,15 +206,24 @@ class Config:
     panel: PanelConfig = field(default_factory=PanelConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
 
-    def model_path(self) -> Path:
+    def resolved_state_dir(self) -> Path:
+        """``state_dir``, else systemd's $STATE_DIRECTORY, else ~/.local/state/edgeknn."""
+        if self.state_dir:
+            return Path(self.state_dir)
+        if os.environ.get("STATE_DIRECTORY"):
+            return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+        return Path.home() / ".local" / "state" / "edgeknn"
+
+    def default_model_path(self) -> Path:
         from edgeknn.model import DEFAULT_MODEL_FILE
 
-        return (
-            Path(self.model.path) if self.model.path else Path(self.state_dir) / "models" / DEFAULT_MODEL_FILE
-        )
+        return self.resolved_state_dir() / "models" / DEFAULT_MODEL_FILE
+
+    def model_path(self) -> Path:
+        return Path(self.model.path) if self.model.path else self.default_model_path()
 
     def store_path(self) -> Path:
-        return Path(self.store.path) if self.store.path else Path(self.state_dir) / "store.npz"
+        return Path(self.store.path) if self.store.path else self.resolved_state_dir() / "store.npz"
 
     def resolved_device_id(self) -> str:
         return self.mqtt.device_id or os.uname().nodename.split(".")[0] or "edgeknn"

@@ -182,7 +182,7 @@ class MqttLink:
 
     @property
     def status(self) -> str:
-        """ "ok" while connected to the broker, else "down" (for the state dict and the status LED)."""
+        """The broker link's health for the state dict and the status LED: "ok" or "down"."""
         return "ok" if self._connected else "down"
 
     def start(self) -> None:
@@ -345,8 +345,7 @@ class MqttLink:
         self._classes = names
         if self._selected not in names:
             self._selected = names[0] if names else ""
-            if self._connected:
-                self._publish(self._topic("ha/class"), self._selected, retain=True)
+            self._publish_selected()
         return True
 
     def discovery(self) -> dict[str, dict]:
@@ -385,7 +384,7 @@ class MqttLink:
                 "value_template": "{{ value_json.classes.values() | sum }}",
             },
         }
-        if c.heartbeat_s > 0 and c.publish == "change":
+        if c.heartbeat_s > 0:
             entities[("sensor", "prediction")]["expire_after"] = int(c.heartbeat_s * 2) + 5
         for key in ("fps", "inference_ms", "examples"):
             entities[("sensor", key)].update(
@@ -415,6 +414,11 @@ class MqttLink:
             }
             for (component, object_id), entity in entities.items()
         }
+
+    def _publish_selected(self) -> None:
+        """The Home Assistant select's state: the class its buttons act on (retained)."""
+        if self._connected and self._config.discovery and self._config.commands and self._selected:
+            self._publish(self._topic("ha/class"), self._selected, retain=True)
 
     def _publish_discovery(self) -> None:
         for topic, config in self.discovery().items():
@@ -448,8 +452,7 @@ class MqttLink:
             self._publish_discovery()
         if self._last_state is not None:
             self._publish_json(self._topic("state"), dict(self._last_state), retain=True)
-        if self._config.discovery and self._config.commands and self._selected:
-            self._publish(self._topic("ha/class"), self._selected, retain=True)
+        self._publish_selected()
         self._publish(self._topic("availability"), "online", retain=True, qos=1)
 
     def _refused(self, reason: str) -> None:
@@ -464,11 +467,11 @@ class MqttLink:
                 else "an empty mqtt.username"
             )
             log.error(
-                "mqtt: broker at %s refused the login (%s) with %s; check mqtt.username and "
+                "mqtt: broker at %s refused the login of %s: %s; check mqtt.username and "
                 "mqtt.password / mqtt.password_file; retrying",
                 self._where,
-                reason,
                 who,
+                reason,
             )
         else:
             log.warning("mqtt: broker at %s refused the connection: %s; retrying", self._where, reason)
@@ -491,7 +494,8 @@ class MqttLink:
         was_connected, self._connected = self._connected, False
         if was_connected and not self._closed and not self._outage_logged:
             self._outage_logged = True
-            log.warning("mqtt: lost connection to broker at %s (%s); retrying", self._where, reason)
+            why = "connection lost" if reason == "Unspecified error" else str(reason)  # paho's word for EOF
+            log.warning("mqtt: lost connection to broker at %s (%s); retrying", self._where, why)
 
     @_guarded
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -518,7 +522,7 @@ class MqttLink:
                 self._selected = choice
             else:
                 log.info("mqtt: ignored unknown training class %s from Home Assistant", _show(choice))
-            self._publish(self._topic("ha/class"), self._selected, retain=True)
+            self._publish_selected()
         elif topic == self._topic("ha/press"):
             name = msg.payload.decode("utf-8", "replace")
             args = {"confirm": True} if name == "reset" else {"class": self._selected}
