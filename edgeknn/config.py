@@ -130,7 +130,7 @@ class ModelConfig:
 class StoreConfig:
     path: str = key("", _str(), "the example store (.npz); empty = <state_dir>/store.npz")
     k: int = key(3, _int(1, 100), "neighbours that vote")
-    rule: str = key("default", _str(), 'classification rule: "default" or one of `edgeknn eval --help`')
+    rule: str = key("default", _str(("default", "softmax", "prototype", "nearest", "tfjs")), 'classification rule: "default" or one of `edgeknn eval --help`')
     threshold: float = key(0.0, _float(-1.0, 1.0), "below this best similarity the answer is unknown")
     capacity: int = key(1000, _int(1, 1_000_000), "examples kept per class; the oldest goes first")
     storage: str = key("float32", _str(("float32", "uint8")), "row storage; uint8 = 4x less memory")
