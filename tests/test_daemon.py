@@ -1,0 +1,251 @@
+"""End to end: the daemon on replayed sign-digit photos, taught with MockFactory buttons, showing on LEDs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DIGITS, EXTRACTOR
+from gpiozero.pins.mock import MockFactory
+
+from edgeknn import config
+from edgeknn.camera import ReplaySource
+from edgeknn.commands import AddExample, ForgetClass, Result, Save
+from edgeknn.daemon import Daemon, Stabilizer, build, start
+from edgeknn.store import KnnStore
+
+CLASSES = ["1", "2", "5"]
+BUTTONS, LEDS, CLEAR, STATUS = [17, 27, 22], [5, 6, 13], 26, 19
+
+
+class ShownClass:
+    """A replay source whose folder the test switches: "the class being shown to the camera"."""
+
+    def __init__(self, size):
+        self.size = size
+        self.shown = CLASSES[0]
+        self._sources = {}
+
+    def read(self) -> np.ndarray:
+        if self.shown not in self._sources:
+            self._sources[self.shown] = ReplaySource(DIGITS / self.shown, fps=25, loop=True, size=self.size)
+        return self._sources[self.shown].read()
+
+    def close(self) -> None:
+        for source in self._sources.values():
+            source.close()
+        self._sources.clear()
+
+
+def wait_for(predicate, timeout: float = 10.0, step: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def make_config(tmp_path: Path, **overrides) -> config.Config:
+    data = {
+        "classes": CLASSES,
+        "state_dir": str(tmp_path),
+        "model": {"path": str(EXTRACTOR), "threads": 2},
+        "store": {"autosave_s": 0.5},
+        "stabilizer": {"mode": "window", "frames": 5},
+        "panel": {
+            "kind": "gpio",
+            "buttons": BUTTONS,
+            "leds": LEDS,
+            "clear_button": CLEAR,
+            "status_led": STATUS,
+            "hold_time": 0.3,
+            "hold_rate": 5.0,
+        },
+        "mqtt": {"enabled": False},
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        data.setdefault(section, {})[name] = value
+    return config.from_dict(data)
+
+
+class Running:
+    """A daemon looping in a thread, as `edgeknn run` does in its main thread."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+        start(daemon)
+        self.thread = threading.Thread(target=daemon.loop, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.daemon.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.daemon.shutdown()
+
+
+@pytest.fixture
+def factory():
+    f = MockFactory()
+    yield f
+    f.reset()
+
+
+def test_buttons_teach_and_leds_follow_then_restart_keeps_the_store(tmp_path, factory):
+    cfg = make_config(tmp_path)
+    shown = {}
+
+    def opener():
+        shown["source"] = ShownClass(size=(224, 224))
+        return shown["source"]
+
+    run = Running(build(cfg, opener=opener, pin_factory=factory))
+    daemon = run.daemon
+    try:
+        assert wait_for(lambda: daemon.frames_classified > 5)
+        assert factory.pin(STATUS).state, "status LED steady while running"
+        # Teach: show each class and hold its button (hold to record), as a person would.
+        for i, name in enumerate(CLASSES):
+            shown["source"].shown = name
+            time.sleep(0.4)  # let that class's frames reach the loop
+            factory.pin(BUTTONS[i]).drive_low()
+            time.sleep(1.2)
+            factory.pin(BUTTONS[i]).drive_high()
+            assert wait_for(lambda n=name: daemon.store.counts()[n] >= 4), daemon.store.counts()
+        taught = daemon.store.counts()
+        assert all(count >= 4 for count in taught.values()), taught
+        # Watch: the LED of the class being shown should be the one lit for most samples.
+        for i, name in enumerate(CLASSES):
+            shown["source"].shown = name
+            time.sleep(0.6)
+            right = 0
+            for _ in range(40):
+                lit = [factory.pin(p).state for p in LEDS]
+                right += lit[i] and sum(lit) == 1
+                time.sleep(0.05)
+            assert right >= 24, f"class {name}: its LED alone was lit in {right}/40 samples"
+        assert wait_for(lambda: (tmp_path / "store.npz").exists(), 5), "autosave wrote the store"
+    finally:
+        run.stop()
+    saved = KnnStore.load(tmp_path / "store.npz", daemon.embedder.identity)
+    assert saved.counts() == daemon.store.counts()
+    # Restart: a new daemon loads what the old one saved.
+    again = build(cfg, opener=lambda: ShownClass((224, 224)), pin_factory=MockFactory())
+    try:
+        assert again.store.counts() == daemon.store.counts()
+    finally:
+        again.shutdown()
+
+
+def test_commands_from_the_queue_and_their_results(tmp_path, factory):
+    cfg = make_config(tmp_path, **{"panel.kind": "none"})
+    run = Running(build(cfg, opener=lambda: ShownClass((224, 224))))
+    results: list[Result] = []
+    try:
+        d = run.daemon
+        assert wait_for(lambda: d.frames_classified > 2)
+        d.submit(AddExample(class_name="1", count=3, source="test", reply=results.append))
+        d.submit(AddExample(class_name="nope", reply=results.append))
+        assert wait_for(lambda: len(results) == 2)
+        by_ok = {r.ok: r for r in results}
+        assert by_ok[True].detail == {"class": "1", "count": 3}
+        assert "nope" in by_ok[False].error
+        d.submit(ForgetClass(class_name="1", reply=results.append))
+        d.submit(Save(reply=results.append))
+        assert wait_for(lambda: len(results) == 4)
+        assert results[2].ok and results[2].detail["removed"] == 3
+        assert results[3].ok and (tmp_path / "store.npz").exists()
+        assert d.store.counts() == {"1": 0, "2": 0, "5": 0}
+    finally:
+        run.stop()
+
+
+def test_stabilizer_modes():
+    s = Stabilizer("consecutive", 3)
+    changes = [s.update(x) for x in ["a", "a", "b", "a", "a", "a", "b"]]
+    assert changes == [False, False, False, False, False, True, False]
+    assert s.label == "a"
+    w = Stabilizer("window", 3)
+    labels = []
+    for x in ["a", "b", "a", "b", "b", "c"]:
+        w.update(x)
+        labels.append(w.label)
+    assert labels == ["a", "a", "a", "b", "b", "b"]
+
+
+def test_no_gpio_is_one_clear_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "GPIOZERO_PIN_FACTORY"}
+    config_file = tmp_path / "edgeknn.toml"
+    config_file.write_text(
+        f'classes = ["1", "2", "5"]\nstate_dir = "{tmp_path}"\n[model]\npath = "{EXTRACTOR}"\n'
+        '[mqtt]\nenabled = false\n[camera]\nsource = "replay:/nonexistent"\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeknn.cli", "run", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    if Path("/dev/gpiochip0").exists():
+        pytest.skip("this machine has GPIO")
+    assert proc.returncode == 78
+    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and 'panel.kind = "keyboard" or "none"' in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_as_a_newcomer_would_then_sigterm(tmp_path):
+    """`edgeknn teach` then `edgeknn run --source replay:... --panel none`: logs predictions, READY, SIGTERM."""
+    store = tmp_path / "store.npz"
+    for name in CLASSES:
+        photos = sorted((DIGITS / name).iterdir())[:3]
+        subprocess.run(
+            [sys.executable, "-m", "edgeknn.cli", "teach", "--store", str(store), "--class", name,
+             "--model", str(EXTRACTOR), *map(str, photos)],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeknn.cli", "run", "--source", f"replay:{DIGITS}?fps=30", "--panel", "none",
+         "--mqtt", "none", "--model", str(EXTRACTOR), "--store", str(store)],
+        stderr=subprocess.PIPE, text=True, env={**env, "HOME": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        messages = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(notify.recv(4096).decode())
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("WATCHDOG=1" in m for m in messages):
+            messages.append(notify.recv(4096).decode())
+        assert any("WATCHDOG=1" in m for m in messages), messages
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        notify.close()
+    assert proc.returncode == 0, err
+    predictions = [line for line in err.splitlines() if "prediction:" in line]
+    assert predictions, err
+    assert any(f"prediction: {name} " in err for name in CLASSES), predictions
+    assert "stopped" in err.splitlines()[-1]
+    assert KnnStore.load(store, _model_id(store)).counts() == {name: 3 for name in CLASSES}
+
+
+def _model_id(store: Path) -> str:
+    with np.load(store) as f:
+        return str(f["model_id"])
