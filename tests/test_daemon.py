@@ -206,7 +206,7 @@ def test_no_gpio_is_one_clear_line(tmp_path):
 
 
 def test_run_as_a_newcomer_would_then_sigterm(tmp_path):
-    """`edgeknn teach` then `edgeknn run --source replay:... --panel none`: logs predictions, READY, SIGTERM."""
+    """`edgeknn teach`, then `edgeknn run --source replay:... --panel none`: predictions, READY, SIGTERM."""
     store = tmp_path / "store.npz"
     for name in CLASSES:
         photos = sorted((DIGITS / name).iterdir())[:3]
