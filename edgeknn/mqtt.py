@@ -198,8 +198,11 @@ class MqttLink:
     def show(self, reading: Reading) -> None:
         """Publish the prediction when it changed, on the heartbeat, or every frame if so configured."""
         if not self._connected:
-            self._force = True  # predictions are live data: not queued; the next one goes out on return
-            return
+            # Live data is not queued during an outage, but a change of the stable label is (QoS 1,
+            # bounded queue): a subscriber sees every state change, in order, once we are back.
+            self._force = True
+            if not reading.changed:
+                return
         now = time.monotonic()
         heartbeat = self._config.heartbeat_s
         if not (
@@ -233,6 +236,7 @@ class MqttLink:
             return
         if changed and self._config.discovery:
             self._publish_discovery()
+            self._publish_selected()
         self._publish_json(self._topic("state"), dict(self._last_state), retain=True)
 
     def close(self) -> None:
@@ -337,15 +341,14 @@ class MqttLink:
 
     def _update_classes(self, classes: Any) -> bool:
         """Take the class list from a state dict (``{"cup": 12, ...}`` or a list); True if it changed."""
-        if not isinstance(classes, dict | list | tuple):
+        if not isinstance(classes, dict | list | tuple) or not all(isinstance(k, str) for k in classes):
             return False
-        names = [str(k) for k in classes]
+        names = list(classes)
         if names == self._classes:
             return False
         self._classes = names
         if self._selected not in names:
             self._selected = names[0] if names else ""
-            self._publish_selected()
         return True
 
     def discovery(self) -> dict[str, dict]:

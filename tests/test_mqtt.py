@@ -379,7 +379,7 @@ def test_commands_disabled_subscribes_nothing(broker, subscriber, make_link):
     assert submitted.empty() and not [m for m in sub.messages if m.topic == "edgeknn/off/cmd/result"]
 
 
-def test_failing_submit_is_answered_and_the_link_survives(broker, subscriber, make_link):
+def test_failing_submit_and_callback_bugs_leave_the_link_working(broker, subscriber, make_link, caplog):
     sub = subscriber(broker.port, [f"{BASE}/#", "test/replies"])
     link, submitted = make_link(broker.port, discovery=False)
     sub.wait_for(is_online)
@@ -398,6 +398,14 @@ def test_failing_submit_is_answered_and_the_link_survives(broker, subscriber, ma
     )
     sub.publish(f"{BASE}/cmd/save", b"{}")
     assert submitted.get(timeout=5) == Save(source="mqtt")
+
+    parse, link._parse = link._parse, None  # a bug inside paho's callback: logged, the thread lives on
+    sub.publish(f"{BASE}/cmd/save", b"{}")
+    wait_until(lambda: "mqtt: error in _on_message" in caplog.text)
+    link._parse = parse
+    sub.publish(f"{BASE}/cmd/snapshot", b"{}")
+    assert submitted.get(timeout=5) == Snapshot(source="mqtt")
+    assert link.connected and submitted.empty()
 
 
 # -- broker outages
@@ -453,10 +461,11 @@ def test_reconnects_after_broker_kill_and_delivers_changes(tmp_path, subscriber,
         link.show(reading("cup", changed=True, frame=99))  # live data: not queued
         b.start()
         sub.wait_for(lambda m: m.topic == f"{BASE}/event" and json.loads(m.payload)["count"] == 2, timeout=10)
-        sub.wait_for(is_online)
-        states = [json.loads(m.payload)["n"] for m in sub.on(STATE)]
+        sub.wait_for(lambda m: is_online(m) and not m.retain)  # live, not the copy the broker kept
+        live = [m for m in sub.messages if not m.retain]
+        states = [json.loads(m.payload)["n"] for m in live if m.topic == STATE]
         assert states == [3], "the latest state is re-published on connect (before online)"
-        topics = [m.topic for m in sub.messages]
+        topics = [m.topic for m in live]
         assert topics.index(STATE) < topics.index(AVAIL)
         assert not sub.on(PREDICTION)
         link.show(reading("cup", changed=False, frame=100))  # the first after reconnecting goes out
@@ -564,7 +573,7 @@ def test_wrong_password_is_logged_clearly(tmp_path, make_link, caplog):
         time.sleep(1.5)  # two attempts
         refused = [r for r in caplog.records if "refused the login" in r.getMessage()]
         assert len(refused) == 1 and refused[0].levelno == logging.ERROR
-        assert 'mqtt.username "edge"' in refused[0].getMessage()
+        assert 'refused the login of mqtt.username "edge": ' in refused[0].getMessage()
         assert (
             "Bad user name or password" in refused[0].getMessage()
             or "Not authorized" in refused[0].getMessage()
