@@ -306,15 +306,18 @@ def _store_import(args) -> int:
     cfg = _config(args)
     if Path(args.store).exists():
         store = KnnStore.load(args.store, model_id, **_store_settings(cfg))
-    else:
-        store = KnnStore(len(examples[0]["vector"]) if examples else 1, model_id, **_store_settings(cfg))
-    groups: dict[tuple[str, int], list] = {}
-    for ex in examples:
-        if class_name_error(ex.get("class")):
-            raise UsageError(f"{args.input}: invalid class name {ex.get('class')!r}")
-        groups.setdefault((ex["class"], ex.get("example", 0)), []).append(ex["vector"])
-    for (name, _), vectors in groups.items():
-        store.add(name, np.array(vectors, np.float32))
+    try:
+        groups: dict[tuple[str, int], list] = {}
+        for ex in examples:
+            if class_name_error(ex.get("class")):
+                raise UsageError(f"{args.input}: invalid class name {ex.get('class')!r}")
+            groups.setdefault((ex["class"], ex.get("example", 0)), []).append(ex["vector"])
+        if not Path(args.store).exists():
+            store = KnnStore(len(examples[0]["vector"]) if examples else 1, model_id, **_store_settings(cfg))
+        for (name, _), vectors in groups.items():
+            store.add(name, np.array(vectors, np.float32))
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise UsageError(f"{args.input}: not an edgeknn export ({type(e).__name__}: {e})") from None
     store.save(args.store)
     print(f"{args.store}: imported {len(groups)} examples")
     return 0
@@ -375,7 +378,8 @@ def _eval(args) -> int:
         _print_json(result)
         return 0
     print(
-        f"{args.dataset}: {len(data.files)} photos, {len(data.classes)} classes, {args.seeds} seeds, k={args.k}"
+        f"{args.dataset}: {len(data.files)} photos, {len(data.classes)} classes, "
+        f"{args.seeds} seeds, k={args.k}"
     )
     header = "".join(f"{n:>4} shot{'s' if n > 1 else ' '}" + " " * 5 for n in shots)
     print("rule        " + header)

@@ -9,6 +9,7 @@ not silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ def _float(lo: float | None = None, hi: float | None = None):
         )
         if isinstance(v, bool) or not isinstance(v, int | float):
             return text
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
+        if v != v or (lo is not None and v < lo) or (hi is not None and v > hi):  # v != v: NaN
             return text
         return None
 
@@ -99,7 +100,7 @@ def _class_names(v: Any) -> str | None:
         return "expected a list of 1..32 class names"
     for name in v:
         if class_name_error(name):
-            return f"expected class names of {CLASS_NAME_HELP}, got {name!r}"
+            return f"expected class names of {CLASS_NAME_HELP} (not {json.dumps(name)})"
     if len(set(v)) != len(v):
         return "expected distinct class names"
     return None
@@ -130,7 +131,11 @@ class ModelConfig:
 class StoreConfig:
     path: str = key("", _str(), "the example store (.npz); empty = <state_dir>/store.npz")
     k: int = key(3, _int(1, 100), "neighbours that vote")
-    rule: str = key("default", _str(("default", "softmax", "prototype", "nearest", "tfjs")), 'classification rule: "default" or one of `edgeknn eval --help`')
+    rule: str = key(
+        "default",
+        _str(("default", "softmax", "prototype", "nearest", "tfjs")),
+        'classification rule: "default" or one of `edgeknn eval --help`',
+    )
     threshold: float = key(0.0, _float(-1.0, 1.0), "below this best similarity the answer is unknown")
     capacity: int = key(1000, _int(1, 1_000_000), "examples kept per class; the oldest goes first")
     storage: str = key("float32", _str(("float32", "uint8")), "row storage; uint8 = 4x less memory")
@@ -234,7 +239,7 @@ class Config:
 
 def _describe(v: Any) -> str:
     if isinstance(v, str):
-        return f'"{v}"'
+        return json.dumps(v, ensure_ascii=False)  # quoted, and control characters escaped: one line
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, dict):
@@ -320,6 +325,8 @@ def replace(config: Config, **overrides: Any) -> Config:
         *parents, last = dotted.split(".")
         table = data
         for p in parents:
+            if not isinstance(table.get(p), dict):
+                raise ConfigError([f"{dotted}: unknown key"])
             table = table[p]
         table[last] = value
     return from_dict(data)

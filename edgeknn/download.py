@@ -20,7 +20,7 @@ def fetch(url: str, sha256: str, dest: Path, timeout: float = 60.0) -> Path:
             for block in iter(lambda: response.read(1 << 16), b""):
                 digest.update(block)
                 f.write(block)
-    except OSError as e:  # URLError is an OSError
+    except (OSError, ValueError) as e:  # URLError is an OSError; ValueError: a malformed URL
         part.unlink(missing_ok=True)
         raise ModelError(f"{url}: download failed ({getattr(e, 'reason', e)})") from None
     if digest.hexdigest() != sha256:

@@ -110,6 +110,7 @@ def evaluate(
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve: the chance a positive scores above a negative (ties count half)."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
     order = np.argsort(scores, kind="stable")
     ranks = np.empty(len(scores))
     sorted_scores = scores[order]

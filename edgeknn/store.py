@@ -99,6 +99,7 @@ class KnnStore:
     def ensure_class(self, name: str) -> int:
         if name not in self.classes:
             self.classes.append(name)
+            self._dirty = True
         return self.classes.index(name)
 
     def add(self, name: str, views: np.ndarray) -> int:
@@ -106,6 +107,8 @@ class KnnStore:
         views = np.atleast_2d(np.asarray(views, np.float32))
         if views.shape[1] != self.dim:
             raise ValueError(f"expected vectors of {self.dim} values, got {views.shape[1]}")
+        if len(views) == 0:
+            raise ValueError("expected at least one vector")
         label = self.ensure_class(name)
         if self._examples.get(name, 0) >= self.capacity:
             self._drop_oldest(label)
@@ -201,7 +204,8 @@ class KnnStore:
         if self.rule in ("tfjs", "nearest"):
             votes = np.bincount(labels, minlength=len(self.classes)).astype(np.float32)
             winners = np.flatnonzero(votes == votes.max())
-            best = winners[0] if self.rule == "tfjs" or len(winners) == 1 else labels[0]
+            # tfjs: a tie goes to the lowest class index; nearest: to the most similar row among the tied
+            best = winners[0] if self.rule == "tfjs" else next(c for c in labels if votes[c] == votes.max())
             probs = votes / k
         else:
             probs = self._probabilities(vector)
