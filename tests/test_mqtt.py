@@ -458,7 +458,8 @@ def test_reconnects_after_broker_kill_and_delivers_changes(tmp_path, subscriber,
         link.state({"classes": {"cup": 2, "pen": 0, "two words": 0}, "n": 2})
         link.event({"event": "example_added", "class": "cup", "count": 2, "source": "button"})
         link.state({"classes": {"cup": 3, "pen": 0, "two words": 0}, "n": 3})
-        link.show(reading("cup", changed=True, frame=99))  # live data: not queued
+        link.show(reading("cup", changed=False, frame=98))  # live data: not queued
+        link.show(reading("pen", changed=True, frame=99))  # a change of the stable label: queued
         b.start()
         sub.wait_for(lambda m: m.topic == f"{BASE}/event" and json.loads(m.payload)["count"] == 2, timeout=10)
         sub.wait_for(lambda m: is_online(m) and not m.retain)  # live, not the copy the broker kept
@@ -467,7 +468,8 @@ def test_reconnects_after_broker_kill_and_delivers_changes(tmp_path, subscriber,
         assert states == [3], "the latest state is re-published on connect (before online)"
         topics = [m.topic for m in live]
         assert topics.index(STATE) < topics.index(AVAIL)
-        assert not sub.on(PREDICTION)
+        sub.wait_for(lambda m: m.topic == PREDICTION and json.loads(m.payload)["frame"] == 99)
+        assert [json.loads(m.payload)["frame"] for m in sub.on(PREDICTION)] == [99]
         link.show(reading("cup", changed=False, frame=100))  # the first after reconnecting goes out
         sub.wait_for(lambda m: m.topic == PREDICTION and json.loads(m.payload)["frame"] == 100)
         log_lines = [r.getMessage() for r in caplog.records]
