@@ -110,6 +110,7 @@ class Daemon:
         self._last_state: dict | None = None
         self._last_state_time = 0.0
         self.frames_classified = 0
+        self._fps_window = (time.monotonic(), 0)  # (start, frames_classified then)
         for name in cfg.classes:
             store.ensure_class(name)
 
@@ -350,13 +351,13 @@ class Daemon:
         return reading
 
     def _count_frame(self) -> None:
+        """Frames per second, counted over windows of at least a second (a mean of 1/dt overstates it)."""
         self.frames_classified += 1
         now = time.monotonic()
-        last = getattr(self, "_last_frame_time", None)
-        self._last_frame_time = now
-        if last is not None and now > last:
-            rate = 1.0 / (now - last)
-            self._fps = rate if self._fps == 0 else 0.9 * self._fps + 0.1 * rate
+        elapsed = now - self._fps_window[0]
+        if elapsed >= 1.0:
+            self._fps = (self.frames_classified - self._fps_window[1]) / elapsed
+            self._fps_window = (now, self.frames_classified)
 
     def loop(self) -> None:
         """Run until ``stop()`` (a signal) or the end of a non-looping replay."""
