@@ -34,6 +34,17 @@ VIEW_RULES = ("softmax", "prototype")  # rules that store augmented views of eac
 UNKNOWN = "unknown"
 _FIT_STEPS, _REFIT_STEPS, _TEMPERATURE, _LEARNING_RATE, _WEIGHT_DECAY = 100, 30, 10.0, 1.0, 1e-3
 _CENTER_WINDOW = 1000  # frames: the centre becomes a moving average after this many
+_WIDEN_ROWS = 512  # uint8 rows widened to float32 at a time (2 MB: stays in cache)
+
+
+def _rowdot(rows: np.ndarray, q: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``rows @ q`` as one dot product per row on this thread (numpy < 2 has no vecdot: einsum)."""
+    if _vecdot is not None:
+        return _vecdot(rows, q, out=out)
+    return np.einsum("ij,j->i", rows, q, out=out)
+
+
+_vecdot = getattr(np, "vecdot", None)
 
 
 class StoreError(Exception):
@@ -86,6 +97,7 @@ class KnnStore:
         self._head: tuple[np.ndarray, np.ndarray] | None = None  # (d, classes) weights, bias
         self._present = np.zeros(0, bool)
         self._dirty = True
+        self._widened: np.ndarray | None = None  # uint8 storage: float32 scratch rows for similarities
 
     # --- examples -------------------------------------------------------------------------
 
@@ -182,14 +194,23 @@ class KnnStore:
             self._dirty = True  # the centre has moved: refit the head on the next frame
 
     def similarities(self, vector: np.ndarray) -> np.ndarray:
-        """Cosine similarity of a unit ``vector`` to every stored row."""
+        """Cosine similarity of a unit ``vector`` to every stored row.
+
+        One dot product per row on the calling thread (``np.vecdot``), not a BLAS matrix-vector
+        product: OpenBLAS splits that over threads that then wait for cores the interpreter's own
+        threads and the camera thread are using, which cost the daemon's loop milliseconds a frame.
+        """
         q = np.asarray(vector, np.float32)
         if self.storage == "float32":
-            return self._rows[: self._n] @ q
+            return _rowdot(self._rows[: self._n], q)
         out = np.empty(self._n, np.float32)
-        for start in range(0, self._n, 4096):  # bounded temporaries: the uint8 rows widen per chunk
-            stop = min(start + 4096, self._n)
-            np.matmul(self._rows[start:stop], q, out=out[start:stop])
+        if self._widened is None or len(self._widened) < min(self._n, _WIDEN_ROWS):
+            self._widened = np.empty((min(self._n, _WIDEN_ROWS), self.dim), np.float32)
+        for start in range(0, self._n, _WIDEN_ROWS):  # uint8 rows widen per chunk, in a reused buffer
+            stop = min(start + _WIDEN_ROWS, self._n)
+            rows = self._widened[: stop - start]
+            np.copyto(rows, self._rows[start:stop], casting="unsafe")
+            _rowdot(rows, q, out=out[start:stop])
         return out * self._scale[: self._n]
 
     def classify(self, vector: np.ndarray) -> Prediction:
