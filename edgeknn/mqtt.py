@@ -454,6 +454,8 @@ class MqttLink:
         if self._config.discovery:
             self._publish_discovery()
         if self._last_state is not None:
+            if "broker" in self._last_state:  # kept while we were away: it said "down"
+                self._last_state["broker"] = "ok"
             self._publish_json(self._topic("state"), dict(self._last_state), retain=True)
         self._publish_selected()
         self._publish(self._topic("availability"), "online", retain=True, qos=1)
