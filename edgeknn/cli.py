@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="interpreter threads (default: model.threads)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for tests)")
+    p.add_argument(
+        "--data", type=Path, help="photo folder to replay (default ../shared/data/sign_language_digits)"
+    )
 
     p = command("model", None, "inspect or fetch models")
     model_sub = p.add_subparsers(metavar="ACTION")

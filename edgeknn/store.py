@@ -19,6 +19,8 @@ below ``threshold``, and names its nearest rows so that an answer can be explain
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import os
 import zipfile
@@ -121,22 +123,33 @@ class KnnStore:
             raise ValueError(f"expected vectors of {self.dim} values, got {views.shape[1]}")
         if len(views) == 0:
             raise ValueError("expected at least one vector")
-        label = self.ensure_class(name)
-        if self._examples.get(name, 0) >= self.capacity:
-            self._drop_oldest(label)
-        need = self._n + len(views)
-        if need > len(self._rows):
-            self._grow(max(need, 2 * len(self._rows)))
-        rows = slice(self._n, need)
-        if self.storage == "float32":
-            self._rows[rows] = views / np.maximum(np.linalg.norm(views, axis=1, keepdims=True), 1e-12)
+        if self.storage == "float32":  # convert first: a refused example changes nothing
+            values = (views / np.maximum(np.linalg.norm(views, axis=1, keepdims=True), 1e-12),)
         else:
-            self._rows[rows], self._scale[rows] = _to_uint8(views)
+            values = _to_uint8(views)
+        label = self.ensure_class(name)
+        rows: slice | np.ndarray | None = None
+        if self._examples.get(name, 0) >= self.capacity:
+            # A full class: the new example takes the rows of its oldest one when it has as many
+            # views (always, from the daemon), so adding never moves the whole matrix.
+            oldest = np.flatnonzero(self._oldest_rows(label))
+            if len(oldest) == len(views):
+                rows = oldest
+            else:
+                self._drop_oldest(label)
+        if rows is None:
+            need = self._n + len(views)
+            if need > len(self._rows):
+                self._grow(max(need, 2 * len(self._rows)))
+            rows = slice(self._n, need)
+            self._n = need
+            self._examples[name] = self._examples.get(name, 0) + 1
+        self._rows[rows] = values[0]
+        if self.storage != "float32":
+            self._scale[rows] = values[1]
         self._labels[rows] = label
         self._example[rows] = self._next_example
         self._next_example += 1
-        self._n = need
-        self._examples[name] = self._examples.get(name, 0) + 1
         self._dirty = True
         return self._examples[name]
 
@@ -163,10 +176,14 @@ class KnnStore:
         self._compact(np.zeros(self._n, bool))
         self._examples.clear()
 
-    def _drop_oldest(self, label: int) -> None:
+    def _oldest_rows(self, label: int) -> np.ndarray:
+        """A mask of the rows of the oldest example of class ``label`` (which has examples)."""
         mine = self._labels[: self._n] == label
         oldest = self._example[: self._n][mine].min()
-        self._compact(~(mine & (self._example[: self._n] == oldest)))
+        return mine & (self._example[: self._n] == oldest)
+
+    def _drop_oldest(self, label: int) -> None:
+        self._compact(~self._oldest_rows(label))
         self._examples[self.classes[label]] -= 1
 
     def _compact(self, keep: np.ndarray) -> None:
@@ -295,6 +312,7 @@ class KnnStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+        _remove_stale_temporaries(path)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         n = self._n
@@ -323,6 +341,8 @@ class KnnStore:
         except PermissionError as e:
             raise StoreError(f"{path}: cannot read store ({e.strerror})") from None
         except ValueError as e:
+            if not zipfile.is_zipfile(path):  # numpy takes any file that is not .npz/.npy for a pickle
+                raise StoreError(f"{path}: not a readable store (not an .npz file)", corrupt=True) from None
             if "pickle" in str(e):
                 raise StoreError(f"{path}: store holds pickled objects, refused", corrupt=True) from None
             raise StoreError(f"{path}: not a readable store ({e})", corrupt=True) from None
@@ -367,6 +387,24 @@ class KnnStore:
         store._examples = {name: int(c) for name, c in zip(store.classes, per_class, strict=True) if c}
         store._center, store._seen = arrays["center"].astype(np.float32), int(arrays["seen"])
         return store
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of writers killed mid-save (a power cut), so they cannot pile up.
+
+    A temporary file is named after its writer's pid; one whose process is still alive is left alone.
+    """
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):  # the save itself succeeded; a leftover is only untidy
+                tmp.unlink()
+        except OSError:
+            pass  # alive (another user's process), or cannot tell: keep it
 
 
 def _checksum(arrays: dict[str, np.ndarray]) -> str:
