@@ -258,7 +258,15 @@ class Daemon:
     def camera_status(self) -> str:
         if self.capture.ok and self.capture.last_frame_age() < STALL_S:
             return "ok"
-        return "starting" if self.capture.frames_captured == 0 and not self.capture.error else "down"
+        return "starting" if self.capture.frames_captured == 0 and not self.camera_error() else "down"
+
+    def camera_error(self) -> str:
+        """Why the camera is not ok: the capture's error, or a stall (a read that raises nothing)."""
+        if self.capture.error:
+            return self.capture.error
+        if self.capture.last_frame_age() >= STALL_S and not self.capture.finished:
+            return f"no frame for more than {STALL_S:g} s (the camera stalled)"
+        return ""
 
     def state(self) -> dict:
         counts = self.store.counts()
@@ -277,7 +285,7 @@ class Daemon:
             "fps": round(self._fps, 1),
             "inference_ms": round(self._inference_ms, 2),
             "camera": self.camera_status(),
-            "camera_error": self.capture.error or "",
+            "camera_error": self.camera_error(),
             "broker": self.broker_status(),
             "error": self._error,
         }
@@ -415,12 +423,17 @@ def open_store(cfg: config.Config, embedder: Embedder, path: Path) -> KnnStore:
     if not path.exists():
         log.info("no store at %s yet: starting empty", path)
         return KnnStore(embedder.dim, embedder.identity, **settings)
+    if path.is_dir():  # a mistake in store.path, not a damaged store: nothing to move aside
+        raise Fatal(f"{path}: is a folder, not a store file; check store.path")
     try:
         store = KnnStore.load(path, embedder.identity, **settings)
     except StoreError as e:
         if not e.corrupt:
             raise Fatal(str(e)) from None
-        aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside, n = path.with_name(f"{path.name}.broken-{stamp}"), 1
+        while aside.exists():  # broken twice within a second: keep both
+            aside, n = path.with_name(f"{path.name}.broken-{stamp}-{n}"), n + 1
         try:
             os.replace(path, aside)
         except OSError as move_error:

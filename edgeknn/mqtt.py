@@ -17,6 +17,7 @@ import re
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 MAX_QUEUED = 1000  # outgoing QoS>0 messages paho keeps while the broker is away
 CLOSE_TIMEOUT_S = 2.0  # how long close() waits for "offline" to reach the broker
+BACKLOG_WAIT_S = 10.0  # after a reconnect, announce at the latest this long after, even if acks are missing
 LOGIN_REFUSED = ("Bad user name or password", "Not authorized")
 REQUIRED = object()
 
@@ -165,6 +167,13 @@ class MqttLink:
         self._connected = False
         self._outage_logged = False
         self._queue_full_logged = False
+        # After a reconnect, paho first re-sends what it still holds (queued in the outage, or not yet
+        # acknowledged when the link fell); announcing before that would put state and "online" ahead
+        # of older messages, out of seq order. So we track unacknowledged messages by mid.
+        self._ack_lock = threading.Lock()
+        self._unacked: set[int] = set()
+        self._acked_early: deque[int] = deque(maxlen=64)  # acknowledged before _publish recorded them
+        self._backlog: set[int] | None = None  # what must be acknowledged before we announce
         self._started = False
         self._closed = False
         self._client = self._make_client()
@@ -288,6 +297,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         return client
 
     def _password(self) -> str:
@@ -306,9 +316,14 @@ class MqttLink:
     def _publish(
         self, topic: str, payload: str, *, retain: bool = False, qos: int | None = None, properties=None
     ) -> mqtt.MQTTMessageInfo:
-        info = self._client.publish(
-            topic, payload, qos=self._config.qos if qos is None else qos, retain=retain, properties=properties
-        )
+        qos = self._config.qos if qos is None else qos
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # paho keeps it
+            with self._ack_lock:
+                if info.mid in self._acked_early:
+                    self._acked_early.remove(info.mid)
+                else:
+                    self._unacked.add(info.mid)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE and not self._queue_full_logged:
             self._queue_full_logged = True
             log.warning("mqtt: %d messages wait for the broker; dropping new ones", MAX_QUEUED)
@@ -451,6 +466,31 @@ class MqttLink:
             topics.append((f"{self._config.discovery_prefix}/status", SubscribeOptions(qos=1)))
         if topics:
             client.subscribe(topics)
+        with self._ack_lock:
+            self._backlog = backlog = set(self._unacked) or None
+        if backlog is None:
+            self._announce()
+            return
+        # _on_publish announces once paho's re-sent backlog is acknowledged; never wait forever
+        timer = threading.Timer(BACKLOG_WAIT_S, self._backlog_overdue, (backlog,))
+        timer.daemon = True
+        timer.start()
+
+    @_guarded
+    def _backlog_overdue(self, backlog: set[int]) -> None:
+        with self._ack_lock:
+            if self._backlog is not backlog:  # acknowledged, or the link fell meanwhile
+                return
+            self._backlog = None
+            self._unacked -= backlog  # paho will not acknowledge them: do not wait for them again
+        log.debug("mqtt: %d re-sent messages not acknowledged; announcing anyway", len(backlog))
+        self._announce()
+
+    @_guarded
+    def _announce(self) -> None:
+        """What a connect publishes: discovery, the retained state, then ``online``."""
+        if not self._connected:
+            return
         if self._config.discovery:
             self._publish_discovery()
         if self._last_state is not None:
@@ -459,6 +499,23 @@ class MqttLink:
             self._publish_json(self._topic("state"), dict(self._last_state), retain=True)
         self._publish_selected()
         self._publish(self._topic("availability"), "online", retain=True, qos=1)
+
+    @_guarded
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._ack_lock:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+            else:
+                self._acked_early.append(mid)
+            backlog = self._backlog
+            if backlog is None or mid not in backlog:
+                return
+            backlog.discard(mid)
+            if backlog:
+                return
+            self._backlog = None
+        # paho holds its message lock while it calls us, and publishing takes ours: announce elsewhere
+        threading.Thread(target=self._announce, name="edgeknn-mqtt-announce", daemon=True).start()
 
     def _refused(self, reason: str) -> None:
         if self._outage_logged:
@@ -497,6 +554,8 @@ class MqttLink:
     @_guarded
     def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
         was_connected, self._connected = self._connected, False
+        with self._ack_lock:
+            self._backlog = None  # the next connect decides again
         if was_connected and not self._closed and not self._outage_logged:
             self._outage_logged = True
             why = "connection lost" if reason == "Unspecified error" else str(reason)  # paho's word for EOF
