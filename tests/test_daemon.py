@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,11 +14,12 @@ import numpy as np
 import pytest
 from conftest import DIGITS, EXTRACTOR
 from gpiozero.pins.mock import MockFactory
+from rig import Running, wait_for
 
 from edgeknn import config
 from edgeknn.camera import ReplaySource
 from edgeknn.commands import AddExample, ForgetClass, Result, Save
-from edgeknn.daemon import Daemon, Stabilizer, build, start
+from edgeknn.daemon import Stabilizer, build
 from edgeknn.store import KnnStore
 
 CLASSES = ["1", "2", "5"]
@@ -45,15 +45,6 @@ class ShownClass:
         self._sources.clear()
 
 
-def wait_for(predicate, timeout: float = 10.0, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
-
-
 def make_config(tmp_path: Path, **overrides) -> config.Config:
     data = {
         "classes": CLASSES,
@@ -76,22 +67,6 @@ def make_config(tmp_path: Path, **overrides) -> config.Config:
         section, _, name = key.partition(".")
         data.setdefault(section, {})[name] = value
     return config.from_dict(data)
-
-
-class Running:
-    """A daemon looping in a thread, as `edgeknn run` does in its main thread."""
-
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
-        start(daemon)
-        self.thread = threading.Thread(target=daemon.loop, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.daemon.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        self.daemon.shutdown()
 
 
 @pytest.fixture

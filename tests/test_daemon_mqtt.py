@@ -25,10 +25,11 @@ from conftest import DIGITS, EXTRACTOR
 from gpiozero.pins.mock import MockFactory
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from rig import Running
 
 from edgeknn import config
 from edgeknn.camera import ReplaySource
-from edgeknn.daemon import Daemon, build, start
+from edgeknn.daemon import Daemon, build
 from edgeknn.mqtt import MqttLink
 from edgeknn.store import KnnStore
 
@@ -282,22 +283,6 @@ def daemon_config(tmp_path: Path, port: int, panel: str = "none") -> config.Conf
             "mqtt": {"host": "127.0.0.1", "port": port, "device_id": "test", "keepalive": 5},
         }
     )  # fmt: skip
-
-
-class Running:
-    """A daemon looping in a thread, as `edgeknn run` does in its main thread."""
-
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
-        start(daemon)
-        self.thread = threading.Thread(target=daemon.loop, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.daemon.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        self.daemon.shutdown()
 
 
 @pytest.fixture
