@@ -41,6 +41,7 @@ from edgeknn.store import UNKNOWN, VIEW_RULES, KnnStore, StoreError
 log = logging.getLogger(__name__)
 EX_CONFIG = 78
 STATE_EVERY_S = 30.0  # re-send state (fps, uptime) this often even when nothing else changed
+STATE_CHECK_S = 0.5  # how often the loop rebuilds the state to see whether it changed
 STALL_S = 5.0  # a camera with no frame for this long counts as down
 
 
@@ -109,6 +110,7 @@ class Daemon:
         self._inference_ms = 0.0
         self._last_state: dict | None = None
         self._last_state_time = 0.0
+        self._last_state_check = 0.0
         self.frames_classified = 0
         self._fps_window = (time.monotonic(), 0)  # (start, frames_classified then)
         for name in cfg.classes:
@@ -291,6 +293,11 @@ class Daemon:
         }
 
     def _publish_state(self, force: bool = False) -> None:
+        """Send the state when it changed (checked at most every STATE_CHECK_S, off the per-frame path)."""
+        now = time.monotonic()
+        if not force and now - self._last_state_check < STATE_CHECK_S:
+            return
+        self._last_state_check = now
         state = self.state()
         volatile = ("uptime_s", "fps", "inference_ms")
         same = self._last_state is not None and all(
