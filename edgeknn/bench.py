@@ -11,7 +11,11 @@ The result is one flat dict of numbers (``--json`` prints it as one object). The
 - ``pipeline_fps``: 1 / median ``Daemon.step`` time (replay → prepare → invoke → k-NN over 1 000
   examples → stabiliser → LEDs/MQTT as configured), in blocks alternating with the raw-invoke
   blocks; ``pipeline_ratio`` = pipeline_fps / raw_fps. The replay frames are decoded before the
-  run and paced at PACE x the loop's rate (``camera_fps``); ``pipeline_fps_unpaced`` is fps=0.
+  run, at the model's input size as the Pi's ISP delivers them (picamera2 asks for that size),
+  and paced at PACE x the loop's rate (``camera_fps``). ``pipeline_fps_resizing`` /
+  ``pipeline_ratio_resizing``: the same with the photos at their own size, so that the camera
+  thread crops and resizes every frame, as for a USB camera; ``prepare_ms_640x480``: that crop
+  and resize for one VGA frame.
 - ``frame_to_publish_ms_p50`` / ``_p99``: capture timestamp → arrival at a mosquitto_sub process,
   with ``mqtt.publish = "every_frame"`` (a second daemon; ``pipeline_ratio_every_frame``).
 - ``knn_us_<n>`` / ``knn_us_uint8_<n>``: ``KnnStore.classify`` with the k-NN vote over n rows;
@@ -254,16 +258,20 @@ def pipeline(
     pcfg = config.replace(cfg, **overrides)
     probe = Embedder(model, threads)
     random_store(probe, pcfg, PIPELINE_EXAMPLES, seed=1).save(store_path)
-    player = Player(decode_frames(frames, probe.model.input_size))
+    photos = decode_frames(frames, probe.model.input_size)
+    player = Player([probe.model.prepare(photo) for photo in photos])  # as the ISP delivers them
+    vga = np.zeros((480, 640, 3), np.uint8)
+    results["prepare_ms_640x480"] = median_us(probe.model.prepare, [vga] * plan.queries) / 1000
     del probe
 
-    run = run_daemon(pcfg, player, plan.rounds, plan, unpaced=True)
+    run = run_daemon(pcfg, player, plan.rounds, plan, resizing=photos)
     results["invoke_ms"] = run.invoke_ms
     results["raw_fps"] = 1000 / run.invoke_ms
     results["pipeline_fps"] = run.fps
     results["pipeline_ratio"] = run.fps / results["raw_fps"]
     results["camera_fps"] = run.camera_fps
-    results["pipeline_fps_unpaced"] = run.unpaced_fps
+    results["pipeline_fps_resizing"] = run.resizing_fps
+    results["pipeline_ratio_resizing"] = run.resizing_fps / results["raw_fps"]
     if broker is None:
         return run.embedder
     every = config.replace(pcfg, **{"mqtt.publish": "every_frame"})
@@ -288,7 +296,7 @@ class DaemonRun:
     steps: list[float] = field(default_factory=list)  # seconds per classified frame (Daemon.step)
     captured: dict[int, float] = field(default_factory=dict)  # frame number → capture time
     camera_fps: float = 0.0  # the replay's pace in the last block
-    unpaced_fps: float = 0.0  # frames per second with the replay at fps=0
+    resizing_fps: float = 0.0  # frames per second when the camera thread resizes every frame
 
     @property
     def invoke_ms(self) -> float:
@@ -300,14 +308,19 @@ class DaemonRun:
 
 
 def run_daemon(
-    pcfg: config.Config, player: Player, rounds: int, plan: Plan, unpaced: bool = False
+    pcfg: config.Config,
+    player: Player,
+    rounds: int,
+    plan: Plan,
+    resizing: list[np.ndarray] | None = None,
 ) -> DaemonRun:
     """Build and start a daemon; alternate raw-invoke blocks (camera paused) and pipeline blocks.
 
     Both rates are medians (of invokes, of ``Daemon.step`` calls), so a noisy neighbour's bursts
     skew neither. The replay runs at PACE x the fastest loop rate seen so far: a new frame is
     always there when the loop wants one, and the camera thread does not burn a core on frames
-    that would be dropped (``unpaced``: one more block at fps=0 shows that cost).
+    that would be dropped. ``resizing``: one more block with these frames, which the camera
+    thread must crop and resize.
     """
     from edgeknn.daemon import build, start
 
@@ -319,6 +332,7 @@ def run_daemon(
 
     def raw_block() -> None:
         player.pause()
+        daemon.settle()  # the inference thread is done with the interpreter
         for _ in range(plan.invokes):
             t = time.perf_counter()
             interpreter.invoke()
@@ -354,10 +368,11 @@ def run_daemon(
             steps = pipeline_block(run.camera_fps)
             run.steps += steps
             loop_fps.append(1 / statistics.median(steps))
-        if unpaced:
-            captured = dict(run.captured)
-            run.unpaced_fps = 1 / statistics.median(pipeline_block(0))
-            run.captured = captured
+        if resizing is not None:
+            captured, model_sized = dict(run.captured), player.frames
+            player.frames = resizing
+            run.resizing_fps = 1 / statistics.median(pipeline_block(run.camera_fps))
+            player.frames, run.captured = model_sized, captured
     finally:
         player.play(0)
         daemon.shutdown()

@@ -2,7 +2,9 @@
 
 One thread (the caller of ``Daemon.loop``) owns the store, so the store needs no locks. Buttons
 and MQTT put commands on one queue that the loop drains between frames. The camera thread keeps
-only the newest frame and has already cropped and resized it to the model's input size.
+only the newest frame and has already cropped and resized it to the model's input size. An
+inference thread embeds frame N+1 while the loop classifies frame N and feeds the outputs, so
+that work overlaps the model's invoke instead of adding to it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,6 @@ from edgeknn.commands import (
     SetThreshold,
     Snapshot,
 )
-from edgeknn.download import fetch
 from edgeknn.model import DEFAULT_MODEL_SHA256, DEFAULT_MODEL_URL, Embedder, ModelError
 from edgeknn.outputs import Output, Reading
 from edgeknn.service import Notifier, setup_logging
@@ -102,6 +104,8 @@ class Daemon:
         self._stop = threading.Event()
         self._pending: list[list] = []  # [AddExample, remaining] waiting for fresh frames
         self._frame: Frame | None = None
+        self._inference = ThreadPoolExecutor(1, thread_name_prefix="edgeknn-inference")
+        self._next: tuple[Frame, Future] | None = None  # the frame being embedded meanwhile
         self._last_number = 0
         self._dirty_since: float | None = None
         self._error = ""
@@ -321,23 +325,36 @@ class Daemon:
     # --- the loop -----------------------------------------------------------------------------
 
     def step(self, timeout: float = 0.5) -> Reading | None:
-        """Run queued commands, then classify the newest frame if there is one; return its reading."""
+        """Run queued commands, then classify the newest frame if there is one; return its reading.
+
+        The frame's embedding usually comes from the inference thread, started in the previous
+        step; as soon as it is in hand, the next frame (if the camera has one) goes to that thread.
+        An example being added needs several views of a frame: they are embedded here, with the
+        inference thread idle, and nothing is started meanwhile.
+        """
         self._drain_commands()
-        frame = self.capture.latest(after=self._last_number, timeout=timeout)
+        if self._next is None:
+            frame = self.capture.latest(after=self._last_number, timeout=timeout)
+            if frame is not None:
+                self._next = (frame, self._inference.submit(self._embed, frame))
         self.notifier.watchdog()
-        if frame is None:
+        if self._next is None:
             self._publish_state()
             self._autosave()
             return None
+        frame, job = self._next
+        self._next = None
         self._last_number, self._frame = frame.number, frame
-        start = time.perf_counter()
+        vector, self._inference_ms = job.result()
         if self._pending and self.store.rule in VIEW_RULES:
+            start = time.perf_counter()
             views = self.embedder.embed_views(frame.image)
-            vector = views[0]
+            self._inference_ms = (time.perf_counter() - start) * 1000
         else:
-            vector = self.embedder.embed(frame.image)
             views = vector[np.newaxis]
-        self._inference_ms = (time.perf_counter() - start) * 1000
+            following = self.capture.latest(after=frame.number, timeout=0)
+            if following is not None:
+                self._next = (following, self._inference.submit(self._embed, following))
         if self._pending:
             self._add_pending(frame, views)
         self.store.observe(vector)
@@ -365,6 +382,18 @@ class Daemon:
         self._autosave()
         return reading
 
+    def _embed(self, frame: Frame) -> tuple[np.ndarray, float]:
+        """On the inference thread: the frame's embedding and the milliseconds it took."""
+        start = time.perf_counter()
+        vector = self.embedder.embed(frame.image)
+        return vector, (time.perf_counter() - start) * 1000
+
+    def settle(self) -> None:
+        """Wait until the inference thread is idle (the frame it embeds is kept for the next step),
+        so that another caller may use the embedder's interpreter."""
+        if self._next is not None:
+            wait([self._next[1]])
+
     def _count_frame(self) -> None:
         """Frames per second, counted over windows of at least a second (a mean of 1/dt overstates it)."""
         self.frames_classified += 1
@@ -391,6 +420,8 @@ class Daemon:
     def shutdown(self) -> None:
         """Save if needed, close the outputs (MQTT says offline) and the camera."""
         self.notifier.stopping()
+        self._inference.shutdown(wait=True, cancel_futures=True)
+        self._next = None
         if self._dirty_since is not None:
             self.save()
         for output in self.outputs:
@@ -463,6 +494,8 @@ def build(
 
     try:
         if not cfg.model.path and not cfg.model_path().exists():
+            from edgeknn.download import fetch  # urllib and ssl: only needed on a first start
+
             log.info("no model at %s: downloading %s", cfg.model_path(), DEFAULT_MODEL_URL)
             fetch(DEFAULT_MODEL_URL, DEFAULT_MODEL_SHA256, cfg.model_path())
         embedder = Embedder(cfg.model_path(), cfg.model.threads)

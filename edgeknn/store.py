@@ -36,6 +36,7 @@ VIEW_RULES = ("softmax", "prototype")  # rules that store augmented views of eac
 UNKNOWN = "unknown"
 _FIT_STEPS, _REFIT_STEPS, _TEMPERATURE, _LEARNING_RATE, _WEIGHT_DECAY = 100, 30, 10.0, 1.0, 1e-3
 _CENTER_WINDOW = 1000  # frames: the centre becomes a moving average after this many
+_FIT_ROWS = 2048  # the head is fitted on at most this many rows (bounded time and memory, any store size)
 _WIDEN_ROWS = 512  # uint8 rows widened to float32 at a time (2 MB: stays in cache)
 
 
@@ -97,6 +98,7 @@ class KnnStore:
         self._center = np.zeros(dim, np.float32)
         self._seen = 0
         self._head: tuple[np.ndarray, np.ndarray] | None = None  # (d, classes) weights, bias
+        self._head_center = self._center  # the centre the head was fitted with
         self._present = np.zeros(0, bool)
         self._dirty = True
         self._widened: np.ndarray | None = None  # uint8 storage: float32 scratch rows for similarities
@@ -140,7 +142,7 @@ class KnnStore:
         if rows is None:
             need = self._n + len(views)
             if need > len(self._rows):
-                self._grow(max(need, 2 * len(self._rows)))
+                self._grow(max(need, len(self._rows) + len(self._rows) // 2))
             rows = slice(self._n, need)
             self._n = need
             self._examples[name] = self._examples.get(name, 0) + 1
@@ -194,6 +196,8 @@ class KnnStore:
         self._dirty = True
 
     def _grow(self, size: int) -> None:
+        """Reallocate to ``size`` rows (by half again when full: amortised O(1) adds, and a loaded
+        store that is taught more needs 2.5x its rows for a moment, not 3x)."""
         for name in ("_rows", "_scale", "_labels", "_example"):
             old = getattr(self, name)
             new = np.zeros((size, *old.shape[1:]), old.dtype)
@@ -206,7 +210,7 @@ class KnnStore:
         """Fold a seen frame's embedding into the centre of the feature space (the default rule uses it)."""
         self._seen += 1
         rate = 1.0 / min(self._seen, _CENTER_WINDOW)
-        self._center += rate * (_sqrt_features(vector[np.newaxis])[0] - self._center)
+        self._center += rate * (_sqrt_features(np.array(vector, np.float32, ndmin=2))[0] - self._center)
         if self._seen % _CENTER_WINDOW == 0:
             self._dirty = True  # the centre has moved: refit the head on the next frame
 
@@ -257,30 +261,56 @@ class KnnStore:
             return Prediction(UNKNOWN, 0.0, scores, similarity, neighbours)
         return Prediction(self.classes[best], float(probs[best]), scores, similarity, neighbours)
 
-    def _features(self, rows: np.ndarray) -> np.ndarray:
-        center = self._center if self._seen else _sqrt_features(self._float_rows()).mean(axis=0)
-        f = _sqrt_features(rows) - center
-        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    def _float_rows(self, index: np.ndarray | slice | None = None) -> np.ndarray:
+        """A float32 copy of the stored rows (all, or ``index`` into them), uint8 ones scaled back."""
+        index = slice(0, self._n) if index is None else index
+        if self.storage == "float32":
+            return self._rows[: self._n][index].copy() if isinstance(index, slice) else self._rows[index]
+        return self._rows[index].astype(np.float32) * self._scale[index, None]
 
-    def _float_rows(self) -> np.ndarray:
-        rows = self._rows[: self._n]
-        return rows if self.storage == "float32" else rows.astype(np.float32) * self._scale[: self._n, None]
+    def _fit_rows(self) -> np.ndarray | slice:
+        """The rows the head is fitted on: all, or ``_FIT_ROWS`` of them shared out between the
+        classes and, within a class, spread evenly over its examples' ages (the newest included).
+
+        Fitting on a bounded sample keeps the first fit, the refit after each added example and
+        its memory the same at 10 000 rows as at 2 000, so holding a button never stalls the loop.
+        """
+        n = self._n
+        if n <= _FIT_ROWS:
+            return slice(0, n)
+        labels = self._labels[:n]
+        present = np.flatnonzero(np.bincount(labels, minlength=len(self.classes)))
+        quota = _FIT_ROWS // len(present)
+        chosen = []
+        for label in present:
+            rows = np.flatnonzero(labels == label)
+            if len(rows) > quota:
+                rows = rows[np.argsort(self._example[rows], kind="stable")]
+                rows = rows[np.linspace(0, len(rows) - 1, quota).round().astype(np.intp)]
+            chosen.append(rows)
+        return np.sort(np.concatenate(chosen))
 
     def _probabilities(self, vector: np.ndarray) -> np.ndarray:
         if self._dirty:
             self._fit()
-        q = self._features(np.asarray(vector, np.float32)[np.newaxis])
+        q = _sqrt_features(np.array(vector, np.float32, ndmin=2))
+        q -= self._head_center
         weights, bias = self._head
+        _unit(q)
         logits = _TEMPERATURE * (q @ weights) + bias
         logits[:, ~self._present] = -np.inf  # a class with no examples can never win
         return _softmax(logits)[0]
 
     def _fit(self) -> None:
         """Refit the prototypes or the softmax head on the store's rows (warm-started when possible)."""
-        x = self._features(self._float_rows())
-        y = self._labels[: self._n]
         c = len(self.classes)
-        self._present = np.bincount(y, minlength=c) > 0
+        self._present = np.bincount(self._labels[: self._n], minlength=c) > 0
+        index = self._fit_rows()
+        x = _sqrt_features(self._float_rows(index))  # the features, computed in place in this copy
+        self._head_center = self._center.copy() if self._seen else x.mean(axis=0)
+        x -= self._head_center
+        _unit(x)
+        y = self._labels[: self._n][index]
         if self.rule == "prototype":
             protos = np.zeros((self.dim, c), np.float32)
             np.add.at(protos.T, y, x)
@@ -365,22 +395,25 @@ class KnnStore:
                 f"{path}: store was made with model {str(arrays['model_id'])[:12]}, "
                 f"not the configured model {model_id[:12]}; move it aside or configure that model"
             )
-        rows = arrays["rows"]
+        rows, scale = arrays["rows"], arrays["scale"]
         settings.setdefault("storage", str(arrays["storage"]))
         store = cls(rows.shape[1], model_id, **settings)
         store.classes = [str(c) for c in arrays["classes"]]
         n = len(rows)
-        store._grow(max(64, n))
-        if settings["storage"] == str(arrays["storage"]):
-            store._rows[:n], store._scale[:n] = rows, arrays["scale"]
-        else:  # converting between storages
-            as_float = rows.astype(np.float32) * arrays["scale"][:, None] if rows.dtype == np.uint8 else rows
+        if store.storage != str(arrays["storage"]):  # converting between storages
+            as_float = rows.astype(np.float32) * scale[:, None] if rows.dtype == np.uint8 else rows
             if store.storage == "float32":
-                store._rows[:n] = as_float
+                rows, scale = as_float, np.zeros(n, np.float32)
             else:
-                store._rows[:n], store._scale[:n] = _to_uint8(as_float)
-        store._labels[:n], store._example[:n] = arrays["labels"], arrays["example"]
+                rows, scale = _to_uint8(as_float)
+        # The loaded arrays become the store's (copying them would double its memory while loading).
+        store._rows = rows.astype(store._rows.dtype, copy=False)
+        store._scale = scale.astype(np.float32, copy=False)
+        store._labels = arrays["labels"].astype(np.int32, copy=False)
+        store._example = arrays["example"].astype(np.int64, copy=False)
         store._n = n
+        if n < 64:
+            store._grow(64)
         store._next_example = int(arrays["example"].max()) + 1 if n else 0
         first_rows = np.unique(arrays["example"], return_index=True)[1]
         per_class = np.bincount(arrays["labels"][first_rows], minlength=len(store.classes))
@@ -412,7 +445,7 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
-        h.update(a.tobytes())
+        h.update(a.reshape(-1).view(np.uint8))  # the bytes of tobytes(), without a copy of them
     return h.hexdigest()
 
 
@@ -430,9 +463,20 @@ def _to_uint8(views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sqrt_features(rows: np.ndarray) -> np.ndarray:
-    """Square root (Tukey's power transform: evens out ReLU features), then unit length."""
-    f = np.sqrt(np.maximum(rows, 0))
-    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    """Square root (Tukey's power transform: evens out ReLU features), then unit length; in place."""
+    np.maximum(rows, 0, out=rows)
+    np.sqrt(rows, out=rows)
+    return _unit(rows)
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    """Scale each row of a float array to unit length, in place (a zero row stays zero).
+
+    The norms come from one dot product per row: ``np.linalg.norm`` would square a whole copy.
+    """
+    norms = np.sqrt(_rowdot(rows, rows))
+    rows /= np.maximum(norms, 1e-12)[:, np.newaxis]
+    return rows
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
