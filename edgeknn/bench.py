@@ -540,24 +540,47 @@ def startup(
     plan: Plan,
     results: dict,
 ) -> None:
-    """`edgeknn run` with a 10 000-example store: start → READY, first prediction, peak memory."""
-    store_path = tmp / "startup-store.npz"
-    random_store(embedder, cfg, STARTUP_EXAMPLES, seed=2).save(store_path)
+    """`edgeknn run` with a 10 000-example store: start → READY, first prediction, peak memory;
+    then the same with the other storage (keys ending in ``_uint8`` or ``_float32``)."""
     settings = store_settings(cfg, capacity=STARTUP_EXAMPLES)
-    loads = []
-    for _ in range(3):
-        t = time.perf_counter()
-        KnnStore.load(store_path, embedder.identity, **settings)
-        loads.append(time.perf_counter() - t)
-    results["store_load_ms"] = statistics.median(loads) * 1000
+    configured = settings["storage"]
+    for storage in (configured, "uint8" if configured == "float32" else "float32"):
+        suffix = "" if storage == configured else f"_{storage}"
+        store_path = tmp / f"startup-store{suffix}.npz"
+        random_store(embedder, cfg, STARTUP_EXAMPLES, seed=2, storage=storage).save(store_path)
+        if storage == configured:
+            loads = []
+            for _ in range(3):
+                t = time.perf_counter()
+                KnnStore.load(store_path, embedder.identity, **settings)
+                loads.append(time.perf_counter() - t)
+            results["store_load_ms"] = statistics.median(loads) * 1000
+        measured: dict[str, float] = {}
+        run_process(cfg, model, threads, frames, tmp, broker, plan, store_path, storage, measured)
+        results.update({key + suffix: value for key, value in measured.items()})
 
+
+def run_process(
+    cfg: config.Config,
+    model: Path,
+    threads: int,
+    frames: Path,
+    tmp: Path,
+    broker: tuple[str, int] | None,
+    plan: Plan,
+    store_path: Path,
+    storage: str,
+    results: dict,
+) -> None:
+    """One `edgeknn run` subprocess on ``store_path``: startup_s, first_prediction_s, rss_mb."""
     overrides = {
-        "state_dir": str(tmp / "run-state"),
+        "state_dir": str(tmp / f"run-state-{storage}"),
         "log_level": "info",
         "model.path": str(model.absolute()),
         "model.threads": threads,
         "store.path": str(store_path),
         "store.capacity": STARTUP_EXAMPLES,
+        "store.storage": storage,
         "store.autosave_s": 86400.0,
         "camera.source": f"replay:{frames.absolute()}?fps=30&loop=1",
         "panel.kind": "none",
@@ -567,7 +590,7 @@ def startup(
     if broker is not None:
         overrides["mqtt.host"], overrides["mqtt.port"] = broker
     rcfg = config.replace(cfg, **overrides)
-    conf = tmp / "run.toml"
+    conf = tmp / f"run-{storage}.toml"
     conf.write_text(to_toml(config.to_dict(rcfg)))
     first = None  # a subscriber that ends at the first prediction: the daemon is classifying
     if broker is not None:
@@ -576,13 +599,13 @@ def startup(
             topic = f"{rcfg.resolved_base_topic()}/prediction"
             cmd = [binary, "-h", broker[0], "-p", str(broker[1]), "-t", topic, "-C", "1"]
             first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    notify_path = tmp / "notify.sock"
+    notify_path = tmp / f"notify-{storage}.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(notify_path))
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
     for name in ("WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "INVOCATION_ID"):
         env.pop(name, None)
-    log_path = tmp / "run.log"
+    log_path = tmp / f"run-{storage}.log"
     with open(log_path, "wb") as log:
         t0 = time.monotonic()
         proc = subprocess.Popen(

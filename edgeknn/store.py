@@ -98,7 +98,9 @@ class KnnStore:
         self._center = np.zeros(dim, np.float32)
         self._seen = 0
         self._head: tuple[np.ndarray, np.ndarray] | None = None  # (d, classes) weights, bias
-        self._head_center = self._center  # the centre the head was fitted with
+        self._head_center = self._center  # the centre the head was fitted with, its product
+        self._head_center_w = np.zeros(0, np.float32)  # with the weights and with itself
+        self._head_center_sq = 0.0
         self._present = np.zeros(0, bool)
         self._dirty = True
         self._widened: np.ndarray | None = None  # uint8 storage: float32 scratch rows for similarities
@@ -210,7 +212,10 @@ class KnnStore:
         """Fold a seen frame's embedding into the centre of the feature space (the default rule uses it)."""
         self._seen += 1
         rate = 1.0 / min(self._seen, _CENTER_WINDOW)
-        self._center += rate * (_sqrt_features(np.array(vector, np.float32, ndmin=2))[0] - self._center)
+        s = np.sqrt(np.maximum(vector, 0, dtype=np.float32))  # its square-rooted unit vector
+        s *= rate / max(float(np.sqrt(s @ s)), 1e-12)
+        self._center *= 1.0 - rate
+        self._center += s
         if self._seen % _CENTER_WINDOW == 0:
             self._dirty = True  # the centre has moved: refit the head on the next frame
 
@@ -291,15 +296,20 @@ class KnnStore:
         return np.sort(np.concatenate(chosen))
 
     def _probabilities(self, vector: np.ndarray) -> np.ndarray:
+        """The head's class probabilities for one embedding (the per-frame path: few, small steps).
+
+        The feature is q = (s - c) / |s - c| with s the unit square-rooted vector and c the fit's
+        centre, so q @ W = (s @ W - c @ W) / sqrt(1 - 2 s.c + c.c), with c @ W and c.c kept from the fit.
+        """
         if self._dirty:
             self._fit()
-        q = _sqrt_features(np.array(vector, np.float32, ndmin=2))
-        q -= self._head_center
         weights, bias = self._head
-        _unit(q)
-        logits = _TEMPERATURE * (q @ weights) + bias
-        logits[:, ~self._present] = -np.inf  # a class with no examples can never win
-        return _softmax(logits)[0]
+        s = np.sqrt(np.maximum(vector, 0, dtype=np.float32))
+        norm = max(float(np.sqrt(s @ s)), 1e-12)
+        spread = max(1.0 - 2.0 * float(s @ self._head_center) / norm + self._head_center_sq, 1e-24)
+        logits = (_TEMPERATURE / np.sqrt(spread)) * ((s @ weights) / norm - self._head_center_w) + bias
+        logits[~self._present] = -np.inf  # a class with no examples can never win
+        return _softmax(logits[np.newaxis])[0]
 
     def _fit(self) -> None:
         """Refit the prototypes or the softmax head on the store's rows (warm-started when possible)."""
@@ -318,6 +328,8 @@ class KnnStore:
             self._head = (protos, np.zeros(c, np.float32))
         else:
             self._head = _fit_softmax(x, y, c, self._head)
+        self._head_center_w = self._head_center @ self._head[0]
+        self._head_center_sq = float(self._head_center @ self._head_center)
         self._dirty = False
 
     # --- files ----------------------------------------------------------------------------
