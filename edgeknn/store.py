@@ -245,7 +245,7 @@ class KnnStore:
             return Prediction(UNKNOWN, 0.0, {}, 0.0)
         sims = self.similarities(vector)
         k = min(self.k, self._n)
-        nearest = np.argpartition(-sims, k - 1)[:k]
+        nearest = np.argpartition(sims, self._n - k)[self._n - k :]
         nearest = nearest[np.argsort(-sims[nearest], kind="stable")]
         labels = self._labels[nearest]
         if self.rule in ("tfjs", "nearest"):
