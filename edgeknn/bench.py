@@ -98,7 +98,7 @@ class Plan:
                 rounds=2, invokes=20, frames=40, queries=20, adds=50, photos=200, settle_s=1.5, quick=True
             )
         return cls(
-            rounds=6, invokes=100, frames=300, queries=200, adds=300, photos=600, settle_s=3.0, quick=False
+            rounds=20, invokes=30, frames=90, queries=200, adds=300, photos=600, settle_s=3.0, quick=False
         )
 
 
