@@ -29,14 +29,16 @@ BUTTONS, LEDS, CLEAR, STATUS = [17, 27, 22], [5, 6, 13], 26, 19
 class ShownClass:
     """A replay source whose folder the test switches: "the class being shown to the camera"."""
 
-    def __init__(self, size):
-        self.size = size
+    def __init__(self, size, fps: float = 25):
+        self.size, self.fps = size, fps
         self.shown = CLASSES[0]
         self._sources = {}
 
     def read(self) -> np.ndarray:
         if self.shown not in self._sources:
-            self._sources[self.shown] = ReplaySource(DIGITS / self.shown, fps=25, loop=True, size=self.size)
+            self._sources[self.shown] = ReplaySource(
+                DIGITS / self.shown, fps=self.fps, loop=True, size=self.size
+            )
         return self._sources[self.shown].read()
 
     def close(self) -> None:
@@ -143,6 +145,35 @@ def test_commands_from_the_queue_and_their_results(tmp_path, factory):
         assert d.store.counts() == {"1": 0, "2": 0, "5": 0}
     finally:
         run.stop()
+
+
+def test_each_reading_is_of_its_own_frame_while_the_next_one_is_embedded(tmp_path):
+    """The inference thread embeds frame N+1 while frame N is classified: no reading may get
+    another frame's embedding, and the frames come in order."""
+    cfg = make_config(tmp_path, **{"panel.kind": "none"})
+    camera = ShownClass((224, 224), fps=0)  # as fast as it can: a newer frame is always there
+    daemon = build(cfg, opener=lambda: camera)
+    for name, folder in zip(CLASSES, ("1", "2", "5"), strict=True):
+        for path in sorted((DIGITS / folder).iterdir())[:3]:
+            daemon.store.add(name, daemon.embedder.embed(np.asarray(ReplaySource(path, loop=False).read())))
+    daemon.capture.start()
+    try:
+        readings, overlapped = [], 0
+        while len(readings) < 40:
+            reading = daemon.step(timeout=5)
+            assert reading is not None
+            overlapped += daemon._next is not None  # the next frame was being embedded meanwhile
+            daemon.settle()
+            own = daemon.store.classify(daemon.embedder.embed(daemon._frame.image))
+            assert reading.frame == daemon._frame.number
+            assert reading.similarity == pytest.approx(own.similarity, abs=1e-6)
+            readings.append(reading)
+            if len(readings) % 10 == 0:
+                camera.shown = CLASSES[len(readings) // 10 % 3]
+        assert [r.frame for r in readings] == sorted({r.frame for r in readings})
+        assert overlapped >= 20
+    finally:
+        daemon.shutdown()
 
 
 def test_stabilizer_modes():

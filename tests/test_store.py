@@ -521,3 +521,51 @@ def test_missing_store_file(tmp_path):
         KnnStore.load(path, MODEL)
     assert str(info.value) == f"{path}: store file not found"
     assert info.value.corrupt is False
+
+
+def test_the_per_frame_head_equals_the_features_written_out():
+    """The closed form of ``_probabilities`` gives the head's softmax over q = unit(s - c)."""
+    store = clustered()
+    for i in range(20):
+        store.observe(basis(16, i % 3, 0.5, seed=100 + i))
+    query = basis(16, 1, 0.4, seed=7)
+    probs = store._probabilities(query)
+    s = np.sqrt(query) / np.linalg.norm(np.sqrt(query))
+    q = (s - store._head_center) / np.linalg.norm(s - store._head_center)
+    weights, bias = store._head
+    logits = 10.0 * (q @ weights) + bias
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_big_store_fits_its_head_on_a_bounded_sample_of_every_class_and_the_newest(monkeypatch):
+    import edgeknn.store as store_module
+
+    monkeypatch.setattr(store_module, "_FIT_ROWS", 60)
+    store = KnnStore(16, MODEL, capacity=1000)
+    for j in range(90):  # class "cup" holds 90 examples, "pen" 10
+        store.add("cup", basis(16, 0, 0.3, seed=j))
+    for j in range(10):
+        store.add("pen", basis(16, 1, 0.3, seed=500 + j))
+    store.add("cup", basis(16, 0, 0.3, seed=999))  # the newest example, in the last row
+    rows = store._fit_rows()
+    labels = store._labels[: len(store)][rows]
+    assert len(rows) <= 60
+    assert np.count_nonzero(labels == 1) == 10  # a small class keeps all its rows
+    assert np.count_nonzero(labels == 0) == 30  # a big one its share
+    assert len(store) - 1 in rows
+    assert store.classify(basis(16, 1, 0.3, seed=1234)).label == "pen"
+    assert store.classify(basis(16, 0, 0.3, seed=1235)).label == "cup"
+
+
+def test_a_loaded_store_grows_when_taught_more(tmp_path):
+    store = KnnStore(16, MODEL, capacity=1000)
+    for j in range(100):
+        store.add(("cup", "pen")[j % 2], basis(16, j % 2, 0.3, seed=j))
+    store.save(tmp_path / "s.npz")
+    loaded = KnnStore.load(tmp_path / "s.npz", MODEL, capacity=1000)
+    for j in range(100, 400):
+        loaded.add(("cup", "pen")[j % 2], basis(16, j % 2, 0.3, seed=j))
+        store.add(("cup", "pen")[j % 2], basis(16, j % 2, 0.3, seed=j))
+    assert loaded.counts() == store.counts() == {"cup": 200, "pen": 200}
+    np.testing.assert_array_equal(loaded._float_rows(), store._float_rows())
