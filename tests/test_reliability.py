@@ -151,14 +151,23 @@ def blinking(factory: MockFactory, timeout: float = 5.0) -> bool:
     return wait_for(lambda: len(pin.states) - before >= 2, timeout)
 
 
-def steady(factory: MockFactory, hold: float = 1.3) -> bool:
-    """The status LED is lit and stays lit for longer than a blink's on-time."""
+def steady(factory: MockFactory, hold: float = 1.3, timeout: float = 6.0) -> bool:
+    """Within ``timeout``, the status LED is lit and stays lit for longer than a blink's on-time.
+
+    The daemon updates the LED from its state, checked twice a second, so a slow blink may still be
+    in its on-phase when this starts: one lit moment alone proves nothing.
+    """
     pin = factory.pin(STATUS)
-    if not wait_for(lambda: pin.state, 5):
-        return False
-    before = len(pin.states)
-    time.sleep(hold)
-    return bool(pin.state) and len(pin.states) == before
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pin.state:
+            time.sleep(0.05)
+            continue
+        before = len(pin.states)
+        time.sleep(hold)
+        if pin.state and len(pin.states) == before:
+            return True
+    return False
 
 
 def json_messages(sub: Subscriber, prefix: str) -> list[dict]:
