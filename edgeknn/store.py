@@ -99,6 +99,7 @@ class KnnStore:
         self._seen = 0
         self._head: tuple[np.ndarray, np.ndarray] | None = None  # (d, classes) weights, bias
         self._head_center = self._center  # the centre the head was fitted with, its product
+        self._head_rows = np.zeros((0, dim), np.float32)
         self._head_center_w = np.zeros(0, np.float32)  # with the weights and with itself
         self._head_center_sq = 0.0
         self._present = np.zeros(0, bool)
@@ -303,11 +304,12 @@ class KnnStore:
         """
         if self._dirty:
             self._fit()
-        weights, bias = self._head
+        bias = self._head[1]
         s = np.sqrt(np.maximum(vector, 0, dtype=np.float32))
         norm = max(float(np.sqrt(s @ s)), 1e-12)
         spread = max(1.0 - 2.0 * float(s @ self._head_center) / norm + self._head_center_sq, 1e-24)
-        logits = (_TEMPERATURE / np.sqrt(spread)) * ((s @ weights) / norm - self._head_center_w) + bias
+        s_w = _rowdot(self._head_rows, s)  # s @ W without BLAS: its threads spin on the interpreter's cores
+        logits = (_TEMPERATURE / np.sqrt(spread)) * (s_w / norm - self._head_center_w) + bias
         logits[~self._present] = -np.inf  # a class with no examples can never win
         return _softmax(logits[np.newaxis])[0]
 
@@ -328,6 +330,7 @@ class KnnStore:
             self._head = (protos, np.zeros(c, np.float32))
         else:
             self._head = _fit_softmax(x, y, c, self._head)
+        self._head_rows = np.ascontiguousarray(self._head[0].T)  # one row of weights per class
         self._head_center_w = self._head_center @ self._head[0]
         self._head_center_sq = float(self._head_center @ self._head_center)
         self._dirty = False
