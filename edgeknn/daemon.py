@@ -17,7 +17,6 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from edgeknn.commands import (
     SetThreshold,
     Snapshot,
 )
+from edgeknn.inference import InferenceThread
 from edgeknn.model import DEFAULT_MODEL_SHA256, DEFAULT_MODEL_URL, Embedder, ModelError
 from edgeknn.outputs import Output, Reading
 from edgeknn.service import Notifier, setup_logging
@@ -104,8 +104,8 @@ class Daemon:
         self._stop = threading.Event()
         self._pending: list[list] = []  # [AddExample, remaining] waiting for fresh frames
         self._frame: Frame | None = None
-        self._inference = ThreadPoolExecutor(1, thread_name_prefix="edgeknn-inference")
-        self._next: tuple[Frame, Future] | None = None  # the frame being embedded meanwhile
+        self._inference = InferenceThread(embedder)
+        self._next: Frame | None = None  # the frame being embedded meanwhile
         self._last_number = 0
         self._dirty_since: float | None = None
         self._error = ""
@@ -334,27 +334,26 @@ class Daemon:
         """
         self._drain_commands()
         if self._next is None:
-            frame = self.capture.latest(after=self._last_number, timeout=timeout)
-            if frame is not None:
-                self._next = (frame, self._inference.submit(self._embed, frame))
+            self._next = self.capture.latest(after=self._last_number, timeout=timeout)
+            if self._next is not None:
+                self._inference.start(self._next.image)
         self.notifier.watchdog()
         if self._next is None:
             self._publish_state()
             self._autosave()
             return None
-        frame, job = self._next
-        self._next = None
+        frame, self._next = self._next, None
         self._last_number, self._frame = frame.number, frame
-        vector, self._inference_ms = job.result()
+        vector, self._inference_ms = self._inference.result()
         if self._pending and self.store.rule in VIEW_RULES:
             start = time.perf_counter()
             views = self.embedder.embed_views(frame.image)
             self._inference_ms = (time.perf_counter() - start) * 1000
         else:
             views = vector[np.newaxis]
-            following = self.capture.latest(after=frame.number, timeout=0)
-            if following is not None:
-                self._next = (following, self._inference.submit(self._embed, following))
+            self._next = self.capture.latest(after=frame.number, timeout=0)
+            if self._next is not None:
+                self._inference.start(self._next.image)
         if self._pending:
             self._add_pending(frame, views)
         self.store.observe(vector)
@@ -382,17 +381,10 @@ class Daemon:
         self._autosave()
         return reading
 
-    def _embed(self, frame: Frame) -> tuple[np.ndarray, float]:
-        """On the inference thread: the frame's embedding and the milliseconds it took."""
-        start = time.perf_counter()
-        vector = self.embedder.embed(frame.image)
-        return vector, (time.perf_counter() - start) * 1000
-
     def settle(self) -> None:
         """Wait until the inference thread is idle (the frame it embeds is kept for the next step),
         so that another caller may use the embedder's interpreter."""
-        if self._next is not None:
-            wait([self._next[1]])
+        self._inference.wait()
 
     def _count_frame(self) -> None:
         """Frames per second, counted over windows of at least a second (a mean of 1/dt overstates it)."""
@@ -420,7 +412,7 @@ class Daemon:
     def shutdown(self) -> None:
         """Save if needed, close the outputs (MQTT says offline) and the camera."""
         self.notifier.stopping()
-        self._inference.shutdown(wait=True, cancel_futures=True)
+        self._inference.close()
         self._next = None
         if self._dirty_since is not None:
             self.save()

@@ -207,12 +207,16 @@ class Model:
             raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
         return crop_and_resize(image, self.height, self.width)
 
-    def invoke(self, image: np.ndarray) -> None:
-        """Run the model on one RGB uint8 frame of any size."""
+    def set_input(self, image: np.ndarray) -> None:
+        """Prepare one RGB uint8 frame of any size and place it in the input tensor."""
         pixels = self.prepare(image)
         if self._lut is not None:
             pixels = self._lut[pixels]
         self.interpreter.set_tensor(self.input.index, np.ascontiguousarray(pixels[np.newaxis]))
+
+    def invoke(self, image: np.ndarray) -> None:
+        """Run the model on one RGB uint8 frame of any size."""
+        self.set_input(image)
         self.interpreter.invoke()
 
     def tensor(self, info: TensorInfo) -> np.ndarray:
@@ -304,6 +308,10 @@ class Embedder:
 
     def embed(self, image: np.ndarray) -> np.ndarray:
         self.model.invoke(image)
+        return self.embedding()
+
+    def embedding(self) -> np.ndarray:
+        """The L2-normalised embedding of the last invoke."""
         vector = self.model.tensor(self.feature)
         norm = float(np.linalg.norm(vector))
         return vector / norm if norm > 0 else vector

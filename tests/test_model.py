@@ -373,3 +373,30 @@ def test_extractor_has_no_metadata_labels():
 
 def test_model_path_may_be_a_string():
     assert Model(str(TINY)).path == Path(TINY)
+
+
+def test_the_inference_thread_gives_the_embedding_of_each_image_and_its_errors():
+    from edgeknn.inference import InferenceThread
+
+    embedder = Embedder(EXTRACTOR, threads=2)
+    images = [photo("cat.bmp"), photo("parrot.jpg"), solid(120, 160, (0, 128, 255))]
+    expected = [embedder.embed(image) for image in images]
+    inference = InferenceThread(embedder)
+    try:
+        for image, vector in zip(images, expected, strict=True):
+            inference.start(image)
+            got, ms = inference.result()
+            np.testing.assert_array_equal(got, vector)
+            assert ms > 0
+        inference.start(np.zeros((4, 4), np.uint8))  # not an RGB frame: the error comes from result()
+        with pytest.raises(ValueError, match="RGB"):
+            inference.result()
+        inference.start(images[1])
+        inference.wait()  # idle: the interpreter is free for this thread meanwhile
+        np.testing.assert_array_equal(embedder.embed(images[0]), expected[0])
+        np.testing.assert_array_equal(inference.result()[0], expected[1])
+        with pytest.raises(RuntimeError):
+            inference.start(images[0])
+            inference.start(images[0])
+    finally:
+        inference.close()
