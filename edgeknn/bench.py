@@ -15,7 +15,8 @@ The result is one flat dict of numbers (``--json`` prints it as one object). The
   and paced at PACE x the loop's rate (``camera_fps``). ``pipeline_fps_resizing`` /
   ``pipeline_ratio_resizing``: the same with the photos at their own size, so that the camera
   thread crops and resizes every frame, as for a USB camera; ``prepare_ms_640x480``: that crop
-  and resize for one VGA frame.
+  and resize for one VGA frame. ``loop_cpu_ms``: CPU time of the loop's own thread per frame
+  (k-NN, head, stabiliser, outputs), which competes for the cores with the interpreter's threads.
 - ``frame_to_publish_ms_p50`` / ``_p99``: capture timestamp → arrival at a mosquitto_sub process,
   with ``mqtt.publish = "every_frame"`` (a second daemon; ``pipeline_ratio_every_frame``).
 - ``knn_us_<n>`` / ``knn_us_uint8_<n>``: ``KnnStore.classify`` with the k-NN vote over n rows;
@@ -270,6 +271,7 @@ def pipeline(
     results["pipeline_fps"] = run.fps
     results["pipeline_ratio"] = run.fps / results["raw_fps"]
     results["camera_fps"] = run.camera_fps
+    results["loop_cpu_ms"] = statistics.median(run.loop_cpu) * 1000
     results["pipeline_fps_resizing"] = run.resizing_fps
     results["pipeline_ratio_resizing"] = run.resizing_fps / results["raw_fps"]
     if broker is None:
@@ -297,6 +299,7 @@ class DaemonRun:
     captured: dict[int, float] = field(default_factory=dict)  # frame number → capture time
     camera_fps: float = 0.0  # the replay's pace in the last block
     resizing_fps: float = 0.0  # frames per second when the camera thread resizes every frame
+    loop_cpu: list[float] = field(default_factory=list)  # CPU seconds of the loop's thread per frame
 
     @property
     def invoke_ms(self) -> float:
@@ -343,12 +346,14 @@ def run_daemon(
         for _ in range(3):  # the camera thread is awake again
             daemon.step(timeout=5)
         steps = []
+        cpu = time.thread_time()
         for _ in range(plan.frames):
             t = time.perf_counter()
             reading = daemon.step(timeout=5)
             if reading is not None:
                 steps.append(time.perf_counter() - t)
                 run.captured[reading.frame] = reading.ts
+        run.loop_cpu.append((time.thread_time() - cpu) / max(1, len(steps)))
         return steps
 
     start(daemon)
