@@ -119,6 +119,7 @@ class Daemon:
         self._fps_window = (time.monotonic(), 0)  # (start, frames_classified then)
         for name in cfg.classes:
             store.ensure_class(name)
+        store.fit()
 
     # --- commands ---------------------------------------------------------------------------
 

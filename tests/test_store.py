@@ -371,16 +371,18 @@ def test_save_leaves_no_temporary_file_and_creates_the_folder(tmp_path):
 
 
 def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    import edgeknn.store as store_module
+
     path = tmp_path / "store.npz"
     old = clustered(rule="tfjs")
     old.save(path)
     before = path.read_bytes()
 
-    def broken_savez(file, **arrays):
+    def broken_write(file, arrays):
         file.write(b"PK\x03\x04 half a zip")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", broken_savez)
+    monkeypatch.setattr(store_module, "_write_npz", broken_write)
     bigger = clustered(rule="tfjs")
     bigger.add("new", basis(16, 9))
     with pytest.raises(OSError, match="No space left"):
@@ -569,3 +571,16 @@ def test_a_loaded_store_grows_when_taught_more(tmp_path):
         store.add(("cup", "pen")[j % 2], basis(16, j % 2, 0.3, seed=j))
     assert loaded.counts() == store.counts() == {"cup": 200, "pen": 200}
     np.testing.assert_array_equal(loaded._float_rows(), store._float_rows())
+
+
+def test_the_file_is_a_plain_npz_that_numpy_reads_and_an_np_savez_file_loads(tmp_path):
+    store = clustered(rule="tfjs")
+    store.save(tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as f:
+        arrays = {name: f[name] for name in f.files}
+    assert arrays["seen"].shape == () and arrays["rows"].shape == (12, 16)
+    np.testing.assert_array_equal(arrays["rows"], store._float_rows())
+    np.savez(tmp_path / "by-numpy.npz", **arrays)  # as stores were written before
+    again = KnnStore.load(tmp_path / "by-numpy.npz", MODEL)
+    assert again.counts() == store.counts()
+    np.testing.assert_array_equal(again._float_rows(), store._float_rows())
