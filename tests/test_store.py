@@ -584,3 +584,17 @@ def test_the_file_is_a_plain_npz_that_numpy_reads_and_an_np_savez_file_loads(tmp
     again = KnnStore.load(tmp_path / "by-numpy.npz", MODEL)
     assert again.counts() == store.counts()
     np.testing.assert_array_equal(again._float_rows(), store._float_rows())
+
+
+def test_fit_now_fits_a_due_head_once_and_leaves_the_rest_alone():
+    store = clustered()
+    store.fit()
+    head = store._head
+    assert head is not None and not store._dirty
+    store.fit()
+    store.classify(basis(16, 0, 0.3, seed=77))
+    assert store._head is head, "nothing was due: no refit"
+    empty, votes = KnnStore(16, MODEL), clustered(rule="tfjs")
+    empty.fit()
+    votes.fit()
+    assert empty._head is None and votes._head is None
