@@ -103,6 +103,37 @@ class Plan:
         )
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What every part of the bench measures with."""
+
+    cfg: config.Config
+    model: Path
+    threads: int
+    frames: Path  # the replay folder
+    tmp: Path
+    broker: tuple[str, int] | None
+    plan: Plan
+
+    def daemon_config(self, name: str, store_path: Path, fps: float, **overrides) -> config.Config:
+        """The configured daemon on the bench's model, a store, the replay at ``fps`` and the broker."""
+        settings = {
+            "state_dir": str(self.tmp / f"{name}-state"),
+            "model.path": str(self.model.absolute()),
+            "model.threads": self.threads,
+            "store.path": str(store_path),
+            "store.autosave_s": 86400.0,
+            "camera.source": f"replay:{self.frames.absolute()}?fps={fps:g}&loop=1",
+            "panel.kind": "none",
+            "mqtt.enabled": self.broker is not None,
+            "mqtt.device_id": f"{name}{os.getpid()}",
+            **overrides,
+        }
+        if self.broker is not None:
+            settings["mqtt.host"], settings["mqtt.port"] = self.broker
+        return config.replace(self.cfg, **settings)
+
+
 def run_bench(args, cfg: config.Config) -> int:
     """`edgeknn bench`: measure, then print a table or (``--json``) one JSON object."""
     try:
@@ -144,15 +175,16 @@ def measure(
         frames = data if data else synthetic_frames(tmp / "frames")
         broker = LocalBroker.start_in(tmp / "broker") or reachable_broker(cfg)
         where = f"{broker[0]}:{broker[1]}" if broker else "no broker: MQTT off"
+        setup = Setup(cfg, model, threads, frames, tmp, broker, plan)
         try:
             say(f"pipeline: {model.name}, {threads} threads, frames from {frames}, MQTT {where}")
-            embedder = pipeline(cfg, model, threads, frames, tmp, broker, plan, results)
+            embedder = pipeline(setup, results)
             say("k-NN: 1 000 / 10 000 / 100 000 rows, float32 and uint8; uint8 agreement on photos")
             knn(embedder, cfg, plan, results)
             fit(embedder, cfg, plan, results)
             agreement(embedder, cfg, frames, plan, results)
             say("startup and memory: `edgeknn run` with a 10 000-example store")
-            startup(embedder, cfg, model, threads, frames, tmp, broker, plan, results)
+            startup(setup, embedder, results)
         finally:
             if isinstance(broker, LocalBroker):
                 broker.stop()
@@ -226,46 +258,23 @@ def decode_frames(folder: Path, size: tuple[int, int], budget: int = 64 << 20) -
     return frames
 
 
-def pipeline(
-    cfg: config.Config,
-    model: Path,
-    threads: int,
-    frames: Path,
-    tmp: Path,
-    broker: tuple[str, int] | None,
-    plan: Plan,
-    results: dict,
-) -> Embedder:
+def pipeline(setup: Setup, results: dict) -> Embedder:
     """The daemon's loop against raw invokes, then frame → MQTT arrival with every frame published.
 
     Two daemons from ``daemon.build``: the first publishes as configured (``mqtt.publish``) and gives
     the pipeline rate; the second publishes every frame and gives the latency (and that rate too).
     """
-    store_path = tmp / "pipeline-store.npz"
-    overrides = {
-        "state_dir": str(tmp / "state"),
-        "model.path": str(model.absolute()),
-        "model.threads": threads,
-        "store.path": str(store_path),
-        "store.autosave_s": 86400.0,
-        "camera.source": f"replay:{frames.absolute()}?fps=0&loop=1",
-        "panel.kind": "none",
-        "mqtt.enabled": broker is not None,
-        "mqtt.device_id": f"bench{os.getpid()}",
-        "log_level": "warning",
-    }
-    if broker is not None:
-        overrides["mqtt.host"], overrides["mqtt.port"] = broker
-    pcfg = config.replace(cfg, **overrides)
-    probe = Embedder(model, threads)
+    store_path = setup.tmp / "pipeline-store.npz"
+    pcfg = setup.daemon_config("bench", store_path, fps=0, log_level="warning")
+    probe = Embedder(setup.model, setup.threads)
     random_store(probe, pcfg, PIPELINE_EXAMPLES, seed=1).save(store_path)
-    photos = decode_frames(frames, probe.model.input_size)
+    photos = decode_frames(setup.frames, probe.model.input_size)
     player = Player([probe.model.prepare(photo) for photo in photos])  # as the ISP delivers them
     vga = np.zeros((480, 640, 3), np.uint8)
-    results["prepare_ms_640x480"] = median_us(probe.model.prepare, [vga] * plan.queries) / 1000
+    results["prepare_ms_640x480"] = median_us(probe.model.prepare, [vga] * setup.plan.queries) / 1000
     del probe
 
-    run = run_daemon(pcfg, player, plan.rounds, plan, resizing=photos)
+    run = run_daemon(pcfg, player, setup.plan.rounds, setup.plan, resizing=photos)
     results["invoke_ms"] = run.invoke_ms
     results["raw_fps"] = 1000 / run.invoke_ms
     results["pipeline_fps"] = run.fps
@@ -274,12 +283,12 @@ def pipeline(
     results["loop_cpu_ms"] = statistics.median(run.loop_cpu) * 1000
     results["pipeline_fps_resizing"] = run.resizing_fps
     results["pipeline_ratio_resizing"] = run.resizing_fps / results["raw_fps"]
-    if broker is None:
+    if setup.broker is None:
         return run.embedder
     every = config.replace(pcfg, **{"mqtt.publish": "every_frame"})
     topic = f"{every.resolved_base_topic()}/prediction"
-    subscriber = Subscriber.start(broker, topic, tmp / "arrivals.txt")
-    run = run_daemon(every, player, max(1, plan.rounds // 2), plan)
+    subscriber = Subscriber.start(setup.broker, topic, setup.tmp / "arrivals.txt")
+    run = run_daemon(every, player, max(1, setup.plan.rounds // 2), setup.plan)
     results["pipeline_ratio_every_frame"] = run.fps * run.invoke_ms / 1000
     if subscriber is not None:
         arrivals = subscriber.stop()
@@ -534,19 +543,10 @@ def agreement(embedder: Embedder, cfg: config.Config, frames: Path, plan: Plan, 
 # --- startup and memory ---------------------------------------------------------------------------
 
 
-def startup(
-    embedder: Embedder,
-    cfg: config.Config,
-    model: Path,
-    threads: int,
-    frames: Path,
-    tmp: Path,
-    broker: tuple[str, int] | None,
-    plan: Plan,
-    results: dict,
-) -> None:
+def startup(setup: Setup, embedder: Embedder, results: dict) -> None:
     """`edgeknn run` with a 10 000-example store: start → READY, first prediction, peak memory;
     then the same with the other storage (keys ending in ``_uint8`` or ``_float32``)."""
+    cfg, tmp = setup.cfg, setup.tmp
     settings = store_settings(cfg, capacity=STARTUP_EXAMPLES)
     configured = settings["storage"]
     for storage in (configured, "uint8" if configured == "float32" else "float32"):
@@ -561,40 +561,20 @@ def startup(
                 loads.append(time.perf_counter() - t)
             results["store_load_ms"] = statistics.median(loads) * 1000
         measured: dict[str, float] = {}
-        run_process(cfg, model, threads, frames, tmp, broker, plan, store_path, storage, measured)
+        run_process(setup, store_path, storage, measured)
         results.update({key + suffix: value for key, value in measured.items()})
 
 
-def run_process(
-    cfg: config.Config,
-    model: Path,
-    threads: int,
-    frames: Path,
-    tmp: Path,
-    broker: tuple[str, int] | None,
-    plan: Plan,
-    store_path: Path,
-    storage: str,
-    results: dict,
-) -> None:
+def run_process(setup: Setup, store_path: Path, storage: str, results: dict) -> None:
     """One `edgeknn run` subprocess on ``store_path``: startup_s, first_prediction_s, rss_mb."""
-    overrides = {
-        "state_dir": str(tmp / f"run-state-{storage}"),
-        "log_level": "info",
-        "model.path": str(model.absolute()),
-        "model.threads": threads,
-        "store.path": str(store_path),
-        "store.capacity": STARTUP_EXAMPLES,
-        "store.storage": storage,
-        "store.autosave_s": 86400.0,
-        "camera.source": f"replay:{frames.absolute()}?fps=30&loop=1",
-        "panel.kind": "none",
-        "mqtt.enabled": broker is not None,
-        "mqtt.device_id": f"benchrun{os.getpid()}",
-    }
-    if broker is not None:
-        overrides["mqtt.host"], overrides["mqtt.port"] = broker
-    rcfg = config.replace(cfg, **overrides)
+    tmp, broker, plan = setup.tmp, setup.broker, setup.plan
+    rcfg = setup.daemon_config(
+        f"run{storage}",
+        store_path,
+        fps=30,
+        log_level="info",
+        **{"store.capacity": STARTUP_EXAMPLES, "store.storage": storage},
+    )
     conf = tmp / f"run-{storage}.toml"
     conf.write_text(to_toml(config.to_dict(rcfg)))
     first = None  # a subscriber that ends at the first prediction: the daemon is classifying

@@ -145,7 +145,7 @@ class KnnStore:
         if rows is None:
             need = self._n + len(views)
             if need > len(self._rows):
-                self._grow(max(need, len(self._rows) + len(self._rows) // 2))
+                self._grow(max(need, _with_room(len(self._rows))))
             rows = slice(self._n, need)
             self._n = need
             self._examples[name] = self._examples.get(name, 0) + 1
@@ -199,13 +199,15 @@ class KnnStore:
         self._dirty = True
 
     def _grow(self, size: int) -> None:
-        """Reallocate to ``size`` rows (by half again when full: amortised O(1) adds, and a loaded
-        store that is taught more needs 2.5x its rows for a moment, not 3x)."""
+        """Reallocate the arrays shorter than ``size`` rows, keeping the stored ones (rows grow by
+        half again when full: amortised O(1) adds, and teaching a loaded store needs 2.5x its rows
+        for a moment, not 3x)."""
         for name in ("_rows", "_scale", "_labels", "_example"):
             old = getattr(self, name)
-            new = np.zeros((size, *old.shape[1:]), old.dtype)
-            new[: self._n] = old[: self._n]
-            setattr(self, name, new)
+            if len(old) < size:
+                new = np.zeros((size, *old.shape[1:]), old.dtype)
+                new[: self._n] = old[: self._n]
+                setattr(self, name, new)
 
     # --- classification -------------------------------------------------------------------
 
@@ -213,8 +215,8 @@ class KnnStore:
         """Fold a seen frame's embedding into the centre of the feature space (the default rule uses it)."""
         self._seen += 1
         rate = 1.0 / min(self._seen, _CENTER_WINDOW)
-        s = np.sqrt(np.maximum(vector, 0, dtype=np.float32))  # its square-rooted unit vector
-        s *= rate / max(float(np.sqrt(s @ s)), 1e-12)
+        s, norm = _sqrt_norm(vector)
+        s *= rate / norm  # its square-rooted unit vector, times the rate
         self._center *= 1.0 - rate
         self._center += s
         if self._seen % _CENTER_WINDOW == 0:
@@ -305,8 +307,7 @@ class KnnStore:
         if self._dirty:
             self._fit()
         bias = self._head[1]
-        s = np.sqrt(np.maximum(vector, 0, dtype=np.float32))
-        norm = max(float(np.sqrt(s @ s)), 1e-12)
+        s, norm = _sqrt_norm(vector)
         spread = max(1.0 - 2.0 * float(s @ self._head_center) / norm + self._head_center_sq, 1e-24)
         s_w = _rowdot(self._head_rows, s)  # s @ W without BLAS: its threads spin on the interpreter's cores
         logits = (_TEMPERATURE / np.sqrt(spread)) * (s_w / norm - self._head_center_w) + bias
@@ -433,22 +434,22 @@ class KnnStore:
             store._rows, scale = rows.astype(np.float32) * scale[:, None], np.zeros(n, np.float32)
         else:
             store._rows, scale = _to_uint8(rows)
-        size = max(64, len(store._rows))
-        store._scale, store._labels, store._example = (
-            np.zeros(size, np.float32),
-            np.zeros(size, np.int32),
-            np.zeros(size, np.int64),
-        )
-        store._scale[:n], store._labels[:n], store._example[:n] = scale, arrays["labels"], arrays["example"]
+        store._scale = scale.astype(np.float32, copy=False)
+        store._labels = arrays["labels"].astype(np.int32, copy=False)
+        store._example = arrays["example"].astype(np.int64, copy=False)
         store._n = n
-        if len(store._rows) < size:
-            store._grow(size)
+        store._grow(max(64, len(store._rows)))  # the per-row arrays get the rows' room
         store._next_example = int(arrays["example"].max()) + 1 if n else 0
         first_rows = np.unique(arrays["example"], return_index=True)[1]
         per_class = np.bincount(arrays["labels"][first_rows], minlength=len(store.classes))
         store._examples = {name: int(c) for name, c in zip(store.classes, per_class, strict=True) if c}
         store._center, store._seen = arrays["center"].astype(np.float32), int(arrays["seen"])
         return store
+
+
+def _with_room(rows: int) -> int:
+    """How many rows to allocate for ``rows``: half as many again."""
+    return rows + rows // 2
 
 
 def _write_npz(file, arrays: dict[str, np.ndarray]) -> None:
@@ -480,7 +481,7 @@ def _read_rows(archive: zipfile.ZipFile) -> tuple[np.ndarray, int]:
         if len(shape) != 2 or fortran_order or dtype not in (np.dtype(np.float32), np.dtype(np.uint8)):
             raise ValueError(f"rows are {dtype} {shape}, expected a float32 or uint8 matrix")
         n = shape[0]
-        room = np.empty((n + n // 2, shape[1]), dtype)
+        room = np.empty((_with_room(n), shape[1]), dtype)
         data = memoryview(room.reshape(-1)[: n * shape[1]].view(np.uint8))
         for start in range(0, len(data), 1 << 20):  # in 1 MB pieces: readinto would read a copy of all
             piece = data[start : start + (1 << 20)]
@@ -534,6 +535,12 @@ def _sqrt_features(rows: np.ndarray) -> np.ndarray:
     np.maximum(rows, 0, out=rows)
     np.sqrt(rows, out=rows)
     return _unit(rows)
+
+
+def _sqrt_norm(vector: np.ndarray) -> tuple[np.ndarray, float]:
+    """One vector's square root (as ``_sqrt_features``) and its norm, not yet divided: per frame."""
+    s = np.sqrt(np.maximum(vector, 0, dtype=np.float32))
+    return s, max(float(np.sqrt(s @ s)), 1e-12)
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:

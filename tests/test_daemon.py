@@ -14,16 +14,14 @@ import numpy as np
 import pytest
 from conftest import DIGITS, EXTRACTOR
 from gpiozero.pins.mock import MockFactory
-from rig import Running, wait_for
+from rig import BUTTONS, CLASSES, LEDS, STATUS, Running, wait_for
+from rig import make_config as rig_config
 
 from edgeknn import config
 from edgeknn.camera import ReplaySource
 from edgeknn.commands import AddExample, ForgetClass, Result, Save
 from edgeknn.daemon import Stabilizer, build
 from edgeknn.store import KnnStore
-
-CLASSES = ["1", "2", "5"]
-BUTTONS, LEDS, CLEAR, STATUS = [17, 27, 22], [5, 6, 13], 26, 19
 
 
 class ShownClass:
@@ -48,27 +46,9 @@ class ShownClass:
 
 
 def make_config(tmp_path: Path, **overrides) -> config.Config:
-    data = {
-        "classes": CLASSES,
-        "state_dir": str(tmp_path),
-        "model": {"path": str(EXTRACTOR), "threads": 2},
-        "store": {"autosave_s": 0.5},
-        "stabilizer": {"mode": "window", "frames": 5},
-        "panel": {
-            "kind": "gpio",
-            "buttons": BUTTONS,
-            "leds": LEDS,
-            "clear_button": CLEAR,
-            "status_led": STATUS,
-            "hold_time": 0.3,
-            "hold_rate": 5.0,
-        },
-        "mqtt": {"enabled": False},
-    }
-    for key, value in overrides.items():
-        section, _, name = key.partition(".")
-        data.setdefault(section, {})[name] = value
-    return config.from_dict(data)
+    """The rig's config with the default rule and a quick hold-to-record."""
+    defaults = {"store.rule": "softmax", "panel.hold_time": 0.3, "panel.hold_rate": 5.0}
+    return rig_config(tmp_path, **{**defaults, **overrides})
 
 
 @pytest.fixture
