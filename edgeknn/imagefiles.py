@@ -28,10 +28,10 @@ def load_rgb(path: str | Path, max_side: int | None = None) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as opened:
             if max_side is not None:
-                image.draft("RGB", (max_side, max_side))
-            image = ImageOps.exif_transpose(image)
+                opened.draft("RGB", (max_side, max_side))
+            image: Image.Image = ImageOps.exif_transpose(opened)
             if image.mode != "RGB":
                 image = image.convert("RGB")
             if max_side is not None and max(image.size) > max_side:

@@ -45,6 +45,8 @@ class InferenceThread:
         """The embedding of the image started last and the milliseconds it took (raises its error)."""
         self.wait()
         outcome, self._outcome, self.busy = self._outcome, None, False
+        if outcome is None:
+            raise RuntimeError("result() called with no image started")
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
