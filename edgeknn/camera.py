@@ -1,4 +1,4 @@
-"""Frame sources behind one small interface, and the camera thread that keeps only the newest frame.
+"""Frame sources behind one small interface: picamera2, OpenCV/V4L2, and replay of files or a video.
 
 A source has two methods: ``read()`` blocks until it has one RGB uint8 frame (H, W, 3) and
 ``close()`` releases the device. ``read()`` raises CameraError when the camera fails and EOFError
@@ -8,9 +8,9 @@ when a replay that does not loop is over. Sources:
 - ``OpenCVSource``: a V4L2 / USB camera through OpenCV (the optional ``[cv]`` extra)
 - ``ReplaySource``: a folder of images, one image, or a video file, played at a given rate
 
-``open_source`` and ``source_opener`` build one from a URI (the ``camera.source`` config key).
-``Capture`` runs a source on its own thread and reopens it after failures. picamera2 and cv2 are
-imported only when a source needs them, so neither is required to use the others.
+``open_source`` and ``source_opener`` build one from a URI (the ``camera.source`` config key);
+``capture.Capture`` runs one on its own thread. picamera2 and cv2 are imported only when a source
+needs them, so neither is required to use the others.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qsl
@@ -37,8 +36,6 @@ PICAMERA2_MISSING = (
 )
 OPENCV_MISSING = "OpenCV is not installed: run `pip install edgeknn[cv]` (opencv-python-headless)"
 URI_HELP = "expected auto, picamera2[:N], v4l2:/dev/videoN, v4l2:N or replay:PATH[?fps=F&loop=0|1]"
-
-INITIAL_BACKOFF = 0.5
 
 
 class CameraError(Exception):
@@ -60,7 +57,8 @@ class Source(Protocol):
         ...
 
 
-def _describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
+    """A CameraError's message as it is; any other exception with its type name."""
     return str(e) if isinstance(e, CameraError) else f"{type(e).__name__}: {e}"
 
 
@@ -119,7 +117,7 @@ class Picamera2Source:
         try:
             self._camera = Picamera2(index)
         except Exception as e:
-            raise CameraError(f"{self.name}: cannot open it ({_describe(e)})") from e
+            raise CameraError(f"{self.name}: cannot open it ({describe_error(e)})") from e
         try:
             config = self._camera.create_video_configuration(
                 main={"size": self.stream_size, "format": self.FORMAT},
@@ -131,7 +129,7 @@ class Picamera2Source:
             self._camera.start()
         except Exception as e:
             self.close()
-            raise CameraError(f"{self.name}: cannot start it ({_describe(e)})") from e
+            raise CameraError(f"{self.name}: cannot start it ({describe_error(e)})") from e
 
     def read(self) -> np.ndarray:
         camera = self._camera
@@ -140,7 +138,7 @@ class Picamera2Source:
         try:
             frame = camera.capture_array("main")
         except Exception as e:
-            raise CameraError(f"{self.name}: capture failed ({_describe(e)})") from e
+            raise CameraError(f"{self.name}: capture failed ({describe_error(e)})") from e
         if isinstance(frame, np.ndarray) and frame.ndim == 3:
             frame = _centre_crop(frame, *self.size)
         return frame
@@ -153,12 +151,12 @@ class Picamera2Source:
         try:
             camera.stop()
         except Exception as e:
-            log.debug("%s: stop failed: %s", self.name, _describe(e))
+            log.debug("%s: stop failed: %s", self.name, describe_error(e))
         finally:
             try:
                 camera.close()
             except Exception as e:
-                log.warning("%s: close failed: %s", self.name, _describe(e))
+                log.warning("%s: close failed: %s", self.name, describe_error(e))
 
 
 class OpenCVSource:
@@ -185,7 +183,7 @@ class OpenCVSource:
         try:
             ok, frame = capture.read()
         except Exception as e:
-            raise CameraError(f"{self.name}: read failed ({_describe(e)})") from e
+            raise CameraError(f"{self.name}: read failed ({describe_error(e)})") from e
         if not ok or frame is None:
             raise CameraError(f"{self.name}: no frame (unplugged, or in use by another program?)")
         return _bgr_to_rgb(frame)
@@ -194,6 +192,43 @@ class OpenCVSource:
         capture, self._capture = self._capture, None
         if capture is not None:
             capture.release()
+
+
+class Pacer:
+    """A replay's schedule: ``wait()`` sleeps until the next frame is due at ``fps`` (0 = no wait).
+
+    After falling behind by more than a period the schedule starts again from now, so a slow reader
+    gets no burst of frames. ``close()`` from another thread interrupts a wait; ``restart()``
+    forgets the schedule (after a pause). ReplaySource and the bench's replay both pace with it.
+    """
+
+    def __init__(self, fps: float = 0.0):
+        self.fps = fps
+        self._next_due: float | None = None
+        self._closed = threading.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def wait(self) -> bool:
+        """Wait for the next frame's turn; False when closed before it came."""
+        if self.fps <= 0:
+            return not self.closed
+        period = 1.0 / self.fps
+        now = time.monotonic()
+        if self._next_due is None or now - self._next_due > period:
+            self._next_due = now
+        elif now < self._next_due and self._closed.wait(self._next_due - now):
+            return False
+        self._next_due += period
+        return True
+
+    def restart(self) -> None:
+        self._next_due = None
+
+    def close(self) -> None:
+        self._closed.set()
 
 
 class ReplaySource:
@@ -223,8 +258,7 @@ class ReplaySource:
         self._index = 0
         self._video = None
         self._cv2 = None
-        self._next_due: float | None = None
-        self._closed = threading.Event()
+        self._pacer = Pacer(self.fps)
         if not self.path.exists():
             raise CameraError(f"replay: {self.path}: no such file or folder")
         if self.path.is_dir() or is_image_file(self.path):
@@ -241,10 +275,11 @@ class ReplaySource:
                 raise CameraError(f"replay: {self.path}: cannot open it as a video or an image")
 
     def read(self) -> np.ndarray:
-        if self._closed.is_set():
+        if self._pacer.closed:
             raise CameraError(f"replay: {self.path}: closed")
         frame = self._next_video_frame() if self._cv2 is not None else self._next_image()
-        self._wait_for_turn()
+        if not self._pacer.wait():
+            raise CameraError(f"replay: {self.path}: closed")
         return frame
 
     def _next_image(self) -> np.ndarray:
@@ -265,33 +300,21 @@ class ReplaySource:
         raise CameraError(f"replay: {self.path}: no readable images")
 
     def _next_video_frame(self) -> np.ndarray:
-        video = self._video
-        if video is None:
+        video, cv2 = self._video, self._cv2
+        if video is None or cv2 is None:
             raise CameraError(f"replay: {self.path}: closed")
         ok, frame = video.read()
         if not ok:
             if not self.loop:
                 raise EOFError(f"replay: {self.path}: end of video")
-            video.set(self._cv2.CAP_PROP_POS_FRAMES, 0)
+            video.set(cv2.CAP_PROP_POS_FRAMES, 0)
             ok, frame = video.read()
             if not ok:
                 raise CameraError(f"replay: {self.path}: no frame could be read from the video")
         return _bgr_to_rgb(frame)
 
-    def _wait_for_turn(self) -> None:
-        """Sleep until this frame is due; after falling behind, start the schedule again (no burst)."""
-        if self.fps <= 0:
-            return
-        period = 1.0 / self.fps
-        now = time.monotonic()
-        if self._next_due is None or now - self._next_due > period:
-            self._next_due = now
-        elif now < self._next_due and self._closed.wait(self._next_due - now):
-            raise CameraError(f"replay: {self.path}: closed")
-        self._next_due += period
-
     def close(self) -> None:
-        self._closed.set()
+        self._pacer.close()
         video, self._video = self._video, None
         if video is not None:
             video.release()
@@ -364,206 +387,8 @@ def _open_auto(size: tuple[int, int], fps: float) -> Source:
         try:
             source = open_()
         except Exception as e:
-            reasons.append(_describe(e))
+            reasons.append(describe_error(e))
             continue
         log.info("camera: auto found %s%s", name, f" ({'; '.join(reasons)})" if reasons else "")
         return source
     raise CameraError("no camera found (auto): " + "; ".join(reasons))
-
-
-@dataclass(frozen=True, eq=False)
-class Frame:
-    """One frame from a Capture.
-
-    ``image`` is RGB uint8 (H, W, 3), already passed through the Capture's ``prepare`` when it has
-    one, and read-only (a frame may be shared by several readers); ``ts`` is ``time.time()`` when
-    it was read; ``number`` counts frames within one Capture, from 1.
-    """
-
-    image: np.ndarray
-    ts: float
-    number: int
-
-
-def check_frame(image: object, what: str = "the source") -> np.ndarray:
-    """Return ``image`` if it is an RGB uint8 array (H, W, 3), else raise CameraError saying why."""
-    if image is None:
-        raise CameraError(f"{what} returned no frame (None)")
-    if not isinstance(image, np.ndarray):
-        raise CameraError(f"{what} returned a {type(image).__name__}, not an image array")
-    if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-        raise CameraError(f"{what} returned a frame of shape {image.shape}, expected (H, W, 3)")
-    if image.dtype != np.uint8:
-        raise CameraError(f"{what} returned {image.dtype} pixels, expected uint8")
-    return image
-
-
-class Capture:
-    """The camera thread: reads a source, keeps only the newest frame, reopens the source after failures.
-
-    There is no queue: a reader slower than the camera gets the newest frame and the others are
-    dropped, so no lag builds up. ``prepare`` (the model's crop and resize) runs here, on the
-    camera thread, overlapping with inference on the main thread. On a failure (an exception, or
-    a frame that is not RGB uint8 (H, W, 3)) the source is closed, ``ok`` becomes False with the
-    reason in ``error``, and it is reopened after 0.5 s, then 1 s, 2 s, ... up to ``max_backoff``.
-    A source whose read blocks raises nothing: ``last_frame_age()`` shows the stall. When a
-    replay is over, the thread ends and ``finished`` becomes True.
-    """
-
-    THREAD_NAME = "edgeknn-camera"
-
-    def __init__(
-        self,
-        opener: Callable[[], Source],
-        prepare: Callable[[np.ndarray], np.ndarray] | None = None,
-        max_backoff: float = 10.0,
-    ):
-        self._opener = opener
-        self._prepare = prepare
-        self.max_backoff = max_backoff
-        self._lock = threading.Lock()
-        self._new_frame = threading.Condition(self._lock)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._source: Source | None = None
-        self._frame: Frame | None = None
-        self._count = 0
-        self._ok = False
-        self._error = ""
-        self._finished = False
-        self._closed = False
-        self._last_good = time.monotonic()
-
-    def start(self) -> Capture:
-        """Start the camera thread (once); return self."""
-        if self._thread is not None:
-            raise RuntimeError("Capture already started")
-        self._last_good = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
-        self._thread.start()
-        return self
-
-    @property
-    def ok(self) -> bool:
-        """True while frames are coming (False before the first one and after a failure)."""
-        return self._ok
-
-    @property
-    def error(self) -> str:
-        """Why the last attempt failed; empty while frames are coming."""
-        return self._error
-
-    @property
-    def finished(self) -> bool:
-        """True when a replay that does not loop is over (no more frames will come)."""
-        return self._finished
-
-    @property
-    def frames_captured(self) -> int:
-        return self._count
-
-    def last_frame_age(self) -> float:
-        """Seconds since the last good frame (since start() before the first one)."""
-        return time.monotonic() - self._last_good
-
-    def latest(self, after: int = 0, timeout: float = 1.0) -> Frame | None:
-        """The newest frame if its number is above ``after``, waiting up to ``timeout`` seconds for one.
-
-        Returns None on timeout, or at once when the capture is finished or closed and has no newer frame.
-        """
-
-        def ready() -> bool:
-            frame = self._frame
-            return (frame is not None and frame.number > after) or self._finished or self._closed
-
-        with self._new_frame:
-            self._new_frame.wait_for(ready, timeout)
-            frame = self._frame
-        return frame if frame is not None and frame.number > after else None
-
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop the thread and close the source, waiting up to ``timeout`` seconds. Idempotent."""
-        self._stop.set()
-        with self._new_frame:
-            self._closed = True
-            self._new_frame.notify_all()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout / 2)
-            if thread.is_alive():  # stuck in read(): closing the source is what may unblock it
-                self._close_source()
-                thread.join(timeout / 2)
-            if thread.is_alive():
-                log.warning("camera: the camera thread did not stop within %gs", timeout)
-        self._close_source()
-
-    def __enter__(self) -> Capture:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _run(self) -> None:
-        backoff = INITIAL_BACKOFF
-        while not self._stop.is_set():
-            frames_before = self._count
-            try:
-                self._read_until_stopped()
-                return
-            except EOFError as e:
-                log.info("camera: %s", e or "replay finished")
-                with self._new_frame:
-                    self._finished = True
-                    self._ok = False
-                    self._new_frame.notify_all()
-                return
-            except Exception as e:
-                error = _describe(e)
-            finally:
-                self._close_source()
-            if self._stop.is_set():
-                return
-            if self._count > frames_before:
-                backoff = INITIAL_BACKOFF
-            self._failed(error, backoff)
-            if self._stop.wait(backoff):
-                return
-            backoff = min(backoff * 2, self.max_backoff)
-
-    def _read_until_stopped(self) -> None:
-        source = self._opener()
-        with self._lock:
-            self._source = source
-        while not self._stop.is_set():
-            image = check_frame(source.read())
-            ts = time.time()
-            if self._prepare is not None:
-                image = check_frame(self._prepare(image), "prepare")
-            self._publish(image, ts)
-
-    def _publish(self, image: np.ndarray, ts: float) -> None:
-        image.setflags(write=False)
-        with self._new_frame:
-            self._count += 1
-            self._frame = Frame(image, ts, self._count)
-            self._last_good = time.monotonic()
-            recovered = bool(self._error)
-            self._ok, self._error = True, ""
-            self._new_frame.notify_all()
-        if recovered:
-            log.info("camera: frames again")
-
-    def _failed(self, error: str, backoff: float) -> None:
-        with self._lock:
-            changed = self._ok or error != self._error
-            self._ok, self._error = False, error
-        log.log(logging.WARNING if changed else logging.DEBUG, "camera: %s; retrying in %gs", error, backoff)
-
-    def _close_source(self) -> None:
-        with self._lock:
-            source, self._source = self._source, None
-        if source is not None:
-            try:
-                source.close()
-            except Exception as e:
-                log.warning("camera: closing the source failed: %s", _describe(e))

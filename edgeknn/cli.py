@@ -1,37 +1,34 @@
 """The `edgeknn` command: the only entry point and the only place that reads argv.
 
-Every failure a person can fix prints one line naming the culprit and exits non-zero:
-1 for a bad file or model, 2 for bad usage, 78 (EX_CONFIG) for a bad configuration.
+Every failure a person can fix prints one line naming the culprit. One exit-code rule for every
+command (README "Exit codes"): 0 done; 1 a file or the machine failed (a missing, unreadable or
+invalid image, model, store or export file, a download, a full disk; `teach` when it skipped some
+files); 2 the command line is wrong (an unknown option, a value out of range, a class name that is
+invalid or not in the store); 78 (EX_CONFIG) the configuration is wrong; 130 interrupted.
+The `store …` actions are in ``storecli``; every other command is here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from edgeknn import __version__, config
+from edgeknn import __version__, config, storecli
+from edgeknn.classifier import Classifier
+from edgeknn.clierrors import InputError, UsageError
 from edgeknn.commands import class_name_error
+from edgeknn.head import RULES, VIEW_RULES
 from edgeknn.imagefiles import ImageError, find_images, load_rgb
-from edgeknn.model import (
-    DEFAULT_MODEL_SHA256,
-    DEFAULT_MODEL_URL,
-    Classifier,
-    Embedder,
-    Model,
-    ModelError,
-)
-from edgeknn.store import RULES, VIEW_RULES, KnnStore, StoreError
+from edgeknn.model import DEFAULT_MODEL_SHA256, DEFAULT_MODEL_URL, Embedder, Model, ModelError
+from edgeknn.progress import Progress
+from edgeknn.store import KnnStore
+from edgeknn.storefile import StoreError
 
-EX_CONFIG = 78
-
-
-class UsageError(Exception):
-    """Bad input from the command line that argparse cannot see (exit 2)."""
+EX_CONFIG = os.EX_CONFIG
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"edgeknn: {e}", file=sys.stderr)
         return 2
-    except (ModelError, StoreError, ImageError, OSError) as e:
+    except (ModelError, StoreError, ImageError, InputError, OSError) as e:
         print(f"edgeknn: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -110,11 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("store", None, "inspect and edit a store: info, export, import, forget, rename")
     store_sub = p.add_subparsers(metavar="ACTION")
     for name, func, help, extra in (
-        ("info", _store_info, "classes, counts, model and size", []),
-        ("export", _store_export, "write the examples as portable JSON", ["output"]),
-        ("import", _store_import, "add the examples of an exported JSON file", ["input"]),
-        ("forget", _store_forget, "forget every example of a class", ["class_name"]),
-        ("rename", _store_rename, "rename a class", ["class_name", "new_name"]),
+        ("info", storecli.store_info, "classes, counts, model and size", []),
+        ("export", storecli.store_export, "write the examples as portable JSON", ["output"]),
+        ("import", storecli.store_import, "add the examples of an exported JSON file", ["input"]),
+        ("forget", storecli.store_forget, "forget every example of a class", ["class_name"]),
+        ("rename", storecli.store_rename, "rename a class", ["class_name", "new_name"]),
     ):
         sp = store_sub.add_parser(name, help=help, description=help)
         sp.add_argument("store", type=Path)
@@ -170,15 +167,10 @@ def _model_path(args, cfg: config.Config) -> Path:
     return Path(args.model) if getattr(args, "model", None) else cfg.model_path()
 
 
-def _store_settings(cfg: config.Config) -> dict:
-    s = cfg.store
-    return {"k": s.k, "rule": s.rule, "threshold": s.threshold, "capacity": s.capacity, "storage": s.storage}
-
-
 def _open_store(path: Path, embedder: Embedder, cfg: config.Config, create: bool) -> KnnStore:
     if create and not Path(path).exists():
-        return KnnStore(embedder.dim, embedder.identity, **_store_settings(cfg))
-    return KnnStore.load(path, embedder.identity, **_store_settings(cfg))
+        return KnnStore(embedder.dim, embedder.identity, cfg.store.settings())
+    return KnnStore.load(path, embedder.identity, cfg.store.settings())
 
 
 def _images(paths: list[Path]) -> list[Path]:
@@ -190,7 +182,7 @@ def _print_json(obj) -> None:
 
 
 def _run(args) -> int:
-    from edgeknn.daemon import run
+    from edgeknn.app import run
 
     return run(args)
 
@@ -216,16 +208,38 @@ def _teach(args) -> int:
     problem = class_name_error(args.class_name)
     if problem:
         raise UsageError(f"--class: {problem}, got {args.class_name!r}")
-    files = _images(args.paths)
-    embedder = Embedder(_model_path(args, cfg), cfg.model.threads)
-    store = _open_store(args.store, embedder, cfg, create=True)
-    views = store.rule in VIEW_RULES
-    for path in files:
-        image = load_rgb(path, max_side=1024)
-        count = store.add(args.class_name, embedder.embed_views(image) if views else embedder.embed(image))
+    with Progress(f"teach {args.class_name!r}", 0) as progress:
+        files, skipped = [], 0
+        for path in args.paths:  # what cannot be read is skipped, one line each; the rest is kept
+            try:
+                files += find_images([path])
+            except ImageError as e:
+                progress.say(f"edgeknn: skipped {e}")
+                skipped += 1
+        if not files:
+            print(f"edgeknn: {args.store}: nothing added (no image could be read)", file=sys.stderr)
+            return 1
+        embedder = Embedder(_model_path(args, cfg), cfg.model.threads)
+        store = _open_store(args.store, embedder, cfg, create=True)
+        added = count = 0
+        for i, path in enumerate(files, 1):
+            try:
+                image = load_rgb(path, max_side=1024)
+            except ImageError as e:
+                progress.say(f"edgeknn: skipped {e}")
+                skipped += 1
+                continue
+            vectors = embedder.embed_views(image) if store.rule in VIEW_RULES else embedder.embed(image)
+            count = store.add(args.class_name, vectors)
+            added += 1
+            progress(i, len(files))
+    if not added:
+        print(f"edgeknn: {args.store}: nothing added (no image could be read)", file=sys.stderr)
+        return 1
     store.save(args.store)
-    print(f"{args.store}: class {args.class_name!r} now has {count} examples ({len(files)} added)")
-    return 0
+    also = f", {skipped} skipped" if skipped else ""
+    print(f"{args.store}: class {args.class_name!r} now has {count} examples ({added} added{also})")
+    return 1 if skipped else 0
 
 
 def _predict(args) -> int:
@@ -250,108 +264,6 @@ def _predict(args) -> int:
     return 0
 
 
-def _store_for_edit(args) -> tuple[KnnStore, config.Config]:
-    cfg = _config(args)
-    model_id = _store_model_id(args, cfg)
-    return KnnStore.load(args.store, model_id, **_store_settings(cfg)), cfg
-
-
-def _store_model_id(args, cfg: config.Config) -> str:
-    """The identity a store must carry: that of --model, else the one in the file (inspection only)."""
-    if getattr(args, "model", None):
-        return Model(args.model).sha256
-    try:
-        with np.load(args.store, allow_pickle=False) as f:
-            return str(f["model_id"])
-    except Exception:
-        return ""  # KnnStore.load reports what is wrong with the file
-
-
-def _store_info(args) -> int:
-    store, _ = _store_for_edit(args)
-    print(f"store: {args.store}")
-    print(f"model: {store.model_id}")
-    print(f"rows: {len(store)} of {store.dim} values ({store.storage})")
-    for name, count in store.counts().items():
-        print(f"  {name}: {count} examples")
-    return 0
-
-
-def _store_export(args) -> int:
-    store, _ = _store_for_edit(args)
-    rows = store._float_rows()
-    data = {
-        "format": "edgeknn-examples",
-        "model_id": store.model_id,
-        "classes": store.classes,
-        "examples": [
-            {
-                "class": store.classes[int(label)],
-                "example": int(ex),
-                "vector": [round(float(v), 6) for v in row],
-            }
-            for row, label, ex in zip(
-                rows, store._labels[: len(store)], store._example[: len(store)], strict=True
-            )
-        ],
-    }
-    Path(args.output).write_text(json.dumps(data))
-    print(f"{args.output}: {len(rows)} rows of {len(store.classes)} classes")
-    return 0
-
-
-def _store_import(args) -> int:
-    try:
-        data = json.loads(Path(args.input).read_text())
-        model_id, examples = data["model_id"], data["examples"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{args.input}: not an edgeknn export ({type(e).__name__}: {e})") from None
-    cfg = _config(args)
-    if Path(args.store).exists():
-        store = KnnStore.load(args.store, model_id, **_store_settings(cfg))
-    try:
-        groups: dict[tuple[str, int], list] = {}
-        for ex in examples:
-            if class_name_error(ex.get("class")):
-                raise UsageError(f"{args.input}: invalid class name {ex.get('class')!r}")
-            groups.setdefault((ex["class"], ex.get("example", 0)), []).append(ex["vector"])
-        if not Path(args.store).exists():
-            store = KnnStore(len(examples[0]["vector"]) if examples else 1, model_id, **_store_settings(cfg))
-        for (name, _), vectors in groups.items():
-            store.add(name, np.array(vectors, np.float32))
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise UsageError(f"{args.input}: not an edgeknn export ({type(e).__name__}: {e})") from None
-    store.save(args.store)
-    print(f"{args.store}: imported {len(groups)} examples")
-    return 0
-
-
-def _store_forget(args) -> int:
-    store, _ = _store_for_edit(args)
-    if args.class_name not in store.classes:
-        raise UsageError(f"{args.store}: no class {args.class_name!r} (classes: {', '.join(store.classes)})")
-    removed = store.forget(args.class_name)
-    store.save(args.store)
-    print(f"{args.store}: forgot {removed} examples of {args.class_name!r}")
-    return 0
-
-
-def _store_rename(args) -> int:
-    store, _ = _store_for_edit(args)
-    problem = class_name_error(args.new_name)
-    if problem:
-        raise UsageError(f"new name: {problem}, got {args.new_name!r}")
-    if args.class_name not in store.classes:
-        raise UsageError(f"{args.store}: no class {args.class_name!r} (classes: {', '.join(store.classes)})")
-    try:
-        store.rename(args.class_name, args.new_name)
-    except ValueError as e:
-        raise UsageError(f"{args.store}: {e}") from None
-    store.save(args.store)
-    print(f"{args.store}: renamed {args.class_name!r} to {args.new_name!r}")
-    return 0
-
-
 def _eval(args) -> int:
     from edgeknn.evaluate import evaluate, load_dataset
 
@@ -365,11 +277,15 @@ def _eval(args) -> int:
     rules = [args.rule] if args.rule else ["softmax", "tfjs"]
     start = time.perf_counter()
     embedder = Embedder(_model_path(args, cfg), cfg.model.threads)
-    data = load_dataset(args.dataset, embedder)
+    with Progress("eval: embedding photos", 0) as progress:
+        data = load_dataset(args.dataset, embedder, progress)
     smallest = min(int((data.labels == c).sum()) for c in range(len(data.classes)))
     if max(shots) >= smallest:
         raise UsageError(f"--shots: the smallest class has {smallest} photos; use fewer than that")
-    result = evaluate(data, embedder, rules, shots, args.seeds, k=args.k, open_set=args.open_set)
+    with Progress("eval: shots x rules x seeds", 0) as progress:
+        result = evaluate(
+            data, embedder, rules, shots, args.seeds, k=args.k, open_set=args.open_set, progress=progress
+        )
     seconds = time.perf_counter() - start
     result = {
         "model": str(_model_path(args, cfg)),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CLASS_NAME_RE = re.compile(r"[A-Za-z0-9_.\-][A-Za-z0-9 _.\-]{0,31}")
+CLASS_NAME_HELP = "1-32 characters of letters, digits, space, '_', '-', '.' (not starting with a space)"
 MAX_EXAMPLES_PER_COMMAND = 100
 
 
@@ -26,7 +27,7 @@ def class_name_error(name: Any) -> str | None:
     if not isinstance(name, str):
         return "expected a string"
     if not CLASS_NAME_RE.fullmatch(name):
-        return "expected 1-32 characters of letters, digits, space, '_', '-', '.' (not starting with a space)"
+        return f"expected {CLASS_NAME_HELP}"
     return None
 
 

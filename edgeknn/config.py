@@ -12,12 +12,16 @@ import dataclasses
 import json
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeknn.commands import CLASS_NAME_HELP, class_name_error
+from edgeknn.head import RULES
+from edgeknn.store import STORAGES, StoreSettings
+
 DEFAULT_CONFIG_PATH = Path("/etc/edgeknn/edgeknn.toml")
-CLASS_NAME_HELP = "1-32 characters: letters, digits, space, '_', '-', '.'; not starting with a space"
 
 
 class ConfigError(Exception):
@@ -28,7 +32,9 @@ class ConfigError(Exception):
         self.errors = errors
 
 
-def _int(lo: int | None = None, hi: int | None = None):
+def integer(lo: int | None = None, hi: int | None = None) -> Callable[[Any], str | None]:
+    """A check for an integer in lo..hi (true/false are not integers); MQTT commands use it too."""
+
     def check(v: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, int):
             return _expect_int(lo, hi)
@@ -47,7 +53,9 @@ def _expect_int(lo: int | None, hi: int | None) -> str:
     return "expected an integer"
 
 
-def _float(lo: float | None = None, hi: float | None = None):
+def number(lo: float | None = None, hi: float | None = None) -> Callable[[Any], str | None]:
+    """A check for a number in lo..hi, not NaN (true/false are not numbers); MQTT commands use it too."""
+
     def check(v: Any) -> str | None:
         text = "expected a number" + (
             f" {lo}..{hi}" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else ""
@@ -94,13 +102,11 @@ def _pin_or_none(v: Any) -> str | None:
 
 
 def _class_names(v: Any) -> str | None:
-    from edgeknn.commands import class_name_error
-
     if not isinstance(v, list) or not v or len(v) > 32:
         return "expected a list of 1..32 class names"
     for name in v:
         if class_name_error(name):
-            return f"expected class names of {CLASS_NAME_HELP} (not {json.dumps(name)})"
+            return f"expected class names of {CLASS_NAME_HELP}, not {json.dumps(name)}"
     if len(set(v)) != len(v):
         return "expected distinct class names"
     return None
@@ -124,22 +130,28 @@ class ModelConfig:
     path: str = key(
         "", _str(), "TFLite model; empty = the extractor in <state_dir>/models (edgeknn model fetch)"
     )
-    threads: int = key(0, _int(0, 64), "interpreter threads; 0 = one per CPU core")
+    threads: int = key(0, integer(0, 64), "interpreter threads; 0 = one per CPU core")
 
 
 @dataclass(frozen=True)
 class StoreConfig:
     path: str = key("", _str(), "the example store (.npz); empty = <state_dir>/store.npz")
-    k: int = key(3, _int(1, 100), "neighbours that vote")
+    k: int = key(3, integer(1, 100), "neighbours that vote")
     rule: str = key(
         "default",
-        _str(("default", "softmax", "prototype", "nearest", "tfjs")),
+        _str(("default", *RULES)),
         'classification rule: "default" or one of `edgeknn eval --help`',
     )
-    threshold: float = key(0.0, _float(-1.0, 1.0), "below this best similarity the answer is unknown")
-    capacity: int = key(1000, _int(1, 1_000_000), "examples kept per class; the oldest goes first")
-    storage: str = key("float32", _str(("float32", "uint8")), "row storage; uint8 = 4x less memory")
-    autosave_s: float = key(5.0, _float(0.0, 86400.0), "save this long after the last change; 0 = at once")
+    threshold: float = key(0.0, number(-1.0, 1.0), "below this best similarity the answer is unknown")
+    capacity: int = key(1000, integer(1, 1_000_000), "examples kept per class; the oldest goes first")
+    storage: str = key("float32", _str(STORAGES), "row storage; uint8 = 4x less memory")
+    autosave_s: float = key(5.0, number(0.0, 86400.0), "save this long after the last change; 0 = at once")
+
+    def settings(self) -> StoreSettings:
+        """What a KnnStore takes of this section (the one place that copies it)."""
+        return StoreSettings(
+            k=self.k, rule=self.rule, threshold=self.threshold, capacity=self.capacity, storage=self.storage
+        )
 
 
 @dataclass(frozen=True)
@@ -147,13 +159,13 @@ class CameraConfig:
     source: str = key(
         "auto", _str(nonempty=True), "auto | picamera2[:N] | v4l2:/dev/videoN | v4l2:N | replay:PATH"
     )
-    fps: float = key(30.0, _float(0.1, 240.0), "frames per second asked of the camera")
+    fps: float = key(30.0, number(0.1, 240.0), "frames per second asked of the camera")
 
 
 @dataclass(frozen=True)
 class StabilizerConfig:
     mode: str = key("consecutive", _str(("consecutive", "window")), "how a label becomes stable")
-    frames: int = key(3, _int(1, 100), "consecutive frames, or the window length for a majority")
+    frames: int = key(3, integer(1, 100), "consecutive frames, or the window length for a majority")
 
 
 @dataclass(frozen=True)
@@ -165,15 +177,23 @@ class PanelConfig:
     status_led: Any = key(19, _pin_or_none, 'the status LED; "" for none')
     active_high: bool = key(False, _bool, "buttons: true if a press drives the pin high")
     pull_up: bool = key(True, _bool, "buttons: use the internal pull-up (button to GND)")
-    hold_time: float = key(0.8, _float(0.1, 10.0), "seconds held before hold-to-record starts")
-    hold_rate: float = key(5.0, _float(0.1, 30.0), "examples per second while a class button is held")
+    hold_time: float = key(0.8, number(0.1, 10.0), "seconds held before hold-to-record starts")
+    hold_rate: float = key(5.0, number(0.1, 30.0), "examples per second while a class button is held")
+
+    def pin_count_errors(self, classes: int) -> list[str]:
+        """A GPIO panel needs one button and one LED per class: one line per list that is short."""
+        return [
+            f"panel.{name}: expected one pin per class ({classes}), got {len(pins)}"
+            for name, pins in (("buttons", self.buttons), ("leds", self.leds))
+            if len(pins) < classes
+        ]
 
 
 @dataclass(frozen=True)
 class MqttConfig:
     enabled: bool = key(True, _bool, "publish predictions and accept commands over MQTT")
     host: str = key("localhost", _str(nonempty=True), "broker host")
-    port: int = key(1883, _int(1, 65535), "broker port")
+    port: int = key(1883, integer(1, 65535), "broker port")
     device_id: str = key("", _str(), "device id in topics; empty = the host name")
     base_topic: str = key("edgeknn/{device_id}", _str(nonempty=True), "topic prefix")
     client_id: str = key("", _str(), "MQTT client id; empty = edgeknn-<device_id>")
@@ -184,15 +204,15 @@ class MqttConfig:
     ca_file: str = key("", _str(), "CA certificate for TLS; empty = system CAs")
     cert_file: str = key("", _str(), "client certificate for TLS")
     key_file: str = key("", _str(), "client key for TLS")
-    keepalive: int = key(30, _int(5, 3600), "seconds between keepalive pings")
-    qos: int = key(1, _int(0, 2), "QoS of predictions, state and events")
+    keepalive: int = key(30, integer(5, 3600), "seconds between keepalive pings")
+    qos: int = key(1, integer(0, 2), "QoS of predictions, state and events")
     publish: str = key(
         "change", _str(("change", "every_frame")), "publish predictions on change or every frame"
     )
-    heartbeat_s: float = key(30.0, _float(0.0, 86400.0), "re-publish the prediction this often; 0 = never")
+    heartbeat_s: float = key(30.0, number(0.0, 86400.0), "re-publish the prediction this often; 0 = never")
     commands: bool = key(True, _bool, "accept commands on <base>/cmd/<name>")
     allowed_commands: list = key([], _str_list, "if non-empty, only these commands are accepted")
-    max_payload: int = key(4096, _int(64, 1_000_000), "command payloads above this many bytes are refused")
+    max_payload: int = key(4096, integer(64, 1_000_000), "command payloads above this many bytes are refused")
     discovery: bool = key(True, _bool, "publish Home Assistant discovery")
     discovery_prefix: str = key("homeassistant", _str(nonempty=True), "Home Assistant discovery prefix")
 
@@ -258,13 +278,12 @@ def _build(cls: type, table: dict, prefix: str, errors: list[str]) -> Any:
         if f is None:
             errors.append(f"{path}: unknown key (known: {', '.join(fields)})")
             continue
-        if dataclasses.is_dataclass(
-            f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        ):
+        section = f.default_factory
+        if isinstance(section, type) and dataclasses.is_dataclass(section):
             if not isinstance(value, dict):
                 errors.append(f"{path}: expected a table [{path}], got {_describe(value)}")
                 continue
-            values[name] = _build(f.default_factory, value, path + ".", errors)
+            values[name] = _build(section, value, path + ".", errors)
             continue
         problem = f.metadata["check"](value)
         if problem:
@@ -289,10 +308,7 @@ def _cross_check(config: Config) -> list[str]:
     errors = []
     n = len(config.classes)
     if config.panel.kind == "gpio":
-        for name in ("buttons", "leds"):
-            pins = getattr(config.panel, name)
-            if len(pins) < n:
-                errors.append(f"panel.{name}: expected one pin per class ({n}), got {len(pins)}")
+        errors.extend(config.panel.pin_count_errors(n))
     if config.mqtt.cert_file and not config.mqtt.key_file:
         errors.append("mqtt.key_file: expected a key file when mqtt.cert_file is set")
     if "+" in config.mqtt.base_topic or "#" in config.mqtt.base_topic:

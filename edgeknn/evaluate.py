@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeknn.head import VIEW_RULES
 from edgeknn.imagefiles import ImageError, find_images, load_rgb
 from edgeknn.model import Embedder
-from edgeknn.store import VIEW_RULES, KnnStore
+from edgeknn.store import KnnStore, StoreSettings
 
 
 @dataclass
@@ -60,8 +61,12 @@ def evaluate(
     seeds: int,
     k: int = 3,
     open_set: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Mean and std accuracy per rule and shot count (and open-set AUROC when asked)."""
+    """Mean and std accuracy per rule and shot count (and open-set AUROC when asked).
+
+    ``progress(done, total)`` is called after each of the shots x rules x seeds runs.
+    """
     views: dict[int, np.ndarray] = {}
     max_side = 2 * max(embedder.model.input_size)
 
@@ -73,6 +78,7 @@ def evaluate(
     results: dict[str, dict[str, dict[str, float]]] = {rule: {} for rule in rules}
     aurocs: dict[str, dict[str, float]] = {rule: {} for rule in rules}
     n_classes = len(data.classes)
+    runs, done = len(shots) * len(rules) * seeds, 0
     for n in shots:
         for rule in rules:
             accs, auc = [], []
@@ -84,7 +90,7 @@ def evaluate(
                 train = np.concatenate(picks)
                 test = np.setdiff1d(np.arange(len(data.labels)), train)
                 known = np.arange(n_classes) if not open_set else rng.permutation(n_classes)[: n_classes // 2]
-                store = KnnStore(embedder.dim, embedder.identity, k=k, rule=rule)
+                store = KnnStore(embedder.dim, embedder.identity, StoreSettings(k=k, rule=rule))
                 for i in train:
                     if data.labels[i] in known:
                         store.add(
@@ -99,10 +105,13 @@ def evaluate(
                 accs.append(float(np.mean(np.array(right)[is_known])))
                 if open_set:
                     auc.append(auroc(np.array([p.similarity for p in preds]), is_known))
+                done += 1
+                if progress:
+                    progress(done, runs)
             results[rule][str(n)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs))}
             if open_set:
                 aurocs[rule][str(n)] = float(np.mean(auc))
-    out = {"rules": results}
+    out: dict[str, dict] = {"rules": results}
     if open_set:
         out["open_set_auroc"] = aurocs
     return out

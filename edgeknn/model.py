@@ -1,9 +1,10 @@
-"""TFLite models: loading, preprocessing, embeddings and top-k labels.
+"""TFLite models: loading, preprocessing, quantization, and the Embedder (image -> unit vector).
 
 Knows numpy and the interpreter only. The interpreter comes from the first backend that can
 *construct* an interpreter on the model: ai_edge_litert (LiteRT, with XNNPACK for uint8 on x86
 and arm), then tflite_runtime (the armv7 wheels), then tensorflow.lite. Importing is not enough:
 tflite-runtime 2.14 imports under numpy 2 but fails at construction.
+The pretrained-classifier path (top-k labels) is built on this in ``classifier``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from edgeknn.stderrfilter import without_xnnpack_banner
 
 DEFAULT_MODEL_FILE = "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
 DEFAULT_MODEL_URL = (
@@ -61,14 +64,14 @@ def load_interpreter(content: bytes, name: str, threads: int = 0, preserve_all_t
             failures.append(f"{backend}: not importable ({type(e).__name__}: {e})")
             continue
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), without_xnnpack_banner():
                 warnings.simplefilter("ignore")  # LiteRT warns that preserving tensors is for debugging
                 it = cls(
                     model_content=content,
                     num_threads=threads,
                     experimental_preserve_all_tensors=preserve_all_tensors,
                 )
-            it.allocate_tensors()
+                it.allocate_tensors()
             return it, backend
         except ValueError as e:
             raise ModelError(f"{name}: not a valid TFLite model ({str(e).splitlines()[0]})") from None
@@ -82,9 +85,13 @@ def read_model(path: Path) -> bytes:
     try:
         content = Path(path).read_bytes()
     except FileNotFoundError:
-        raise ModelError(
-            f"{path}: model file not found (set model.path or run `edgeknn model fetch`)"
-        ) from None
+        hint = "set model.path or run `edgeknn model fetch`"
+        if Path(path).name == DEFAULT_MODEL_FILE:  # offline, `model fetch` cannot work: say what goes where
+            hint = (
+                f"copy it there from {DEFAULT_MODEL_URL} (sha256 {DEFAULT_MODEL_SHA256}), "
+                "or run `edgeknn model fetch` where there is network"
+            )
+        raise ModelError(f"{path}: model file not found ({hint})") from None
     except OSError as e:
         raise ModelError(f"{path}: cannot read model file ({e.strerror})") from None
     if len(content) < 8 or content[4:8] != b"TFL3":
@@ -169,12 +176,35 @@ def _input_lut(dtype, scale: float, zero_point: int) -> np.ndarray | None:
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor of an interpreter: where it is, its shape and its quantization (scale 0 = none)."""
+
     name: str
     index: int
     shape: tuple[int, ...]
     dtype: str
     scale: float
     zero_point: int
+
+    @classmethod
+    def of(cls, details: dict) -> TensorInfo:
+        """From one entry of the interpreter's get_input_details() / get_tensor_details()."""
+        scale, zero_point = details.get("quantization", (0.0, 0))
+        shape = tuple(int(x) for x in details["shape"])
+        return cls(
+            details["name"], int(details["index"]), shape, details["dtype"].__name__, scale, zero_point
+        )
+
+    @property
+    def size(self) -> int:
+        """How many values the tensor holds."""
+        return int(np.prod(self.shape))
+
+    def dequantize(self, raw: np.ndarray) -> np.ndarray:
+        """The tensor's raw values as a flat float32 array of real values."""
+        raw = raw.reshape(-1)
+        if self.scale:
+            return (raw.astype(np.float32) - self.zero_point) * np.float32(self.scale)
+        return raw.astype(np.float32)
 
 
 class Model:
@@ -188,8 +218,8 @@ class Model:
         self.threads = threads or os.cpu_count() or 1
         self._content = content
         inp = self.interpreter.get_input_details()[0]
-        self.input = _info(inp)
-        self.output = _info(self.interpreter.get_output_details()[0])
+        self.input = TensorInfo.of(inp)
+        self.output = TensorInfo.of(self.interpreter.get_output_details()[0])
         shape = self.input.shape
         if len(shape) != 4 or shape[3] != 3:
             raise ModelError(f"{path}: expected an image input of shape [1, H, W, 3], got {list(shape)}")
@@ -221,10 +251,7 @@ class Model:
 
     def tensor(self, info: TensorInfo) -> np.ndarray:
         """A dequantized float32 copy of a tensor after invoke."""
-        raw = self.interpreter.get_tensor(info.index).reshape(-1)
-        if info.scale:
-            return (raw.astype(np.float32) - info.zero_point) * np.float32(info.scale)
-        return raw.astype(np.float32)
+        return info.dequantize(self.interpreter.get_tensor(info.index))
 
     def labels_from_metadata(self) -> list[str] | None:
         """Labels from the zip that TFLite metadata appends to the model file, if any."""
@@ -239,23 +266,16 @@ class Model:
 
     def describe(self) -> dict:
         """What `edgeknn model info` prints."""
-        details = self.interpreter.get_input_details() + self.interpreter.get_output_details()
+        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
         return {
             "path": str(self.path),
             "sha256": self.sha256,
             "backend": self.backend,
             "threads": self.threads,
-            "inputs": [_jsonable(_info(d)) for d in self.interpreter.get_input_details()],
-            "outputs": [_jsonable(_info(d)) for d in details[len(self.interpreter.get_input_details()) :]],
+            "inputs": [_jsonable(TensorInfo.of(d)) for d in inputs],
+            "outputs": [_jsonable(TensorInfo.of(d)) for d in outputs],
             "labels_in_metadata": len(self.labels_from_metadata() or []),
         }
-
-
-def _info(d: dict) -> TensorInfo:
-    scale, zp = d.get("quantization", (0.0, 0))
-    return TensorInfo(
-        d["name"], int(d["index"]), tuple(int(x) for x in d["shape"]), d["dtype"].__name__, scale, zp
-    )
 
 
 def _jsonable(info: TensorInfo) -> dict:
@@ -273,21 +293,8 @@ def parse_labels(text: str) -> list[str]:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     numbered = [re.match(r"^(\d+)[\s:]+(.+)$", line) for line in lines]
     if lines and all(m and int(m.group(1)) == i for i, m in enumerate(numbered)):
-        return [m.group(2) for m in numbered]
+        return [m.group(2) for m in numbered if m]
     return lines
-
-
-def read_labels(path: Path) -> list[str]:
-    try:
-        return parse_labels(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path}: labels file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path}: cannot read labels file ({e})") from None
-
-
-def _width(info: TensorInfo) -> int:
-    return int(np.prod(info.shape))
 
 
 class Embedder:
@@ -303,7 +310,7 @@ class Embedder:
         self.is_classifier = _looks_like_classifier(probe)
         self.model = Model(path, threads, preserve_all_tensors=True) if self.is_classifier else probe
         self.feature = _penultimate(self.model) if self.is_classifier else self.model.output
-        self.dim = _width(self.feature)
+        self.dim = self.feature.size
         self.identity = self.model.sha256
 
     def embed(self, image: np.ndarray) -> np.ndarray:
@@ -351,7 +358,7 @@ def _looks_like_classifier(model: Model) -> bool:
 
 def _penultimate(model: Model) -> TensorInfo:
     """The last pooled feature tensor before the logits: shape [1,1,1,C] or [1,C], C != the output width."""
-    n_out = _width(model.output)
+    n_out = model.output.size
     candidates = []
     for d in model.interpreter.get_tensor_details():
         shape = tuple(int(x) for x in d["shape"])
@@ -365,75 +372,4 @@ def _penultimate(model: Model) -> TensorInfo:
             candidates.append(d)
     if not candidates:
         raise ModelError(f"{model.path}: cannot find a pooled feature tensor to use as the embedding")
-    return _info(max(candidates, key=lambda d: d["index"]))
-
-
-@dataclass(frozen=True)
-class Label:
-    label: str
-    confidence: float
-
-
-class Classifier:
-    """Image → top-k ``[{label, confidence}]``, as ml5's ``imageClassifier.classify()`` returns.
-
-    From a classifier model with a labels file or labels in its metadata (Teachable Machine's
-    TFLite export with its labels.txt loads the same way), or from the embedding extractor plus a
-    separate head model that takes the extractor's output tensor.
-    """
-
-    def __init__(self, path: Path, labels: Path | None = None, head: Path | None = None, threads: int = 0):
-        self.model = Model(path, threads)
-        self.head = _Head(Path(head), self.model, threads) if head else None
-        scores_info = self.head.model_output if self.head else self.model.output
-        if labels:
-            self.labels = read_labels(labels)
-        else:
-            self.labels = self.model.labels_from_metadata() or (self.head and self.head.labels) or None
-        if not self.labels:
-            raise ModelError(f"{path}: no labels: pass a labels file (--labels)")
-        n = _width(scores_info)
-        if len(self.labels) == n - 1:  # labels without the "background" class at index 0
-            self.labels = ["background", *self.labels]
-        if len(self.labels) != n:
-            raise ModelError(f"{labels or path}: {len(self.labels)} labels for a model with {n} outputs")
-
-    def classify(self, image: np.ndarray, top: int = 5) -> list[Label]:
-        self.model.invoke(image)
-        scores = self.head.run() if self.head else self.model.tensor(self.model.output)
-        if not (scores.min() >= 0 and abs(float(scores.sum()) - 1) < 0.05):  # logits: apply softmax
-            e = np.exp(scores - scores.max())
-            scores = e / e.sum()
-        top = min(top, scores.size)
-        best = np.argpartition(-scores, top - 1)[:top]
-        best = best[np.argsort(-scores[best], kind="stable")]
-        return [Label(self.labels[i], float(scores[i])) for i in best]
-
-
-class _Head:
-    """A head model fed with the extractor's raw output tensor."""
-
-    def __init__(self, path: Path, extractor: Model, threads: int):
-        content = read_model(path)
-        self.interpreter, _ = load_interpreter(content, str(path), threads)
-        self.extractor = extractor
-        self.input = _info(self.interpreter.get_input_details()[0])
-        self.model_output = _info(self.interpreter.get_output_details()[0])
-        if _width(self.input) != _width(extractor.output):
-            raise ModelError(
-                f"{path}: head input has {_width(self.input)} values, "
-                f"the model's output has {_width(extractor.output)}"
-            )
-        self.labels = None
-
-    def run(self) -> np.ndarray:
-        raw = self.extractor.interpreter.get_tensor(self.extractor.output.index)
-        self.interpreter.set_tensor(self.input.index, raw.reshape(self.input.shape))
-        self.interpreter.invoke()
-        out = self.interpreter.get_tensor(self.model_output.index).reshape(-1)
-        q = self.model_output
-        return (
-            (out.astype(np.float32) - q.zero_point) * np.float32(q.scale)
-            if q.scale
-            else out.astype(np.float32)
-        )
+    return TensorInfo.of(max(candidates, key=lambda d: d["index"]))

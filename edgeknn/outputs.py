@@ -1,12 +1,12 @@
-"""What the main loop tells its outputs (LEDs, MQTT), and the interface every output implements.
+"""What the main loop tells its outputs (LEDs, MQTT), and the base class every output extends.
 
-Outputs must never block the loop: an output that does I/O hands it to its own thread.
+Outputs must never block the loop: an output that does I/O hands it to its own thread. Each
+method does nothing by default, so an output implements only what it shows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,11 @@ class Reading:
     inference_ms: float = 0.0  # embedding time of this frame
 
 
-class Output(Protocol):
+class Output:
     """Something that shows the device's answers and state: the LED panel, the MQTT link."""
+
+    def start(self) -> None:
+        """Begin work that needs the loop running (connect, start threads); called once."""
 
     def show(self, reading: Reading) -> None:
         """Called for every classified frame; the output decides what to act on."""

@@ -1,27 +1,27 @@
-"""Buttons and LEDs: the controls that teach the device and the lights that answer.
+"""Buttons and LEDs on gpiozero: the controls that teach the device and the lights that answer.
 
-`GpioPanel` drives gpiozero buttons and LEDs; `KeyboardPanel` offers the same controls as typed
-lines, for a desk with a USB webcam. Neither touches the store: each press becomes a command passed
-to ``submit`` (the daemon's queue), and the main loop runs it between frames.
+The gestures (what a press, a hold or the clear button means) live in :mod:`edgeknn.gestures`;
+this module turns pin edges into its events, runs one timer thread for what falls due, and passes
+the resulting commands to ``submit`` (the daemon's queue). It never touches the store.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TextIO
+from typing import Any
 
-from gpiozero import LED, BadPinFactory, Button, GPIOZeroError, PinFactoryFallback
+from gpiozero import LED, BadPinFactory, Device, DigitalInputDevice, GPIOZeroError, PinFactoryFallback
 from gpiozero.pins import Factory
 
-from edgeknn.commands import AddExample, Command, ForgetClass, Reset, Save
+from edgeknn.commands import Command
 from edgeknn.config import PanelConfig
-from edgeknn.outputs import Reading
+from edgeknn.gestures import Gestures
+from edgeknn.keyboard import KeyboardPanel
+from edgeknn.outputs import Output, Reading
 
 log = logging.getLogger(__name__)
 
@@ -30,32 +30,17 @@ Submit = Callable[[Command], None]
 BLINK_S = 0.15  # the example-added confirmation
 SLOW_BLINK = (1.0, 1.0)  # status: camera or broker down (on, off seconds)
 FAST_BLINK = (0.1, 0.1)  # status: error
-MIN_PRESS_S = 0.02  # presses shorter than this are contact bounce, not a press
 
 
 class PanelError(Exception):
     """The panel cannot start; the message says, in one line, what to change."""
 
 
-@dataclass
-class _Key:
-    """What one class button is doing; gpiozero's own ``is_held`` is gone by ``when_released``."""
-
-    pressed_at: float | None = None  # monotonic time of the press, None while up
-    recording: bool = False  # held past hold_time: adding examples at hold_rate
-    selecting: bool = False  # pressed with the clear button: picks a class to forget, adds nothing
-
-
-class GpioPanel:
+class GpioPanel(Output):
     """One button and one LED per class, a clear button and a status LED, on gpiozero.
 
-    A class button adds one example when released before ``config.hold_time``; held longer, it
-    adds one example at once and then ``config.hold_rate`` per second until released. Adding on
-    release (not on press) is what keeps a hold from also counting as a press.
-
-    The clear button only ever acts when held: together with a class button (pressed in either
-    order) for ``forget_time`` seconds it forgets that class; alone for ``reset_time`` seconds it
-    forgets everything. While it is down, class buttons select and never add.
+    The buttons are plain ``DigitalInputDevice`` inputs: the hold and clear timings belong to
+    :class:`~edgeknn.gestures.Gestures`, so gpiozero's hold thread (one per ``Button``) is not needed.
 
     LEDs: a class LED is lit while its class is the stable prediction and inverts for ``BLINK_S``
     to confirm an added example. The status LED is steady when all is well, blinks slowly while the
@@ -72,59 +57,54 @@ class GpioPanel:
         forget_time: float = 3.0,
         reset_time: float = 6.0,
     ):
-        if len(config.buttons) < len(classes) or len(config.leds) < len(classes):
-            raise PanelError(
-                f"panel.buttons and panel.leds: expected one pin per class ({len(classes)}), "
-                f"got {len(config.buttons)} and {len(config.leds)}"
-            )
+        errors = config.pin_count_errors(len(classes))
+        if errors:
+            raise PanelError("; ".join(errors))
         self._classes = list(classes)
         self._submit = submit
-        self._hold_time = config.hold_time
-        self._hold_interval = 1.0 / config.hold_rate
-        self._forget_time = forget_time
-        self._reset_time = reset_time
+        self._gestures = Gestures(
+            classes,
+            hold_time=config.hold_time,
+            hold_rate=config.hold_rate,
+            forget_time=forget_time,
+            reset_time=reset_time,
+        )
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # the timer thread waits here for what falls due
         self._closed = False
-        self._keys = [_Key() for _ in classes]
-        self._clear_down = False
-        self._clear_used = False  # a class took part, or the gesture already fired: no reset
-        self._gesture: threading.Timer | None = None
-        self._gesture_gen = 0
-        self._gesture_target: int | None = None
         self._lit: int | None = None  # index of the class whose LED is steady on
         self._blink_gen = [0] * len(classes)
         self._blinks: dict[int, threading.Timer] = {}
         self._pattern = "off"
-        self._devices: list = []
-        self._buttons: list[Button] = []
+        self._devices: list[Device] = []
         self._leds: list[LED] = []
         self._status: LED | None = None
         self._open(config, pin_factory)
+        self._timer = threading.Thread(target=self._run_timer, name="edgeknn-panel", daemon=True)
+        self._timer.start()
 
     def _open(self, config: PanelConfig, pin_factory: Factory | None) -> None:
+        polarity: dict[str, Any]
         if config.pull_up:
             polarity = {"pull_up": True}
         else:
             polarity = {"pull_up": None, "active_state": config.active_high}
         # bounce_time stays None: MockPin ignores it and RPi.GPIO's bouncetime can swallow a release
-        # edge (gpiozero#550); MIN_PRESS_S filters bounce the same way on every pin factory.
+        # edge (gpiozero#550); gestures.MIN_PRESS_S filters bounce the same way on every pin factory.
         button = dict(polarity, bounce_time=None, pin_factory=pin_factory)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
                 for i in range(len(self._classes)):
-                    key = f"panel.buttons[{i}]"
-                    b = self._device(
-                        key, config.buttons[i], Button, hold_time=self._hold_time, hold_repeat=True, **button
-                    )
-                    b.when_pressed = self._handler(self._class_pressed, i)
-                    b.when_held = self._handler(self._class_held, i)
-                    b.when_released = self._handler(self._class_released, i)
-                    self._buttons.append(b)
+                    b = self._device(f"panel.buttons[{i}]", config.buttons[i], DigitalInputDevice, **button)
+                    b.when_activated = self._handler(self._gestures.press, i)
+                    b.when_deactivated = self._handler(self._gestures.release, i)
                 if config.clear_button != "":
-                    clear = self._device("panel.clear_button", config.clear_button, Button, **button)
-                    clear.when_pressed = self._handler(self._clear_pressed)
-                    clear.when_released = self._handler(self._clear_released)
+                    clear = self._device(
+                        "panel.clear_button", config.clear_button, DigitalInputDevice, **button
+                    )
+                    clear.when_activated = self._handler(self._gestures.press_clear)
+                    clear.when_deactivated = self._handler(self._gestures.release_clear)
                 self._leds = [
                     self._device(f"panel.leds[{i}]", config.leds[i], LED, pin_factory=pin_factory)
                     for i in range(len(self._classes))
@@ -147,7 +127,8 @@ class GpioPanel:
         for w in caught:
             log.warning("%s", w.message)
 
-    def _device(self, key: str, pin, kind, **kwargs):
+    def _device(self, key: str, pin: Any, kind: type, **kwargs: Any) -> Any:
+        """Make one gpiozero device; a bad pin becomes a PanelError naming its config key."""
         try:
             device = kind(pin, **kwargs)
         except BadPinFactory:
@@ -157,114 +138,46 @@ class GpioPanel:
         self._devices.append(device)
         return device
 
-    def _handler(self, step: Callable[..., list[Command]], *args) -> Callable[[], None]:
-        """A gpiozero callback: run ``step`` under the lock, then submit its commands; never raise."""
+    # Input: gpiozero's callbacks and the timer thread feed the gestures, then submit what they return.
+
+    def _handler(self, step: Callable[..., list[Command]], *args: int) -> Callable[[], None]:
+        """A gpiozero callback: run ``step`` at the time of the edge, then submit; never raise."""
 
         def run() -> None:
             try:
                 with self._lock:
                     if self._closed:
                         return
-                    commands = step(*args)
-                for command in commands:
-                    self._send(command)
+                    commands = step(*args, time.monotonic())
+                    self._wake.notify()  # the next due time may have moved
+                self._send(commands)
             except Exception:
                 log.exception("panel: %s failed", step.__name__)
 
         return run
 
-    def _send(self, command: Command) -> None:
+    def _run_timer(self) -> None:
+        """Call the gestures' ``tick`` whenever something falls due, until closed."""
         try:
-            self._submit(command)
+            while True:
+                with self._lock:
+                    if self._closed:
+                        return
+                    due, now = self._gestures.next_due(), time.monotonic()
+                    if due is None or due > now:
+                        self._wake.wait(None if due is None else due - now)
+                        continue
+                    commands = self._gestures.tick(now)
+                self._send(commands)
         except Exception:
-            log.exception("panel: submitting %r failed", command)
+            log.exception("panel: the timer failed; holds and the clear button no longer act")
 
-    def _add(self, i: int) -> AddExample:
-        return AddExample(class_name=self._classes[i], count=1, source="button")
-
-    # The steps below run under self._lock and return the commands to submit.
-
-    def _class_pressed(self, i: int) -> list[Command]:
-        key = self._keys[i]
-        key.pressed_at, key.recording, key.selecting = time.monotonic(), False, self._clear_down
-        if self._clear_down:
-            self._clear_used = True
-            self._arm(i, self._forget_time)
-        return []
-
-    def _class_held(self, i: int) -> list[Command]:
-        key = self._keys[i]
-        if key.pressed_at is None or key.selecting:  # a late hold event (gpiozero#697), or selecting
-            return []
-        if not key.recording:  # the hold starts: from now gpiozero's hold thread repeats at hold_rate
-            key.recording = True
-            self._buttons[i].hold_time = self._hold_interval
-        return [self._add(i)]
-
-    def _class_released(self, i: int) -> list[Command]:
-        key = self._keys[i]
-        pressed_at, key.pressed_at = key.pressed_at, None
-        if self._gesture_target == i:
-            self._disarm()
-        if key.recording:
-            self._stop_recording(i)
-            return []
-        if key.selecting or pressed_at is None or time.monotonic() - pressed_at < MIN_PRESS_S:
-            return []
-        return [self._add(i)]
-
-    def _stop_recording(self, i: int) -> None:
-        self._keys[i].recording = False
-        self._buttons[i].hold_time = self._hold_time
-
-    def _clear_pressed(self) -> list[Command]:
-        self._clear_down, self._clear_used = True, False
-        down = [i for i, key in enumerate(self._keys) if key.pressed_at is not None]
-        for i in down:
-            self._keys[i].selecting = True
-            if self._keys[i].recording:
-                self._stop_recording(i)
-        if down:
-            self._clear_used = True
-            self._arm(max(down, key=lambda i: self._keys[i].pressed_at), self._forget_time)
-        else:
-            self._arm(None, self._reset_time)
-        return []
-
-    def _clear_released(self) -> list[Command]:
-        self._clear_down = False
-        self._disarm()
-        return []
-
-    def _arm(self, target: int | None, seconds: float) -> None:
-        """Start the clear gesture's timer: forget class ``target``, or reset when None."""
-        self._disarm()
-        self._gesture_gen += 1
-        self._gesture_target = target
-        self._gesture = threading.Timer(seconds, self._handler(self._fire, self._gesture_gen))
-        self._gesture.daemon = True
-        self._gesture.start()
-
-    def _disarm(self) -> None:
-        if self._gesture is not None:
-            self._gesture.cancel()
-        self._gesture, self._gesture_target = None, None
-        self._gesture_gen += 1  # a timer already running finds itself stale
-
-    def _fire(self, gen: int) -> list[Command]:
-        if gen != self._gesture_gen or not self._clear_down:
-            return []
-        target = self._gesture_target
-        self._gesture, self._gesture_target = None, None
-        if target is not None and self._keys[target].pressed_at is not None:
-            self._clear_used = True
-            log.info("panel: forgetting class %s", self._classes[target])
-            return [ForgetClass(class_name=self._classes[target], source="button")]
-        if target is None and not self._clear_used:
-            self._clear_used = True
-            log.info("panel: resetting every class")
-            return [Reset(source="button")]
-        return []
+    def _send(self, commands: list[Command]) -> None:
+        for command in commands:
+            try:
+                self._submit(command)
+            except Exception:
+                log.exception("panel: submitting %r failed", command)
 
     # Output
 
@@ -328,108 +241,19 @@ class GpioPanel:
             if self._closed:
                 return
             self._closed = True
-            if self._gesture is not None:
-                self._gesture.cancel()
+            self._wake.notify()
             for timer in self._blinks.values():
                 timer.cancel()
-        # outside the lock: closing a button joins its hold thread, which may be waiting for the lock
+        self._timer.join()
         self._close_devices()
 
     def _close_devices(self) -> None:
-        # Each Button.close() joins its hold thread, which notices only every 0.1 s: telling them
-        # all first makes closing take 0.1 s instead of 0.1 s per button.
-        for device in self._devices:
-            thread = getattr(device, "_hold_thread", None)
-            if thread is not None:
-                thread.stopping.set()
         for device in reversed(self._devices):
             try:
                 device.close()
             except Exception:
                 log.exception("panel: closing %r failed", device)
         self._devices.clear()
-
-
-KEYBOARD_HELP = """\
-edgeknn keys (type one, then Enter):
-  1..{n}   add an example of that class ({names})
-  f1..f{n} forget that class
-  reset    forget every class
-  s        save the store now
-  ?        this help"""
-
-
-class KeyboardPanel:
-    """The panel's controls as typed lines, for a desk with a USB webcam and no buttons.
-
-    One command per line (Enter sends it), so a terminal, a pipe and a test's StringIO behave the
-    same; ``?`` lists them. A reader thread submits the commands; end of input stops it quietly.
-    The stable label is logged when it changes.
-    """
-
-    def __init__(self, classes: list[str], submit: Submit, stream: TextIO | None = None):
-        self._classes = list(classes)
-        self._submit = submit
-        self._label: str | None = None
-        self._closed = False
-        self._thread = threading.Thread(
-            target=self._read,
-            args=(sys.stdin if stream is None else stream,),
-            name="edgeknn-keys",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def _read(self, stream: TextIO) -> None:
-        try:
-            for line in stream:
-                if self._closed:
-                    return
-                try:
-                    command = self._parse(line.strip().lower())
-                    if command is not None:
-                        self._submit(command)
-                except Exception:
-                    log.exception("keyboard: %r failed", line.strip())
-        except (OSError, ValueError):  # stdin closed or not readable (a service, pytest)
-            pass
-
-    def _parse(self, text: str) -> Command | None:
-        if not text:
-            return None
-        if text in ("?", "h", "help"):
-            names = ", ".join(f"{n}={name}" for n, name in enumerate(self._classes, 1))
-            print(KEYBOARD_HELP.format(n=len(self._classes), names=names), file=sys.stderr)
-            return None
-        if text == "s":
-            return Save(source="keyboard")
-        if text == "reset":
-            return Reset(source="keyboard")
-        forget = text.startswith("f")
-        number = text[1:] if forget else text
-        if number.isdigit() and 1 <= int(number) <= len(self._classes):
-            name = self._classes[int(number) - 1]
-            if forget:
-                return ForgetClass(class_name=name, source="keyboard")
-            return AddExample(class_name=name, count=1, source="keyboard")
-        print(f"edgeknn: unknown key {text!r}; type ? for help", file=sys.stderr)
-        return None
-
-    def show(self, reading: Reading) -> None:
-        if reading.label != self._label:
-            self._label = reading.label
-            log.info("stable label: %s", reading.label)
-
-    def event(self, event: dict) -> None:
-        if event.get("event") == "example_added":
-            log.info("example added: %s (%s)", event.get("class"), event.get("count", "?"))
-
-    def state(self, state: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        """Ignore further input; the reader thread is a daemon and ends with the process."""
-        self._closed = True
 
 
 def open_panel(

@@ -25,16 +25,36 @@ def shared() -> Path:
     return SHARED
 
 
-# --- MQTT: a real Mosquitto per test (tests/broker.py) ---
+@pytest.fixture
+def factory():
+    """gpiozero's MockFactory: pins a test presses and LEDs it reads, as on a Pi; reset after the test."""
+    from gpiozero.pins.mock import MockFactory
+
+    f = MockFactory()
+    yield f
+    f.reset()
+
+
+# --- MQTT: a real Mosquitto per test (edgeknn.bench.broker) and a recording client (tests/mqttclient.py) ---
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> str:
+    """The mosquitto binary. The MQTT tests fail without it, rather than skip: CI installs it (.ci/run)
+    and the README lists it. Tests that start their own broker say so with ``rig.needs_mosquitto``."""
+    from edgeknn.bench.broker import find_mosquitto
+
+    found = find_mosquitto()
+    if found is None:
+        pytest.fail("mosquitto is not installed (apt-get install mosquitto): the MQTT tests need it")
+    return found
 
 
 @pytest.fixture
-def broker(tmp_path: Path):
+def broker(tmp_path: Path, mosquitto: str):
     """A started Mosquitto on a free port on 127.0.0.1 with anonymous access; stopped by its PID after."""
-    from broker import Broker, find_mosquitto
+    from edgeknn.bench.broker import Broker
 
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
     b = Broker(tmp_path / "broker").start()
     yield b
     b.kill()
@@ -43,7 +63,7 @@ def broker(tmp_path: Path):
 @pytest.fixture
 def subscriber():
     """A factory: ``subscriber(port, ["topic/#"])`` gives a recording test client, closed after the test."""
-    from broker import Subscriber
+    from mqttclient import Subscriber
 
     made: list[Subscriber] = []
 

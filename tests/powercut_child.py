@@ -21,7 +21,8 @@ import traceback
 
 import numpy as np
 
-from edgeknn.store import KnnStore, StoreError
+from edgeknn.store import KnnStore, StoreSettings
+from edgeknn.storefile import StoreError
 
 MODEL_ID = "powercut-test-model"
 CLASSES = ("c0", "c1", "c2")
@@ -36,12 +37,12 @@ def example(i: int, dim: int) -> np.ndarray:
 
 def child(path: str, dim: int) -> None:
     try:
-        store = KnnStore.load(path, MODEL_ID, rule="nearest", capacity=CAPACITY)
+        store = KnnStore.load(path, MODEL_ID, StoreSettings(rule="nearest", capacity=CAPACITY))
     except StoreError as e:
         if "not found" not in str(e):
             os.write(1, f"unreadable {e}\n".encode())
             os._exit(3)
-        store = KnnStore(dim, MODEL_ID, rule="nearest", capacity=CAPACITY)
+        store = KnnStore(dim, MODEL_ID, StoreSettings(rule="nearest", capacity=CAPACITY))
     while True:
         i = len(store)
         store.add(CLASSES[i % 3], example(i, dim))

@@ -1,10 +1,14 @@
-"""A daemon rig for the reliability and security tests: a camera the test controls, a running daemon,
-an sd_notify listener and a recorder of what the daemon showed.
+"""What the tests share: waiting for a condition, a switchable replay camera, a recorder output, a daemon
+running in a thread, an sd_notify listener and the "needs mosquitto" marker.
 
-``Scene`` is the world in front of the camera: ``shown`` picks the class being shown (a few sign-digit
-photos each, replayed at 25 fps) and ``fault`` breaks the camera in one of the ways real ones break.
-Every photo a class shows is taught (``teach``), so classification is exact and every switch of
-``shown`` is one stable label change.
+``Scene`` is the world in front of the camera: ``shown`` picks the class being shown (its photos are
+replayed in a loop) and ``fault`` breaks the camera in one of the ways real ones break. With
+``photo_folders`` every class shows a few photos and ``teach`` adds them all, so classification is exact
+and every switch of ``shown`` is one stable label change.
+
+A test of a device waits for an event or a count (``wait_for``, with a generous timeout) and never
+assumes a rate: the suite must hold while other jobs keep every core busy. Only numpy, the camera and
+the output interface are imported here; the daemon is imported when a test runs one.
 """
 
 from __future__ import annotations
@@ -13,24 +17,35 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pytest
 from conftest import DIGITS, EXTRACTOR
 
-from edgeknn import config
 from edgeknn.camera import CameraError, ReplaySource
-from edgeknn.commands import AddExample, Result
-from edgeknn.daemon import Daemon, start
-from edgeknn.outputs import Reading
+from edgeknn.outputs import Output, Reading
+
+if TYPE_CHECKING:
+    from edgeknn import config
+    from edgeknn.daemon import Daemon
 
 CLASSES = ["1", "2", "5"]
 BUTTONS, LEDS, CLEAR, STATUS = [17, 27, 22], [5, 6, 13], 26, 19
 PHOTOS_PER_CLASS = 3
 FAULTS = ("raise", "none", "shape", "dtype", "stall", "unplugged")
 
+# A test that starts a Mosquitto: fails (the conftest fixture ``mosquitto``) where it is not installed.
+needs_mosquitto = pytest.mark.usefixtures("mosquitto")
 
-def wait_for(predicate, timeout: float = 10.0, step: float = 0.02) -> bool:
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, step: float = 0.01) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; return whether it became true.
+
+    Timeouts are generous on purpose: they bound a failing test, they are not a speed requirement.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -40,7 +55,7 @@ def wait_for(predicate, timeout: float = 10.0, step: float = 0.02) -> bool:
 
 
 def photo_folders(root: Path) -> dict[str, Path]:
-    """A folder per class holding links to its first few photos."""
+    """A folder per class under ``root`` holding links to its first few photos."""
     folders = {}
     for name in CLASSES:
         folder = root / "photos" / name
@@ -53,13 +68,19 @@ def photo_folders(root: Path) -> dict[str, Path]:
     return folders
 
 
-class Scene:
-    """What the camera sees (``shown``) and how it is broken (``fault``: one of FAULTS, or "")."""
+def digit_folders() -> dict[str, Path]:
+    """Every photo of each class: what a camera shown the real sign digits would see."""
+    return {name: DIGITS / name for name in CLASSES}
 
-    def __init__(self, root: Path, fps: float = 25.0):
-        self.folders = photo_folders(root)
+
+class Scene:
+    """What the camera sees (``shown``: a key of ``folders``) and how it is broken (``fault``: one of
+    FAULTS, or ""). ``folders`` maps each class to a photo folder (or a single photo) to replay."""
+
+    def __init__(self, folders: dict[str, Path], fps: float = 25.0):
+        self.folders = folders
         self.fps = fps
-        self.shown = CLASSES[0]
+        self.shown = next(iter(folders))
         self.fault = ""
         self.opened: list[float] = []  # monotonic times the daemon's Capture opened a source
         self.sources: list[SceneSource] = []
@@ -123,7 +144,9 @@ class SceneSource:
 
 def make_config(tmp_path: Path, **overrides) -> config.Config:
     """The rig's config: exact k-NN ("nearest"), a 5-frame majority, MockFactory-friendly pins, no MQTT."""
-    data = {
+    from edgeknn import config
+
+    data: dict = {
         "classes": CLASSES,
         "state_dir": str(tmp_path),
         "model": {"path": str(EXTRACTOR), "threads": 2},
@@ -147,38 +170,44 @@ def make_config(tmp_path: Path, **overrides) -> config.Config:
     return config.from_dict(data)
 
 
-class Recorder:
-    """An output that remembers every stable label change (frame number, label) the daemon made."""
+class Recorder(Output):
+    """An output that remembers every reading the daemon showed (and so its stable label changes)."""
 
-    def __init__(self):
-        self.changes: list[tuple[int, str]] = []
-        self.frames = 0
+    def __init__(self) -> None:
+        self.readings: list[Reading] = []
 
     def show(self, reading: Reading) -> None:
-        self.frames += 1
-        if reading.changed:
-            self.changes.append((reading.frame, reading.label))
+        self.readings.append(reading)
 
-    def event(self, event: dict) -> None:
-        pass
+    @property
+    def frames(self) -> int:
+        """How many frames the daemon has classified and shown."""
+        return len(self.readings)
 
-    def state(self, state: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    @property
+    def changes(self) -> list[tuple[int, str]]:
+        """Every stable label change, as (frame number, label)."""
+        return [(r.frame, r.label) for r in list(self.readings) if r.changed]
 
 
 class Running:
     """A daemon looping in a thread, as `edgeknn run` does in its main thread."""
 
     def __init__(self, daemon: Daemon):
+        from edgeknn.app import start
+
         self.daemon = daemon
         self.recorder = Recorder()
         daemon.outputs.append(self.recorder)
         start(daemon)
         self.thread = threading.Thread(target=daemon.loop, name="edgeknn-main", daemon=True)
         self.thread.start()
+
+    def classified(self, count: int = 5, timeout: float = 20.0) -> bool:
+        """Wait until ``count`` more frames have been classified. After switching ``Scene.shown``: the
+        loop now sees the newly shown class (a frame or two in flight may be of the one before)."""
+        start = self.recorder.frames
+        return wait_for(lambda: self.recorder.frames >= start + count, timeout)
 
     def stop(self) -> None:
         self.daemon.stop()
@@ -189,17 +218,19 @@ class Running:
 
 def teach(run: Running, scene: Scene, per_class: int = 3 * PHOTOS_PER_CLASS) -> None:
     """Show each class and add every one of its photos (several times over); wait for the results."""
+    from edgeknn.commands import AddExample, Result
+
     results: list[Result] = []
     for i, name in enumerate(CLASSES):
         scene.shown = name
-        time.sleep(0.3)  # that class's frames reach the loop
+        assert run.classified(), f"no frames classified while showing {name}"
         run.daemon.submit(AddExample(class_name=name, count=per_class, source="test", reply=results.append))
-        assert wait_for(lambda i=i: len(results) > i, 20), f"teaching {name} got no result"
+        assert wait_for(lambda i=i: len(results) > i), f"teaching {name} got no result"
         assert results[-1].ok, results[-1]
     scene.shown = CLASSES[0]
 
 
-def stable_on(run: Running, name: str, timeout: float = 10.0) -> bool:
+def stable_on(run: Running, name: str, timeout: float = 20.0) -> bool:
     """Wait until ``name`` is the stable label."""
     return wait_for(lambda: run.daemon.stabilizer.label == name, timeout)
 

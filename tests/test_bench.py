@@ -6,13 +6,17 @@ import json
 import math
 import subprocess
 import sys
+import time
 import tomllib
 
 import pytest
-from broker import find_mosquitto
 from conftest import EXTRACTOR
 
-from edgeknn import bench, config
+from edgeknn import config
+from edgeknn.bench.broker import MosquittoSub, find_binary, find_mosquitto
+from edgeknn.bench.inputs import decode_frames, synthetic_frames
+from edgeknn.bench.process import to_toml
+from edgeknn.bench.report import table
 
 REQUIRED = [
     "invoke_ms",
@@ -75,7 +79,7 @@ def test_numbers_agree_with_each_other(results):
 
 def test_the_table_names_every_measure_and_marks_missed_targets():
     results = {"threads": 2.0, "pipeline_ratio": 0.5, "knn_us_1000": 50.0, "rss_mb": 100.0}
-    text = bench.table(results, EXTRACTOR, None)
+    text = table(results, EXTRACTOR, None)
     lines = text.splitlines()
     assert "synthetic images" in lines[0]
     assert any(line.startswith("pipeline_ratio") and "MISSED" in line for line in lines)
@@ -93,14 +97,28 @@ def test_the_subprocess_config_is_the_config_it_was_made_from(tmp_path):
             "camera.source": "replay:x",
         },
     )
-    text = bench.to_toml(config.to_dict(cfg))
+    text = to_toml(config.to_dict(cfg))
     assert config.from_dict(tomllib.loads(text)) == cfg
 
 
 def test_synthetic_frames_are_replayable(tmp_path):
     from edgeknn.imagefiles import find_images
 
-    folder = bench.synthetic_frames(tmp_path / "frames", count=6)
-    frames = bench.decode_frames(folder, (224, 224))
+    folder = synthetic_frames(tmp_path / "frames", count=6)
+    frames = decode_frames(folder, (224, 224))
     assert len(find_images(folder)) == 6 == len(frames)
     assert all(f.dtype.name == "uint8" and f.shape[2] == 3 for f in frames)
+
+
+def test_mosquitto_sub_stamps_the_arrival_of_each_frame(broker, subscriber, tmp_path):
+    if find_binary("mosquitto_sub") is None:
+        pytest.skip("mosquitto_sub is not installed")
+    topic = "bench/prediction"
+    subscriber(broker.port, [topic]).publish(topic, json.dumps({"frame": 7}), retain=True)
+    before = time.time()
+    sub = MosquittoSub.start(broker.address, topic, tmp_path / "arrivals.txt", count=1)
+    assert sub is not None
+    assert sub.ended(10), "mosquitto_sub gets the retained message and ends"
+    arrivals = sub.arrivals()
+    assert list(arrivals) == [7]
+    assert before - 1 <= arrivals[7] <= time.time() + 1

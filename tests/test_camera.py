@@ -1,4 +1,7 @@
-"""Camera sources and the camera thread, against fake picamera2 / cv2 modules and real image files."""
+"""Camera sources (camera.py) and the camera thread (capture.py).
+
+Against fake picamera2 / cv2 modules and real image files.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +17,21 @@ import numpy as np
 import pytest
 from conftest import DIGITS
 from PIL import Image
+from rig import wait_for
 
 from edgeknn import camera
+from edgeknn import capture as capture_module
 from edgeknn.camera import (
     OPENCV_MISSING,
     CameraError,
-    Capture,
     OpenCVSource,
+    Pacer,
     Picamera2Source,
     ReplaySource,
-    check_frame,
     open_source,
     source_opener,
 )
+from edgeknn.capture import Capture, check_frame
 from edgeknn.imagefiles import ImageError, find_images, load_rgb
 
 RED = (255, 0, 0)
@@ -40,10 +45,7 @@ def camera_threads() -> list[threading.Thread]:
 @pytest.fixture(autouse=True)
 def no_camera_thread_left():
     yield
-    deadline = time.monotonic() + 2
-    while camera_threads() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not camera_threads(), "a test left a camera thread running"
+    assert wait_for(lambda: not camera_threads(), 10), "a test left a camera thread running"
 
 
 # --- a fake picamera2 that stores pixels the way the real one does -------------------------------------
@@ -408,6 +410,28 @@ def test_replay_close_interrupts_a_wait(image_folder):
     assert time.monotonic() - start < 1
 
 
+def test_pacer_spaces_frames_and_starts_again_after_falling_behind():
+    pacer = Pacer(fps=100)
+    assert pacer.wait()  # the first frame is due at once
+    time.sleep(0.05)  # the reader falls five periods behind
+    start = time.monotonic()
+    assert pacer.wait() and pacer.wait()  # no burst: the schedule starts again, the next is a period on
+    assert time.monotonic() - start >= 0.009
+
+
+def test_pacer_without_a_rate_never_waits_and_a_closed_one_refuses():
+    free = Pacer(fps=0)
+    assert all(free.wait() for _ in range(1000))
+    paced = Pacer(fps=0.5)
+    assert paced.wait()
+    paced.close()
+    start = time.monotonic()
+    assert not paced.wait() and paced.closed  # would wait 2 s for its turn
+    assert time.monotonic() - start < 1
+    free.close()
+    assert not free.wait()
+
+
 def test_replay_skips_unreadable_images(image_folder, caplog):
     (image_folder / "1.png").write_bytes(b"broken")
     source = ReplaySource(image_folder, fps=0, loop=False)
@@ -432,12 +456,12 @@ def test_replay_of_real_photos_decodes_the_big_ones_small():
     folder = DIGITS / "7"  # holds three 3024x3024 photos among 100x100 ones
     count = len(find_images(folder))
     source = ReplaySource(folder, fps=0, loop=False, size=SIZE)
-    start = time.monotonic()
+    start = time.thread_time()  # this thread's CPU time: what decoding costs, however busy the machine is
     shapes = []
     with pytest.raises(EOFError):
         while True:
             shapes.append(source.read().shape)
-    elapsed = time.monotonic() - start
+    elapsed = time.thread_time() - start
     assert len(shapes) == count > 200
     assert max(max(s[:2]) for s in shapes) == 448, "the 3024x3024 photos shrink to 2x the model size"
     assert (100, 100, 3) in shapes
@@ -550,7 +574,8 @@ def test_capture_keeps_only_the_newest_frame():
     with Capture(lambda: source).start() as capture:
         first = capture.latest(after=0, timeout=2)
         assert first is not None and first.number >= 1
-        time.sleep(0.1)  # the reader is slow: frames pile up at the camera, not in a queue
+        # the reader is slow: frames pile up at the camera, not in a queue
+        assert wait_for(lambda: capture.frames_captured > first.number + 5)
         before = capture.frames_captured
         frame = capture.latest(after=first.number, timeout=2)
         after = capture.frames_captured
@@ -599,7 +624,7 @@ class ScriptedSource:
 
 
 def test_capture_recovers_from_failures_with_backoff(monkeypatch, caplog):
-    monkeypatch.setattr(camera, "INITIAL_BACKOFF", 0.01)
+    monkeypatch.setattr(capture_module, "INITIAL_BACKOFF", 0.01)
     good = np.zeros((4, 4, 3), np.uint8)
     script = [
         CameraError("unplugged"),
@@ -620,7 +645,7 @@ def test_capture_recovers_from_failures_with_backoff(monkeypatch, caplog):
         return ScriptedSource(script, opened)
 
     capture = Capture(opener, max_backoff=0.04)
-    with caplog.at_level(logging.INFO, logger="edgeknn.camera"), capture.start():
+    with caplog.at_level(logging.INFO, logger="edgeknn.capture"), capture.start():
         frame = capture.latest(timeout=5)
         assert frame is not None
         assert capture.ok and capture.error == ""
@@ -642,9 +667,10 @@ def test_capture_recovers_from_failures_with_backoff(monkeypatch, caplog):
     assert caplog.text.count("camera: frames again") == 1
 
 
-def test_capture_backoff_starts_again_after_frames_came(monkeypatch):
+def test_capture_backoff_starts_again_after_frames_came(monkeypatch, caplog):
     """A source that delivers, then fails, is retried soon each time: the backoff is per outage."""
-    monkeypatch.setattr(camera, "INITIAL_BACKOFF", 0.01)
+    monkeypatch.setattr(capture_module, "INITIAL_BACKOFF", 0.01)
+    caplog.set_level(logging.DEBUG, logger="edgeknn.capture")  # every retry, with the wait it chose
     opens: list[float] = []
 
     def opener():
@@ -652,26 +678,23 @@ def test_capture_backoff_starts_again_after_frames_came(monkeypatch):
         return ScriptedSource([np.zeros((2, 2, 3), np.uint8), CameraError("flaky")], [])
 
     with Capture(opener, max_backoff=2.0).start() as capture:
-        deadline = time.monotonic() + 3
-        while len(opens) < 8 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_for(lambda: len(opens) >= 8)
     assert len(opens) >= 8 and capture.frames_captured >= 7
-    assert max(np.diff(opens[:8])) < 0.2  # without the reset: 0.01, 0.02, ... 0.64 s
+    waits = re.findall(r"retrying in ([0-9.]+)s", caplog.text)[:7]
+    assert waits == ["0.01"] * 7  # without the reset: 0.01, 0.02, ... 0.64 s
 
 
 def test_capture_logs_a_repeated_failure_once(monkeypatch, caplog):
-    monkeypatch.setattr(camera, "INITIAL_BACKOFF", 0.02)
+    monkeypatch.setattr(capture_module, "INITIAL_BACKOFF", 0.02)
     attempts = []
 
     def opener():
         attempts.append(time.monotonic())
         raise CameraError("no camera")
 
-    with caplog.at_level(logging.WARNING, logger="edgeknn.camera"):
+    with caplog.at_level(logging.WARNING, logger="edgeknn.capture"):
         capture = Capture(opener, max_backoff=0.05).start()
-        deadline = time.monotonic() + 3
-        while len(attempts) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_for(lambda: len(attempts) >= 3)
         capture.close()
     assert len(attempts) >= 3
     assert caplog.text.count("camera: no camera; retrying in") == 1
@@ -680,9 +703,7 @@ def test_capture_logs_a_repeated_failure_once(monkeypatch, caplog):
 
 def test_capture_reports_a_prepare_that_returns_no_image():
     with Capture(CountingSource, prepare=lambda image: image.astype(np.float64)).start() as capture:
-        deadline = time.monotonic() + 2
-        while not capture.error and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_for(lambda: capture.error)
         assert capture.error == "prepare returned float64 pixels, expected uint8"
         assert capture.frames_captured == 0 and capture.latest(timeout=0.05) is None
 
@@ -723,10 +744,7 @@ def test_a_stalled_source_shows_in_last_frame_age_and_close_unblocks_it():
 
 def test_capture_finishes_after_a_replay_that_does_not_loop(image_folder):
     capture = Capture(lambda: ReplaySource(image_folder, fps=0, loop=False)).start()
-    deadline = time.monotonic() + 3
-    while not capture.finished and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert capture.finished
+    assert wait_for(lambda: capture.finished)
     assert capture.frames_captured == 4
     start = time.monotonic()
     assert capture.latest(after=4, timeout=5) is None, "no waiting for frames that will never come"

@@ -50,8 +50,7 @@ def test_empty_file_gives_the_defaults(tmp_path):
 
 def test_repository_default_config_parses_to_the_defaults():
     path = REPO / "config" / "edgeknn.toml"
-    if not path.exists():
-        pytest.skip("config/edgeknn.toml is not in the repository yet")
+    assert path.is_file(), f"{path} is missing: the repository ships its default config there"
     assert config.load(path) == Config()
 
 
@@ -299,7 +298,7 @@ def test_cli_missing_config_file_exits_78(tmp_path, capsys):
 
 
 def test_store_rule_must_be_a_known_rule():
-    from edgeknn.store import RULES
+    from edgeknn.head import RULES
 
     for rule in ("default", *RULES):
         assert config.from_dict({"store": {"rule": rule}}).store.rule == rule

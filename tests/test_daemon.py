@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,35 +15,15 @@ import numpy as np
 import pytest
 from conftest import DIGITS, EXTRACTOR
 from gpiozero.pins.mock import MockFactory
-from rig import BUTTONS, CLASSES, LEDS, STATUS, Running, wait_for
+from rig import BUTTONS, CLASSES, LEDS, STATUS, Running, Scene, digit_folders, wait_for
 from rig import make_config as rig_config
 
 from edgeknn import config
+from edgeknn.app import build
 from edgeknn.camera import ReplaySource
 from edgeknn.commands import AddExample, ForgetClass, Result, Save
-from edgeknn.daemon import Stabilizer, build
+from edgeknn.daemon import Stabilizer
 from edgeknn.store import KnnStore
-
-
-class ShownClass:
-    """A replay source whose folder the test switches: "the class being shown to the camera"."""
-
-    def __init__(self, size, fps: float = 25):
-        self.size, self.fps = size, fps
-        self.shown = CLASSES[0]
-        self._sources = {}
-
-    def read(self) -> np.ndarray:
-        if self.shown not in self._sources:
-            self._sources[self.shown] = ReplaySource(
-                DIGITS / self.shown, fps=self.fps, loop=True, size=self.size
-            )
-        return self._sources[self.shown].read()
-
-    def close(self) -> None:
-        for source in self._sources.values():
-            source.close()
-        self._sources.clear()
 
 
 def make_config(tmp_path: Path, **overrides) -> config.Config:
@@ -51,53 +32,55 @@ def make_config(tmp_path: Path, **overrides) -> config.Config:
     return rig_config(tmp_path, **{**defaults, **overrides})
 
 
-@pytest.fixture
-def factory():
-    f = MockFactory()
-    yield f
-    f.reset()
+def lit_alone(run: Running, factory: MockFactory, i: int, frames: int = 10, timeout: float = 30.0) -> bool:
+    """Within ``timeout``, LED ``i`` is the only one lit and stays so, unchanged, while the loop
+    classifies ``frames`` more frames (a count of frames, not a time: it holds at any frame rate)."""
+    pins = [factory.pin(p) for p in LEDS]
+    want = [j == i for j in range(len(pins))]
+    since: tuple[int, int] | None = None  # (frames shown, LED changes) when LED i was seen lit alone
+
+    def alone_long_enough() -> bool:
+        nonlocal since
+        now = (run.recorder.frames, sum(len(p.states) for p in pins))
+        if [bool(p.state) for p in pins] != want or (since is not None and since[1] != now[1]):
+            since = None
+            return False
+        since = since or now
+        return now[0] - since[0] >= frames
+
+    return wait_for(alone_long_enough, timeout)
 
 
 def test_buttons_teach_and_leds_follow_then_restart_keeps_the_store(tmp_path, factory):
     cfg = make_config(tmp_path)
-    shown = {}
-
-    def opener():
-        shown["source"] = ShownClass(size=(224, 224))
-        return shown["source"]
-
-    run = Running(build(cfg, opener=opener, pin_factory=factory))
+    scene = Scene(digit_folders())
+    run = Running(build(cfg, opener=scene.opener, pin_factory=factory))
     daemon = run.daemon
     try:
         assert wait_for(lambda: daemon.frames_classified > 5)
-        assert factory.pin(STATUS).state, "status LED steady while running"
+        assert wait_for(lambda: factory.pin(STATUS).state), "status LED steady while running"
         # Teach: show each class and hold its button (hold to record), as a person would.
         for i, name in enumerate(CLASSES):
-            shown["source"].shown = name
-            time.sleep(0.4)  # let that class's frames reach the loop
+            scene.shown = name
+            assert run.classified(), f"no frames classified while showing {name}"
             factory.pin(BUTTONS[i]).drive_low()
-            time.sleep(1.2)
-            factory.pin(BUTTONS[i]).drive_high()
             assert wait_for(lambda n=name: daemon.store.counts()[n] >= 4), daemon.store.counts()
+            factory.pin(BUTTONS[i]).drive_high()
         taught = daemon.store.counts()
         assert all(count >= 4 for count in taught.values()), taught
-        # Watch: the LED of the class being shown should be the one lit for most samples.
+        # Watch: the LED of the class being shown lights alone, and stays so.
         for i, name in enumerate(CLASSES):
-            shown["source"].shown = name
-            time.sleep(0.6)
-            right = 0
-            for _ in range(40):
-                lit = [factory.pin(p).state for p in LEDS]
-                right += lit[i] and sum(lit) == 1
-                time.sleep(0.05)
-            assert right >= 24, f"class {name}: its LED alone was lit in {right}/40 samples"
-        assert wait_for(lambda: (tmp_path / "store.npz").exists(), 5), "autosave wrote the store"
+            scene.shown = name
+            assert lit_alone(run, factory, i), (
+                f"class {name}: its LED never stayed lit alone; LEDs {[factory.pin(p).state for p in LEDS]}"
+            )
+        assert wait_for(lambda: (tmp_path / "store.npz").exists()), "autosave wrote the store"
     finally:
         run.stop()
     saved = KnnStore.load(tmp_path / "store.npz", daemon.embedder.identity)
     assert saved.counts() == daemon.store.counts()
     # Restart: a new daemon loads what the old one saved.
-    again = build(cfg, opener=lambda: ShownClass((224, 224)), pin_factory=MockFactory())
+    again = build(cfg, opener=Scene(digit_folders()).opener, pin_factory=factory)
     try:
         assert again.store.counts() == daemon.store.counts()
     finally:
@@ -106,7 +89,7 @@ def test_buttons_teach_and_leds_follow_then_restart_keeps_the_store(tmp_path, fa
 
 def test_commands_from_the_queue_and_their_results(tmp_path, factory):
     cfg = make_config(tmp_path, **{"panel.kind": "none"})
-    run = Running(build(cfg, opener=lambda: ShownClass((224, 224))))
+    run = Running(build(cfg, opener=Scene(digit_folders()).opener))
     results: list[Result] = []
     try:
         d = run.daemon
@@ -131,8 +114,8 @@ def test_each_reading_is_of_its_own_frame_while_the_next_one_is_embedded(tmp_pat
     """The inference thread embeds frame N+1 while frame N is classified: no reading may get
     another frame's embedding, and the frames come in order."""
     cfg = make_config(tmp_path, **{"panel.kind": "none"})
-    camera = ShownClass((224, 224), fps=0)  # as fast as it can: a newer frame is always there
-    daemon = build(cfg, opener=lambda: camera)
+    scene = Scene(digit_folders(), fps=0)  # as fast as it can: a newer frame is always there
+    daemon = build(cfg, opener=scene.opener)
     for name, folder in zip(CLASSES, ("1", "2", "5"), strict=True):
         for path in sorted((DIGITS / folder).iterdir())[:3]:
             daemon.store.add(name, daemon.embedder.embed(np.asarray(ReplaySource(path, loop=False).read())))
@@ -149,7 +132,7 @@ def test_each_reading_is_of_its_own_frame_while_the_next_one_is_embedded(tmp_pat
             assert reading.similarity == pytest.approx(own.similarity, abs=1e-6)
             readings.append(reading)
             if len(readings) % 10 == 0:
-                camera.shown = CLASSES[len(readings) // 10 % 3]
+                scene.shown = CLASSES[len(readings) // 10 % 3]
         assert [r.frame for r in readings] == sorted({r.frame for r in readings})
         assert overlapped >= 20
     finally:
@@ -210,6 +193,14 @@ def test_run_as_a_newcomer_would_then_sigterm(tmp_path):
          "--mqtt", "none", "--model", str(EXTRACTOR), "--store", str(store)],
         stderr=subprocess.PIPE, text=True, env={**env, "HOME": str(tmp_path)},
     )  # fmt: skip
+    lines: list[str] = []  # stderr, read as it comes: the test waits for the first prediction
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
         messages = []
         while not any("READY=1" in m for m in messages):
@@ -218,12 +209,14 @@ def test_run_as_a_newcomer_would_then_sigterm(tmp_path):
         while time.monotonic() < deadline and not any("WATCHDOG=1" in m for m in messages):
             messages.append(notify.recv(4096).decode())
         assert any("WATCHDOG=1" in m for m in messages), messages
-        time.sleep(3)
+        assert wait_for(lambda: any("prediction: " in line for line in lines), 60), "".join(lines)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        proc.wait(30)
+        reader.join(10)
     finally:
         proc.kill()
         notify.close()
+    err = "".join(lines)
     assert proc.returncode == 0, err
     predictions = [line for line in err.splitlines() if "prediction:" in line]
     assert predictions, err

@@ -2,7 +2,7 @@
 
 `edgeknn run` runs as a subprocess where signals and the command line matter; in-process (``build``
 with a switchable replay source and MockFactory buttons) where the test shows the camera a class or
-presses a button. Every broker listens on a free port on 127.0.0.1 (tests/broker.py).
+presses a button. Every broker listens on a free port on 127.0.0.1 (edgeknn.bench.broker).
 """
 
 from __future__ import annotations
@@ -20,20 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from broker import Broker, find_mosquitto, free_port
 from conftest import DIGITS, EXTRACTOR
-from gpiozero.pins.mock import MockFactory
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from rig import Running
+from rig import Recorder, Running, Scene, digit_folders, needs_mosquitto, wait_for
 
 from edgeknn import config
-from edgeknn.camera import ReplaySource
-from edgeknn.daemon import Daemon, build
-from edgeknn.mqtt import MqttLink
+from edgeknn.app import build
+from edgeknn.bench.broker import Broker, free_port
+from edgeknn.daemon import Daemon
+from edgeknn.mqtt.link import MqttLink
 from edgeknn.store import KnnStore
 
-pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+pytestmark = needs_mosquitto
 
 CLASSES = ["1", "2", "5"]
 BUTTONS, LEDS = [17, 27, 22], [5, 6, 13]
@@ -44,15 +43,6 @@ REPLY = "test/reply"  # MQTT 5 response topic of the test's requests
 TOPICS = [f"{BASE}/#", REPLY]
 TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 PREDICTION_KEYS = {"label", "confidence", "scores", "similarity", "frame", "ts", "latency_ms", "seq"}
-
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def body(m) -> dict:
@@ -245,31 +235,6 @@ def test_mqtt_none_never_connects(tmp_path, broker, subscriber, run_daemon):
 # --- the daemon in-process: a switchable camera, MockFactory buttons ------------------------------
 
 
-class Camera:
-    """A replay source whose folder (a class) or single photo the test switches: what the camera sees."""
-
-    def __init__(self, shown: Path):
-        self.shown = shown
-
-    def open(self) -> Camera.Source:
-        return Camera.Source(self)
-
-    class Source:
-        def __init__(self, camera: Camera):
-            self.camera = camera
-            self._sources: dict[Path, ReplaySource] = {}
-
-        def read(self) -> np.ndarray:
-            path = self.camera.shown
-            if path not in self._sources:
-                self._sources[path] = ReplaySource(path, fps=20, loop=True, size=(224, 224))
-            return self._sources[path].read()
-
-        def close(self) -> None:
-            for source in self._sources.values():
-                source.close()
-
-
 def daemon_config(tmp_path: Path, port: int, panel: str = "none") -> config.Config:
     return config.from_dict(
         {
@@ -310,12 +275,12 @@ def saved(path: Path) -> dict[str, np.ndarray]:
         return {name: f[name] for name in f.files}
 
 
-def test_add_example_over_mqtt_teaches_exactly_as_a_button(tmp_path, broker, subscriber, running):
+def test_add_example_over_mqtt_teaches_exactly_as_a_button(tmp_path, broker, subscriber, running, factory):
     sub = subscriber(broker.port, TOPICS)
-    factory = MockFactory()
     photo = sorted((DIGITS / "2").glob("*.JPG"))[0]  # one photo, always: every example embeds the same
+    scene = Scene({"2": photo}, fps=20)
     run = running(
-        build(daemon_config(tmp_path, broker.port, "gpio"), opener=Camera(photo).open, pin_factory=factory)
+        build(daemon_config(tmp_path, broker.port, "gpio"), opener=scene.opener, pin_factory=factory)
     )
     d = run.daemon
     sub.wait_for(is_online, timeout=30)
@@ -405,7 +370,9 @@ MALFORMED = [
 
 def test_malformed_commands_get_errors_and_change_nothing(tmp_path, broker, subscriber, running):
     sub = subscriber(broker.port, TOPICS)
-    run = running(build(daemon_config(tmp_path, broker.port), opener=Camera(DIGITS / "5").open))
+    run = running(
+        build(daemon_config(tmp_path, broker.port), opener=Scene({"5": DIGITS / "5"}, fps=20).opener)
+    )
     d = run.daemon
     sub.wait_for(is_online, timeout=30)
     assert request(sub, "add_example", {"class": "5", "count": 2}, "teach")["ok"] is True
@@ -431,24 +398,17 @@ def test_malformed_commands_get_errors_and_change_nothing(tmp_path, broker, subs
     assert request(sub, "add_example", {"class": "1"}, "good")["count"] == 1
 
 
-class Recorder:
-    """An extra output: every reading the daemon shows, and whether the MQTT link was up at the time."""
+class LinkRecorder(Recorder):
+    """The rig's recorder, also noting whether the MQTT link was up when each reading was shown."""
 
     def __init__(self, link: MqttLink):
+        super().__init__()
         self.link = link
-        self.readings: list[tuple[str, bool, int, bool]] = []  # label, changed, frame, connected
+        self.seen: list[tuple[str, bool, int, bool]] = []  # label, changed, frame, connected
 
     def show(self, reading) -> None:
-        self.readings.append((reading.label, reading.changed, reading.frame, self.link.connected))
-
-    def event(self, event) -> None:
-        pass
-
-    def state(self, state) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+        super().show(reading)
+        self.seen.append((reading.label, reading.changed, reading.frame, self.link.connected))
 
 
 def test_broker_restart_loses_no_label_change(tmp_path, subscriber, running):
@@ -456,24 +416,24 @@ def test_broker_restart_loses_no_label_change(tmp_path, subscriber, running):
     try:
         # A persistent session (fixed client id, session expiry, QoS 1): the broker keeps what we miss.
         sub = subscriber(b.port, TOPICS, client_id="test-seq", session_expiry=300)
-        camera = Camera(DIGITS / "1")
-        daemon = build(daemon_config(tmp_path, b.port), opener=camera.open)
+        scene = Scene(digit_folders(), fps=20)
+        daemon = build(daemon_config(tmp_path, b.port), opener=scene.opener)
         link = next(o for o in daemon.outputs if isinstance(o, MqttLink))
-        recorder = Recorder(link)
+        recorder = LinkRecorder(link)
         daemon.outputs.append(recorder)
         run = running(daemon)
         sub.wait_for(is_online, timeout=30)
         for name in CLASSES:
-            camera.shown = DIGITS / name
+            scene.shown = name
             wait_frames(daemon)
             assert request(sub, "add_example", {"class": name, "count": 8}, f"teach-{name}")["ok"] is True
-        camera.shown = DIGITS / "1"
+        scene.shown = "1"
 
         def shown_and_received(label: str) -> bool:  # the latest change is to ``label`` and has arrived
-            changes = [r for r in recorder.readings if r[1]]
+            changes = [r for r in recorder.seen if r[1]]
             return bool(changes) and changes[-1][0] == label and changes[-1][2] in frames(sub.messages)
 
-        assert wait_for(lambda: shown_and_received("1"), 30), recorder.readings[-20:]
+        assert wait_for(lambda: shown_and_received("1"), 30), recorder.seen[-20:]
         # Mosquitto saves every ~2 s (autosave_interval 1 counts whole seconds): once it has saved after
         # the last message, a SIGKILL cannot revive a delivered message from a stale file as a duplicate.
         quiet, db = time.time(), b.directory / "mosquitto.db"
@@ -483,8 +443,8 @@ def test_broker_restart_loses_no_label_change(tmp_path, subscriber, running):
         assert wait_for(lambda: daemon.broker_status() == "down")
         before = list(sub.messages)
         sub.clear()
-        camera.shown = DIGITS / "5"  # the label changes while the broker is away
-        assert wait_for(lambda: any(r[:2] == ("5", True) and not r[3] for r in recorder.readings), 30)
+        scene.shown = "5"  # the label changes while the broker is away
+        assert wait_for(lambda: any(r[:2] == ("5", True) and not r[3] for r in recorder.seen), 30)
         assert daemon.state()["broker"] == "down"
         b.start()
 
@@ -499,11 +459,11 @@ def test_broker_restart_loses_no_label_change(tmp_path, subscriber, running):
         assert all(x < y for x, y in zip(seqs, seqs[1:], strict=False)), (
             f"seq not strictly increasing: {trail}"
         )
-        changes = {frame for _, changed, frame, _ in recorder.readings if changed}
-        outage = {frame for label, changed, frame, up in recorder.readings if changed and not up}
+        changes = {frame for _, changed, frame, _ in recorder.seen if changed}
+        outage = {frame for label, changed, frame, up in recorder.seen if changed and not up}
         assert outage and outage <= frames(before + sub.messages), f"a change in the outage is lost: {trail}"
         assert changes <= frames(before + sub.messages), f"a label change never arrived: {trail}"
-        assert deduped([p["label"] for p in received]) == deduped([r[0] for r in recorder.readings])
+        assert deduped([p["label"] for p in received]) == deduped([r[0] for r in recorder.seen])
     finally:
         b.kill()
 
@@ -511,7 +471,9 @@ def test_broker_restart_loses_no_label_change(tmp_path, subscriber, running):
 def test_state_sent_on_reconnect_says_broker_ok(tmp_path, broker, subscriber, running):
     """The state published on (re)connect, just before ``online``, must not say the broker is down."""
     first = subscriber(broker.port, [AVAIL])
-    run = running(build(daemon_config(tmp_path, broker.port), opener=Camera(DIGITS / "1").open))
+    run = running(
+        build(daemon_config(tmp_path, broker.port), opener=Scene({"1": DIGITS / "1"}, fps=20).opener)
+    )
     first.wait_for(is_online, timeout=30)
     broker.kill()
     assert wait_for(lambda: run.daemon.broker_status() == "down")

@@ -1,4 +1,4 @@
-"""The model layer on the real TFLite interpreter and the real models and photos in ../shared."""
+"""model.py and classifier.py on the real TFLite interpreter and the real models and photos in ../shared."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from edgeknn.classifier import Classifier, read_labels
 from edgeknn.imagefiles import load_rgb
 from edgeknn.model import (
     DEFAULT_MODEL_FILE,
     DEFAULT_MODEL_SHA256,
-    Classifier,
     Embedder,
     Model,
     ModelError,
@@ -25,7 +25,6 @@ from edgeknn.model import (
     crop_and_resize,
     load_interpreter,
     parse_labels,
-    read_labels,
     sha256_of,
 )
 

@@ -1,4 +1,4 @@
-"""The MQTT link against a real Mosquitto started by the tests (tests/broker.py)."""
+"""The MQTT link against a real Mosquitto started by the tests (edgeknn.bench.broker)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import time
 
 import numpy as np
 import pytest
-from broker import Broker, Subscriber, find_mosquitto, make_certs
+from mqttclient import Subscriber, make_certs
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from rig import needs_mosquitto, wait_for
 
+from edgeknn.bench.broker import Broker
 from edgeknn.commands import (
     AddExample,
     ForgetClass,
@@ -27,10 +29,12 @@ from edgeknn.commands import (
     Snapshot,
 )
 from edgeknn.config import MqttConfig
-from edgeknn.mqtt import MqttError, MqttLink
+from edgeknn.mqtt.commands import CommandError, parse_command
+from edgeknn.mqtt.connection import MqttError
+from edgeknn.mqtt.link import MqttLink
 from edgeknn.outputs import Reading
 
-pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+pytestmark = needs_mosquitto
 
 BASE = "edgeknn/dev1"
 AVAIL = f"{BASE}/availability"
@@ -65,13 +69,6 @@ def make_link():
     yield make
     for link in links:
         link.close()
-
-
-def wait_until(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
-        time.sleep(0.01)
 
 
 def is_online(m) -> bool:
@@ -132,7 +129,7 @@ def test_state_then_online_retained_offline_on_close(broker, subscriber, make_li
 CHILD = """
 import sys, time
 from edgeknn.config import MqttConfig
-from edgeknn.mqtt import MqttLink
+from edgeknn.mqtt.link import MqttLink
 link = MqttLink(MqttConfig(host="127.0.0.1", port=int(sys.argv[1]), discovery=False), base_topic=sys.argv[2],
                 device_id="child", classes=["a"], submit=lambda c: None, version="t")
 link.start()
@@ -166,7 +163,7 @@ def test_lwt_offline_when_the_process_dies(broker, subscriber):
 def test_predictions_on_change_and_heartbeat(broker, subscriber, make_link):
     sub = subscriber(broker.port, [PREDICTION])
     link, _ = make_link(broker.port, discovery=False, heartbeat_s=0.4)
-    wait_until(lambda: link.connected)
+    assert wait_for(lambda: link.connected)
     link.show(reading("unknown", changed=False, frame=1))  # the first one after connecting always goes out
     link.show(reading("cup", changed=True, frame=2))
     link.show(reading("cup", changed=False, frame=3))
@@ -191,7 +188,7 @@ def test_predictions_on_change_and_heartbeat(broker, subscriber, make_link):
 def test_predictions_every_frame(broker, subscriber, make_link):
     sub = subscriber(broker.port, [PREDICTION])
     link, _ = make_link(broker.port, discovery=False, publish="every_frame", heartbeat_s=0.0)
-    wait_until(lambda: link.connected)
+    assert wait_for(lambda: link.connected)
     for frame in range(1, 6):
         link.show(reading("cup", changed=False, frame=frame))
     sub.wait_for(lambda m: json.loads(m.payload)["frame"] == 5)
@@ -217,14 +214,16 @@ def test_seq_is_one_counter_across_topics(broker, subscriber, make_link):
 # -- commands
 
 
+RIG_ALLOWED = ["add_example", "forget_class", "rename_class", "reset", "save", "set_threshold"]
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     """One broker, link and subscriber for the command tables (snapshot is not allowed here)."""
     b = Broker(tmp_path_factory.mktemp("rig")).start()
     submitted: queue.Queue = queue.Queue()
-    allowed = ["add_example", "forget_class", "rename_class", "reset", "save", "set_threshold"]
     link = MqttLink(
-        MqttConfig(host="127.0.0.1", port=b.port, discovery=False, allowed_commands=allowed),
+        MqttConfig(host="127.0.0.1", port=b.port, discovery=False, allowed_commands=RIG_ALLOWED),
         base_topic=BASE,
         device_id="dev1",
         classes=list(CLASSES),
@@ -347,6 +346,22 @@ def test_malformed_command_gets_an_error_and_submits_nothing(rig, index, name, p
     assert submitted.empty()
 
 
+@pytest.mark.parametrize(("name", "payload", "expected"), VALID)
+def test_parse_command_builds_the_command(name, payload, expected):
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    config = MqttConfig(allowed_commands=RIG_ALLOWED)
+    command = parse_command(name, data, classes=CLASSES, config=config, reply=print)
+    assert command == expected and command.reply is print
+
+
+@pytest.mark.parametrize(("name", "payload", "field"), MALFORMED)
+def test_parse_command_refuses_naming_the_field(name, payload, field):
+    config = MqttConfig(allowed_commands=RIG_ALLOWED)
+    with pytest.raises(CommandError) as refused:
+        parse_command(name, payload, classes=CLASSES, config=config)
+    assert str(refused.value).startswith(f"{field}: ") and "\n" not in str(refused.value)
+
+
 def test_own_topics_and_retained_commands_are_ignored(broker, subscriber, make_link):
     sub = subscriber(broker.port, [f"{BASE}/#"])
     sub.publish(
@@ -371,7 +386,8 @@ def test_commands_disabled_subscribes_nothing(broker, subscriber, make_link):
     )
     sub.wait_for(lambda m: m.topic == "edgeknn/on/availability" and m.text == "online")
     sub.wait_for(lambda m: m.topic == "edgeknn/off/availability" and m.text == "online")
-    wait_until(lambda: "edgeknn/on/cmd/+" in broker.log())  # the control: a subscription shows in the log
+    # the control: a subscription shows in the log
+    assert wait_for(lambda: "edgeknn/on/cmd/+" in broker.log())
     assert "edgeknn/off/" not in broker.log()
     sub.publish("edgeknn/off/cmd/add_example", j({"class": "cup"}))
     sub.publish("edgeknn/off/cmd/save", b"{}")
@@ -379,7 +395,9 @@ def test_commands_disabled_subscribes_nothing(broker, subscriber, make_link):
     assert submitted.empty() and not [m for m in sub.messages if m.topic == "edgeknn/off/cmd/result"]
 
 
-def test_failing_submit_and_callback_bugs_leave_the_link_working(broker, subscriber, make_link, caplog):
+def test_failing_submit_and_callback_bugs_leave_the_link_working(
+    broker, subscriber, make_link, caplog, monkeypatch
+):
     sub = subscriber(broker.port, [f"{BASE}/#", "test/replies"])
     link, submitted = make_link(broker.port, discovery=False)
     sub.wait_for(is_online)
@@ -399,10 +417,10 @@ def test_failing_submit_and_callback_bugs_leave_the_link_working(broker, subscri
     sub.publish(f"{BASE}/cmd/save", b"{}")
     assert submitted.get(timeout=5) == Save(source="mqtt")
 
-    parse, link._parse = link._parse, None  # a bug inside paho's callback: logged, the thread lives on
-    sub.publish(f"{BASE}/cmd/save", b"{}")
-    wait_until(lambda: "mqtt: error in _on_message" in caplog.text)
-    link._parse = parse
+    with monkeypatch.context() as patch:  # a bug inside paho's callback: logged, the thread lives on
+        patch.setattr("edgeknn.mqtt.link.parse_command", None)
+        sub.publish(f"{BASE}/cmd/save", b"{}")
+        assert wait_for(lambda: "mqtt: error in _on_message" in caplog.text)
     sub.publish(f"{BASE}/cmd/snapshot", b"{}")
     assert submitted.get(timeout=5) == Snapshot(source="mqtt")
     assert link.connected and submitted.empty()
@@ -453,7 +471,7 @@ def test_reconnects_after_broker_kill_and_delivers_changes(tmp_path, subscriber,
         sub.wait_for(is_online)
         time.sleep(1.2)  # autosave_interval 1: the subscriber's persistent session is on disk
         b.kill()
-        wait_until(lambda: not link.connected)
+        assert wait_for(lambda: not link.connected)
         sub.clear()
         link.state({"classes": {"cup": 2, "pen": 0, "two words": 0}, "n": 2})
         link.event({"event": "example_added", "class": "cup", "count": 2, "source": "button"})
@@ -523,7 +541,7 @@ def test_discovery_configs_and_training_controls(broker, subscriber, make_link):
 
     sub.clear()
     sub.publish("homeassistant/status", "online")  # Home Assistant restarted
-    wait_until(lambda: len([m for m in sub.messages if m.topic.endswith("/config")]) == len(configs))
+    assert wait_for(lambda: len([m for m in sub.messages if m.topic.endswith("/config")]) == len(configs))
 
     sub.clear()
     link.state({"classes": {"cup": 1, "pen": 0, "two words": 0, "mug": 0}})
@@ -559,7 +577,7 @@ def test_tls_with_client_certificate(tmp_path, subscriber, make_link, caplog):
         assert link.connected
         tls["ca_file"] = str(certs.client_cert)  # not the CA that signed the server: verification fails
         bad, _ = make_link(b.tls_port, discovery=False, device_id="bad", base="edgeknn/bad", **tls)
-        wait_until(lambda: "cannot reach broker" in caplog.text)
+        assert wait_for(lambda: "cannot reach broker" in caplog.text)
         assert "CERTIFICATE_VERIFY_FAILED" in caplog.text and not bad.connected
     finally:
         b.kill()
@@ -585,7 +603,7 @@ def test_wrong_password_is_logged_clearly(tmp_path, make_link, caplog):
         good, _ = make_link(
             b.port, discovery=False, username="edge", password_file=str(secret), device_id="good"
         )
-        wait_until(lambda: good.connected)
+        assert wait_for(lambda: good.connected)
     finally:
         b.kill()
 

@@ -1,4 +1,8 @@
-"""The panel, driven through gpiozero's own MockFactory: pins are pressed and LEDs read as on a Pi."""
+"""The panel, driven through gpiozero's own MockFactory: pins are pressed and LEDs read as on a Pi.
+
+What each gesture means, and when, is tested without sleeps in test_gestures.py; these tests check
+that pin edges and the panel's timer reach the gestures, and that the LEDs show what they should.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +10,24 @@ import io
 import sys
 import threading
 import time
-import warnings
+import types
 
 import pytest
-from gpiozero import BadPinFactory, Device, PinFactoryFallback
-from gpiozero.pins.mock import MockFactory
+from gpiozero import Device
+from rig import wait_for
 
 from edgeknn import panel as panel_mod
 from edgeknn.commands import AddExample, ForgetClass, Reset, Save
 from edgeknn.config import PanelConfig
+from edgeknn.keyboard import KeyboardPanel
 from edgeknn.outputs import Reading
-from edgeknn.panel import GpioPanel, KeyboardPanel, PanelError, open_panel
+from edgeknn.panel import GpioPanel, PanelError, open_panel
 
 CLASSES = ["one", "two", "three"]
 B1, B2, B3, CLEAR = 17, 27, 22, 26
 L1, L2, L3, STATUS = 5, 6, 13, 19
 FORGET, RESET = 0.2, 0.4  # short clear durations keep the suite fast
 FAST = PanelConfig(hold_time=0.2, hold_rate=20.0)
-
-
-def wait_for(condition, timeout: float = 2.0) -> bool:
-    """Poll ``condition`` until it is true or ``timeout`` passes; return its last value."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return bool(condition())
-        time.sleep(0.005)
-    return True
 
 
 def reading(label: str) -> Reading:
@@ -51,13 +46,6 @@ class Recorder:
         with self._lock:
             self.commands.append(command)
             self.times.append(time.monotonic())
-
-
-@pytest.fixture
-def factory():
-    f = MockFactory()
-    yield f
-    f.reset()
 
 
 @pytest.fixture
@@ -98,46 +86,20 @@ def test_short_press_adds_exactly_one_example_of_its_class(make, factory):
     assert rec.commands == [add("two")]
 
 
-def test_contact_bounce_is_not_a_press(make, factory):
-    _, rec = make()
-    press(factory.pin(B1), seconds=0.001)
-    time.sleep(0.05)
-    assert rec.commands == []
-    press(factory.pin(B1))
-    assert wait_for(lambda: rec.commands == [add("one")])
-
-
-def test_hold_records_at_hold_rate_and_stops_on_release(make, factory):
+def test_hold_records_until_release(make, factory):
+    """The panel's timer drives hold-to-record; its timing is in test_gestures.py."""
     _, rec = make()
     pin = factory.pin(B3)
-    pin.drive_low()
     start = time.monotonic()
-    time.sleep(0.5)
-    pin.drive_high()
+    pin.drive_low()
     assert wait_for(lambda: len(rec.commands) >= 3)
+    pin.drive_high()
+    time.sleep(0.1)  # a tick that ran just before the release may still be submitting
     count = len(rec.commands)
     time.sleep(0.2)
     assert len(rec.commands) == count, "examples kept coming after the release"
     assert set(rec.commands) == {add("three")}
-    # the first comes after hold_time, then one per 1/hold_rate (0.05 s): about 7 in 0.5 s
-    assert rec.times[0] - start >= FAST.hold_time - 0.01
-    assert 3 <= count <= 8
-    gaps = [b - a for a, b in zip(rec.times, rec.times[1:], strict=False)]
-    assert 0.03 <= sum(gaps) / len(gaps) <= 0.1
-
-
-def test_hold_then_short_press_uses_the_hold_time_again(make, factory):
-    _, rec = make()
-    pin = factory.pin(B1)
-    pin.drive_low()
-    assert wait_for(lambda: len(rec.commands) >= 2)
-    pin.drive_high()
-    time.sleep(0.05)
-    held = len(rec.commands)
-    press(pin, seconds=0.1)  # shorter than hold_time, longer than the repeat interval
-    assert wait_for(lambda: len(rec.commands) == held + 1)
-    time.sleep(0.1)
-    assert len(rec.commands) == held + 1
+    assert rec.times[0] - start >= FAST.hold_time - 0.01  # the first comes after hold_time
 
 
 def test_a_raising_submit_does_not_break_later_presses(make, factory, caplog):
@@ -171,13 +133,6 @@ def test_active_high_buttons_without_pull_up(make, factory):
 # The clear button
 
 
-def test_a_short_press_of_clear_destroys_nothing(make, factory):
-    _, rec = make()
-    press(factory.pin(CLEAR), seconds=0.1)
-    time.sleep(RESET + 0.1)
-    assert rec.commands == []
-
-
 def test_clear_with_a_class_button_forgets_that_class_and_adds_nothing(make, factory):
     _, rec = make()
     clear, button = factory.pin(CLEAR), factory.pin(B2)
@@ -192,35 +147,10 @@ def test_clear_with_a_class_button_forgets_that_class_and_adds_nothing(make, fac
     assert rec.commands == [ForgetClass(class_name="two", source="button")]
 
 
-def test_class_button_first_then_clear_also_forgets(make, factory):
-    _, rec = make()
-    clear, button = factory.pin(CLEAR), factory.pin(B3)
-    button.drive_low()
-    time.sleep(0.05)
-    clear.drive_low()
-    assert wait_for(lambda: rec.commands)
-    clear.drive_high()
-    button.drive_high()
-    time.sleep(0.05)
-    assert rec.commands == [ForgetClass(class_name="three", source="button")]
-
-
-def test_releasing_the_class_button_early_cancels_the_forget_and_the_reset(make, factory):
-    _, rec = make()
-    clear, button = factory.pin(CLEAR), factory.pin(B1)
-    clear.drive_low()
-    press(button, seconds=FORGET / 2)
-    time.sleep(RESET)  # clear alone long enough for a reset, but a class took part
-    clear.drive_high()
-    assert rec.commands == []
-
-
 def test_clear_held_alone_resets_once(make, factory):
     _, rec = make()
     clear = factory.pin(CLEAR)
     clear.drive_low()
-    time.sleep(FORGET + 0.05)
-    assert rec.commands == [], "a forget-length hold must not reset"
     assert wait_for(lambda: rec.commands)
     time.sleep(0.1)
     clear.drive_high()
@@ -252,7 +182,7 @@ def test_example_added_blinks_then_returns_to_the_steady_state(make, factory):
     p.event({"event": "example_added", "class": "one", "count": 3, "source": "button"})
     p.event({"event": "example_added", "class": "two", "count": 1, "source": "button"})
     assert (lit.state, dark.state) == (False, True)
-    assert wait_for(lambda: (lit.state, dark.state) == (True, False), timeout=1.0)
+    assert wait_for(lambda: (lit.state, dark.state) == (True, False))
     assert 0.1 <= lit.states[-1].timestamp <= 0.5  # it was off for about BLINK_S
     p.show(reading("one"))  # every frame: no change, no flicker
     p.event({"event": "prediction"})
@@ -302,8 +232,15 @@ def test_status_fast_blink_on_error_is_not_restarted_by_repeated_state(make, fac
     led = factory.pin(STATUS)
     broken = dict(OK, error="model failed to load")
     p.state(broken)
-    seen = toggles(led, 0.55, poke=lambda: p.state(broken))
-    assert len(seen) >= 4, seen  # on 0.1 s / off 0.1 s
+    seen = [led.state]
+
+    def blinked_four_times() -> bool:  # on 0.1 s / off 0.1 s, however often the same state comes
+        p.state(broken)
+        if led.state != seen[-1]:
+            seen.append(led.state)
+        return len(seen) >= 4
+
+    assert wait_for(blinked_four_times), seen
     p.state(OK)
     assert toggles(led, 0.25) == [True]
 
@@ -313,7 +250,7 @@ def test_status_slow_blink_when_camera_or_broker_down(make, factory):
     led = factory.pin(STATUS)
     p.state(dict(OK, camera="down"))
     assert toggles(led, 0.8, poke=lambda: p.state(dict(OK, camera="down"))) == [True]
-    assert wait_for(lambda: not led.state, timeout=0.5)  # off after SLOW_BLINK's 1 s on
+    assert wait_for(lambda: not led.state)  # off after SLOW_BLINK's 1 s on
     p.state(dict(OK, broker="down"))  # still "slow": the blink keeps its rhythm
     assert not led.state
 
@@ -338,20 +275,30 @@ def test_close_releases_every_pin(factory):
     p.close()
     p.show(reading("one"))  # after close: a no-op, not an error
     assert not factory.pin(L1).state
+    assert not [t for t in threading.enumerate() if t.name == "edgeknn-panel"], "the timer thread lives on"
 
 
 # Errors
 
 
 def test_no_gpio_gives_one_clear_line(monkeypatch):
-    """Whatever machine runs the suite, the default pin factory is made to fail as off a Pi."""
+    """Whatever machine runs the suite, gpiozero's default pin factories fail to load as off a Pi."""
+    factories = {
+        "lgpio": "LGPIOFactory",
+        "rpigpio": "RPiGPIOFactory",
+        "pigpio": "PiGPIOFactory",
+        "native": "NativeFactory",
+    }
+    for name, cls in factories.items():
 
-    def no_gpio():
-        warnings.warn(PinFactoryFallback("Falling back from lgpio: No module named 'lgpio'"), stacklevel=1)
-        raise BadPinFactory("Unable to load any default pin factory!")
+        def no_gpio(name: str = name):
+            raise ModuleNotFoundError(f"No module named '{name}'")
 
+        module = types.ModuleType(f"gpiozero.pins.{name}")
+        setattr(module, cls, no_gpio)
+        monkeypatch.setitem(sys.modules, module.__name__, module)  # what `import` finds: the public classes
     monkeypatch.setattr(Device, "pin_factory", None)
-    monkeypatch.setattr(Device, "_default_pin_factory", staticmethod(no_gpio))
+    monkeypatch.delenv("GPIOZERO_PIN_FACTORY", raising=False)
     with pytest.raises(PanelError) as e:
         GpioPanel(CLASSES, Recorder(), PanelConfig())
     message = str(e.value)
@@ -419,7 +366,7 @@ def test_keyboard_panel_turns_lines_into_commands(capsys):
 
 
 def test_keyboard_panel_logs_the_label_when_it_changes(caplog):
-    caplog.set_level("INFO", logger="edgeknn.panel")
+    caplog.set_level("INFO", logger="edgeknn.keyboard")
     p = KeyboardPanel(CLASSES, Recorder(), stream=io.StringIO(""))  # EOF at once, quietly
     for label in ("one", "one", "unknown", "unknown", "two"):
         p.show(reading(label))

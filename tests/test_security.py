@@ -1,9 +1,10 @@
 """Security: hostile MQTT commands (fuzzed), TLS with client certificates and passwords, command
 switches, no pickle anywhere, the payload limit and the systemd unit's exposure.
 
-The fuzz drives a running daemon: most payloads go straight into the MQTT link's message handler
-(the same code paho calls), a few hundred more through the real broker. Every invalid command must
-get an error result and leave the store as it was; valid ones must do exactly what they say.
+The fuzz drives a running daemon: most payloads go through ``parse_command`` straight onto its queue
+(what the MQTT link does with each message paho delivers), a few hundred more through the real broker.
+Every invalid command must get an error result and leave the store as it was; valid ones must do
+exactly what they say.
 """
 
 from __future__ import annotations
@@ -21,26 +22,27 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from broker import Broker, Certs, find_mosquitto, make_certs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mqttclient import make_certs
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from rig import Running, Scene, make_config, teach, wait_for
+from rig import Running, Scene, make_config, needs_mosquitto, photo_folders, teach, wait_for
 
+from edgeknn.app import build
+from edgeknn.bench.broker import Broker, Certs
 from edgeknn.commands import CLASS_NAME_RE, Result, class_name_error
-from edgeknn.daemon import build
-from edgeknn.mqtt import COMMANDS, MqttLink
-from edgeknn.store import KnnStore, StoreError
+from edgeknn.mqtt.commands import COMMANDS, CommandError, parse_command
+from edgeknn.mqtt.link import MqttLink
+from edgeknn.store import KnnStore, StoreSettings
+from edgeknn.storefile import StoreError
 
 REPO = Path(__file__).resolve().parent.parent
-needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 BASE = "edgeknn/sec"
 REPLIES = "fuzz/replies"
 
@@ -79,7 +81,7 @@ class Client:
         self.messages: list[mqtt.MQTTMessage] = []
         self._cond = threading.Condition()
         self.refused: str = ""
-        self.connected = threading.Event()
+        self.connected = threading.Event()  # connected and subscribed: the broker acknowledged it
         c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         if username:
             c.username_pw_set(username, password)
@@ -90,6 +92,7 @@ class Client:
                 keyfile=str(certs.client_key) if client_cert else None,
             )
         c.on_connect = self._on_connect
+        c.on_subscribe = lambda *args: self.connected.set()
         c.on_message = self._on_message
         c.on_socket_open = lambda client, userdata, sock: no_delay(sock)
         self.topics = list(topics)
@@ -106,8 +109,6 @@ class Client:
             self.refused = str(reason)
             return
         client.subscribe([(t, 1) for t in self.topics])
-        time.sleep(0.05)
-        self.connected.set()
 
     def _on_message(self, client, userdata, msg) -> None:
         with self._cond:
@@ -332,11 +333,21 @@ class Fuzz:
         self.link._publish_result = record
 
     def direct(self, name: str, data: bytes) -> Result:
-        """Into the link's paho message handler, as if the broker had delivered it."""
+        """Through ``parse_command`` onto the daemon's queue, as the link does with what paho delivers."""
         cid = f"c{next(self.ids)}".encode()
-        props = SimpleNamespace(ResponseTopic=None, CorrelationData=cid)
-        msg = SimpleNamespace(topic=f"{BASE}/cmd/{name}", payload=data, retain=False, properties=props)
-        self.link._on_message(None, None, msg)
+
+        def reply(result: Result) -> None:
+            self.results[cid] = (name, result)
+
+        daemon = self.run.daemon
+        try:
+            command = parse_command(
+                name, data, classes=list(daemon.store.classes), config=daemon.cfg.mqtt, reply=reply
+            )
+        except CommandError as e:
+            reply(Result(ok=False, error=str(e)))
+        else:
+            daemon.submit(command)
         assert wait_for(lambda: cid in self.results, 15), f"no result for {name!r} {data[:80]!r}"
         return self.results[cid][1]
 
@@ -372,7 +383,7 @@ def fast_broker(tmp_path):
 
 @pytest.fixture
 def fuzz_rig(tmp_path, fast_broker):
-    scene = Scene(tmp_path)
+    scene = Scene(photo_folders(tmp_path))
     cfg = make_config(tmp_path, **{"panel.kind": "none", **mqtt_settings(fast_broker.port)})
     run = Running(build(cfg, opener=scene.opener))
     try:
@@ -417,7 +428,7 @@ def test_fuzzed_commands_change_nothing_unless_valid(fuzz_rig, fast_broker, capl
     direct = dict(fuzz.sent)
 
     client = Client(fast_broker.port)
-    assert client.connected.wait(5)
+    assert client.connected.wait(20)
 
     def over_the_broker(name: str, body: bytes) -> Result:
         cid = f"b{next(fuzz.ids)}".encode()
@@ -444,7 +455,7 @@ def test_fuzzed_commands_change_nothing_unless_valid(fuzz_rig, fast_broker, capl
     crashes = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not crashes, [r.getMessage() for r in crashes[:5]]
     frames = run.recorder.frames
-    assert wait_for(lambda: run.recorder.frames > frames + 10, 5), "still classifying"
+    assert wait_for(lambda: run.recorder.frames > frames + 10), "still classifying"
     total = fuzz.sent["valid"] + fuzz.sent["invalid"]
     assert total >= 1300
     report(
@@ -469,7 +480,7 @@ def test_tls_client_certificate_and_password(tmp_path, pki, caplog):
     secret = "s3cret-Pa55"
     b = Broker(tmp_path / "broker", users={"edge": secret, "ops": "ops-pw"}, certs=pki).start()
     (tmp_path / "password").write_text(secret + "\n")
-    scene = Scene(tmp_path)
+    scene = Scene(photo_folders(tmp_path))
     tls = dict(
         host="localhost", tls=True, ca_file=str(pki.ca), cert_file=str(pki.client_cert),
         key_file=str(pki.client_key), username="edge", password_file=str(tmp_path / "password"),
@@ -481,7 +492,7 @@ def test_tls_client_certificate_and_password(tmp_path, pki, caplog):
         assert wait_for(lambda: run.daemon.broker_status() == "ok", 15), caplog.text
         ops = Client(b.tls_port, username="ops", password="ops-pw", certs=pki)
         clients.append(ops)
-        assert ops.connected.wait(5), ops.refused
+        assert ops.connected.wait(20), ops.refused
         reply = ops.request("add_example", payload({"class": "1"}), b"tls-1")
         assert reply and reply["ok"], reply
         assert run.daemon.store.counts()["1"] == 1
@@ -509,17 +520,18 @@ def test_tls_client_certificate_and_password(tmp_path, pki, caplog):
 def test_daemon_with_wrong_password_says_so_once_and_stays_out(tmp_path, caplog):
     caplog.set_level(logging.DEBUG, logger="edgeknn")
     b = Broker(tmp_path / "broker", users={"edge": "right"}).start()
-    scene = Scene(tmp_path)
+    scene = Scene(photo_folders(tmp_path))
     cfg = make_config(
         tmp_path, **{"panel.kind": "none", **mqtt_settings(b.port, username="edge", password="wrong")}
     )
     run = Running(build(cfg, opener=scene.opener))
     try:
-        assert wait_for(lambda: "refused the login" in caplog.text, 10)
-        time.sleep(1.5)
+        assert wait_for(lambda: "refused the login" in caplog.text)
+        time.sleep(1.5)  # more attempts are refused meanwhile: none of them is said again
         said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "mqtt" in r.name]
         assert len(said) == 1 and 'mqtt.username "edge"' in said[0] and "wrong" not in said[0]
-        assert run.daemon.broker_status() == "down" and run.daemon.frames_classified > 0
+        assert run.daemon.broker_status() == "down"
+        assert wait_for(lambda: run.daemon.frames_classified > 0)
     finally:
         run.stop()
         b.kill()
@@ -528,14 +540,14 @@ def test_daemon_with_wrong_password_says_so_once_and_stays_out(tmp_path, caplog)
 @needs_mosquitto
 def test_commands_off_and_allowed_commands(tmp_path, caplog):
     b = Broker(tmp_path / "broker").start()
-    scene = Scene(tmp_path)
+    scene = Scene(photo_folders(tmp_path))
     try:
         # mqtt.commands = false: nothing subscribed, nothing answered, nothing changed
         cfg = make_config(tmp_path / "off", **{"panel.kind": "none", **mqtt_settings(b.port, commands=False)})
         run = Running(build(cfg, opener=scene.opener))
         client = Client(b.port)
         try:
-            assert client.connected.wait(5)
+            assert client.connected.wait(20)
             assert wait_for(lambda: run.daemon.broker_status() == "ok")
             for name, args in [("add_example", {"class": "1"}), ("reset", {"confirm": True}), ("save", {})]:
                 assert client.request(name, payload(args), name.encode(), timeout=1.0) is None
@@ -554,7 +566,7 @@ def test_commands_off_and_allowed_commands(tmp_path, caplog):
         run = Running(build(cfg, opener=scene.opener))
         client = Client(b.port)
         try:
-            assert client.connected.wait(5)
+            assert client.connected.wait(20)
             assert wait_for(lambda: run.daemon.broker_status() == "ok")
             ok = client.request("add_example", payload({"class": "2", "count": 2}), b"a1")
             assert ok and ok["ok"] and run.daemon.store.counts()["2"] == 2
@@ -578,12 +590,12 @@ def test_commands_off_and_allowed_commands(tmp_path, caplog):
 @needs_mosquitto
 def test_payload_size_limit(tmp_path):
     b = Broker(tmp_path / "broker").start()
-    scene = Scene(tmp_path)
+    scene = Scene(photo_folders(tmp_path))
     cfg = make_config(tmp_path, **{"panel.kind": "none", **mqtt_settings(b.port, max_payload=256)})
     run = Running(build(cfg, opener=scene.opener))
     client = Client(b.port)
     try:
-        assert client.connected.wait(5)
+        assert client.connected.wait(20)
         assert wait_for(lambda: run.daemon.broker_status() == "ok")
 
         def padded(size: int) -> bytes:
@@ -643,7 +655,7 @@ class Payload:
 
 def test_a_store_carrying_a_pickle_is_refused_unopened(tmp_path):
     path = tmp_path / "store.npz"
-    store = KnnStore(8, "m" * 64, rule="nearest")
+    store = KnnStore(8, "m" * 64, StoreSettings(rule="nearest"))
     store.add("cup", np.ones(8, np.float32))
     for array in ("classes", "rows", "center"):
         store.save(path)

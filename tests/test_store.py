@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from conftest import DIGITS, TINY
 
+from edgeknn.head import RULES
 from edgeknn.imagefiles import find_images, load_rgb
 from edgeknn.model import Embedder
-from edgeknn.store import FORMAT_VERSION, RULES, UNKNOWN, KnnStore, StoreError, _checksum
+from edgeknn.store import UNKNOWN, KnnStore, StoreSettings
+from edgeknn.storefile import FORMAT_VERSION, StoreError, _checksum
 
 MODEL = "a" * 64
 OTHER = "b" * 64
@@ -32,7 +34,7 @@ def basis(dim: int, i: int, noise: float = 0.0, seed: int = 0) -> np.ndarray:
 
 def clustered(rule: str = "softmax", storage: str = "float32", **kw) -> KnnStore:
     """Three classes of four examples each around three basis directions in 16-d (non-negative)."""
-    store = KnnStore(16, MODEL, rule=rule, storage=storage, **kw)
+    store = KnnStore(16, MODEL, StoreSettings(rule=rule, storage=storage, **kw))
     for c, name in enumerate(("cup", "pen", "key")):
         for j in range(4):
             store.add(name, basis(16, c, 0.3, seed=10 * c + j))
@@ -53,7 +55,7 @@ def digits() -> dict[str, np.ndarray]:
 
 
 def digit_store(digits, rule: str, storage: str, shots: int = 4) -> KnnStore:
-    store = KnnStore(256, MODEL, rule=rule, storage=storage)
+    store = KnnStore(256, MODEL, StoreSettings(rule=rule, storage=storage))
     for name, vectors in digits.items():
         for v in vectors[:shots]:
             store.add(name, v)
@@ -102,7 +104,7 @@ def test_add_of_no_rows_is_refused():
 
 
 def test_uint8_storage_refuses_negative_vectors():
-    store = KnnStore(3, MODEL, storage="uint8")
+    store = KnnStore(3, MODEL, StoreSettings(storage="uint8"))
     with pytest.raises(ValueError, match="non-negative"):
         store.add("a", np.array([1.0, -0.5, 0.0]))
     assert len(store) == 0
@@ -110,10 +112,10 @@ def test_uint8_storage_refuses_negative_vectors():
 
 def test_bad_settings():
     with pytest.raises(ValueError, match="unknown rule"):
-        KnnStore(4, MODEL, rule="vote")
+        KnnStore(4, MODEL, StoreSettings(rule="vote"))
     with pytest.raises(ValueError, match="unknown storage"):
-        KnnStore(4, MODEL, storage="float16")
-    assert KnnStore(4, MODEL, rule="default").rule == "softmax"
+        KnnStore(4, MODEL, StoreSettings(storage="float16"))
+    assert KnnStore(4, MODEL, StoreSettings(rule="default")).rule == "softmax"
 
 
 def test_forget_rename_reset():
@@ -147,7 +149,7 @@ def test_forget_then_add_again():
 
 
 def test_capacity_drops_the_oldest_example_with_all_its_views():
-    store = KnnStore(8, MODEL, capacity=2, rule="tfjs")
+    store = KnnStore(8, MODEL, StoreSettings(capacity=2, rule="tfjs"))
     examples = [np.stack([basis(8, i, 0.5, seed=10 * i + v) for v in range(3)]) for i in range(3)]
     for e in examples:
         store.add("a", e)
@@ -166,7 +168,7 @@ def test_growth_past_the_preallocated_size_keeps_the_data():
     vectors = rng.random((300, 8), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     for storage in ("float32", "uint8"):
-        store = KnnStore(8, MODEL, storage=storage, rule="nearest", k=1)
+        store = KnnStore(8, MODEL, StoreSettings(storage=storage, rule="nearest", k=1))
         for i, v in enumerate(vectors):
             store.add(f"c{i % 5}", v)
         assert len(store) == 300 and sum(store.counts().values()) == 300
@@ -180,13 +182,13 @@ def test_growth_past_the_preallocated_size_keeps_the_data():
 
 @pytest.mark.parametrize("rule", RULES)
 def test_unknown_when_empty(rule):
-    p = KnnStore(4, MODEL, rule=rule).classify(unit(1, 0, 0, 0))
+    p = KnnStore(4, MODEL, StoreSettings(rule=rule)).classify(unit(1, 0, 0, 0))
     assert (p.label, p.confidence, p.scores, p.similarity, p.neighbours) == (UNKNOWN, 0.0, {}, 0.0, [])
 
 
 @pytest.mark.parametrize("rule", RULES)
 def test_unknown_below_the_threshold(rule):
-    store = KnnStore(4, MODEL, rule=rule, threshold=0.9)
+    store = KnnStore(4, MODEL, StoreSettings(rule=rule, threshold=0.9))
     store.add("a", unit(1, 0, 0, 0))
     store.add("b", unit(0, 1, 0, 0))
     far = store.classify(unit(1, 1, 1, 1))
@@ -199,7 +201,7 @@ def test_unknown_below_the_threshold(rule):
 
 def tie_store(rule: str) -> KnnStore:
     """One row in each of three classes: k=3 gives each one vote; 'c' (the last class) is nearest."""
-    store = KnnStore(4, MODEL, rule=rule, k=3)
+    store = KnnStore(4, MODEL, StoreSettings(rule=rule, k=3))
     store.add("a", unit(1, 0, 0, 0))
     store.add("b", unit(0, 1, 0, 0))
     store.add("c", unit(0, 0, 1, 0))
@@ -225,7 +227,7 @@ def test_nearest_rule_gives_a_tie_to_the_nearest_row():
 
 def test_nearest_rule_never_picks_a_class_with_fewer_votes():
     """k=5 votes a:2, b:2, c:1 with c's single row the nearest: the tie is between a and b only."""
-    store = KnnStore(4, MODEL, rule="nearest", k=5)
+    store = KnnStore(4, MODEL, StoreSettings(rule="nearest", k=5))
     store.add("a", unit(1, 0, 0, 0.1))
     store.add("a", unit(1, 0.1, 0, 0))
     store.add("b", unit(0, 1, 0, 0.1))
@@ -239,7 +241,7 @@ def test_nearest_rule_never_picks_a_class_with_fewer_votes():
 
 
 def test_majority_beats_the_nearest_row():
-    store = KnnStore(4, MODEL, rule="nearest", k=3)
+    store = KnnStore(4, MODEL, StoreSettings(rule="nearest", k=3))
     store.add("a", unit(1, 0, 0, 0))
     store.add("b", unit(0.7, 0.7, 0, 0))
     store.add("b", unit(0.6, 0.8, 0, 0))
@@ -250,7 +252,7 @@ def test_majority_beats_the_nearest_row():
 
 @pytest.mark.parametrize("rule", ["tfjs", "nearest"])
 def test_k_is_clipped_to_the_number_of_rows(rule):
-    store = KnnStore(4, MODEL, rule=rule, k=10)
+    store = KnnStore(4, MODEL, StoreSettings(rule=rule, k=10))
     store.add("a", unit(1, 0, 0, 0))
     store.add("b", unit(0, 1, 0, 0))
     p = store.classify(unit(1, 0.2, 0, 0))
@@ -307,8 +309,8 @@ def test_real_embeddings_uint8_storage_gives_the_float32_answers(digits, rule):
 def test_uint8_rows_are_four_times_smaller(digits):
     f32, u8 = digit_store(digits, "tfjs", "float32"), digit_store(digits, "tfjs", "uint8")
     assert u8._rows.dtype == np.uint8 and f32._rows.dtype == np.float32
-    assert f32._rows[: len(f32)].nbytes == 4 * u8._rows[: len(u8)].nbytes
-    np.testing.assert_allclose(u8._float_rows(), f32._float_rows(), atol=0.01)
+    assert f32.nbytes == 4 * u8.nbytes
+    np.testing.assert_allclose(u8.rows(), f32.rows(), atol=0.01)
 
 
 # --- files -------------------------------------------------------------------------------------------------
@@ -326,13 +328,13 @@ def test_round_trip_keeps_everything(tmp_path, digits, storage, rule):
     store.observe(digits["0"][9])
     path = tmp_path / "store.npz"
     store.save(path)
-    loaded = KnnStore.load(path, MODEL, rule=rule)
+    loaded = KnnStore.load(path, MODEL, StoreSettings(rule=rule))
     assert loaded.storage == storage and loaded.dim == 256 and loaded.model_id == MODEL
     assert loaded.classes == store.classes == ["0", "3", "5", "7", "empty"]
     assert loaded.counts() == store.counts()
     assert len(loaded) == len(store) == 16
     np.testing.assert_array_equal(loaded._rows[: len(loaded)], store._rows[: len(store)])
-    fresh = [KnnStore.load(path, MODEL, rule=rule) for _ in range(2)]
+    fresh = [KnnStore.load(path, MODEL, StoreSettings(rule=rule)) for _ in range(2)]
     qs = queries(digits)
     assert answers(fresh[0], qs) == answers(fresh[1], qs)
     a, b = answers(store, qs), answers(loaded, qs)
@@ -355,11 +357,11 @@ def test_round_trip_of_an_empty_store(tmp_path):
 def test_load_may_convert_the_storage(tmp_path, digits):
     path = tmp_path / "s.npz"
     digit_store(digits, "tfjs", "float32").save(path)
-    as_u8 = KnnStore.load(path, MODEL, rule="tfjs", storage="uint8")
+    as_u8 = KnnStore.load(path, MODEL, StoreSettings(rule="tfjs", storage="uint8"))
     assert as_u8.storage == "uint8" and as_u8._rows.dtype == np.uint8
     qs = queries(digits)
     assert [p.label for p in map(as_u8.classify, qs)] == [
-        p.label for p in map(KnnStore.load(path, MODEL, rule="tfjs").classify, qs)
+        p.label for p in map(KnnStore.load(path, MODEL, StoreSettings(rule="tfjs")).classify, qs)
     ]
 
 
@@ -371,7 +373,7 @@ def test_save_leaves_no_temporary_file_and_creates_the_folder(tmp_path):
 
 
 def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    import edgeknn.store as store_module
+    from edgeknn import storefile
 
     path = tmp_path / "store.npz"
     old = clustered(rule="tfjs")
@@ -382,7 +384,7 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
         file.write(b"PK\x03\x04 half a zip")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store_module, "_write_npz", broken_write)
+    monkeypatch.setattr(storefile, "_write_npz", broken_write)
     bigger = clustered(rule="tfjs")
     bigger.add("new", basis(16, 9))
     with pytest.raises(OSError, match="No space left"):
@@ -525,52 +527,17 @@ def test_missing_store_file(tmp_path):
     assert info.value.corrupt is False
 
 
-def test_the_per_frame_head_equals_the_features_written_out():
-    """The closed form of ``_probabilities`` gives the head's softmax over q = unit(s - c)."""
-    store = clustered()
-    for i in range(20):
-        store.observe(basis(16, i % 3, 0.5, seed=100 + i))
-    query = basis(16, 1, 0.4, seed=7)
-    probs = store._probabilities(query)
-    s = np.sqrt(query) / np.linalg.norm(np.sqrt(query))
-    q = (s - store._head_center) / np.linalg.norm(s - store._head_center)
-    weights, bias = store._head
-    logits = 10.0 * (q @ weights) + bias
-    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
-
-
-def test_a_big_store_fits_its_head_on_a_bounded_sample_of_every_class_and_the_newest(monkeypatch):
-    import edgeknn.store as store_module
-
-    monkeypatch.setattr(store_module, "_FIT_ROWS", 60)
-    store = KnnStore(16, MODEL, capacity=1000)
-    for j in range(90):  # class "cup" holds 90 examples, "pen" 10
-        store.add("cup", basis(16, 0, 0.3, seed=j))
-    for j in range(10):
-        store.add("pen", basis(16, 1, 0.3, seed=500 + j))
-    store.add("cup", basis(16, 0, 0.3, seed=999))  # the newest example, in the last row
-    rows = store._fit_rows()
-    labels = store._labels[: len(store)][rows]
-    assert len(rows) <= 60
-    assert np.count_nonzero(labels == 1) == 10  # a small class keeps all its rows
-    assert np.count_nonzero(labels == 0) == 30  # a big one its share
-    assert len(store) - 1 in rows
-    assert store.classify(basis(16, 1, 0.3, seed=1234)).label == "pen"
-    assert store.classify(basis(16, 0, 0.3, seed=1235)).label == "cup"
-
-
 def test_a_loaded_store_grows_when_taught_more(tmp_path):
-    store = KnnStore(16, MODEL, capacity=1000)
+    store = KnnStore(16, MODEL, StoreSettings(capacity=1000))
     for j in range(100):
         store.add(("cup", "pen")[j % 2], basis(16, j % 2, 0.3, seed=j))
     store.save(tmp_path / "s.npz")
-    loaded = KnnStore.load(tmp_path / "s.npz", MODEL, capacity=1000)
+    loaded = KnnStore.load(tmp_path / "s.npz", MODEL, StoreSettings(capacity=1000))
     for j in range(100, 400):
         loaded.add(("cup", "pen")[j % 2], basis(16, j % 2, 0.3, seed=j))
         store.add(("cup", "pen")[j % 2], basis(16, j % 2, 0.3, seed=j))
     assert loaded.counts() == store.counts() == {"cup": 200, "pen": 200}
-    np.testing.assert_array_equal(loaded._float_rows(), store._float_rows())
+    np.testing.assert_array_equal(loaded.rows(), store.rows())
 
 
 def test_the_file_is_a_plain_npz_that_numpy_reads_and_an_np_savez_file_loads(tmp_path):
@@ -579,22 +546,22 @@ def test_the_file_is_a_plain_npz_that_numpy_reads_and_an_np_savez_file_loads(tmp
     with np.load(tmp_path / "s.npz", allow_pickle=False) as f:
         arrays = {name: f[name] for name in f.files}
     assert arrays["seen"].shape == () and arrays["rows"].shape == (12, 16)
-    np.testing.assert_array_equal(arrays["rows"], store._float_rows())
+    np.testing.assert_array_equal(arrays["rows"], store.rows())
     np.savez(tmp_path / "by-numpy.npz", **arrays)  # as stores were written before
     again = KnnStore.load(tmp_path / "by-numpy.npz", MODEL)
     assert again.counts() == store.counts()
-    np.testing.assert_array_equal(again._float_rows(), store._float_rows())
+    np.testing.assert_array_equal(again.rows(), store.rows())
 
 
 def test_fit_now_fits_a_due_head_once_and_leaves_the_rest_alone():
     store = clustered()
     store.fit()
-    head = store._head
-    assert head is not None and not store._dirty
+    head = store._head.fitted
+    assert head is not None and not store._head.stale
     store.fit()
     store.classify(basis(16, 0, 0.3, seed=77))
-    assert store._head is head, "nothing was due: no refit"
+    assert store._head.fitted is head, "nothing was due: no refit"
     empty, votes = KnnStore(16, MODEL), clustered(rule="tfjs")
     empty.fit()
     votes.fit()
-    assert empty._head is None and votes._head is None
+    assert empty._head.fitted is None and votes._head.fitted is None

@@ -1,0 +1,284 @@
+"""The MQTT link: predictions, state and events out; commands in; Home Assistant discovery.
+
+The daemon sees an Output and a command source. It never touches the store: a request is parsed by
+``commands.parse_command``, a valid one goes on the daemon's queue (``submit``) and its result comes
+back through ``Command.reply``. Bad commands are answered with an error result and change nothing.
+The broker connection (reconnects, acknowledgements, ``online``/``offline``) is ``connection``'s;
+Home Assistant's payloads come from ``discovery``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edgeknn.commands import Command, Result
+from edgeknn.config import MqttConfig
+from edgeknn.mqtt import discovery
+from edgeknn.mqtt.commands import CommandError, parse_command, reply_topic, result_body, show
+from edgeknn.mqtt.connection import Connection
+from edgeknn.outputs import Output, Reading
+
+log = logging.getLogger(__package__)  # one logger for the package: "edgeknn.mqtt"
+
+
+def iso_ts(ts: float) -> str:
+    """Seconds since the epoch as ISO 8601 UTC with milliseconds: ``2026-11-22T10:00:00.123Z``."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _plain(v: Any) -> Any:
+    """JSON fallback for numpy scalars and arrays in a state dict."""
+    return v.tolist() if hasattr(v, "tolist") else str(v)
+
+
+class MqttLink(Output):
+    """The device's MQTT presence: an Output for the daemon plus a command source.
+
+    ``submit`` receives valid commands (it may be called from paho's thread). Call ``start()`` once;
+    ``close()`` publishes ``offline`` and disconnects. Raises MqttError if the settings cannot be used.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        base_topic: str,
+        device_id: str,
+        classes: list[str],
+        submit: Callable[[Command], None],
+        version: str,
+    ):
+        self._config = config
+        self._base = base_topic.rstrip("/")
+        self._device_id = device_id
+        self._classes = list(classes)
+        self._selected = self._classes[0] if self._classes else ""
+        self._submit = submit
+        self._version = version
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()  # seq order == publish order
+        self._last_state: dict | None = None
+        self._last_prediction = 0.0
+        self._force = True  # publish the next prediction whatever it is
+        self._connection = Connection(
+            config,
+            client_id=config.client_id or f"edgeknn-{device_id}",
+            availability=self._topic("availability"),
+            subscriptions=self._subscriptions(),
+            connected=self._on_connected,
+            announce=self._announce,
+            message=self._on_message,
+        )
+
+    def _topic(self, name: str) -> str:
+        return f"{self._base}/{name}"
+
+    def _subscriptions(self) -> list[tuple[str, SubscribeOptions]]:
+        topics = []
+        if self._config.commands:
+            no_echo = SubscribeOptions(
+                qos=1,
+                noLocal=True,
+                retainAsPublished=True,
+                retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND,
+            )
+            commands = ("cmd/+", discovery.SELECT_SET, discovery.PRESS)
+            topics += [(self._topic(t), no_echo) for t in commands]
+        if self._config.discovery:
+            topics.append((f"{self._config.discovery_prefix}/status", SubscribeOptions(qos=1)))
+        return topics
+
+    # -- public
+
+    @property
+    def connected(self) -> bool:
+        return self._connection.connected
+
+    @property
+    def status(self) -> str:
+        """The broker link's health for the state dict and the status LED: "ok" or "down"."""
+        return "ok" if self.connected else "down"
+
+    def start(self) -> None:
+        """Connect in the background; returns at once, even with the broker down."""
+        self._connection.start()
+
+    def show(self, reading: Reading) -> None:
+        """Publish the prediction when it changed, on the heartbeat, or every frame if so configured."""
+        if not self.connected:
+            # Live data is not queued during an outage, but a change of the stable label is (QoS 1,
+            # bounded queue): a subscriber sees every state change, in order, once we are back.
+            self._force = True
+            if not reading.changed:
+                return
+        now = time.monotonic()
+        heartbeat = self._config.heartbeat_s
+        if not (
+            self._config.publish == "every_frame"
+            or reading.changed
+            or self._force
+            or (heartbeat > 0 and now - self._last_prediction >= heartbeat)
+        ):
+            return
+        self._force = False
+        self._last_prediction = now
+        body = {
+            "label": reading.label,
+            "confidence": round(float(reading.confidence), 4),
+            "scores": {str(k): round(float(v), 4) for k, v in reading.scores.items()},
+            "similarity": round(float(reading.similarity), 4),
+            "frame": int(reading.frame),
+            "latency_ms": round(float(reading.latency_ms), 1),
+        }
+        self._publish_json(self._topic("prediction"), body, ts=reading.ts)
+
+    def event(self, event: dict) -> None:
+        """Publish a one-off event (queued by paho while the broker is away, if QoS > 0)."""
+        self._publish_json(self._topic("event"), dict(event))
+
+    def state(self, state: dict) -> None:
+        """Publish the retained state; it is re-published on every connect, so only the latest counts."""
+        self._last_state = dict(state)
+        changed = self._update_classes(state.get("classes"))
+        if not self.connected:
+            return
+        if changed and self._config.discovery:
+            self._publish_discovery()
+            self._publish_selected()
+        self._publish_json(self._topic("state"), dict(self._last_state), retain=True)
+
+    def close(self) -> None:
+        """Publish ``offline``, wait (bounded) for it to be sent, then disconnect. Idempotent."""
+        self._connection.close()
+
+    # -- publishing
+
+    def _publish_json(
+        self,
+        topic: str,
+        body: dict,
+        *,
+        ts: float | None = None,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None:
+        """Every JSON payload carries ``seq`` (one counter across topics) and ``ts``."""
+        with self._lock:
+            body.update(seq=next(self._seq), ts=iso_ts(time.time() if ts is None else ts))
+            payload = json.dumps(body, default=_plain)
+            self._connection.publish(topic, payload, retain=retain, properties=properties)
+
+    def _publish_result(
+        self, name: str, result: Result, response_topic: str | None, correlation: Any
+    ) -> None:
+        body = result_body(name, result)
+        self._publish_json(self._topic("cmd/result"), dict(body))
+        if response_topic:
+            props = Properties(PacketTypes.PUBLISH)
+            if correlation is not None:
+                props.CorrelationData = correlation
+            self._publish_json(response_topic, body, properties=props)
+
+    def _on_connected(self) -> None:
+        self._force = True
+
+    def _announce(self) -> None:
+        """Our part of what a connect publishes: discovery and the retained state (``online`` follows)."""
+        if self._config.discovery:
+            self._publish_discovery()
+        if self._last_state is not None:
+            if "broker" in self._last_state:  # kept while we were away: it said "down"
+                self._last_state["broker"] = "ok"
+            self._publish_json(self._topic("state"), dict(self._last_state), retain=True)
+        self._publish_selected()
+
+    # -- Home Assistant
+
+    def _update_classes(self, classes: Any) -> bool:
+        """Take the class list from a state dict (``{"cup": 12, ...}`` or a list); True if it changed."""
+        if not isinstance(classes, dict | list | tuple) or not all(isinstance(k, str) for k in classes):
+            return False
+        names = list(classes)
+        if names == self._classes:
+            return False
+        self._classes = names
+        if self._selected not in names:
+            self._selected = names[0] if names else ""
+        return True
+
+    def _publish_discovery(self) -> None:
+        configs = discovery.discovery_configs(
+            self._config,
+            base_topic=self._base,
+            device_id=self._device_id,
+            classes=self._classes,
+            version=self._version,
+        )
+        for topic, config in configs.items():
+            self._connection.publish(topic, json.dumps(config), retain=True, qos=1)
+
+    def _publish_selected(self) -> None:
+        """The Home Assistant select's state: the class its buttons act on (retained)."""
+        if self.connected and self._config.discovery and self._config.commands and self._selected:
+            self._connection.publish(self._topic(discovery.SELECT_STATE), self._selected, retain=True)
+
+    # -- messages in (paho's thread)
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        if msg.retain:
+            return  # act only on live messages, never on retained ones
+        topic, cmd_prefix = msg.topic, self._topic("cmd/")
+        if topic == f"{self._config.discovery_prefix}/status":
+            if msg.payload.strip() == b"online":
+                self._publish_discovery()
+                self._force = True
+        elif topic.startswith(cmd_prefix):
+            name = topic[len(cmd_prefix) :]
+            if name != "result":  # our own output
+                self._command(name, msg.payload, msg.properties)
+        elif topic == self._topic(discovery.SELECT_SET):
+            choice = msg.payload.decode("utf-8", "replace")
+            if choice in self._classes:
+                self._selected = choice
+            else:
+                log.info("mqtt: ignored unknown training class %s from Home Assistant", show(choice))
+            self._publish_selected()
+        elif topic == self._topic(discovery.PRESS):
+            name = msg.payload.decode("utf-8", "replace")
+            self._command(name, discovery.press_payload(name, self._selected), msg.properties)
+
+    def _command(self, name: str, payload: bytes | bytearray, properties: Any) -> None:
+        """Parse one request; submit it, or answer with an error result."""
+        response = reply_topic(properties, self._base)
+        correlation = getattr(properties, "CorrelationData", None)
+
+        def reply(result: Result) -> None:
+            try:
+                if not self._connection.closed:
+                    self._publish_result(name, result, response, correlation)
+            except Exception:
+                log.exception("mqtt: cannot publish the result of %s", name)
+
+        try:
+            command = parse_command(name, payload, classes=self._classes, config=self._config, reply=reply)
+        except CommandError as e:
+            log.info("mqtt: refused command %s: %s", show(name), e)
+            reply(Result(ok=False, error=str(e)))
+            return
+        try:
+            self._submit(command)
+        except Exception as e:
+            log.exception("mqtt: cannot queue command %s", name)
+            reply(Result(ok=False, error=f"command: cannot be queued ({e})"))
