@@ -12,17 +12,26 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gpiozero.pins import Factory
 
 from edgeknn import __version__, config
 from edgeknn.camera import source_opener
 from edgeknn.capture import Capture
 from edgeknn.commands import Command, Result
 from edgeknn.daemon import Daemon
+from edgeknn.keyboard import KeyboardPanel
 from edgeknn.model import DEFAULT_MODEL_SHA256, DEFAULT_MODEL_URL, Embedder, ModelError
+from edgeknn.panel import GpioPanel, PanelError, Submit
 from edgeknn.service import Notifier, setup_logging
 from edgeknn.store import KnnStore
 from edgeknn.storefile import StoreError
+
+if TYPE_CHECKING:
+    from edgeknn.mqtt.link import MqttLink
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,23 @@ def open_store(cfg: config.Config, embedder: Embedder, path: Path) -> KnnStore:
     return store
 
 
+def open_panel(
+    kind: str,
+    classes: list[str],
+    submit: Submit,
+    settings: config.PanelConfig,
+    pin_factory: Factory | None = None,
+) -> GpioPanel | KeyboardPanel | None:
+    """The panel for ``kind`` ("gpio", "keyboard" or "none"); None when there is none."""
+    if kind == "gpio":
+        return GpioPanel(classes, submit, settings, pin_factory)
+    if kind == "keyboard":
+        return KeyboardPanel(classes, submit)
+    if kind == "none":
+        return None
+    raise PanelError(f'panel.kind: expected "gpio", "keyboard" or "none", got "{kind}"')
+
+
 def build(
     cfg: config.Config,
     *,
@@ -70,8 +96,6 @@ def build(
     notifier: Notifier | None = None,
 ) -> Daemon:
     """Wire the core and the edges from a config. ``opener``/``pin_factory`` let tests swap hardware."""
-    from edgeknn.panel import PanelError, open_panel
-
     try:  # the default model is there: run() and a reload first wait for it (await_model)
         embedder = Embedder(cfg.model_path(), cfg.model.threads)
     except ModelError as e:
@@ -92,20 +116,7 @@ def build(
     if panel is not None:
         daemon.outputs.append(panel)
     if cfg.mqtt.enabled:
-        from edgeknn.mqtt.connection import MqttError
-        from edgeknn.mqtt.link import MqttLink
-
-        try:
-            link = MqttLink(
-                cfg.mqtt,
-                base_topic=cfg.resolved_base_topic(),
-                device_id=cfg.resolved_device_id(),
-                classes=list(store.classes),
-                submit=daemon.submit,
-                version=__version__,
-            )
-        except MqttError as e:
-            raise Fatal(str(e)) from None
+        link = mqtt_link(cfg, list(store.classes), daemon.submit)
         daemon.outputs.append(link)
         daemon.broker_status = lambda: link.status
     return daemon
@@ -206,28 +217,34 @@ def await_model(
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def _waiting_link(cfg: config.Config):
+def mqtt_link(cfg: config.Config, classes: list[str], submit: Callable[[Command], None]) -> MqttLink:
+    """The MQTT output for this config (not yet started); a bad MQTT setting is Fatal."""
+    from edgeknn.mqtt.connection import MqttError
+    from edgeknn.mqtt.link import MqttLink
+
+    try:
+        return MqttLink(
+            cfg.mqtt,
+            base_topic=cfg.resolved_base_topic(),
+            device_id=cfg.resolved_device_id(),
+            classes=classes,
+            submit=submit,
+            version=__version__,
+        )
+    except MqttError as e:
+        raise Fatal(str(e)) from None
+
+
+def _waiting_link(cfg: config.Config) -> MqttLink | None:
     """MQTT while the model is missing: the state says why; commands are refused until it is there."""
     if not cfg.mqtt.enabled:
         return None
-    from edgeknn.mqtt.connection import MqttError
-    from edgeknn.mqtt.link import MqttLink
 
     def refuse(command: Command) -> None:
         if command.reply is not None:
             command.reply(Result(False, "waiting for the model: try again once it is loaded"))
 
-    try:
-        link = MqttLink(
-            cfg.mqtt,
-            base_topic=cfg.resolved_base_topic(),
-            device_id=cfg.resolved_device_id(),
-            classes=list(cfg.classes),
-            submit=refuse,
-            version=__version__,
-        )
-    except MqttError as e:
-        raise Fatal(str(e)) from None
+    link = mqtt_link(cfg, list(cfg.classes), refuse)
     link.start()
     return link
 

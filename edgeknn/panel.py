@@ -20,7 +20,6 @@ from gpiozero.pins import Factory
 from edgeknn.commands import Command
 from edgeknn.config import PanelConfig
 from edgeknn.gestures import Gestures
-from edgeknn.keyboard import KeyboardPanel
 from edgeknn.outputs import Output, Reading
 
 log = logging.getLogger(__name__)
@@ -254,20 +253,3 @@ class GpioPanel(Output):
             except Exception:
                 log.exception("panel: closing %r failed", device)
         self._devices.clear()
-
-
-def open_panel(
-    kind: str,
-    classes: list[str],
-    submit: Submit,
-    config: PanelConfig,
-    pin_factory: Factory | None = None,
-) -> GpioPanel | KeyboardPanel | None:
-    """The panel for ``kind`` ("gpio", "keyboard" or "none"); None when there is none."""
-    if kind == "gpio":
-        return GpioPanel(classes, submit, config, pin_factory)
-    if kind == "keyboard":
-        return KeyboardPanel(classes, submit)
-    if kind == "none":
-        return None
-    raise PanelError(f'panel.kind: expected "gpio", "keyboard" or "none", got "{kind}"')

@@ -50,3 +50,31 @@ def test_a_big_store_fits_its_head_on_a_bounded_sample_of_every_class_and_the_ne
 def test_an_unfitted_head_says_so():
     with pytest.raises(RuntimeError, match="not been fitted"):
         Head("softmax", 4).probabilities(np.ones(4, np.float32))
+
+
+@pytest.mark.parametrize("numpy_has_vecdot", [True, False])
+def test_row_dots_on_numpy_with_and_without_vecdot(monkeypatch, numpy_has_vecdot):
+    """Bookworm's numpy 1.24 has no ``np.vecdot``: the einsum path must give the same dots, for one
+    query against every row and for each row against itself (its norm). The second crashed there."""
+    if not numpy_has_vecdot:
+        monkeypatch.setattr(head_module, "_vecdot", None)
+    elif head_module._vecdot is None:
+        pytest.skip("this numpy has no vecdot (the other case covers it)")
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((50, 16)).astype(np.float32)
+    q = rng.standard_normal(16).astype(np.float32)
+    np.testing.assert_allclose(head_module.rowdot(rows, q), rows @ q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(head_module.rowdot(rows, rows), (rows * rows).sum(axis=1), rtol=1e-5)
+    out = np.empty(50, np.float32)
+    head_module.rowdot(rows, q, out=out)
+    np.testing.assert_allclose(out, rows @ q, rtol=1e-5, atol=1e-5)
+
+
+def test_a_store_with_examples_classifies_without_vecdot(monkeypatch):
+    """The crash seen on Bookworm: the first taught example, then a prediction."""
+    monkeypatch.setattr(head_module, "_vecdot", None)
+    store = KnnStore(16, MODEL, StoreSettings(rule="softmax"))
+    for c in range(3):
+        store.add(f"c{c}", np.stack([basis(16, c, 0.3, seed=10 * c + j) for j in range(6)]))
+    store.fit()
+    assert store.classify(basis(16, 1, 0.3, seed=99)).label == "c1"

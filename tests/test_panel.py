@@ -17,11 +17,12 @@ from gpiozero import Device
 from rig import wait_for
 
 from edgeknn import panel as panel_mod
+from edgeknn.app import open_panel
 from edgeknn.commands import AddExample, ForgetClass, Reset, Save
 from edgeknn.config import PanelConfig
 from edgeknn.keyboard import KeyboardPanel
 from edgeknn.outputs import Reading
-from edgeknn.panel import GpioPanel, PanelError, open_panel
+from edgeknn.panel import GpioPanel, PanelError
 
 CLASSES = ["one", "two", "three"]
 B1, B2, B3, CLEAR = 17, 27, 22, 26
