@@ -1,16 +1,14 @@
-"""Building the device from a config, running it, reloading it and stopping it.
+"""Building the device from a config: the core (model, store) wired to the edges (camera, panel, MQTT).
 
-``build`` wires the core (model, store) to the edges (camera, panel, MQTT); ``run`` is `edgeknn run`:
-it waits for the model, builds, loops until SIGTERM/SIGINT and reloads on SIGHUP. The loop itself
-lives in ``daemon.py``.
+``build`` gives a daemon ready to start; ``lifecycle.py`` runs, reloads and stops it, and
+``daemon.py`` holds the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,15 +16,16 @@ from typing import TYPE_CHECKING
 
 from gpiozero.pins import Factory
 
-from edgeknn import __version__, config
-from edgeknn.camera import source_opener
+from edgeknn import __version__, config, storefile, storelock
+from edgeknn.camera import SourceError
+from edgeknn.camerauri import check_source, source_opener
 from edgeknn.capture import Capture
-from edgeknn.commands import Command, Result
+from edgeknn.commands import Command
 from edgeknn.daemon import Daemon
 from edgeknn.keyboard import KeyboardPanel
-from edgeknn.model import DEFAULT_MODEL_SHA256, DEFAULT_MODEL_URL, Embedder, ModelError
+from edgeknn.model import Embedder, ModelError
 from edgeknn.panel import GpioPanel, PanelError, Submit
-from edgeknn.service import Notifier, setup_logging
+from edgeknn.service import Notifier
 from edgeknn.store import KnnStore
 from edgeknn.storefile import StoreError
 
@@ -45,7 +44,35 @@ class Fatal(Exception):
 
 
 def open_store(cfg: config.Config, embedder: Embedder, path: Path) -> KnnStore:
-    """Load the store, or start empty; a damaged file is moved aside (never deleted or overwritten)."""
+    """Take the store's lock for this process (``Daemon.shutdown`` gives it back) and load the store,
+    or start empty. A damaged store is moved aside (never deleted or overwritten); a file that is not
+    a store (a mistake in store.path: the config, the model) is left in place and refused."""
+    _claim_store(path)
+    try:
+        return _load_store(cfg, embedder, path)
+    except BaseException:
+        storelock.release(path)
+        raise
+
+
+def _claim_store(path: Path) -> None:
+    """One writer per store: a second device on it is Fatal (78), a command writing it briefly is 1."""
+    with contextlib.suppress(OSError):  # a first start: the lock file goes where the store will
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        locked = storelock.claim(path, storelock.DAEMON)
+    except storelock.StoreBusy as e:
+        if e.who == storelock.DAEMON:
+            raise Fatal(
+                f"{path}: in use by another edgeknn run (pid {e.pid}); "
+                "stop it or give this one another store.path"
+            ) from None
+        raise Fatal(f"{e}; start again when it has finished", 1) from None
+    if not locked:
+        log.warning("%s: cannot lock the store here; commands that write it cannot tell it is in use", path)
+
+
+def _load_store(cfg: config.Config, embedder: Embedder, path: Path) -> KnnStore:
     settings = cfg.store.settings()
     if not path.exists():
         log.info("no store at %s yet: starting empty", path)
@@ -53,10 +80,16 @@ def open_store(cfg: config.Config, embedder: Embedder, path: Path) -> KnnStore:
     if path.is_dir():  # a mistake in store.path, not a damaged store: nothing to move aside
         raise Fatal(f"{path}: is a folder, not a store file; check store.path")
     try:
-        store = KnnStore.load(path, embedder.identity, settings)
+        store = KnnStore.load(path, embedder.identity, settings, embedder.dim)
     except StoreError as e:
         if not e.corrupt:
             raise Fatal(str(e)) from None
+        try:
+            kind = storefile.foreign_kind(path)
+        except OSError as read_error:
+            raise Fatal(f"{e}; and cannot read it ({read_error.strerror})", 1) from None
+        if kind is not None:
+            raise Fatal(f"{path}: is {kind}, not an edgeknn store; left in place: check store.path") from None
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside, n = path.with_name(f"{path.name}.broken-{stamp}"), 1
         while aside.exists():  # broken twice within a second: keep both
@@ -96,30 +129,57 @@ def build(
     notifier: Notifier | None = None,
 ) -> Daemon:
     """Wire the core and the edges from a config. ``opener``/``pin_factory`` let tests swap hardware."""
+    daemon = build_core(cfg, opener=opener, notifier=notifier)
+    try:
+        attach_panel(daemon, pin_factory)
+    except Fatal:
+        close_unstarted(daemon)
+        raise
+    return daemon
+
+
+def build_core(cfg: config.Config, *, opener=None, notifier: Notifier | None = None) -> Daemon:
+    """Everything but the panel: model, store, camera and MQTT, none of them started, so that a reload
+    builds them while the old daemon still holds the camera, the pins and the broker session."""
     try:  # the default model is there: run() and a reload first wait for it (await_model)
         embedder = Embedder(cfg.model_path(), cfg.model.threads)
     except ModelError as e:
         raise Fatal(str(e)) from None
-    store_path = cfg.store_path()
-    store = open_store(cfg, embedder, store_path)
-    if opener is None:
+    if opener is None:  # before the store: a source a person must fix is said at once, and nothing is held
         try:
             opener = source_opener(cfg.camera.source, embedder.model.input_size, cfg.camera.fps)
-        except ValueError as e:
+            check_source(cfg.camera.source)
+        except (ValueError, SourceError) as e:
             raise Fatal(f"camera.source: {e}") from None
+    store_path = cfg.store_path()
+    store = open_store(cfg, embedder, store_path)
     capture = Capture(opener, prepare=embedder.model.prepare)
     daemon = Daemon(cfg, embedder, store, capture, store_path, notifier)
+    if cfg.mqtt.enabled:
+        try:
+            link = mqtt_link(cfg, list(store.classes), daemon.submit)
+        except Fatal:
+            close_unstarted(daemon)
+            raise
+        daemon.outputs.append(link)
+        daemon.broker_status = lambda: link.status
+    return daemon
+
+
+def attach_panel(daemon: Daemon, pin_factory=None) -> None:
+    """Open the config's panel (it claims GPIO pins) and make it the daemon's first output."""
+    cfg = daemon.cfg
     try:
         panel = open_panel(cfg.panel.kind, list(cfg.classes), daemon.submit, cfg.panel, pin_factory)
     except PanelError as e:
         raise Fatal(str(e)) from None
     if panel is not None:
-        daemon.outputs.append(panel)
-    if cfg.mqtt.enabled:
-        link = mqtt_link(cfg, list(store.classes), daemon.submit)
-        daemon.outputs.append(link)
-        daemon.broker_status = lambda: link.status
-    return daemon
+        daemon.outputs.insert(0, panel)
+
+
+def close_unstarted(daemon: Daemon) -> None:
+    """Release what a daemon that was built but never run holds (its inference thread, its outputs)."""
+    daemon.shutdown(stopping=False)  # nothing to save: it was never taught
 
 
 def config_from_args(args) -> config.Config:
@@ -148,75 +208,6 @@ def config_from_args(args) -> config.Config:
     return config.replace(cfg, **overrides) if overrides else cfg
 
 
-MODEL_RETRY_FIRST_S = 5.0  # no network at a first start: try the model's download again after 5 s,
-MODEL_RETRY_MAX_S = 300.0  # doubling up to 5 minutes
-
-
-def await_model(
-    cfg: config.Config,
-    notifier: Notifier,
-    *,
-    first_delay: float = MODEL_RETRY_FIRST_S,
-    max_delay: float = MODEL_RETRY_MAX_S,
-) -> bool:
-    """Get the default model if it is missing; True once it is there, False on SIGTERM/SIGINT.
-
-    No model yet (no network at a first start) is a transient fault, not a configuration one, so
-    this never gives up: it downloads with backoff and takes the file a person copies into place.
-    systemd hears READY at once with a "waiting for the model" status (a Type=notify start that never
-    sends READY is killed after TimeoutStartSec), the watchdog is pinged meanwhile, MQTT (when
-    configured) carries the same status, and SIGHUP (`systemctl reload`) tries again at once.
-    """
-    path = cfg.model_path()
-    if cfg.model.path or path.exists():
-        return True
-    from edgeknn.download import wait_for_model  # urllib and ssl: only needed on a first start
-
-    link = _waiting_link(cfg)
-    started = time.monotonic()
-
-    def report(message: str, level: int = logging.WARNING) -> None:
-        log.log(level, "%s", message)
-        notifier.status(message)
-        if link is not None:
-            link.state(
-                {
-                    "model": "",
-                    "model_file": path.name,
-                    "version": __version__,
-                    "uptime_s": round(time.monotonic() - started, 1),
-                    "fps": 0.0,
-                    "inference_ms": 0.0,
-                    "camera": "off",
-                    "broker": link.status,
-                    "error": message,
-                }
-            )
-
-    stop, retry = threading.Event(), threading.Event()
-    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: retry.set}
-    previous = {sig: signal.signal(sig, lambda *_, act=act: act()) for sig, act in handlers.items()}
-    try:
-        notifier.ready(f"waiting for the model: downloading {DEFAULT_MODEL_URL} to {path}")
-        report(f"no model at {path}: downloading {DEFAULT_MODEL_URL}", logging.INFO)
-        return wait_for_model(
-            path,
-            DEFAULT_MODEL_URL,
-            DEFAULT_MODEL_SHA256,
-            stop=stop,
-            retry=retry,
-            report=report,
-            tick=notifier.watchdog,
-            first_delay=first_delay,
-            max_delay=max_delay,
-        )
-    finally:
-        if link is not None:
-            link.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
 def mqtt_link(cfg: config.Config, classes: list[str], submit: Callable[[Command], None]) -> MqttLink:
     """The MQTT output for this config (not yet started); a bad MQTT setting is Fatal."""
     from edgeknn.mqtt.connection import MqttError
@@ -233,94 +224,3 @@ def mqtt_link(cfg: config.Config, classes: list[str], submit: Callable[[Command]
         )
     except MqttError as e:
         raise Fatal(str(e)) from None
-
-
-def _waiting_link(cfg: config.Config) -> MqttLink | None:
-    """MQTT while the model is missing: the state says why; commands are refused until it is there."""
-    if not cfg.mqtt.enabled:
-        return None
-
-    def refuse(command: Command) -> None:
-        if command.reply is not None:
-            command.reply(Result(False, "waiting for the model: try again once it is loaded"))
-
-    link = mqtt_link(cfg, list(cfg.classes), refuse)
-    link.start()
-    return link
-
-
-def run(args) -> int:
-    """`edgeknn run`: build, start, loop until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
-    cfg = config_from_args(args)
-    setup_logging(cfg.log_level)
-    notifier = Notifier()
-    try:
-        if not await_model(cfg, notifier):
-            notifier.stopping()
-            notifier.close()
-            log.info("stopped")
-            return 0
-        daemon = build(cfg, notifier=notifier)
-    except Fatal as e:
-        log.error("%s", e)
-        return e.code
-    reload = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
-    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
-
-    def request_reload(*_: object) -> None:
-        reload.set()
-        daemon.stop()
-
-    signal.signal(signal.SIGHUP, request_reload)
-    while True:
-        start(daemon)
-        notifier.ready(f"classifying with {daemon.embedder.model.path.name}")
-        log.info(
-            "running: %s, source %s, panel %s, mqtt %s, classes %s",
-            daemon.embedder.model.path.name,
-            daemon.cfg.camera.source,
-            daemon.cfg.panel.kind,
-            f"{cfg.mqtt.host}:{cfg.mqtt.port}" if cfg.mqtt.enabled else "off",
-            ", ".join(f"{k}={v}" for k, v in daemon.store.counts().items()),
-        )
-        if not len(daemon.store):
-            log.info("no examples yet: teach with the class buttons, `edgeknn teach` or MQTT cmd/add_example")
-        daemon.loop()
-        if not reload.is_set():
-            break
-        reload.clear()
-        daemon = _reloaded(daemon, args, notifier)
-    daemon.shutdown()
-    notifier.close()
-    log.info("stopped")
-    return 0
-
-
-def start(daemon: Daemon) -> None:
-    daemon.capture.start()
-    for output in daemon.outputs:
-        output.start()
-
-
-def _reloaded(daemon: Daemon, args, notifier: Notifier) -> Daemon:
-    """SIGHUP: re-read the config; keep running the old one if the new one is invalid."""
-    notifier.notify("RELOADING=1")
-    try:
-        cfg = config_from_args(args)
-    except config.ConfigError as e:
-        for line in e.errors:
-            log.error("reload refused: %s", line)
-        daemon._stop.clear()
-        return daemon
-    daemon.shutdown()
-    setup_logging(cfg.log_level)
-    try:
-        if not await_model(cfg, notifier):
-            raise SystemExit(0)
-        new = build(cfg, notifier=notifier)
-    except Fatal as e:
-        log.error("reload failed: %s", e)
-        raise SystemExit(e.code) from None
-    log.info("configuration reloaded")
-    return new

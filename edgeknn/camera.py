@@ -2,27 +2,28 @@
 
 A source has two methods: ``read()`` blocks until it has one RGB uint8 frame (H, W, 3) and
 ``close()`` releases the device. ``read()`` raises CameraError when the camera fails and EOFError
-when a replay that does not loop is over. Sources:
+when a replay that does not loop is over. A SourceError (a CameraError) is what a person must fix (a
+missing folder, a library not installed): retrying cannot help. Sources:
 
 - ``Picamera2Source``: a Raspberry Pi camera (picamera2, from apt: python3-picamera2)
 - ``OpenCVSource``: a V4L2 / USB camera through OpenCV (the optional ``[cv]`` extra)
 - ``ReplaySource``: a folder of images, one image, or a video file, played at a given rate
 
-``open_source`` and ``source_opener`` build one from a URI (the ``camera.source`` config key);
-``capture.Capture`` runs one on its own thread. picamera2 and cv2 are imported only when a source
+``camerauri`` builds one from a URI (the ``camera.source`` config key); ``capture.Capture`` runs
+one on its own thread. picamera2 and cv2 are imported only when a source
 needs them, so neither is required to use the others.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import parse_qsl
 
 import numpy as np
 
@@ -40,6 +41,11 @@ URI_HELP = "expected auto, picamera2[:N], v4l2:/dev/videoN, v4l2:N or replay:PAT
 
 class CameraError(Exception):
     """A camera could not be opened, or it stopped delivering frames. The message is one line."""
+
+
+class SourceError(CameraError):
+    """A source that cannot work until a person changes something: a missing or empty folder, a file
+    that is neither an image nor a video, a library that is not installed. Never retried."""
 
 
 class Source(Protocol):
@@ -86,8 +92,18 @@ def _import_cv2():
     try:
         import cv2
     except ImportError:
-        raise CameraError(OPENCV_MISSING) from None
+        raise SourceError(OPENCV_MISSING) from None
     return cv2
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be found, without importing it (a test may block it in sys.modules)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class Picamera2Source:
@@ -109,7 +125,7 @@ class Picamera2Source:
         try:
             from picamera2 import Picamera2
         except ImportError as e:
-            raise CameraError(f"{PICAMERA2_MISSING} ({e})") from None
+            raise SourceError(f"{PICAMERA2_MISSING} ({e})") from None
         self.index = index
         self.size = (int(size[0]), int(size[1]))
         self.stream_size = (_round_up(self.size[0], 32), _round_up(self.size[1], 2))
@@ -259,20 +275,15 @@ class ReplaySource:
         self._video = None
         self._cv2 = None
         self._pacer = Pacer(self.fps)
-        if not self.path.exists():
-            raise CameraError(f"replay: {self.path}: no such file or folder")
-        if self.path.is_dir() or is_image_file(self.path):
-            try:
-                self._images = find_images(self.path)
-            except ImageError as e:
-                raise CameraError(f"replay: {e}") from None
+        if self.path.is_dir() or is_image_file(self.path) or not self.path.exists():
+            self._images = replay_images(self.path)
         else:
             self._cv2 = _import_cv2()
             self._video = self._cv2.VideoCapture(str(self.path))
             if not self._video.isOpened():
                 self._video.release()
                 self._video = None
-                raise CameraError(f"replay: {self.path}: cannot open it as a video or an image")
+                raise SourceError(f"replay: {self.path}: cannot open it as a video or an image")
 
     def read(self) -> np.ndarray:
         if self._pacer.closed:
@@ -297,7 +308,7 @@ class ReplaySource:
                 continue
             self._index += 1
             return image
-        raise CameraError(f"replay: {self.path}: no readable images")
+        raise SourceError(f"replay: {self.path}: no readable images")
 
     def _next_video_frame(self) -> np.ndarray:
         video, cv2 = self._video, self._cv2
@@ -310,7 +321,7 @@ class ReplaySource:
             video.set(cv2.CAP_PROP_POS_FRAMES, 0)
             ok, frame = video.read()
             if not ok:
-                raise CameraError(f"replay: {self.path}: no frame could be read from the video")
+                raise SourceError(f"replay: {self.path}: no frame could be read from the video")
         return _bgr_to_rgb(frame)
 
     def close(self) -> None:
@@ -320,75 +331,11 @@ class ReplaySource:
             video.release()
 
 
-def source_opener(uri: str, size: tuple[int, int], fps: float) -> Callable[[], Source]:
-    """Check ``uri`` now; return a function that opens it (``Capture`` calls it again after a failure).
-
-    URIs: ``auto`` (picamera2, else the first V4L2 camera), ``picamera2``, ``picamera2:N``,
-    ``v4l2:/dev/videoN``, ``v4l2:N``, ``replay:PATH?fps=F&loop=0|1`` (fps defaults to ``fps``,
-    loop to 1; a relative PATH is taken from the current folder). ``size`` is the model's
-    (width, height). A malformed URI raises ValueError at once; a camera that is absent raises
-    CameraError only when opened.
-    """
-    scheme, colon, rest = uri.partition(":")
-    if uri == "auto":
-        return lambda: _open_auto(size, fps)
-    if scheme == "picamera2" and (not colon or rest.isdigit()):
-        index = int(rest) if colon else 0
-        return lambda: Picamera2Source(index, size, fps)
-    if scheme == "v4l2" and rest:
-        device: str | int = int(rest) if rest.isdigit() else rest
-        return lambda: OpenCVSource(device)
-    if scheme == "replay" and rest:
-        path, _, query = rest.partition("?")
-        if not path:
-            raise ValueError(f"camera source {uri!r}: expected a folder, image or video after replay:")
-        replay_fps, loop = _replay_options(uri, query, fps)
-        absolute = Path(path).expanduser().absolute()
-        return lambda: ReplaySource(absolute, replay_fps, loop, size)
-    raise ValueError(f"camera source {uri!r}: not understood ({URI_HELP})")
-
-
-def open_source(uri: str, size: tuple[int, int], fps: float) -> Source:
-    """Open the source a URI names (see ``source_opener``)."""
-    return source_opener(uri, size, fps)()
-
-
-def _replay_options(uri: str, query: str, fps: float) -> tuple[float, bool]:
+def replay_images(path: Path) -> list[Path]:
+    """The images a replay of ``path`` (a folder or one image) plays; SourceError when there are none."""
+    if not path.exists():
+        raise SourceError(f"replay: {path}: no such file or folder")
     try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
-    except ValueError:
-        raise ValueError(f"camera source {uri!r}: bad query {query!r} (expected fps=F&loop=0|1)") from None
-    options = dict(pairs)
-    unknown = sorted(set(options) - {"fps", "loop"})
-    if unknown or len(options) != len(pairs):
-        raise ValueError(f"camera source {uri!r}: expected only fps= and loop= once each, got {query!r}")
-    replay_fps = fps
-    if "fps" in options:
-        try:
-            replay_fps = float(options["fps"])
-        except ValueError:
-            replay_fps = -1.0
-        if not (0 <= replay_fps <= 1000):
-            raise ValueError(f"camera source {uri!r}: fps must be a number 0..1000 (0 = as fast as possible)")
-    loop = options.get("loop", "1").lower()
-    if loop not in ("0", "1", "true", "false", "yes", "no"):
-        raise ValueError(f"camera source {uri!r}: loop must be 0 or 1, got {options['loop']!r}")
-    return replay_fps, loop in ("1", "true", "yes")
-
-
-def _open_auto(size: tuple[int, int], fps: float) -> Source:
-    """The Pi camera if there is one, else the first V4L2 camera; the error lists why each failed."""
-    reasons = []
-    candidates: list[tuple[str, Callable[[], Source]]] = [
-        ("picamera2", lambda: Picamera2Source(0, size, fps)),
-        ("v4l2:0", lambda: OpenCVSource(0)),
-    ]
-    for name, open_ in candidates:
-        try:
-            source = open_()
-        except Exception as e:
-            reasons.append(describe_error(e))
-            continue
-        log.info("camera: auto found %s%s", name, f" ({'; '.join(reasons)})" if reasons else "")
-        return source
-    raise CameraError("no camera found (auto): " + "; ".join(reasons))
+        return find_images(path)
+    except ImageError as e:
+        raise SourceError(f"replay: {e}") from None

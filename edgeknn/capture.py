@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeknn.camera import CameraError, Source, describe_error
+from edgeknn.camera import CameraError, Source, SourceError, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,9 @@ class Capture:
     a frame that is not RGB uint8 (H, W, 3)) the source is closed, ``ok`` becomes False with the
     reason in ``error``, and it is reopened after 0.5 s, then 1 s, 2 s, ... up to ``max_backoff``.
     A source whose read blocks raises nothing: ``last_frame_age()`` shows the stall. When a
-    replay is over, the thread ends and ``finished`` becomes True.
+    replay is over, the thread ends and ``finished`` becomes True. A SourceError (what a person must
+    fix: a missing folder, OpenCV not installed) is not retried: the thread ends with the reason in
+    ``fatal`` (and ``error``), and the daemon stops.
     """
 
     THREAD_NAME = "edgeknn-camera"
@@ -81,6 +83,7 @@ class Capture:
         self._ok = False
         self._error = ""
         self._finished = False
+        self._fatal = ""
         self._closed = False
         self._last_good = time.monotonic()
 
@@ -109,6 +112,11 @@ class Capture:
         return self._finished
 
     @property
+    def fatal(self) -> str:
+        """Why the source can never work (a SourceError, not retried); empty otherwise."""
+        return self._fatal
+
+    @property
     def frames_captured(self) -> int:
         return self._count
 
@@ -119,12 +127,18 @@ class Capture:
     def latest(self, after: int = 0, timeout: float = 1.0) -> Frame | None:
         """The newest frame if its number is above ``after``, waiting up to ``timeout`` seconds for one.
 
-        Returns None on timeout, or at once when the capture is finished or closed and has no newer frame.
+        Returns None on timeout, or at once when the capture is finished, failed for good or closed
+        and has no newer frame.
         """
 
         def ready() -> bool:
             frame = self._frame
-            return (frame is not None and frame.number > after) or self._finished or self._closed
+            return (
+                (frame is not None and frame.number > after)
+                or self._finished
+                or self._closed
+                or bool(self._fatal)
+            )
 
         with self._new_frame:
             self._new_frame.wait_for(ready, timeout)
@@ -165,6 +179,12 @@ class Capture:
                 with self._new_frame:
                     self._finished = True
                     self._ok = False
+                    self._new_frame.notify_all()
+                return
+            except SourceError as e:
+                log.debug("camera: %s; not retrying", e)  # the daemon says it once, and stops
+                with self._new_frame:
+                    self._ok, self._error, self._fatal = False, str(e), str(e)
                     self._new_frame.notify_all()
                 return
             except Exception as e:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgeknn import __version__, config, storecli
+from edgeknn import __version__, config, storecli, storelock
 from edgeknn.classifier import Classifier
 from edgeknn.clierrors import InputError, UsageError
 from edgeknn.commands import class_name_error
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path)
     p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
 
+    # `store --config F info S` and `store info S --config F` both count: an action's own --config has
+    # no default (argparse would let it overwrite the one given before the action with None).
     p = command("store", None, "inspect and edit a store: info, export, import, forget, rename")
     store_sub = p.add_subparsers(metavar="ACTION")
     for name, func, help, extra in (
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("store", type=Path)
         for arg in extra:
             sp.add_argument(arg)
-        sp.add_argument("--config", type=Path, help="TOML config")
+        sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config")
         sp.add_argument("--model", type=Path, help="the store's model (default: model.path)")
         sp.set_defaults(func=func)
 
@@ -148,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_sub = p.add_subparsers(metavar="ACTION")
     sp = model_sub.add_parser("info", help="tensors, shapes, quantization and backend of a model")
     sp.add_argument("path", type=Path)
-    sp.add_argument("--config", type=Path)
+    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     sp.set_defaults(func=_model_info)
     sp = model_sub.add_parser("fetch", help="download the default model into the state directory")
-    sp.add_argument("--config", type=Path)
+    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     sp.add_argument("--url", default=DEFAULT_MODEL_URL, help="where to download from")
     sp.add_argument("--sha256", default=DEFAULT_MODEL_SHA256, help="expected checksum")
     sp.add_argument("--dest", type=Path, help="target file (default <state_dir>/models/<file>)")
@@ -170,7 +172,7 @@ def _model_path(args, cfg: config.Config) -> Path:
 def _open_store(path: Path, embedder: Embedder, cfg: config.Config, create: bool) -> KnnStore:
     if create and not Path(path).exists():
         return KnnStore(embedder.dim, embedder.identity, cfg.store.settings())
-    return KnnStore.load(path, embedder.identity, cfg.store.settings())
+    return KnnStore.load(path, embedder.identity, cfg.store.settings(), embedder.dim)
 
 
 def _images(paths: list[Path]) -> list[Path]:
@@ -182,7 +184,7 @@ def _print_json(obj) -> None:
 
 
 def _run(args) -> int:
-    from edgeknn.app import run
+    from edgeknn.lifecycle import run
 
     return run(args)
 
@@ -204,6 +206,13 @@ def _classify(args) -> int:
 
 
 def _teach(args) -> int:
+    """Holds the store's lock from reading it to saving it: a running device's store is refused
+    (its next autosave would write over what this adds)."""
+    with storelock.claimed(args.store, "edgeknn teach"):
+        return _teach_locked(args)
+
+
+def _teach_locked(args) -> int:
     cfg = _config(args)
     problem = class_name_error(args.class_name)
     if problem:

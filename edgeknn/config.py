@@ -9,9 +9,12 @@ not silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import tomllib
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,7 @@ from edgeknn.head import RULES
 from edgeknn.store import STORAGES, StoreSettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgeknn/edgeknn.toml")
+MACHINE_ID = Path("/etc/machine-id")  # systemd's per-installation id: the default device id hashes it
 
 
 class ConfigError(Exception):
@@ -78,6 +82,26 @@ def _str(choices: tuple[str, ...] | None = None, nonempty: bool = False):
         if nonempty and not v:
             return "expected a non-empty string"
         return None
+
+    return check
+
+
+def _mqtt_id(pattern: str, help: str) -> Callable[[Any], str | None]:
+    """A check for an MQTT name: empty (the default) or ``pattern`` (no wildcard, slash or NUL)."""
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, str):
+            return "expected a string"
+        return None if not v or re.fullmatch(pattern, v) else f"expected {help}"
+
+    return check
+
+
+def _max_len(limit: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, str):
+            return "expected a string"
+        return None if len(v.encode("utf-8")) <= limit else f"expected at most {limit} bytes"
 
     return check
 
@@ -194,11 +218,19 @@ class MqttConfig:
     enabled: bool = key(True, _bool, "publish predictions and accept commands over MQTT")
     host: str = key("localhost", _str(nonempty=True), "broker host")
     port: int = key(1883, integer(1, 65535), "broker port")
-    device_id: str = key("", _str(), "device id in topics; empty = the host name")
+    device_id: str = key(
+        "",
+        _mqtt_id(r"[A-Za-z0-9_-]{1,48}", "1..48 letters, digits, - or _"),
+        "device id in topics; empty = <host name>-<6 hex digits of /etc/machine-id>",
+    )
     base_topic: str = key("edgeknn/{device_id}", _str(nonempty=True), "topic prefix")
-    client_id: str = key("", _str(), "MQTT client id; empty = edgeknn-<device_id>")
-    username: str = key("", _str(), "broker user name")
-    password: str = key("", _str(), "broker password (prefer password_file)")
+    client_id: str = key(
+        "",
+        _mqtt_id(r"[A-Za-z0-9_.:-]{1,64}", "1..64 letters, digits, -, _, . or :"),
+        "MQTT client id; empty = edgeknn-<device_id>",
+    )
+    username: str = key("", _max_len(256), "broker user name")
+    password: str = key("", _max_len(4096), "broker password (prefer password_file)")
     password_file: str = key("", _str(), "file whose first line is the password")
     tls: bool = key(False, _bool, "connect with TLS")
     ca_file: str = key("", _str(), "CA certificate for TLS; empty = system CAs")
@@ -251,15 +283,33 @@ class Config:
         return Path(self.store.path) if self.store.path else self.resolved_state_dir() / "store.npz"
 
     def resolved_device_id(self) -> str:
-        return self.mqtt.device_id or os.uname().nodename.split(".")[0] or "edgeknn"
+        return self.mqtt.device_id or default_device_id()
 
     def resolved_base_topic(self) -> str:
         return self.mqtt.base_topic.replace("{device_id}", self.resolved_device_id())
 
 
+def default_device_id() -> str:
+    """``<host name>-<6 hex digits>``, the digits hashed from /etc/machine-id (else the MAC address).
+
+    Every Raspberry Pi OS image is called ``raspberrypi``: the host name alone would give two such
+    devices one client id, and they would take each other's MQTT session for ever.
+    """
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", os.uname().nodename.split(".")[0])[:40] or "edgeknn"
+    try:
+        with open(MACHINE_ID, "rb") as f:
+            machine = f.read(256).strip()
+    except OSError:
+        machine = b""
+    if not machine:
+        machine = str(uuid.getnode()).encode()
+    return f"{host}-{hashlib.sha256(machine).hexdigest()[:6]}"
+
+
 def _describe(v: Any) -> str:
     if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)  # quoted, and control characters escaped: one line
+        text = json.dumps(v, ensure_ascii=False)  # quoted, and control characters escaped: one line
+        return text if len(text) <= 80 else f'{text[:60]}..." ({len(v)} characters)'
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, dict):
@@ -287,7 +337,8 @@ def _build(cls: type, table: dict, prefix: str, errors: list[str]) -> Any:
             continue
         problem = f.metadata["check"](value)
         if problem:
-            errors.append(f"{path}: {problem}, got {_describe(value)}")
+            shown = "a value not shown here" if name == "password" else _describe(value)  # a secret
+            errors.append(f"{path}: {problem}, got {shown}")
             continue
         values[name] = float(value) if f.type == "float" else value
     return cls(**values)

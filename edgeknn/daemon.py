@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeknn import __version__, config
+from edgeknn import __version__, config, storelock
 from edgeknn.capture import Capture, Frame
 from edgeknn.commands import (
     AddExample,
@@ -39,11 +39,16 @@ from edgeknn.model import Embedder
 from edgeknn.outputs import Output, Reading
 from edgeknn.saving import Saver
 from edgeknn.service import Notifier
+from edgeknn.snapshots import save_snapshot
 from edgeknn.status import FrameRate, StatePublisher, camera_error, camera_status
 from edgeknn.store import UNKNOWN, KnnStore
 from edgeknn.teaching import Teacher
+from edgeknn.throttle import Throttle
 
 log = logging.getLogger(__name__)
+
+MAX_QUEUED_COMMANDS = 200  # commands waiting for the loop; past that a request is answered "busy"
+COMMANDS_PER_STEP = 20  # commands the loop runs between two frames, so that a flood cannot stall it
 
 
 class Stabilizer:
@@ -100,7 +105,10 @@ class Daemon:
         self.notifier = notifier or Notifier({})
         self.outputs: list[Output] = []
         self.broker_status: Callable[[], str] = lambda: "disabled"
-        self.commands: queue.Queue[Command] = queue.Queue()
+        self.commands: queue.Queue[Command] = queue.Queue(maxsize=MAX_QUEUED_COMMANDS)
+        self.busy_refusals = 0  # commands refused because the queue or the pending examples were full
+        self._refusals = Throttle(log)
+        self._event_logs: dict[str, Throttle] = {}
         self.stabilizer = Stabilizer(cfg.stabilizer.mode, cfg.stabilizer.frames)
         self._stop = threading.Event()
         self._frame: Frame | None = None
@@ -129,14 +137,25 @@ class Daemon:
     # --- commands ---------------------------------------------------------------------------
 
     def submit(self, command: Command) -> None:
-        """Queue a command (thread-safe: buttons and MQTT call this from their own threads)."""
-        self.commands.put(command)
+        """Queue a command (thread-safe: buttons and MQTT call this from their own threads).
+
+        A full queue answers ``busy`` at once instead of growing: a flood cannot take the loop's time
+        or memory."""
+        try:
+            self.commands.put_nowait(command)
+        except queue.Full:
+            self._reply(command, Result(False, f"busy: {MAX_QUEUED_COMMANDS} commands already wait"))
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _drain_commands(self) -> None:
-        while True:
+    def resume(self) -> None:
+        """Let ``loop`` run again after a ``stop`` (a refused reload keeps this daemon running)."""
+        self._stop.clear()
+
+    def _drain_commands(self, limit: int = COMMANDS_PER_STEP) -> None:
+        """Run up to ``limit`` queued commands."""
+        for _ in range(limit):
             try:
                 command = self.commands.get_nowait()
             except queue.Empty:
@@ -154,7 +173,10 @@ class Daemon:
             except Exception:
                 log.exception("reply to %s failed", type(command).__name__)
         if not result.ok:
-            log.warning("%s from %s refused: %s", type(command).__name__, command.source, result.error)
+            if result.error.startswith("busy:"):
+                self.busy_refusals += 1
+            name, source = type(command).__name__, command.source
+            self._refusals.log(logging.WARNING, "%s from %s refused: %s", name, source, result.error)
 
     def _run_command(self, command: Command) -> None:
         handler = self._handlers.get(type(command))
@@ -177,18 +199,19 @@ class Daemon:
     def _snapshot(self, command: Snapshot) -> Result:
         if self._frame is None:
             return Result(False, "snapshot: no frame yet")
-        from PIL import Image
-
         folder = self.store_path.parent / "snapshots"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / time.strftime("%Y%m%d-%H%M%S.jpg")
-        Image.fromarray(np.asarray(self._frame.image)).save(path, quality=90)
+        try:
+            path = save_snapshot(self._frame.image, folder)
+        except OSError as e:  # a full disk, a read-only folder: one line in the result and the log
+            return Result(False, f"snapshot: cannot write to {folder}: {e.strerror or e}")
         return Result(True, detail={"file": str(path)})
 
     def _event(self, event: dict, command: Command | None = None) -> None:
         if command is not None:
             event = {**event, "source": command.source}
-        log.info("%s", " ".join(f"{k}={v}" for k, v in event.items()))
+        name = str(event.get("event"))
+        throttle = self._event_logs.setdefault(name, Throttle(log, 1.0))  # at most one line a second each
+        throttle.log(logging.INFO, "%s", " ".join(f"{k}={v}" for k, v in event.items()))
         for output in self.outputs:
             _guard(output.event, event)
 
@@ -218,6 +241,7 @@ class Daemon:
             "camera_error": camera_error(self.capture),
             "broker": self.broker_status(),
             "error": self.saver.error,
+            "busy_refusals": self.busy_refusals,
         }
 
     def _publish_state(self, force: bool = False) -> None:
@@ -272,6 +296,7 @@ class Daemon:
             latency_ms=(now - frame.ts) * 1000,
             changed=changed,
             inference_ms=self._inference_ms,
+            candidate=prediction.label if prediction.label != stable else "",  # why scores may disagree
         )
         if changed:
             log.info("prediction: %s (%.2f, similarity %.2f)", stable, reading.confidence, reading.similarity)
@@ -292,7 +317,7 @@ class Daemon:
         self._inference.wait()
 
     def loop(self) -> None:
-        """Run until ``stop()`` (a signal) or the end of a non-looping replay."""
+        """Run until ``stop()`` (a signal), the end of a non-looping replay, or a source that cannot work."""
         self._publish_state(force=True)
         while not self._stop.is_set():
             self.step()
@@ -303,17 +328,24 @@ class Daemon:
             ):
                 log.info("camera source finished")
                 break
-        self._drain_commands()
+            if self.capture.fatal:
+                log.error("camera.source: %s", self.capture.fatal)
+                break
+        self._drain_commands(limit=MAX_QUEUED_COMMANDS)
 
-    def shutdown(self) -> None:
-        """Save if needed, close the outputs (MQTT says offline) and the camera."""
-        self.notifier.stopping()
+    def shutdown(self, stopping: bool = True) -> bool:
+        """Save if needed, close the inference thread, the outputs (MQTT says offline) and the camera;
+        False if changes could not be saved. ``stopping``: tell systemd (not for a reload)."""
+        if stopping:
+            self.notifier.stopping()
         self._inference.close()
-        self._next = None
-        self.saver.flush()
+        self._next = self._frame = None
+        saved = self.saver.flush(final=stopping)
+        storelock.release(self.store_path)  # taken by app.open_store: commands may write the store now
         for output in self.outputs:
             _guard(output.close)
         self.capture.close()
+        return saved
 
 
 def _guard(method: Callable, *args) -> None:

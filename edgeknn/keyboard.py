@@ -39,27 +39,20 @@ class KeyboardPanel(Output):
         self._submit = submit
         self._label: str | None = None
         self._closed = False
-        self._thread = threading.Thread(
-            target=self._read,
-            args=(sys.stdin if stream is None else stream,),
-            name="edgeknn-keys",
-            daemon=True,
-        )
-        self._thread.start()
+        if stream is None:  # one reader of stdin per process: a reload's new panel takes its lines
+            self._thread = _STDIN.attach(self)
+        else:
+            self._thread = threading.Thread(target=_read, args=(stream, lambda: self), name="edgeknn-keys")
+            self._thread.daemon = True
+            self._thread.start()
 
-    def _read(self, stream: TextIO) -> None:
+    def _line(self, line: str) -> None:
         try:
-            for line in stream:
-                if self._closed:
-                    return
-                try:
-                    command = self._parse(line.strip().lower())
-                    if command is not None:
-                        self._submit(command)
-                except Exception:
-                    log.exception("keyboard: %r failed", line.strip())
-        except (OSError, ValueError):  # stdin closed or not readable (a service, pytest)
-            pass
+            command = self._parse(line.strip().lower())
+            if command is not None:
+                self._submit(command)
+        except Exception:
+            log.exception("keyboard: %r failed", line.strip())
 
     def _parse(self, text: str) -> Command | None:
         if not text:
@@ -94,3 +87,41 @@ class KeyboardPanel(Output):
     def close(self) -> None:
         """Ignore further input; the reader thread is a daemon and ends with the process."""
         self._closed = True
+
+
+def _read(stream: TextIO, panel: Callable[[], KeyboardPanel | None]) -> None:
+    """Hand each line of ``stream`` to the panel open now; end quietly at end of input."""
+    try:
+        for line in stream:
+            current = panel()
+            if current is None or current._closed:
+                if stream is not sys.stdin:
+                    return
+                continue
+            current._line(line)
+    except (OSError, ValueError):  # stdin closed or not readable (a service, pytest)
+        pass
+
+
+class _StdinReader:
+    """The process's one reader of stdin: a thread blocked in a read cannot be stopped, so panels
+    (one per reload) attach to it rather than each leaving a thread behind."""
+
+    def __init__(self) -> None:
+        self.panel: KeyboardPanel | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def attach(self, panel: KeyboardPanel) -> threading.Thread:
+        """Send stdin's lines to ``panel`` from now on; return the reader thread."""
+        with self._lock:
+            self.panel = panel
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=_read, args=(sys.stdin, lambda: self.panel), name="edgeknn-keys", daemon=True
+                )
+                self._thread.start()
+            return self._thread
+
+
+_STDIN = _StdinReader()

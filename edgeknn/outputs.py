@@ -14,7 +14,7 @@ class Reading:
     """One classified frame after stabilising."""
 
     label: str  # the stable label, or "unknown"
-    confidence: float  # of the stable label in this frame (0 for unknown)
+    confidence: float  # scores[label]: of the stable label in this frame (0 for unknown)
     scores: dict[str, float]  # per-class confidence of this frame, summing to 1 (empty if no examples)
     similarity: float  # best cosine similarity to any stored example (0 if none)
     frame: int  # frame number from the camera
@@ -22,6 +22,7 @@ class Reading:
     latency_ms: float  # from capture to now
     changed: bool  # the stable label changed with this frame
     inference_ms: float = 0.0  # embedding time of this frame
+    candidate: str = ""  # this frame's own label while it differs from the stable one (it may settle to it)
 
 
 class Output:

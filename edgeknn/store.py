@@ -23,6 +23,7 @@ from edgeknn.head import DEFAULT_RULE, RULES, VIEW_RULES, Head, fit_sample, rowd
 
 UNKNOWN = "unknown"
 STORAGES = ("float32", "uint8")
+PER_ROW = ("rows", "scale", "labels", "example")  # a store file's arrays with one entry per stored row
 _WIDEN_ROWS = 512  # uint8 rows widened to float32 at a time (2 MB: stays in cache)
 
 
@@ -70,6 +71,7 @@ class KnnStore:
         self._examples: dict[str, int] = {}
         self._head = Head(rule, dim)
         self._widened: np.ndarray | None = None  # uint8 storage: float32 scratch rows for similarities
+        self._shared = False  # a save on another thread reads the stored rows: copy them before a rewrite
 
     @property
     def rule(self) -> str:
@@ -123,6 +125,7 @@ class KnnStore:
             oldest = np.flatnonzero(self._oldest_rows(label))
             if len(oldest) == len(views):
                 rows = oldest
+                self._unshare()
             else:
                 self._drop_oldest(label)
         if rows is None:
@@ -175,6 +178,7 @@ class KnnStore:
         self._examples[self.classes[label]] -= 1
 
     def _compact(self, keep: np.ndarray) -> None:
+        self._unshare()
         n = int(keep.sum())
         for a in (self._rows, self._scale, self._labels, self._example):
             a[:n] = a[: self._n][keep]
@@ -258,27 +262,50 @@ class KnnStore:
 
     def save(self, path: Path) -> None:
         """Write the store to ``path`` atomically (see ``storefile.write``)."""
+        storefile.write(Path(path), self.contents())
+
+    def contents(self, snapshot: bool = False) -> dict[str, np.ndarray]:
+        """The arrays a store file holds. With ``snapshot``: arrays that later changes leave alone, for a
+        save on another thread. The small ones are copies; the stored rows are shared (a copy of tens
+        of MB would stall the loop) until ``snapshot_done``, and a change that rewrites stored rows
+        meanwhile copies them first. Adding writes past them; growing moves them to new arrays."""
         n = self._n
-        storefile.write(
-            Path(path),
-            {
-                "model_id": np.array(self.model_id),
-                "storage": np.array(self.storage),
-                "classes": np.array(self.classes, dtype=str) if self.classes else np.zeros(0, "<U1"),
-                "rows": self._rows[:n],
-                "scale": self._scale[:n],
-                "labels": self._labels[:n],
-                "example": self._example[:n],
-                "center": self._head.center,
-                "seen": np.array(self._head.seen),
-            },
-        )
+        arrays = {
+            "model_id": np.array(self.model_id),
+            "storage": np.array(self.storage),
+            "classes": np.array(self.classes, dtype=str) if self.classes else np.zeros(0, "<U1"),
+            "rows": self._rows[:n],
+            "scale": self._scale[:n],
+            "labels": self._labels[:n],
+            "example": self._example[:n],
+            "center": self._head.center,
+            "seen": np.array(self._head.seen),
+        }
+        if not snapshot:
+            return arrays
+        self._shared = True
+        return {name: a if name in PER_ROW else a.copy() for name, a in arrays.items()}
+
+    def snapshot_done(self) -> None:
+        """The save of the last snapshot is over: stored rows may be rewritten in place again."""
+        self._shared = False
+
+    def _unshare(self) -> None:
+        """Before rewriting stored rows: give a save in flight its own copy of them."""
+        if self._shared:
+            self._rows, self._scale = self._rows.copy(), self._scale.copy()
+            self._labels, self._example = self._labels.copy(), self._example.copy()
+            self._shared = False
 
     @classmethod
-    def load(cls, path: Path, model_id: str, settings: StoreSettings = StoreSettings()) -> KnnStore:
-        """Load a store made with ``model_id``; ``storefile.StoreError`` names the file and says
-        what is wrong with it. A ``settings.storage`` other than the file's converts the rows."""
-        arrays, matrix = storefile.read(Path(path), model_id, _with_room)
+    def load(
+        cls, path: Path, model_id: str, settings: StoreSettings = StoreSettings(), dim: int | None = None
+    ) -> KnnStore:
+        """Load a store made with ``model_id`` (whose rows have ``dim`` values, when given: the
+        model's); ``storefile.StoreError`` names the file and says what is wrong with it (every
+        array is checked before anything is allocated). A ``settings.storage`` other than the
+        file's converts the rows."""
+        arrays, matrix = storefile.read(Path(path), model_id, _with_room, dim)
         rows, scale = arrays["rows"], arrays["scale"]
         if settings.storage is None:
             settings = dataclasses.replace(settings, storage=str(arrays["storage"]))

@@ -2,6 +2,8 @@
 
 ``cli`` builds the parser and calls these with its parsed arguments; errors are raised as
 ``clierrors.UsageError`` / ``InputError`` (or the store's own), and ``cli.main`` maps them to exit codes.
+The actions that write a store hold its lock from reading to saving (``storelock.claimed``), so they
+refuse the store of a running device; info and export only read it and work while it runs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeknn import config
+from edgeknn import config, storefile, storelock
 from edgeknn.clierrors import InputError, UsageError
 from edgeknn.commands import class_name_error
 from edgeknn.model import Model
@@ -27,11 +29,7 @@ def _model_id(args) -> str:
     """The identity a store must carry: that of --model, else the one in the file (inspection only)."""
     if getattr(args, "model", None):
         return Model(args.model).sha256
-    try:
-        with np.load(args.store, allow_pickle=False) as f:
-            return str(f["model_id"])
-    except Exception:
-        return ""  # KnnStore.load reports what is wrong with the file
+    return storefile.model_id_of(args.store)  # "": KnnStore.load reports what is wrong with the file
 
 
 def _require_class(store: KnnStore, args) -> None:
@@ -71,6 +69,11 @@ def store_export(args) -> int:
 
 
 def store_import(args) -> int:
+    with storelock.claimed(args.store, "edgeknn store import"):
+        return _import(args)
+
+
+def _import(args) -> int:
     try:
         data = json.loads(Path(args.input).read_text())
         model_id, examples = data["model_id"], data["examples"]
@@ -97,6 +100,11 @@ def store_import(args) -> int:
 
 
 def store_forget(args) -> int:
+    with storelock.claimed(args.store, "edgeknn store forget"):
+        return _forget(args)
+
+
+def _forget(args) -> int:
     store = _open(args)
     _require_class(store, args)
     removed = store.forget(args.class_name)
@@ -106,6 +114,11 @@ def store_forget(args) -> int:
 
 
 def store_rename(args) -> int:
+    with storelock.claimed(args.store, "edgeknn store rename"):
+        return _rename(args)
+
+
+def _rename(args) -> int:
     store = _open(args)
     problem = class_name_error(args.new_name)
     if problem:

@@ -1,7 +1,10 @@
 """The commands that change what the device knows: add examples, forget, rename, reset.
 
 They run on the loop thread between frames (the loop owns the store). An ``AddExample`` waits
-for fresh frames: each of its ``count`` examples is the next frame the loop classifies.
+for fresh frames: each of its ``count`` examples is the next frame the loop classifies. A frame
+serves at most ADDS_PER_FRAME pending commands (the oldest first), one example each, so a frame's
+cost is bounded however many wait; and at most MAX_PENDING_EXAMPLES wait: past that a request is
+answered ``busy``.
 """
 
 from __future__ import annotations
@@ -10,8 +13,19 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edgeknn.commands import AddExample, Command, ForgetClass, RenameClass, Reset, Result
+from edgeknn.commands import (
+    MAX_EXAMPLES_PER_COMMAND,
+    AddExample,
+    Command,
+    ForgetClass,
+    RenameClass,
+    Reset,
+    Result,
+)
 from edgeknn.store import KnnStore
+
+MAX_PENDING_EXAMPLES = 2 * MAX_EXAMPLES_PER_COMMAND  # examples waiting for frames, all commands together
+ADDS_PER_FRAME = 8  # pending commands one frame serves (a held button may ask faster than frames come)
 
 
 class Teacher:
@@ -34,7 +48,15 @@ class Teacher:
         """Queue the command for the next frames; its reply comes once they are added."""
         if command.class_name not in self.store.classes:
             return self._unknown(command.class_name)
-        self.pending.append([command, max(1, command.count)])
+        count = max(1, command.count)
+        waiting = sum(remaining for _, remaining in self.pending)
+        if waiting + count > MAX_PENDING_EXAMPLES:
+            return Result(
+                False,
+                f"busy: {waiting} examples already wait for frames (at most {MAX_PENDING_EXAMPLES}); "
+                "try again once they are added",
+            )
+        self.pending.append([command, count])
         return None
 
     def forget_class(self, command: ForgetClass) -> Result:
@@ -63,8 +85,8 @@ class Teacher:
         return Result(True)
 
     def add_pending(self, views: np.ndarray) -> None:
-        """Add this frame's views to every pending AddExample (one example per fresh frame)."""
-        for item in list(self.pending):
+        """Add this frame's views as one example of each of the first ADDS_PER_FRAME pending AddExamples."""
+        for item in self.pending[:ADDS_PER_FRAME]:
             command, remaining = item
             if command.class_name not in self.store.classes:  # renamed or reset meanwhile
                 self.pending.remove(item)

@@ -15,6 +15,7 @@ there, in order.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -66,7 +67,8 @@ def main() -> None:
                 os._exit(2)
         os.close(go_r)
         os.write(1, f"pid {pid}\n".encode())
-        os.write(go_w, b"g")
+        with contextlib.suppress(BrokenPipeError):  # on a busy machine the test may cut before the go
+            os.write(go_w, b"g")
         os.close(go_w)
         _, status = os.waitpid(pid, 0)
         os.write(1, f"dead {pid} {status}\n".encode())

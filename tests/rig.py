@@ -194,7 +194,7 @@ class Running:
     """A daemon looping in a thread, as `edgeknn run` does in its main thread."""
 
     def __init__(self, daemon: Daemon):
-        from edgeknn.app import start
+        from edgeknn.lifecycle import start
 
         self.daemon = daemon
         self.recorder = Recorder()

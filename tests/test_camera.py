@@ -19,7 +19,7 @@ from conftest import DIGITS
 from PIL import Image
 from rig import wait_for
 
-from edgeknn import camera
+from edgeknn import camerauri
 from edgeknn import capture as capture_module
 from edgeknn.camera import (
     OPENCV_MISSING,
@@ -28,9 +28,8 @@ from edgeknn.camera import (
     Pacer,
     Picamera2Source,
     ReplaySource,
-    open_source,
-    source_opener,
 )
+from edgeknn.camerauri import open_source, source_opener
 from edgeknn.capture import Capture, check_frame
 from edgeknn.imagefiles import ImageError, find_images, load_rgb
 
@@ -475,7 +474,7 @@ def test_replay_of_real_photos_decodes_the_big_ones_small():
 def recorded(monkeypatch):
     """Replace the source classes by recorders, so an opener shows what it would open."""
     for name in ("Picamera2Source", "OpenCVSource", "ReplaySource"):
-        monkeypatch.setattr(camera, name, lambda *args, _name=name: (_name, args))
+        monkeypatch.setattr(camerauri, name, lambda *args, _name=name: (_name, args))
 
 
 @pytest.mark.parametrize(

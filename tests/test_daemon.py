@@ -51,6 +51,25 @@ def lit_alone(run: Running, factory: MockFactory, i: int, frames: int = 10, time
     return wait_for(alone_long_enough, timeout)
 
 
+def asked_for(run: Running, name: str) -> int:
+    """Examples of ``name`` added, or asked for and waiting for the next frames."""
+    d = run.daemon
+    waiting = sum(left for command, left in d.teacher.pending if command.class_name == name)
+    return d.store.counts()[name] + waiting
+
+
+def all_added(run: Running, timeout: float = 120.0) -> bool:
+    """Wait until every example asked for is added: no command queued and none pending, and still so
+    after a few more frames (a hold tick that ran just before the release may still be submitting).
+    Each example embeds several views of its frame: on a busy machine that takes a while."""
+    d = run.daemon
+
+    def idle() -> bool:
+        return d.commands.empty() and not d.teacher.pending
+
+    return wait_for(idle, timeout) and run.classified() and wait_for(idle, timeout)
+
+
 def test_buttons_teach_and_leds_follow_then_restart_keeps_the_store(tmp_path, factory):
     cfg = make_config(tmp_path)
     scene = Scene(digit_folders())
@@ -63,16 +82,21 @@ def test_buttons_teach_and_leds_follow_then_restart_keeps_the_store(tmp_path, fa
         for i, name in enumerate(CLASSES):
             scene.shown = name
             assert run.classified(), f"no frames classified while showing {name}"
-            factory.pin(BUTTONS[i]).drive_low()
-            assert wait_for(lambda n=name: daemon.store.counts()[n] >= 4), daemon.store.counts()
+            factory.pin(BUTTONS[i]).drive_low()  # held until it has asked for 4 examples
+            assert wait_for(lambda n=name: asked_for(run, n) >= 4), daemon.store.counts()
             factory.pin(BUTTONS[i]).drive_high()
+            # Examples asked for are added with the frames that follow: on a busy machine some may still
+            # wait after the release. They must be of this class, so nothing else is shown before they are.
+            assert all_added(run), f"examples still waiting to be added: {daemon.teacher.pending}"
+            assert wait_for(lambda n=name: daemon.store.counts()[n] >= 4), daemon.store.counts()
         taught = daemon.store.counts()
         assert all(count >= 4 for count in taught.values()), taught
         # Watch: the LED of the class being shown lights alone, and stays so.
         for i, name in enumerate(CLASSES):
             scene.shown = name
             assert lit_alone(run, factory, i), (
-                f"class {name}: its LED never stayed lit alone; LEDs {[factory.pin(p).state for p in LEDS]}"
+                f"class {name}: its LED never stayed lit alone; LEDs {[factory.pin(p).state for p in LEDS]}, "
+                f"last labels {[r.label for r in run.recorder.readings[-15:]]}"
             )
         assert wait_for(lambda: (tmp_path / "store.npz").exists()), "autosave wrote the store"
     finally:
@@ -157,7 +181,7 @@ def test_no_gpio_is_one_clear_line(tmp_path):
     config_file = tmp_path / "edgeknn.toml"
     config_file.write_text(
         f'classes = ["1", "2", "5"]\nstate_dir = "{tmp_path}"\n[model]\npath = "{EXTRACTOR}"\n'
-        '[mqtt]\nenabled = false\n[camera]\nsource = "replay:/nonexistent"\n'
+        f'[mqtt]\nenabled = false\n[camera]\nsource = "replay:{DIGITS / "1"}"\n'  # a source that works
     )
     proc = subprocess.run(
         [sys.executable, "-m", "edgeknn.cli", "run", "--config", str(config_file)],

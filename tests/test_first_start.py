@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import DIGITS, EXTRACTOR, MODELS, PHOTOS, TINY
 
-from edgeknn import app, config
+from edgeknn import config, lifecycle
 from edgeknn.cli import EX_CONFIG, main
 from edgeknn.download import wait_for_model
 from edgeknn.model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, DEFAULT_MODEL_URL, sha256_of
@@ -113,7 +113,7 @@ def test_offline_start_keeps_retrying_says_where_and_takes_the_file_a_person_put
     tmp_path, monkeypatch, caplog
 ):
     url = f"http://127.0.0.1:{free_port()}/{DEFAULT_MODEL_FILE}"  # nothing listens there
-    monkeypatch.setattr(app, "DEFAULT_MODEL_URL", url)
+    monkeypatch.setattr(lifecycle, "DEFAULT_MODEL_URL", url)
     cfg = offline_config(tmp_path)
     path = cfg.model_path()
     notify = NotifySocket(tmp_path / "notify")
@@ -122,7 +122,7 @@ def test_offline_start_keeps_retrying_says_where_and_takes_the_file_a_person_put
     caplog.set_level(logging.INFO)
     try:
         started = time.monotonic()
-        assert app.await_model(cfg, notifier, first_delay=0.2, max_delay=0.4) is True
+        assert lifecycle.await_model(cfg, notifier, first_delay=0.2, max_delay=0.4) is True
         elapsed = time.monotonic() - started
     finally:
         copier.join()
@@ -209,8 +209,8 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 OFFLINE_RUN = """
 import sys
-import edgeknn.app
-edgeknn.app.DEFAULT_MODEL_URL = sys.argv[1]
+import edgeknn.lifecycle
+edgeknn.lifecycle.DEFAULT_MODEL_URL = sys.argv[1]
 from edgeknn.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -270,7 +270,7 @@ def test_edgeknn_run_offline_stops_cleanly_on_sigterm_while_waiting(tmp_path):
 
 
 def test_mqtt_says_why_while_waiting_for_the_model(tmp_path, monkeypatch, broker, subscriber):
-    monkeypatch.setattr(app, "DEFAULT_MODEL_URL", f"http://127.0.0.1:{free_port()}/m.tflite")
+    monkeypatch.setattr(lifecycle, "DEFAULT_MODEL_URL", f"http://127.0.0.1:{free_port()}/m.tflite")
     cfg = offline_config(
         tmp_path,
         **{
@@ -283,7 +283,7 @@ def test_mqtt_says_why_while_waiting_for_the_model(tmp_path, monkeypatch, broker
     sub = subscriber(broker.port, ["edgeknn/first/#"])
     copier = drop_in_place(cfg.model_path(), after=2.5)
     try:
-        assert app.await_model(cfg, Notifier({}), first_delay=0.3, max_delay=0.3)
+        assert lifecycle.await_model(cfg, Notifier({}), first_delay=0.3, max_delay=0.3)
     finally:
         copier.join()
     states = [json.loads(m.text) for m in sub.on("edgeknn/first/state")]

@@ -68,7 +68,7 @@ def test_power_cuts_while_saving_never_lose_a_saved_example(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    cuts, unreadable, most_temporaries, mid_save = 0, [], 0, 0
+    cuts, unreadable, most_temporaries, mid_save, last_saved_cut = 0, [], 0, 0, 0
     deadline = time.monotonic() + 600  # bounds a hung fork server; 300 cuts take well under a minute idle
     try:
         while cuts < 300 and time.monotonic() < deadline:
@@ -90,6 +90,8 @@ def test_power_cuts_while_saving_never_lose_a_saved_example(tmp_path):
                 else:
                     raise AssertionError(f"child said {b' '.join(line).decode()}")
             cuts += 1
+            if saved:
+                last_saved_cut = cuts
             try:
                 store = KnnStore.load(path, MODEL_ID, StoreSettings(rule="nearest", capacity=CAPACITY))
             except StoreError as e:
@@ -106,21 +108,24 @@ def test_power_cuts_while_saving_never_lose_a_saved_example(tmp_path):
             classes = ("c0", "c1", "c2")[:n]
             assert store.counts() == {c: len(range(i, n, 3)) for i, c in enumerate(classes)}
             mid_save += n == saved and path.with_name(f".{path.name}.{int(pid)}.tmp").exists()
+            # Temporary files of killed writers are cleaned up by the next save: they never pile up. At
+            # most one per writer killed since a save last returned (how many that is depends on the
+            # machine's speed: a busy one kills more writers before they finish a save).
             temporaries = list(tmp_path.glob(".store.npz.*.tmp"))
             most_temporaries = max(most_temporaries, len(temporaries))
+            unswept = cuts - last_saved_cut + 1
+            assert len(temporaries) <= unswept, f"cut {cuts}: {len(temporaries)} temporaries, {unswept} kills"
     finally:
         server.stdin.close()
         server.wait(10)
     assert not unreadable, unreadable
     assert cuts >= 200, f"only {cuts} power cuts in the time allowed"
-    # Temporary files of killed writers are cleaned up by the next save: they never pile up.
     final = KnnStore.load(path, MODEL_ID, StoreSettings(rule="nearest", capacity=CAPACITY))
     final.save(path)
-    assert not list(tmp_path.glob(".store.npz.*.tmp"))
-    assert most_temporaries <= 5, f"{most_temporaries} temporary files were left beside the store"
+    assert not list(tmp_path.glob(".store.npz.*.tmp")), "the next save removes every temporary file left"
     report(
         f"power cuts: {cuts} kills survived, {len(unreadable)} unreadable stores, {len(final)} examples "
-        f"saved, {mid_save} kills left a half-written temporary file"
+        f"saved, {mid_save} kills left a half-written temporary file, at most {most_temporaries} at once"
     )
 
 

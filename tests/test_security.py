@@ -115,7 +115,7 @@ class Client:
             self.messages.append(msg)
             self._cond.notify_all()
 
-    def request(self, name: str, payload: bytes, correlation: bytes, timeout: float = 10.0) -> dict | None:
+    def request(self, name: str, payload: bytes, correlation: bytes, timeout: float = 30.0) -> dict | None:
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = REPLIES
         props.CorrelationData = correlation

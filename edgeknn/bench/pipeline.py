@@ -145,7 +145,8 @@ def run_daemon(
     that would be dropped. ``resizing``: one more block with these frames, which the camera
     thread must crop and resize.
     """
-    from edgeknn.app import build, start
+    from edgeknn.app import build
+    from edgeknn.lifecycle import start
 
     player.pause()
     daemon = build(pcfg, opener=lambda: ReplayFrames(player))

@@ -5,6 +5,9 @@ with the broker down and connects when it appears (paho retries with backoff). O
 subscribes, waits for paho's re-sent backlog, lets its owner publish what a connect publishes
 (``announce``), then says ``online`` on the availability topic; the last will says ``offline``.
 It knows no topic but that one: what is published and what the messages mean is ``link.MqttLink``'s.
+
+Its CONNECT announces an MQTT 5 Maximum Packet Size, so the broker drops a publish too big for us
+(a 200 MB "command") instead of sending it: such a packet never reaches this process's memory.
 """
 
 from __future__ import annotations
@@ -14,16 +17,19 @@ import functools
 import logging
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgeknn.config import MqttConfig
+from edgeknn.throttle import Throttle
 
 log = logging.getLogger(__package__)  # one logger for the package: "edgeknn.mqtt"
 
@@ -31,6 +37,14 @@ MAX_QUEUED = 1000  # outgoing QoS>0 messages paho keeps while the broker is away
 CLOSE_TIMEOUT_S = 2.0  # how long close() waits for "offline" to reach the broker
 BACKLOG_WAIT_S = 10.0  # after a reconnect, announce at the latest this long after, even if acks are missing
 LOGIN_REFUSED = ("Bad user name or password", "Not authorized")
+CLIENT_ID_REFUSED = "Client identifier not valid"
+TAKEN_OVER = "Session taken over"  # MQTT 5 reason 0x8E: another client connected with our client id
+SHORT_SESSION_S = 60.0  # a connection lost sooner than this is a short session
+SHORT_SESSIONS = 3  # this many in a row: the broker closes us on purpose (mosquitto 2.0 gives no reason)
+MAX_SECRET_BYTES = 4096  # a password file larger than this is not a password file
+# The largest packet we take: 8x mqtt.max_payload's ceiling, so a merely too-big command still reaches
+# us and gets its refusal reply; the broker drops anything bigger (a 200 MB publish) without sending it.
+MAX_PACKET_BYTES = 8 * 1024 * 1024
 
 
 class MqttError(Exception):
@@ -51,15 +65,29 @@ def _guarded(method: Callable[..., None]) -> Callable[..., None]:
 
 
 def _password(config: MqttConfig) -> str:
+    """The password: mqtt.password, or the first line of mqtt.password_file, read at most 4 KiB of it."""
     path = config.password_file
     if not path:
         return config.password
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.readline().rstrip("\r\n")
+        with open(path, "rb") as f:
+            data = f.read(MAX_SECRET_BYTES + 1)
+        if len(data) > MAX_SECRET_BYTES:
+            raise MqttError(
+                f"mqtt.password_file: {path} is larger than {MAX_SECRET_BYTES} bytes; "
+                "expected a file whose first line is the password"
+            )
+        return data.decode("utf-8").splitlines()[0] if data else ""
     except (OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "strerror", None) or str(e)
         raise MqttError(f"mqtt.password_file: cannot read {path} ({reason})") from None
+
+
+def connect_properties() -> Properties:
+    """CONNECT's properties: the largest packet we accept, so the broker never sends us a bigger one."""
+    properties = Properties(PacketTypes.CONNECT)
+    properties.MaximumPacketSize = MAX_PACKET_BYTES
+    return properties
 
 
 def make_client(config: MqttConfig, *, client_id: str, will_topic: str) -> mqtt.Client:
@@ -169,6 +197,7 @@ class Connection:
         message: Callable[[mqtt.MQTTMessage], None],
     ):
         self._config = config
+        self._client_id = client_id
         self._where = f"{config.host}:{config.port}"
         self._availability = availability
         self._subscriptions = subscriptions
@@ -177,6 +206,10 @@ class Connection:
         self._connected = False
         self._outage_logged = False
         self._queue_full_logged = False
+        self.dropped = 0  # messages paho refused because its outgoing queue was full
+        self._takeovers = Throttle(log, 600.0)  # two devices with one client id take turns for ever
+        self._connected_at = 0.0
+        self._short_sessions = 0  # connections in a row that the broker closed within SHORT_SESSION_S
         self.acks = Acks()
         self._started = False
         self._closed = False
@@ -202,7 +235,11 @@ class Connection:
             return
         self._started = True
         self._client.connect_async(
-            self._config.host, self._config.port, self._config.keepalive, clean_start=True
+            self._config.host,
+            self._config.port,
+            self._config.keepalive,
+            clean_start=True,
+            properties=connect_properties(),
         )
         self._client.loop_start()
 
@@ -236,9 +273,15 @@ class Connection:
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # paho keeps it
             self.acks.sent(info.mid)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            self.dropped += 1
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE and not self._queue_full_logged:
             self._queue_full_logged = True
-            log.warning("mqtt: %d messages wait for the broker; dropping new ones", MAX_QUEUED)
+            log.warning(
+                "mqtt: %d messages wait for the broker; dropping new ones (counted in the state's "
+                "dropped_messages)",
+                MAX_QUEUED,
+            )
         elif info.rc == mqtt.MQTT_ERR_SUCCESS:
             self._queue_full_logged = False
         return info
@@ -254,6 +297,7 @@ class Connection:
             return
         log.info("mqtt: connected to %s", self._where)
         self._outage_logged = False
+        self._connected_at = time.monotonic()
         self._connected = True
         self._on_connected()
         if self._subscriptions:
@@ -308,6 +352,14 @@ class Connection:
                 who,
                 reason,
             )
+        elif reason == CLIENT_ID_REFUSED:
+            log.error(
+                'mqtt: broker at %s refused the client id "%s": %s; set mqtt.client_id (or mqtt.device_id) '
+                "to one it accepts; retrying",
+                self._where,
+                self._client_id,
+                reason,
+            )
         else:
             log.warning("mqtt: broker at %s refused the connection: %s; retrying", self._where, reason)
 
@@ -330,10 +382,36 @@ class Connection:
     ) -> None:
         was_connected, self._connected = self._connected, False
         self.acks.disconnected()
-        if was_connected and not self._closed and not self._outage_logged:
+        if self._closed:
+            return
+        if was_connected:
+            short = time.monotonic() - self._connected_at < SHORT_SESSION_S
+            self._short_sessions = self._short_sessions + 1 if short else 0
+        if str(reason) == TAKEN_OVER or self._short_sessions >= SHORT_SESSIONS:
             self._outage_logged = True
-            why = "connection lost" if reason == "Unspecified error" else str(reason)  # paho's word for EOF
+            self._takeovers.log(
+                logging.ERROR,
+                "mqtt: broker at %s closed our session %s: another device probably uses the same client id "
+                '"%s" (two devices with one mqtt.device_id?); give each its own mqtt.device_id or '
+                "mqtt.client_id; retrying",
+                self._where,
+                "(session taken over)" if str(reason) == TAKEN_OVER else "soon after each connect",
+                self._client_id,
+            )
+            return
+        if self._outage_logged:
+            return
+        self._outage_logged = True  # once per outage: cleared by the next connect
+        why = "connection lost" if reason == "Unspecified error" else str(reason)  # paho's word for EOF
+        if was_connected:
             log.warning("mqtt: lost connection to broker at %s (%s); retrying", self._where, why)
+        else:  # the TCP connection was made, but no CONNACK came (paho gives up after keepalive)
+            log.warning(
+                "mqtt: %s accepted the connection but did not answer the MQTT CONNECT (%s): is it an MQTT "
+                "broker, and is mqtt.tls right for that port? retrying",
+                self._where,
+                why,
+            )
 
     @_guarded
     def _on_subscribe(

@@ -29,6 +29,7 @@ from edgeknn.mqtt import discovery
 from edgeknn.mqtt.commands import CommandError, parse_command, reply_topic, result_body, show
 from edgeknn.mqtt.connection import Connection
 from edgeknn.outputs import Output, Reading
+from edgeknn.throttle import Throttle
 
 log = logging.getLogger(__package__)  # one logger for the package: "edgeknn.mqtt"
 
@@ -72,6 +73,7 @@ class MqttLink(Output):
         self._last_state: dict | None = None
         self._last_prediction = 0.0
         self._force = True  # publish the next prediction whatever it is
+        self._refusals = Throttle(log)  # a flood of bad requests logs one line per interval, not one each
         self._connection = Connection(
             config,
             client_id=config.client_id or f"edgeknn-{device_id}",
@@ -142,6 +144,8 @@ class MqttLink(Output):
             "frame": int(reading.frame),
             "latency_ms": round(float(reading.latency_ms), 1),
         }
+        if reading.candidate:  # the label is settling: what this frame says (README, MQTT)
+            body["candidate"] = reading.candidate
         self._publish_json(self._topic("prediction"), body, ts=reading.ts)
 
     def event(self, event: dict) -> None:
@@ -149,8 +153,10 @@ class MqttLink(Output):
         self._publish_json(self._topic("event"), dict(event))
 
     def state(self, state: dict) -> None:
-        """Publish the retained state; it is re-published on every connect, so only the latest counts."""
-        self._last_state = dict(state)
+        """Publish the retained state; it is re-published on every connect, so only the latest counts.
+
+        It carries ``dropped_messages``: what paho's full outgoing queue refused (replies in a flood)."""
+        self._last_state = {**state, "dropped_messages": self._connection.dropped}
         changed = self._update_classes(state.get("classes"))
         if not self.connected:
             return
@@ -201,6 +207,7 @@ class MqttLink(Output):
         if self._last_state is not None:
             if "broker" in self._last_state:  # kept while we were away: it said "down"
                 self._last_state["broker"] = "ok"
+            self._last_state["dropped_messages"] = self._connection.dropped
             self._publish_json(self._topic("state"), dict(self._last_state), retain=True)
         self._publish_selected()
 
@@ -274,7 +281,7 @@ class MqttLink(Output):
         try:
             command = parse_command(name, payload, classes=self._classes, config=self._config, reply=reply)
         except CommandError as e:
-            log.info("mqtt: refused command %s: %s", show(name), e)
+            self._refusals.log(logging.INFO, "mqtt: refused command %s: %s", show(name), e)
             reply(Result(ok=False, error=str(e)))
             return
         try:
