@@ -153,8 +153,13 @@ def build_core(cfg: config.Config, *, opener=None, notifier: Notifier | None = N
             raise Fatal(f"camera.source: {e}") from None
     store_path = cfg.store_path()
     store = open_store(cfg, embedder, store_path)
-    capture = Capture(opener, prepare=embedder.model.prepare)
-    daemon = Daemon(cfg, embedder, store, capture, store_path, notifier)
+    try:
+        daemon = Daemon(
+            cfg, embedder, store, Capture(opener, prepare=embedder.model.prepare), store_path, notifier
+        )
+    except BaseException:  # the daemon's shutdown gives the store's lock back; without a daemon, here
+        storelock.release(store_path)
+        raise
     if cfg.mqtt.enabled:
         try:
             link = mqtt_link(cfg, list(store.classes), daemon.submit)
