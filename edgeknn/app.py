@@ -215,7 +215,7 @@ def config_from_args(args) -> config.Config:
 
 def mqtt_link(cfg: config.Config, classes: list[str], submit: Callable[[Command], None]) -> MqttLink:
     """The MQTT output for this config (not yet started); a bad MQTT setting is Fatal."""
-    from edgeknn.mqtt.connection import MqttError
+    from edgeknn.mqtt.client import MqttError
     from edgeknn.mqtt.link import MqttLink
 
     try:

@@ -29,8 +29,8 @@ from edgeknn.commands import (
     Snapshot,
 )
 from edgeknn.config import MqttConfig
+from edgeknn.mqtt.client import MqttError
 from edgeknn.mqtt.commands import CommandError, parse_command
-from edgeknn.mqtt.connection import MqttError
 from edgeknn.mqtt.link import MqttLink
 from edgeknn.outputs import Reading
 

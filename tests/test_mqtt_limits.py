@@ -27,8 +27,8 @@ from rig import NotifyListener, wait_for
 
 from edgeknn import config
 from edgeknn.commands import AddExample, Result
-from edgeknn.mqtt import connection
-from edgeknn.mqtt.connection import MqttError
+from edgeknn.mqtt import client
+from edgeknn.mqtt.client import MqttError
 from edgeknn.mqtt.link import MqttLink
 from edgeknn.teaching import Teacher
 
@@ -185,7 +185,7 @@ def test_a_publish_larger_than_announced_never_reaches_the_link(broker, subscrib
     try:
         assert wait_for(lambda: link.connected)
         sender = subscriber(broker.port, ["unused/#"])
-        big = b"x" * (connection.MAX_PACKET_BYTES + 1)
+        big = b"x" * (client.MAX_PACKET_BYTES + 1)
         sender.client.publish("edgeknn/lim/cmd/add_example", big, qos=1).wait_for_publish(20)
         sender.client.publish("edgeknn/lim/cmd/nonsense", b"{}", qos=1).wait_for_publish(10)
         first = results.wait_for(lambda m: True, timeout=10)
@@ -307,4 +307,4 @@ def test_a_huge_password_file_is_refused_before_paho_sees_it(tmp_path):
     with pytest.raises(MqttError, match=r"mqtt.password_file: .* larger than 4096 bytes"):
         make_link(1883, username="edge", password_file=str(secret))
     secret.write_text("s3cret\nsecond line\n")
-    assert connection._password(config.from_dict({"mqtt": {"password_file": str(secret)}}).mqtt) == "s3cret"
+    assert client._password(config.from_dict({"mqtt": {"password_file": str(secret)}}).mqtt) == "s3cret"
