@@ -144,6 +144,9 @@ class Connection:
         self._connected_at = 0.0
         self._short_sessions = 0  # connections in a row that the broker closed within SHORT_SESSION_S
         self.acks = Acks()
+        self._hold_lock = threading.Lock()
+        self._ready = False  # connected, backlog re-sent and announced: publish straight to paho
+        self._held: deque[tuple[str, str, bool, int, Properties | None]] = deque()
         self._started = False
         self._closed = False
         self._client = client = make_client(config, client_id=client_id, will_topic=availability)
@@ -157,6 +160,11 @@ class Connection:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def ready(self) -> bool:
+        """Connected and announced: what is published now goes straight to the broker."""
+        return self._ready
 
     @property
     def closed(self) -> bool:
@@ -185,7 +193,7 @@ class Connection:
         if not self._started:
             return
         if self._connected:
-            info = self.publish(self._availability, "offline", retain=True, qos=1)
+            info = self._send(self._availability, "offline", retain=True, qos=1)
             with contextlib.suppress(ValueError, RuntimeError):  # queue full or connection lost
                 info.wait_for_publish(CLOSE_TIMEOUT_S)
         self._client.disconnect()
@@ -200,24 +208,44 @@ class Connection:
         retain: bool = False,
         qos: int | None = None,
         properties: Properties | None = None,
+    ) -> None:
+        """Hand one message to paho (``qos``: mqtt.qos unless given), or hold it until the connection is
+        ready: from a disconnect until paho's re-sent backlog is through and the owner has announced.
+
+        Held messages go out in order before anything newer, so a message published just after a
+        reconnect never overtakes older ones (paho re-sends its backlog only after on_connect returns).
+        """
+        message = (topic, payload, retain, self._config.qos if qos is None else qos, properties)
+        with self._hold_lock:
+            if not self._ready:
+                if len(self._held) < MAX_QUEUED:
+                    self._held.append(message)
+                else:
+                    self._count_dropped()
+                return
+        self._send(*message)
+
+    def _send(
+        self, topic: str, payload: str, retain: bool, qos: int, properties: Properties | None = None
     ) -> mqtt.MQTTMessageInfo:
-        """Hand one message to paho (``qos``: mqtt.qos unless given); paho queues it during an outage."""
-        qos = self._config.qos if qos is None else qos
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # paho keeps it
             self.acks.sent(info.mid)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            self.dropped += 1
-        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE and not self._queue_full_logged:
+            self._count_dropped()
+        elif info.rc == mqtt.MQTT_ERR_SUCCESS:
+            self._queue_full_logged = False
+        return info
+
+    def _count_dropped(self) -> None:
+        self.dropped += 1
+        if not self._queue_full_logged:
             self._queue_full_logged = True
             log.warning(
                 "mqtt: %d messages wait for the broker; dropping new ones (counted in the state's "
                 "dropped_messages)",
                 MAX_QUEUED,
             )
-        elif info.rc == mqtt.MQTT_ERR_SUCCESS:
-            self._queue_full_logged = False
-        return info
 
     # -- paho callbacks (paho's thread)
 
@@ -255,8 +283,13 @@ class Connection:
         """What a connect publishes: the owner's part (discovery, the retained state), then ``online``."""
         if not self._connected:
             return
+        with self._hold_lock:  # what waited goes first; the owner's publishes go straight out from now on
+            held, self._held = self._held, deque()
+            for message in held:
+                self._send(*message)
+            self._ready = True
         self._on_announce()
-        self.publish(self._availability, "online", retain=True, qos=1)
+        self._send(self._availability, "online", retain=True, qos=1)
 
     @_guarded
     def _on_publish(
@@ -314,6 +347,8 @@ class Connection:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         was_connected, self._connected = self._connected, False
+        with self._hold_lock:
+            self._ready = False
         self.acks.disconnected()
         if self._closed:
             return

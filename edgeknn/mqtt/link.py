@@ -119,7 +119,7 @@ class MqttLink(Output):
 
     def show(self, reading: Reading) -> None:
         """Publish the prediction when it changed, on the heartbeat, or every frame if so configured."""
-        if not self.connected:
+        if not self._connection.ready:
             # Live data is not queued during an outage, but a change of the stable label is (QoS 1,
             # bounded queue): a subscriber sees every state change, in order, once we are back.
             self._force = True
@@ -158,7 +158,7 @@ class MqttLink(Output):
         It carries ``dropped_messages``: what paho's full outgoing queue refused (replies in a flood)."""
         self._last_state = {**state, "dropped_messages": self._connection.dropped}
         changed = self._update_classes(state.get("classes"))
-        if not self.connected:
+        if not self._connection.ready:  # announce publishes the newest state once it is
             return
         if changed and self._config.discovery:
             self._publish_discovery()
