@@ -272,7 +272,7 @@ class Daemon:
         vector, self._inference_ms = self._inference.result()
         if self.teacher.pending and self.store.rule in VIEW_RULES:
             start = time.perf_counter()
-            views = self.embedder.embed_views(frame.image)
+            views = self.embedder.embed_views(frame.image, each=self.notifier.watchdog)
             self._inference_ms = (time.perf_counter() - start) * 1000
         else:
             views = vector[np.newaxis]

@@ -15,6 +15,7 @@ import os
 import re
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,11 +324,18 @@ class Embedder:
         norm = float(np.linalg.norm(vector))
         return vector / norm if norm > 0 else vector
 
-    def embed_views(self, image: np.ndarray) -> np.ndarray:
-        """Embeddings of ``augmented_views(image)``: what one added example stores, shape (6, dim)."""
-        return np.stack(
-            [self.embed(view) for view in augmented_views(image, self.model.width / self.model.height)]
-        )
+    def embed_views(self, image: np.ndarray, each: Callable[[], None] | None = None) -> np.ndarray:
+        """Embeddings of ``augmented_views(image)``: what one added example stores, shape (6, dim).
+
+        ``each`` is called after every view: the daemon pings systemd's watchdog there, since six
+        invokes on a slow or emulated CPU can outlast WatchdogSec.
+        """
+        rows = []
+        for view in augmented_views(image, self.model.width / self.model.height):
+            rows.append(self.embed(view))
+            if each is not None:
+                each()
+        return np.stack(rows)
 
 
 def augmented_views(image: np.ndarray, aspect: float = 1.0, zoom: float = 0.8) -> list[np.ndarray]:

@@ -399,3 +399,14 @@ def test_the_inference_thread_gives_the_embedding_of_each_image_and_its_errors()
             inference.start(images[0])
     finally:
         inference.close()
+
+
+def test_embed_views_calls_back_after_every_view():
+    """The daemon pings systemd's watchdog between an added example's views: six invokes on an emulated
+    or slow CPU outlasted WatchdogSec (seen under qemu), and systemd killed the daemon mid-teach."""
+    embedder = Embedder(TINY)
+    image = load_rgb(PHOTOS / "parrot.jpg", max_side=256)
+    calls: list[int] = []
+    views = embedder.embed_views(image, each=lambda: calls.append(len(calls)))
+    assert len(calls) == len(views) == 6
+    np.testing.assert_allclose(views, embedder.embed_views(image), rtol=1e-5, atol=1e-6)
