@@ -73,6 +73,11 @@ def no_delay(sock) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def listening(run: Running, broker: Broker) -> bool:
+    """Connected, and the broker has taken the command subscription (a command sent sooner is not delivered)."""
+    return run.daemon.broker_status() == "ok" and bool(re.search(rf"edgeknn-sec \d+ {BASE}/cmd/\+", broker.log()))
+
+
 class Client:
     """A test MQTT client with optional login and TLS; records messages; ``request`` waits for the reply."""
 
@@ -387,7 +392,7 @@ def fuzz_rig(tmp_path, fast_broker):
     cfg = make_config(tmp_path, **{"panel.kind": "none", **mqtt_settings(fast_broker.port)})
     run = Running(build(cfg, opener=scene.opener))
     try:
-        assert wait_for(lambda: run.daemon.broker_status() == "ok")
+        assert wait_for(lambda: listening(run, fast_broker))
         teach(run, scene, per_class=2)
         yield run
     finally:
@@ -567,7 +572,7 @@ def test_commands_off_and_allowed_commands(tmp_path, caplog):
         client = Client(b.port)
         try:
             assert client.connected.wait(20)
-            assert wait_for(lambda: run.daemon.broker_status() == "ok")
+            assert wait_for(lambda: listening(run, b))
             ok = client.request("add_example", payload({"class": "2", "count": 2}), b"a1")
             assert ok and ok["ok"] and run.daemon.store.counts()["2"] == 2
             for name, args in [("reset", {"confirm": True}), ("forget_class", {"class": "2"}),
@@ -596,7 +601,7 @@ def test_payload_size_limit(tmp_path):
     client = Client(b.port)
     try:
         assert client.connected.wait(20)
-        assert wait_for(lambda: run.daemon.broker_status() == "ok")
+        assert wait_for(lambda: listening(run, b))
 
         def padded(size: int) -> bytes:
             text = json.dumps({"class": "1"})
