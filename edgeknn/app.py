@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 
 from gpiozero.pins import Factory
 
-from edgeknn import __version__, config, storefile, storelock
+from edgeknn import __version__, config, reembed, storefile, storelock
 from edgeknn.camera import SourceError
 from edgeknn.camerauri import check_source, source_opener
 from edgeknn.capture import Capture
+from edgeknn.classifier import ModelClasses, ScoreReader, SideHead, led_labels, open_model
 from edgeknn.commands import Command
 from edgeknn.daemon import Daemon
 from edgeknn.keyboard import KeyboardPanel
@@ -27,7 +28,7 @@ from edgeknn.model import Embedder, ModelError
 from edgeknn.panel import GpioPanel, PanelError, Submit
 from edgeknn.service import Notifier
 from edgeknn.store import KnnStore
-from edgeknn.storefile import StoreError
+from edgeknn.storefile import ModelMismatch, StoreError
 
 if TYPE_CHECKING:
     from edgeknn.mqtt.link import MqttLink
@@ -43,13 +44,16 @@ class Fatal(Exception):
         self.code = code
 
 
-def open_store(cfg: config.Config, embedder: Embedder, path: Path) -> KnnStore:
+def open_store(
+    cfg: config.Config, embedder: Embedder, path: Path, notifier: Notifier | None = None
+) -> KnnStore:
     """Take the store's lock for this process (``Daemon.shutdown`` gives it back) and load the store,
     or start empty. A damaged store is moved aside (never deleted or overwritten); a file that is not
-    a store (a mistake in store.path: the config, the model) is left in place and refused."""
+    a store (a mistake in store.path: the config, the model) is left in place and refused. A store
+    made with another model is re-embedded when every example keeps its picture, else refused."""
     _claim_store(path)
     try:
-        return _load_store(cfg, embedder, path)
+        return _load_store(cfg, embedder, path, notifier)
     except BaseException:
         storelock.release(path)
         raise
@@ -72,7 +76,9 @@ def _claim_store(path: Path) -> None:
         log.warning("%s: cannot lock the store here; commands that write it cannot tell it is in use", path)
 
 
-def _load_store(cfg: config.Config, embedder: Embedder, path: Path) -> KnnStore:
+def _load_store(
+    cfg: config.Config, embedder: Embedder, path: Path, notifier: Notifier | None = None
+) -> KnnStore:
     settings = cfg.store.settings()
     if not path.exists():
         log.info("no store at %s yet: starting empty", path)
@@ -81,6 +87,8 @@ def _load_store(cfg: config.Config, embedder: Embedder, path: Path) -> KnnStore:
         raise Fatal(f"{path}: is a folder, not a store file; check store.path")
     try:
         store = KnnStore.load(path, embedder.identity, settings, embedder.dim)
+    except ModelMismatch as e:
+        return _reembed_at_start(cfg, embedder, path, e, notifier)
     except StoreError as e:
         if not e.corrupt:
             raise Fatal(str(e)) from None
@@ -98,10 +106,52 @@ def _load_store(cfg: config.Config, embedder: Embedder, path: Path) -> KnnStore:
             os.replace(path, aside)
         except OSError as move_error:
             raise Fatal(f"{e}; and cannot move it aside ({move_error.strerror})", 1) from None
+        with contextlib.suppress(OSError):  # its pictures go with it (a new store would remove them)
+            os.replace(storefile.pictures_dir(path), storefile.pictures_dir(aside))
         log.error("%s; moved it to %s and started empty", e, aside)
         return KnnStore(embedder.dim, embedder.identity, settings)
     log.info("loaded %d examples from %s", sum(store.counts().values()), path)
     return store
+
+
+def _reembed_at_start(
+    cfg: config.Config, embedder: Embedder, path: Path, mismatch: ModelMismatch, notifier: Notifier | None
+) -> KnnStore:
+    """The store at ``path`` (made with another model) re-embedded for ``embedder`` from its pictures
+    and saved in its place; Fatal with the mismatch's line when an example has no picture."""
+    try:
+        old = KnnStore.load(path, mismatch.model_id, cfg.store.settings())
+    except StoreError:
+        raise Fatal(str(mismatch)) from None
+    missing = reembed.without_pictures(old)
+    if missing:
+        raise Fatal(f"{mismatch} ({reembed.refusal(old, missing)})") from None
+
+    def each(done: int, total: int) -> None:
+        if notifier is not None:  # under systemd: more start-up time, and say how far it is
+            notifier.notify(f"EXTEND_TIMEOUT_USEC=30000000\nSTATUS=re-embedding examples: {done} of {total}")
+
+    try:
+        store = reembed.reembed(old, embedder, cfg.store.settings(), each)
+        store.save(path)
+    except reembed.ReembedError as e:
+        raise Fatal(f"{mismatch} ({e})") from None
+    except OSError as e:
+        raise Fatal(f"{path}: cannot save the re-embedded store ({e.strerror or e})", 1) from None
+    return store
+
+
+def seed_classes(store: KnnStore, classes: list[str]) -> None:
+    """A store without classes (a first start) takes the config's ``classes``, in slot order. After
+    that the store is the truth: renaming, adding and removing classes (MQTT, the web page) are kept in
+    it, and the config's list is not read again, so a renamed class never comes back under its old name."""
+    if store.classes:
+        if list(classes) != store.classes:
+            log.info("classes: %s (the store's; config classes seed only a store without classes)",
+                     ", ".join(store.classes))  # fmt: skip
+        return
+    for name in classes:
+        store.ensure_class(name)
 
 
 def open_panel(
@@ -110,10 +160,12 @@ def open_panel(
     submit: Submit,
     settings: config.PanelConfig,
     pin_factory: Factory | None = None,
+    fixed: bool = False,
 ) -> GpioPanel | KeyboardPanel | None:
-    """The panel for ``kind`` ("gpio", "keyboard" or "none"); None when there is none."""
+    """The panel for ``kind`` ("gpio", "keyboard" or "none"); None when there is none. ``fixed``: the LEDs
+    keep ``classes`` (a classifier model's led_labels) instead of following the store's."""
     if kind == "gpio":
-        return GpioPanel(classes, submit, settings, pin_factory)
+        return GpioPanel(classes, submit, settings, pin_factory, fixed=fixed)
     if kind == "keyboard":
         return KeyboardPanel(classes, submit)
     if kind == "none":
@@ -142,7 +194,20 @@ def build_core(cfg: config.Config, *, opener=None, notifier: Notifier | None = N
     """Everything but the panel: model, store, camera and MQTT, none of them started, so that a reload
     builds them while the old daemon still holds the camera, the pins and the broker session."""
     try:  # the default model is there: run() and a reload first wait for it (await_model)
-        embedder = Embedder(cfg.model_path(), cfg.model.threads)
+        embedder = open_model(
+            cfg.model_path(),
+            cfg.model.threads,
+            cfg.model.kind,
+            Path(cfg.model.labels) if cfg.model.labels else None,
+        )
+        if isinstance(embedder, ScoreReader):
+            led_labels(cfg.panel.led_labels, embedder.labels, len(cfg.panel.leds))  # a label not in the model
+        side = None
+        if cfg.model.head:  # the extractor + head pair: the head's top-k beside the k-NN label
+            if isinstance(embedder, ScoreReader):
+                raise ModelError(f"model.head: only beside an embedder; {cfg.model_path()} is a classifier")
+            labels = Path(cfg.model.labels) if cfg.model.labels else None
+            side = SideHead(embedder, Path(cfg.model.head), labels, cfg.mqtt.top_k, cfg.model.threads)
     except ModelError as e:
         raise Fatal(str(e)) from None
     if opener is None:  # before the store: a source a person must fix is said at once, and nothing is held
@@ -152,10 +217,16 @@ def build_core(cfg: config.Config, *, opener=None, notifier: Notifier | None = N
         except (ValueError, SourceError) as e:
             raise Fatal(f"camera.source: {e}") from None
     store_path = cfg.store_path()
-    store = open_store(cfg, embedder, store_path)
+    if isinstance(embedder, ScoreReader):  # a classifier model: its labels are the classes, no store file
+        store: KnnStore = ModelClasses(
+            embedder.labels, embedder.identity, cfg.mqtt.top_k, cfg.model.min_confidence
+        )
+    else:
+        store = open_store(cfg, embedder, store_path, notifier)
+        seed_classes(store, cfg.classes)
     try:
         daemon = Daemon(
-            cfg, embedder, store, Capture(opener, prepare=embedder.model.prepare), store_path, notifier
+            cfg, embedder, store, Capture(opener, prepare=embedder.model.prepare), store_path, notifier, side
         )
     except BaseException:  # the daemon's shutdown gives the store's lock back; without a daemon, here
         storelock.release(store_path)
@@ -168,6 +239,15 @@ def build_core(cfg: config.Config, *, opener=None, notifier: Notifier | None = N
             raise
         daemon.outputs.append(link)
         daemon.broker_status = lambda: link.status
+        daemon.snapshots.publish = link.publish_image  # snapshots also go to <base>/snapshot
+    if cfg.web.enabled:  # aiohttp is imported only when the page is on
+        from edgeknn.web.server import WebError, web_output
+
+        try:
+            daemon.outputs.append(web_output(cfg.web, cfg.resolved_state_dir(), daemon))
+        except WebError as e:
+            close_unstarted(daemon)
+            raise Fatal(str(e)) from None
     return daemon
 
 
@@ -175,8 +255,11 @@ def attach_panel(daemon: Daemon, pin_factory=None) -> None:
     """Open the config's panel (it claims GPIO pins) and make it the daemon's first output."""
     cfg = daemon.cfg
     try:
-        panel = open_panel(cfg.panel.kind, list(cfg.classes), daemon.submit, cfg.panel, pin_factory)
-    except PanelError as e:
+        classes, fixed = list(daemon.store.classes), isinstance(daemon.store, ModelClasses)
+        if fixed:  # a classifier model: LED i lights for led_labels[i]; buttons only refuse
+            classes = led_labels(cfg.panel.led_labels, classes, len(cfg.panel.leds))
+        panel = open_panel(cfg.panel.kind, classes, daemon.submit, cfg.panel, pin_factory, fixed)
+    except (PanelError, ModelError) as e:
         raise Fatal(str(e)) from None
     if panel is not None:
         daemon.outputs.insert(0, panel)
@@ -210,6 +293,14 @@ def config_from_args(args) -> config.Config:
                 overrides["mqtt.port"] = int(port) if port.isdigit() else port
     if args.device_id:
         overrides["mqtt.device_id"] = args.device_id
+    web = getattr(args, "web", None)
+    if web:
+        overrides["web.enabled"] = web != "none"
+        if web != "none":
+            host, _, port = web.rpartition(":")
+            overrides["web.port"] = int(port) if port.isdigit() else port  # not a number: config says so
+            if host:
+                overrides["web.listen"] = host.strip("[]")
     return config.replace(cfg, **overrides) if overrides else cfg
 
 

@@ -27,12 +27,14 @@ class Frame:
 
     ``image`` is RGB uint8 (H, W, 3), already passed through the Capture's ``prepare`` when it has
     one, and read-only (a frame may be shared by several readers); ``ts`` is ``time.time()`` when
-    it was read; ``number`` counts frames within one Capture, from 1.
+    it was read; ``number`` counts frames within one Capture, from 1. ``full`` is the frame as the
+    source gave it, kept (not copied) where ``prepare`` cropped or resized it: the web page shows it.
     """
 
     image: np.ndarray
     ts: float
     number: int
+    full: np.ndarray | None = None  # the frame before ``prepare``, where that changed it (read only)
 
 
 def check_frame(image: object, what: str = "the source") -> np.ndarray:
@@ -207,15 +209,17 @@ class Capture:
         while not self._stop.is_set():
             image = check_frame(source.read())
             ts = time.time()
+            full = None
             if self._prepare is not None:
-                image = check_frame(self._prepare(image), "prepare")
-            self._publish(image, ts)
+                prepared = check_frame(self._prepare(image), "prepare")
+                full, image = (image if prepared.shape != image.shape else None), prepared
+            self._publish(image, ts, full)
 
-    def _publish(self, image: np.ndarray, ts: float) -> None:
+    def _publish(self, image: np.ndarray, ts: float, full: np.ndarray | None = None) -> None:
         image.setflags(write=False)
         with self._new_frame:
             self._count += 1
-            self._frame = Frame(image, ts, self._count)
+            self._frame = Frame(image, ts, self._count, full)
             self._last_good = time.monotonic()
             recovered = bool(self._error)
             self._ok, self._error = True, ""

@@ -17,15 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-from edgeknn import __version__, config, storecli, storelock
+from edgeknn import __version__, config, pictures, storecli, storelock
 from edgeknn.classifier import Classifier
 from edgeknn.clierrors import InputError, UsageError
 from edgeknn.commands import class_name_error
+from edgeknn.download import MODELS
 from edgeknn.head import RULES, VIEW_RULES
 from edgeknn.imagefiles import ImageError, find_images, load_rgb
-from edgeknn.model import DEFAULT_MODEL_SHA256, DEFAULT_MODEL_URL, Embedder, Model, ModelError
+from edgeknn.model import Embedder, Model, ModelError, sha256_of
 from edgeknn.progress import Progress
-from edgeknn.store import KnnStore
+from edgeknn.store import UNKNOWN, KnnStore
 from edgeknn.storefile import StoreError
 
 EX_CONFIG = os.EX_CONFIG
@@ -83,11 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="the example store (default: store.path)")
     p.add_argument("--mqtt", metavar="HOST[:PORT]", help='MQTT broker, or "none" to run without MQTT')
     p.add_argument("--device-id", help="device id in MQTT topics")
+    p.add_argument("--web", metavar="[HOST:]PORT|none", help='the web page\'s port, or "none" for no page')
 
     p = command("classify", _classify, "top-k ImageNet-style labels of images (a pretrained classifier)")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE")
+    p.add_argument("--source", help="classify a camera or replay live instead (a camera.source URI)")
     p.add_argument("--model", type=Path, help="classifier model, or the extractor with --head")
-    p.add_argument("--labels", type=Path, help="labels file (else the labels in the model's metadata)")
+    p.add_argument(
+        "--labels", type=Path, help="labels file (else the model's metadata or a labels.txt beside it)"
+    )
     p.add_argument("--head", type=Path, help="head model that takes the extractor's output")
     p.add_argument("--top", type=int, default=5, help="how many labels (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
@@ -106,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # `store --config F info S` and `store info S --config F` both count: an action's own --config has
     # no default (argparse would let it overwrite the one given before the action with None).
-    p = command("store", None, "inspect and edit a store: info, export, import, forget, rename")
+    p = command("store", None, "inspect and edit a store: its examples, classes, export, import, model")
     store_sub = p.add_subparsers(metavar="ACTION")
     for name, func, help, extra in (
         ("info", storecli.store_info, "classes, counts, model and size", []),
@@ -114,11 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
         ("import", storecli.store_import, "add the examples of an exported JSON file", ["input"]),
         ("forget", storecli.store_forget, "forget every example of a class", ["class_name"]),
         ("rename", storecli.store_rename, "rename a class", ["class_name", "new_name"]),
+        ("examples", storecli.store_examples, "list the examples: id, class, time, picture", []),
+        ("delete-example", storecli.store_delete_example, "delete one example by id", ["example"]),
+        ("reembed", storecli.store_reembed, "rebuild the store for --model from its pictures", []),
     ):
         sp = store_sub.add_parser(name, help=help, description=help)
         sp.add_argument("store", type=Path)
         for arg in extra:
             sp.add_argument(arg)
+        if name == "examples":
+            sp.add_argument("--class", dest="class_name", help="only the examples of this class")
         sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config")
         sp.add_argument("--model", type=Path, help="the store's model (default: model.path)")
         sp.set_defaults(func=func)
@@ -133,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=3, help="neighbours that vote (default 3)")
     p.add_argument("--model", type=Path)
     p.add_argument(
-        "--open-set", action="store_true", help="hold out half the classes; report AUROC of unknown"
+        "--open-set",
+        action="store_true",
+        help="leave half the classes untaught: AUROC of the unknown score, and how often untaught "
+        "photos are answered unknown and taught ones right",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -143,8 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for tests)")
     p.add_argument(
+        "--compare",
+        choices=[*MODELS, "none"],
+        metavar="NAME",
+        help="the named model set beside it (default: mobilenet_v1_1.0_224, or the default for that one)",
+    )
+    p.add_argument(
         "--data", type=Path, help="photo folder to replay (default ../shared/data/sign_language_digits)"
     )
+
+    p = command("web", None, "the web page: show or reset its password")
+    web_sub = p.add_subparsers(metavar="ACTION")
+    sp = web_sub.add_parser(
+        "password", help="show the page's password; --reset makes a new one (ends every login)"
+    )
+    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    sp.add_argument("--reset", action="store_true", help="generate a new password")
+    sp.add_argument("--state-dir", type=Path, help="the device's state directory (default: the config's)")
+    sp.set_defaults(func=_web_password)
 
     p = command("model", None, "inspect or fetch models")
     model_sub = p.add_subparsers(metavar="ACTION")
@@ -152,12 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path", type=Path)
     sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     sp.set_defaults(func=_model_info)
-    sp = model_sub.add_parser("fetch", help="download the default model into the state directory")
+    sp = model_sub.add_parser(
+        "fetch", help="download a named model (default: the configured one) into the state directory"
+    )
+    sp.add_argument("name", nargs="?", choices=list(MODELS), metavar="NAME", help="see `edgeknn model list`")
     sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
-    sp.add_argument("--url", default=DEFAULT_MODEL_URL, help="where to download from")
-    sp.add_argument("--sha256", default=DEFAULT_MODEL_SHA256, help="expected checksum")
+    sp.add_argument("--url", help="where to download from (default: its pinned URL)")
+    sp.add_argument("--sha256", help="expected checksum (default: its pinned sha256)")
     sp.add_argument("--dest", type=Path, help="target file (default <state_dir>/models/<file>)")
     sp.set_defaults(func=_model_fetch)
+    sp = model_sub.add_parser("list", help="the named models: size, sha256, downloaded, the configured one")
+    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    sp.add_argument("--json", action="store_true", help="one JSON object per model, one per line")
+    sp.set_defaults(func=_model_list)
     return parser
 
 
@@ -166,7 +202,8 @@ def _config(args) -> config.Config:
 
 
 def _model_path(args, cfg: config.Config) -> Path:
-    return Path(args.model) if getattr(args, "model", None) else cfg.model_path()
+    """--model, else the configured model (for --store S: the named model S was made with, if unset)."""
+    return Path(args.model) if getattr(args, "model", None) else cfg.model_path(getattr(args, "store", None))
 
 
 def _open_store(path: Path, embedder: Embedder, cfg: config.Config, create: bool) -> KnnStore:
@@ -193,9 +230,15 @@ def _classify(args) -> int:
     cfg = _config(args)
     if args.top < 1:
         raise UsageError("--top: expected an integer >= 1")
+    if bool(args.images) == bool(args.source):
+        raise UsageError("classify: expected image files or --source URI (one of them)")
     classifier = Classifier(
         _model_path(args, cfg), labels=args.labels, head=args.head, threads=cfg.model.threads
     )
+    if args.source:
+        from edgeknn.classifylive import classify_live
+
+        return classify_live(classifier, args.source, args.top, args.json)
     for path in _images(args.images):
         labels = classifier.classify(load_rgb(path, max_side=1024), top=args.top)
         if args.json:
@@ -239,7 +282,8 @@ def _teach_locked(args) -> int:
                 skipped += 1
                 continue
             vectors = embedder.embed_views(image) if store.rule in VIEW_RULES else embedder.embed(image)
-            count = store.add(args.class_name, vectors)
+            picture = pictures.encode(embedder.model.prepare(image))  # what the camera would have kept
+            count = store.add(args.class_name, vectors, picture)
             added += 1
             progress(i, len(files))
     if not added:
@@ -314,8 +358,16 @@ def _eval(args) -> int:
     for rule, per_shot in result["rules"].items():
         cells = "".join(f"{v['mean']:.3f} ± {v['std']:.3f}  " for v in per_shot.values())
         print(f"{rule:<12}{cells}")
-    for rule, per_shot in result.get("open_set_auroc", {}).items():
-        print(f"open-set AUROC ({rule}): " + ", ".join(f"{n} shots {v:.3f}" for n, v in per_shot.items()))
+    for rule, per_shot in result.get("open_set", {}).items():
+        print(f"open set ({rule}): half the classes untaught; unknown = {UNKNOWN!r}")
+        print("  shots  AUROC  threshold  untaught->unknown (auto / 0)  taught right (auto / 0 / none)  kept")
+        for n, r in per_shot.items():
+            print(
+                f"  {n:>5}  {r['auroc']:.3f}  {r['threshold']:9.3f}  "
+                f"{r['unseen_unknown_auto']:.3f} / {r['unseen_unknown_zero']:.3f}{'':15}"
+                f"{r['taught_right_auto']:.3f} / {r['taught_right_zero']:.3f} / "
+                f"{r['taught_right_closed']:.3f}{'':9}{r['kept']:.3f}"
+            )
     print(f"took {seconds:.1f} s")
     return 0
 
@@ -324,6 +376,30 @@ def _bench(args) -> int:
     from edgeknn.bench import run_bench
 
     return run_bench(args, _config(args))
+
+
+def _web_password(args) -> int:
+    """`edgeknn web password [--reset]`: the configured password says where it is set; the generated
+    one is shown (made now if the device has not made it yet) or replaced."""
+    from edgeknn.web.auth import AuthError, Passwords, reset_password
+
+    cfg = _config(args)
+    state_dir = args.state_dir or cfg.resolved_state_dir()
+    passwords = Passwords(cfg.web, state_dir)
+    configured = bool(cfg.web.password or cfg.web.password_file)
+    if args.reset:
+        if configured:
+            raise UsageError(f"the password is set by {passwords.source}: change it there")
+        print(reset_password(state_dir))
+        print(f"(kept in {passwords.source}; every login of the page has ended)", file=sys.stderr)
+        return 0
+    try:
+        passwords.ensure()
+        print(passwords.current())
+    except AuthError as e:
+        raise InputError(str(e)) from None
+    print(f"(from {passwords.source})", file=sys.stderr)
+    return 0
 
 
 def _model_info(args) -> int:
@@ -337,8 +413,36 @@ def _model_fetch(args) -> int:
     from edgeknn.download import fetch
 
     cfg = _config(args)
-    dest = fetch(args.url, args.sha256, args.dest or cfg.default_model_path())
-    print(f"{dest}: sha256 {args.sha256} verified")
+    named = MODELS[args.name] if args.name else cfg.named_model()
+    url, sha256 = args.url or named.url, args.sha256 or named.sha256
+    dest = args.dest or cfg.resolved_state_dir() / "models" / named.file
+    if dest.is_file() and sha256_of(dest) == sha256:
+        print(f"{dest}: sha256 {sha256} verified (already there)")
+        return 0
+    fetch(url, sha256, dest)
+    print(f"{dest}: sha256 {sha256} verified")
+    return 0
+
+
+def _model_list(args) -> int:
+    """Every named model: size, sha256, whether <state_dir>/models holds it, which one is configured."""
+    from edgeknn.download import DEFAULT_NAME, have
+
+    cfg = _config(args)
+    folder = cfg.resolved_state_dir() / "models"
+    chosen = None if cfg.model.path else cfg.named_model().name
+    for m in MODELS.values():
+        marks = [w for w, on in (("default", m.name == DEFAULT_NAME), ("configured", m.name == chosen)) if on]
+        row = {"name": m.name, "bytes": m.size, "sha256": m.sha256, "downloaded": have(m, folder)}
+        if args.json:
+            _print_json(
+                {**row, "default": m.name == DEFAULT_NAME, "configured": m.name == chosen, "about": m.about}
+            )
+            continue
+        size, got = f"{m.size / 1e6:.1f} MB", row["downloaded"]
+        print(f"{m.name:<24}{size:>8}  {m.sha256[:12]}  downloaded: {got:<5} {', '.join(marks)}".rstrip())
+    if cfg.model.path and not args.json:
+        print(f"model.path = {cfg.model.path} (wins over model.name)")
     return 0
 
 

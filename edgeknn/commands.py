@@ -12,9 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgeknn.store import UNKNOWN
+
 CLASS_NAME_RE = re.compile(r"[A-Za-z0-9_.\-][A-Za-z0-9 _.\-]{0,31}")
 CLASS_NAME_HELP = "1-32 characters of letters, digits, space, '_', '-', '.' (not starting with a space)"
 MAX_EXAMPLES_PER_COMMAND = 100
+# The no-class answer, and the states Home Assistant reserves ("None" too): never a class's name.
+RESERVED_NAMES = frozenset(n.casefold() for n in (UNKNOWN, "unknown", "unavailable", "none"))
 
 
 def class_name_error(name: Any) -> str | None:
@@ -28,6 +32,8 @@ def class_name_error(name: Any) -> str | None:
         return "expected a string"
     if not CLASS_NAME_RE.fullmatch(name):
         return f"expected {CLASS_NAME_HELP}"
+    if name.casefold() in RESERVED_NAMES:
+        return f"expected a name that is not reserved ({', '.join(sorted(RESERVED_NAMES))})"
     return None
 
 
@@ -50,14 +56,54 @@ class Command:
 
 @dataclass(frozen=True, kw_only=True)
 class AddExample(Command):
-    """Embed the newest frame ``count`` times (one per new frame) as examples of ``class_name``."""
+    """Embed the newest frame ``count`` times (one per new frame) as examples of ``class_name``, or of
+    the class in ``slot`` when given (a button: whatever that class is called when the loop runs it)."""
 
-    class_name: str
+    class_name: str = ""
     count: int = 1
+    slot: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class ForgetClass(Command):
+    """Forget every example of ``class_name`` (or of the class in ``slot``); the class stays."""
+
+    class_name: str = ""
+    slot: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddClass(Command):
+    """Make a new, empty class in the next slot (up to ``store.max_classes``)."""
+
+    class_name: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoveClass(Command):
+    """Remove a class and its examples; the classes after it move down one slot."""
+
+    class_name: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeleteExample(Command):
+    """Delete one example (by the id ``ListExamples`` gives)."""
+
+    example: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListExamples(Command):
+    """The examples of ``class_name`` (all when None): id, class, when added, whether it has a picture."""
+
+    class_name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectClass(Command):
+    """Choose the class Home Assistant's Add example acts on; kept across restarts."""
+
     class_name: str
 
 
@@ -84,6 +130,14 @@ class Snapshot(Command):
 
 @dataclass(frozen=True, kw_only=True)
 class SetThreshold(Command):
-    """Change the similarity below which the answer is ``unknown``."""
+    """Change the similarity below which the answer is the no-class one (None: automatic, calibrated
+    from the store); kept across restarts."""
 
-    value: float
+    value: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportExamples(Command):
+    """Add the examples of an export (``importing.parse_export`` read it): the web page's upload."""
+
+    export: Any  # importing.Export

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeknn.commands import CLASS_NAME_HELP, class_name_error
+from edgeknn.download import MODELS, NamedModel
 from edgeknn.head import RULES
 from edgeknn.store import STORAGES, StoreSettings
 
@@ -71,6 +72,11 @@ def number(lo: float | None = None, hi: float | None = None) -> Callable[[Any], 
         return None
 
     return check
+
+
+def _threshold(v: Any) -> str | None:
+    """store.threshold: "auto" (calibrated from the store) or a number -1..1."""
+    return None if v == "auto" or not number(-1.0, 1.0)(v) else 'expected a number -1.0..1.0 or "auto"'
 
 
 def _str(choices: tuple[str, ...] | None = None, nonempty: bool = False):
@@ -151,10 +157,25 @@ def key(default: Any, check, doc: str = ""):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = key(
-        "", _str(), "TFLite model; empty = the extractor in <state_dir>/models (edgeknn model fetch)"
+    name: str = key(
+        "",
+        _str(("", *MODELS)),
+        "a named model (edgeknn model list); empty = the store's model, else the default",
     )
+    path: str = key("", _str(), "a TFLite model file; wins over name")
     threads: int = key(0, integer(0, 64), "interpreter threads; 0 = one per CPU core")
+    kind: str = key(
+        "auto",
+        _str(("auto", "embedder", "classifier")),
+        "auto: a small-softmax model with labels is a classifier (its own labels), else an embedder (k-NN)",
+    )
+    labels: str = key("", _str(), "a classifier's labels file; empty = its metadata or labels.txt beside it")
+    head: str = key(
+        "", _str(), "a head model fed with the embedder's output: its top-k beside the k-NN label"
+    )
+    min_confidence: float = key(
+        0.0, number(0.0, 1.0), "a classifier's top-1 below this is the unknown answer"
+    )
 
 
 @dataclass(frozen=True)
@@ -166,15 +187,25 @@ class StoreConfig:
         _str(("default", *RULES)),
         'classification rule: "default" or one of `edgeknn eval --help`',
     )
-    threshold: float = key(0.0, number(-1.0, 1.0), "below this best similarity the answer is unknown")
+    threshold: float | str = key(
+        "auto",
+        _threshold,
+        'below this similarity to the nearest example the answer is unrecognized; "auto" = calibrated',
+    )
     capacity: int = key(1000, integer(1, 1_000_000), "examples kept per class; the oldest goes first")
     storage: str = key("float32", _str(STORAGES), "row storage; uint8 = 4x less memory")
     autosave_s: float = key(5.0, number(0.0, 86400.0), "save this long after the last change; 0 = at once")
+    max_classes: int = key(10, integer(1, 1000), "the most classes a store keeps (add_class refuses more)")
 
     def settings(self) -> StoreSettings:
         """What a KnnStore takes of this section (the one place that copies it)."""
         return StoreSettings(
-            k=self.k, rule=self.rule, threshold=self.threshold, capacity=self.capacity, storage=self.storage
+            k=self.k,
+            rule=self.rule,
+            threshold=None if self.threshold == "auto" else float(self.threshold),
+            capacity=self.capacity,
+            storage=self.storage,
+            max_classes=self.max_classes,
         )
 
 
@@ -203,6 +234,9 @@ class PanelConfig:
     pull_up: bool = key(True, _bool, "buttons: use the internal pull-up (button to GND)")
     hold_time: float = key(0.8, number(0.1, 10.0), "seconds held before hold-to-record starts")
     hold_rate: float = key(5.0, number(0.1, 30.0), "examples per second while a class button is held")
+    led_labels: list = key(
+        [], _str_list, "a classifier model: LED i lights for label i; empty = its labels if they fit"
+    )
 
     def pin_count_errors(self, classes: int) -> list[str]:
         """A GPIO panel needs one button and one LED per class: one line per list that is short."""
@@ -247,11 +281,34 @@ class MqttConfig:
     max_payload: int = key(4096, integer(64, 1_000_000), "command payloads above this many bytes are refused")
     discovery: bool = key(True, _bool, "publish Home Assistant discovery")
     discovery_prefix: str = key("homeassistant", _str(nonempty=True), "Home Assistant discovery prefix")
+    top_k: int = key(
+        0, integer(0, 1001), "a classifier model's labels per prediction; 0 = all if < 100, else 3"
+    )
+    snapshot_interval_s: float = key(
+        0.0, number(0.0, 86400.0), "publish a snapshot to <base>/snapshot this often; 0 = only on request"
+    )
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    enabled: bool = key(True, _bool, "serve the web page (live view, teaching, health)")
+    listen: str = key("", _str(), 'address to listen on; "" = every address (IPv4 and IPv6)')
+    port: int = key(8080, integer(1, 65535), "port of the web page")
+    password: str = key("", _max_len(4096), "password of the page (prefer password_file)")
+    password_file: str = key(
+        "", _str(), "file whose first line is the password; neither set = generated, in <state_dir>"
+    )
+    tls_cert: str = key("", _str(), "certificate (PEM) to serve HTTPS; empty = plain HTTP")
+    tls_key: str = key("", _str(), "private key (PEM) of tls_cert")
 
 
 @dataclass(frozen=True)
 class Config:
-    classes: list = key(["one", "two", "three"], _class_names, "class names, in button order")
+    classes: list = key(
+        ["one", "two", "three"],
+        _class_names,
+        "the classes of a first start, in button order (then the store's)",
+    )
     state_dir: str = key(
         "", _str(), "store and model folder; empty = $STATE_DIRECTORY or ~/.local/state/edgeknn"
     )
@@ -262,6 +319,7 @@ class Config:
     stabilizer: StabilizerConfig = field(default_factory=StabilizerConfig)
     panel: PanelConfig = field(default_factory=PanelConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     def resolved_state_dir(self) -> Path:
         """``state_dir``, else systemd's $STATE_DIRECTORY, else ~/.local/state/edgeknn."""
@@ -271,13 +329,25 @@ class Config:
             return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
         return Path.home() / ".local" / "state" / "edgeknn"
 
-    def default_model_path(self) -> Path:
-        from edgeknn.model import DEFAULT_MODEL_FILE
+    def named_model(self, store: Path | None = None) -> NamedModel:
+        """``model.name``; unset, the named model the store (``store``, else ``store_path()``) was
+        made with, so that an install keeps its model when the default changes; else the default."""
+        from edgeknn.download import DEFAULT_NAME, by_sha256
 
-        return self.resolved_state_dir() / "models" / DEFAULT_MODEL_FILE
+        if self.model.name:
+            return MODELS[self.model.name]
+        from edgeknn.storefile import model_id_of
 
-    def model_path(self) -> Path:
-        return Path(self.model.path) if self.model.path else self.default_model_path()
+        return by_sha256(model_id_of(store or self.store_path())) or MODELS[DEFAULT_NAME]
+
+    def default_model_path(self, store: Path | None = None) -> Path:
+        """Where the named model lives: ``<state_dir>/models/<its file>``."""
+        return self.resolved_state_dir() / "models" / self.named_model(store).file
+
+    def model_path(self, store: Path | None = None) -> Path:
+        """``model.path``, else the named model's file (``store``: the store it is for, when not
+        the configured one)."""
+        return Path(self.model.path) if self.model.path else self.default_model_path(store)
 
     def store_path(self) -> Path:
         return Path(self.store.path) if self.store.path else self.resolved_state_dir() / "store.npz"
@@ -340,7 +410,7 @@ def _build(cls: type, table: dict, prefix: str, errors: list[str]) -> Any:
             shown = "a value not shown here" if name == "password" else _describe(value)  # a secret
             errors.append(f"{path}: {problem}, got {shown}")
             continue
-        values[name] = float(value) if f.type == "float" else value
+        values[name] = float(value) if f.type.startswith("float") and not isinstance(value, str) else value
     return cls(**values)
 
 
@@ -360,8 +430,18 @@ def _cross_check(config: Config) -> list[str]:
     n = len(config.classes)
     if config.panel.kind == "gpio":
         errors.extend(config.panel.pin_count_errors(n))
+        if len(config.panel.led_labels) > len(config.panel.leds):
+            errors.append(
+                f"panel.led_labels: expected at most one label per LED ({len(config.panel.leds)}), "
+                f"got {len(config.panel.led_labels)}"
+            )
+    if n > config.store.max_classes:
+        most = config.store.max_classes
+        errors.append(f"classes: expected at most store.max_classes ({most}) names, got {n}")
     if config.mqtt.cert_file and not config.mqtt.key_file:
         errors.append("mqtt.key_file: expected a key file when mqtt.cert_file is set")
+    if bool(config.web.tls_cert) != bool(config.web.tls_key):
+        errors.append("web.tls_key: expected both web.tls_cert and web.tls_key, or neither")
     if "+" in config.mqtt.base_topic or "#" in config.mqtt.base_topic:
         errors.append(f'mqtt.base_topic: expected no MQTT wildcards (+, #), got "{config.mqtt.base_topic}"')
     return errors

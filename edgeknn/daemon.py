@@ -20,16 +20,23 @@ from typing import Any
 
 import numpy as np
 
-from edgeknn import __version__, config, storelock
+from edgeknn import __version__, config, pictures, storelock
 from edgeknn.capture import Capture, Frame
+from edgeknn.classifier import ModelClasses, SideHead
 from edgeknn.commands import (
+    AddClass,
     AddExample,
     Command,
+    DeleteExample,
     ForgetClass,
+    ImportExamples,
+    ListExamples,
+    RemoveClass,
     RenameClass,
     Reset,
     Result,
     Save,
+    SelectClass,
     SetThreshold,
     Snapshot,
 )
@@ -37,9 +44,10 @@ from edgeknn.head import VIEW_RULES
 from edgeknn.inference import InferenceThread
 from edgeknn.model import Embedder
 from edgeknn.outputs import Output, Reading
+from edgeknn.runtime import RuntimeSettings
 from edgeknn.saving import Saver
 from edgeknn.service import Notifier
-from edgeknn.snapshots import save_snapshot
+from edgeknn.snapshots import Snapshotter
 from edgeknn.status import FrameRate, StatePublisher, camera_error, camera_status
 from edgeknn.store import UNKNOWN, KnnStore
 from edgeknn.teaching import Teacher
@@ -47,6 +55,9 @@ from edgeknn.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
+# What a classifier model refuses: it has no examples to add, forget or save.
+TEACHING = (AddExample, ForgetClass, RenameClass, AddClass, RemoveClass, DeleteExample, Reset, Save)
+TEACHING_ALSO = (ImportExamples,)  # the web page's upload
 MAX_QUEUED_COMMANDS = 200  # commands waiting for the loop; past that a request is answered "busy"
 COMMANDS_PER_STEP = 20  # commands the loop runs between two frames, so that a flood cannot stall it
 
@@ -96,9 +107,11 @@ class Daemon:
         capture: Capture,
         store_path: Path,
         notifier: Notifier | None = None,
+        side: SideHead | None = None,
     ):
         self.cfg = cfg
         self.embedder = embedder
+        self.side = side  # model.head: its top-k goes out beside the k-NN label
         self.store = store
         self.capture = capture
         self.store_path = Path(store_path)
@@ -112,10 +125,13 @@ class Daemon:
         self.stabilizer = Stabilizer(cfg.stabilizer.mode, cfg.stabilizer.frames)
         self._stop = threading.Event()
         self._frame: Frame | None = None
-        self._inference = InferenceThread(embedder)
+        self._inference = InferenceThread(embedder, side.scores if side else None)
         self._next: Frame | None = None  # the frame being embedded meanwhile
         self._last_number = 0
         self.saver = Saver(store, self.store_path, cfg.store.autosave_s, self._event)
+        # JPEGs made off the loop: the snapshot command's file, and (its ``publish``) MQTT's image topic
+        interval = cfg.mqtt.snapshot_interval_s if cfg.mqtt.enabled else 0.0
+        self.snapshots = Snapshotter(self.store_path.parent / "snapshots", interval)
         self._started = time.monotonic()
         self._inference_ms = 0.0
         self.rate = FrameRate()
@@ -124,14 +140,29 @@ class Daemon:
         self._handlers: dict[type, Callable[[Any], Result | None]] = {
             AddExample: self.teacher.queue_examples,
             ForgetClass: self.teacher.forget_class,
-            RenameClass: self.teacher.rename_class,
+            RenameClass: self._rename_class,
+            AddClass: self.teacher.add_class,
+            RemoveClass: self.teacher.remove_class,
+            DeleteExample: self.teacher.delete_example,
+            ListExamples: self.teacher.list_examples,
             Reset: self.teacher.reset,
             Save: self._save_now,
             SetThreshold: self._set_threshold,
+            SelectClass: self._select_class,
             Snapshot: self._snapshot,
+            ImportExamples: self._import_examples,
         }
-        for name in cfg.classes:
-            store.ensure_class(name)
+        # What commands set and a restart keeps: it wins over the config's value until that is edited.
+        self.runtime = RuntimeSettings.load(
+            cfg.resolved_state_dir(), {"threshold": cfg.store.threshold, "training_class": None}
+        )
+        self.classifier = isinstance(store, ModelClasses)  # a classifier model: its own labels, untaught
+        self._said_untaught = False
+        if self.classifier:
+            self._handlers.update(dict.fromkeys(TEACHING + TEACHING_ALSO, self._refuse_teaching))
+            self._handlers[SetThreshold] = self._set_min_confidence
+        else:
+            store.threshold = self.runtime.get("threshold", store.threshold)
         store.fit()
 
     # --- commands ---------------------------------------------------------------------------
@@ -191,20 +222,91 @@ class Daemon:
         ok = self.saver.save()
         return Result(ok, "" if ok else f"save failed: {self.saver.error}")
 
-    def _set_threshold(self, command: SetThreshold) -> Result:
-        self.store.threshold = float(command.value)
+    def _refuse_teaching(self, command: Command) -> None:
+        """A classifier model cannot be taught: answer every teaching command so, log it once."""
+        error = (
+            f"teaching: {self.embedder.model.path.name} is a classifier model: it answers with its own "
+            'labels and cannot be taught (model.kind = "embedder" or a k-NN model can)'
+        )
+        if not self._said_untaught:
+            self._said_untaught = True
+            log.warning("%s from %s refused: %s", type(command).__name__, command.source, error)
+        if command.reply is not None:
+            _guard(command.reply, Result(False, error))
+
+    def _set_min_confidence(self, command: SetThreshold) -> Result:
+        """A classifier model's threshold is a probability (None: model.min_confidence); not kept."""
+        self.store.threshold = self.cfg.model.min_confidence if command.value is None else command.value
         self._publish_state(force=True)
         return Result(True, detail={"threshold": self.store.threshold})
 
-    def _snapshot(self, command: Snapshot) -> Result:
+    def _import_examples(self, command: ImportExamples) -> Result:
+        """The web page's upload: every example of the export, or (one line why) none."""
+        from edgeknn.importing import add_examples
+
+        try:
+            added = add_examples(self.store, command.export)
+        except ValueError as e:
+            return Result(False, f"import: {e}")
+        self._changed()
+        detail = {"added": added, "classes": self.store.counts()}
+        self._event({"event": "examples_imported", "added": added}, command)
+        return Result(True, detail=detail)
+
+    def _set_threshold(self, command: SetThreshold) -> Result:
+        self.store.threshold = command.value
+        problem = self._keep("threshold", command.value)
+        self._publish_state(force=True)
+        if problem:
+            return Result(False, f"threshold: set to {command.value}, {problem}")
+        return Result(True, detail={"threshold": self.store.threshold})
+
+    @property
+    def training_class(self) -> str:
+        """The class Home Assistant's Add example acts on: the one selected, else the first."""
+        selected = self.runtime.get("training_class")
+        if selected in self.store.classes:
+            return selected
+        return self.store.classes[0] if self.store.classes else ""
+
+    def _select_class(self, command: SelectClass) -> Result:
+        if command.class_name not in self.store.classes:
+            return Result(False, f"class: unknown class {command.class_name!r}")
+        problem = self._keep("training_class", command.class_name)
+        self._publish_state(force=True)
+        if problem:
+            return Result(False, f"class: selected {command.class_name!r}, {problem}")
+        return Result(True, detail={"class": command.class_name})
+
+    def _rename_class(self, command: RenameClass) -> Result:
+        """Rename; the training class follows its class (chosen before, so no state says otherwise)."""
+        follows = (
+            self.runtime.get("training_class") == command.class_name
+            and command.new_name not in self.store.classes
+        )
+        if follows:
+            self._keep("training_class", command.new_name)
+        result = self.teacher.rename_class(command)
+        if follows and not result.ok:
+            self._keep("training_class", command.class_name)
+        return result
+
+    def _keep(self, key: str, value: Any) -> str:
+        """Keep a runtime setting across restarts; what went wrong, or "" (it applies either way)."""
+        try:
+            self.runtime.set(key, value)
+        except OSError as e:
+            log.warning("%s: cannot write it (%s); %s applies until a restart", self.runtime.path,
+                        e.strerror or e, key)  # fmt: skip
+            return f"but cannot keep it across a restart ({self.runtime.path}: {e.strerror or e})"
+        return ""
+
+    def _snapshot(self, command: Snapshot) -> Result | None:
+        """The newest frame to a file and MQTT's image topic, encoded on the snapshot thread (it replies)."""
         if self._frame is None:
             return Result(False, "snapshot: no frame yet")
-        folder = self.store_path.parent / "snapshots"
-        try:
-            path = save_snapshot(self._frame.image, folder)
-        except OSError as e:  # a full disk, a read-only folder: one line in the result and the log
-            return Result(False, f"snapshot: cannot write to {folder}: {e.strerror or e}")
-        return Result(True, detail={"file": str(path)})
+        self.snapshots.take(self._frame.image, lambda result: self._reply(command, result))
+        return None
 
     def _event(self, event: dict, command: Command | None = None) -> None:
         if command is not None:
@@ -232,6 +334,8 @@ class Daemon:
             "k": self.store.k,
             "rule": self.store.rule,
             "threshold": self.store.threshold,
+            "effective_threshold": round(self.store.effective_threshold, 4),  # applied now (None above: auto)
+            "training_class": self.training_class,
             "storage": self.store.storage,
             "version": __version__,
             "uptime_s": round(time.monotonic() - self._started, 1),
@@ -279,8 +383,8 @@ class Daemon:
             self._next = self.capture.latest(after=frame.number, timeout=0)
             if self._next is not None:
                 self._inference.start(self._next.image)
-        if self.teacher.pending:
-            self.teacher.add_pending(views)
+        if self.teacher.pending:  # each example keeps the model-sized frame it came from, as a JPEG
+            self.teacher.add_pending(views, pictures.encode(frame.image))
         self.store.observe(vector)
         prediction = self.store.classify(vector)
         changed = self.stabilizer.update(prediction.label)
@@ -297,15 +401,22 @@ class Daemon:
             changed=changed,
             inference_ms=self._inference_ms,
             candidate=prediction.label if prediction.label != stable else "",  # why scores may disagree
+            results=tuple(prediction.scores.items()) if self.classifier else self._side_results(),
         )
         if changed:
             log.info("prediction: %s (%.2f, similarity %.2f)", stable, reading.confidence, reading.similarity)
         for output in self.outputs:
             _guard(output.show, reading)
+        self.snapshots.tick(frame.image)
         self.rate.tick()
         self._publish_state()
         self.saver.autosave()
         return reading
+
+    def _side_results(self) -> tuple[tuple[str, float], ...]:
+        """The head's top-k of this frame (``model.head``), or none."""
+        probs = self._inference.side_result
+        return self.side.results(probs) if self.side is not None and probs is not None else ()
 
     @property
     def frames_classified(self) -> int:
@@ -339,6 +450,7 @@ class Daemon:
         if stopping:
             self.notifier.stopping()
         self._inference.close()
+        self.snapshots.close()  # the snapshots asked for are made and answered before MQTT closes
         self._next = self._frame = None
         saved = self.saver.flush(final=stopping)
         storelock.release(self.store_path)  # taken by app.open_store: commands may write the store now

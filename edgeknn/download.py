@@ -1,44 +1,170 @@
-"""Download the default model with a pinned sha256, so a fresh device finds its model by itself.
+"""The named models (pinned URL and sha256) and their download, so a fresh device finds its model by itself.
 
-``fetch`` downloads once (``edgeknn model fetch``). ``wait_for_model`` is the daemon's first start
-without network: no model yet is a transient fault, so it retries with backoff and takes the file a
-person copies into place meanwhile, instead of giving up.
+``MODELS`` names the MobileNets that ``model.name`` may choose, each pinned to one commit of
+google-coral/test_data and its sha256. ``fetch`` downloads once (``edgeknn model fetch``).
+``wait_for_model`` is the daemon's first start without network: no model yet is a transient fault,
+so it retries with backoff and takes the file a person copies into place meanwhile, instead of giving up.
+urllib (and ssl) are imported only when a download starts: resolving a name costs no startup time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-
-from edgeknn.model import ModelError, sha256_of
 
 log = logging.getLogger(__name__)
 
+COMMIT = "104342d2d3480b3e66203073dac24f4e2dbb4c41"  # google-coral/test_data "Release Grouper", 2021-07-26
+URL_BASE = f"https://github.com/google-coral/test_data/raw/{COMMIT}"
+URL_BASE_ENV = "EDGEKNN_MODEL_URL_BASE"  # tests only: serve the files from a local folder instead
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A model ``model.name`` can choose: its file (the same name in test_data and in
+    ``<state_dir>/models``), size and sha256, and what it is."""
+
+    name: str
+    file: str
+    size: int
+    sha256: str
+    about: str
+
+    @property
+    def url(self) -> str:
+        """Where ``edgeknn model fetch`` gets it: test_data at the pinned commit (``$EDGEKNN_MODEL_URL_BASE``
+        replaces that base in tests)."""
+        return f"{os.environ.get(URL_BASE_ENV) or URL_BASE}/{self.file}"
+
+
+MODELS: dict[str, NamedModel] = {
+    m.name: m
+    for m in (
+        NamedModel(
+            "mobilenet_v1_1.0_224",
+            "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite",
+            3251736,
+            "f409ef4f73fcbb9667841965623c5c8524aac33d41b9bf5f3667161fb4a76319",
+            "MobileNet v1 1.0 224x224 embedding extractor, 1024-d (Coral's k-NN and imprinting examples)",
+        ),
+        NamedModel(
+            "mobilenet_v1_0.75_192",
+            "mobilenet_v1_0.75_192_quant.tflite",
+            2652542,
+            "41daeb22fdcf947e0e5ec32373aa9df7c31f3ef45dbd0ef7b5940fbce3c20f6a",
+            "MobileNet v1 0.75 192x192 classifier, its 768-d pooled features",
+        ),
+        NamedModel(
+            "mobilenet_v1_0.5_160",
+            "mobilenet_v1_0.5_160_quant.tflite",
+            1392846,
+            "3cc6d2ca460abd2e0f699a6d0d2550c6b61c6e3b0e27a3616e384ea74cb86f43",
+            "MobileNet v1 0.5 160x160 classifier, its 512-d pooled features",
+        ),
+        NamedModel(
+            "mobilenet_v1_0.25_128",
+            "mobilenet_v1_0.25_128_quant.tflite",
+            525598,
+            "cb273c23ee76374b05b9583177e28aa19744858a7679c56a250e83d0333da785",
+            "MobileNet v1 0.25 128x128 classifier, its 256-d pooled features (the smallest)",
+        ),
+        NamedModel(
+            "mobilenet_v2_1.0_224",
+            "mobilenet_v2_1.0_224_quant.tflite",
+            3610798,
+            "7aad0c74c5e3c06e5eb3c827e13304fdd68a83da6087d92ee169c24ff9fd4776",
+            "MobileNet v2 1.0 224x224 classifier, its 1280-d pooled features",
+        ),
+    )
+}
+# As accurate as the 1.0/224 extractor on the sign digits at less than half its invoke (README, Performance).
+DEFAULT_NAME = "mobilenet_v1_0.75_192"
+
+
+def by_sha256(sha256: str) -> NamedModel | None:
+    """The named model with this identity (a store records its model's sha256), if any."""
+    return next((m for m in MODELS.values() if m.sha256 == sha256), None)
+
+
+def by_file(path: Path | str) -> NamedModel | None:
+    """The named model whose file name ``path`` has, if any."""
+    return next((m for m in MODELS.values() if m.file == Path(path).name), None)
+
 
 def fetch(url: str, sha256: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` through a ``.part`` file; keep it only if its sha256 matches."""
+    """Download ``url`` to ``dest`` through a ``.part`` file; keep it only if its sha256 matches.
+
+    Atomic: the file is written beside ``dest``, fsynced and renamed over it, so ``dest`` is
+    always either absent, the old file or the whole verified model, whatever interrupts the
+    download (a dropped connection, a power cut). Not resumable: a model is a few MB, and an
+    interrupted download starts again from the first byte.
+    """
+    import http.client
+    import urllib.request
+
+    from edgeknn.model import ModelError
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    digest = hashlib.sha256()
+    digest, got = hashlib.sha256(), 0
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
             for block in iter(lambda: response.read(1 << 16), b""):
                 digest.update(block)
                 f.write(block)
-    except (OSError, ValueError) as e:  # URLError is an OSError; ValueError: a malformed URL
+                got += len(block)
+            due = int(response.headers.get("Content-Length") or got)
+            if got < due:  # read(n) returns b"" when the server closes early: count the bytes
+                raise http.client.IncompleteRead(b"", due - got)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        # URLError is an OSError; ValueError: a malformed URL; IncompleteRead: the connection dropped
         part.unlink(missing_ok=True)
-        raise ModelError(f"{url}: download failed ({getattr(e, 'reason', e)})") from None
+        reason = getattr(e, "reason", None) or _incomplete(e, got) or e
+        raise ModelError(f"{url}: download failed ({reason})") from None
     if digest.hexdigest() != sha256:
         part.unlink(missing_ok=True)
         raise ModelError(f"{url}: checksum mismatch: expected sha256 {sha256}, got {digest.hexdigest()}")
     part.replace(dest)
+    _fsync_folder(dest.parent)
     return dest
+
+
+def _incomplete(e: Exception, got: int) -> str | None:
+    """A readable reason for a download cut short after ``got`` bytes."""
+    import http.client
+
+    if isinstance(e, http.client.IncompleteRead):
+        return f"connection closed after {got} bytes, {e.expected} more were due"
+    return None
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def have(model: NamedModel, folder: Path) -> str:
+    """Whether ``folder`` holds ``model``: "yes" (sha256 verified), "no", or "wrong file (sha256 …)"."""
+    from edgeknn.model import sha256_of
+
+    try:
+        digest = sha256_of(folder / model.file)
+    except OSError:
+        return "no"
+    return "yes" if digest == model.sha256 else f"wrong file (sha256 {digest[:12]})"
 
 
 def where_to_put(dest: Path, url: str, sha256: str) -> str:
@@ -109,6 +235,8 @@ def wait_for_model(
 
 
 def _try_fetch(url: str, sha256: str, dest: Path, error: list[str]) -> None:
+    from edgeknn.model import ModelError
+
     try:
         fetch(url, sha256, dest, timeout=30.0)
     except ModelError as e:
@@ -119,6 +247,8 @@ def _try_fetch(url: str, sha256: str, dest: Path, error: list[str]) -> None:
 
 def _wrong_file(dest: Path, sha256: str) -> str | None:
     """None if ``dest`` holds the model; else its sha256, or "" when there is no file (yet)."""
+    from edgeknn.model import sha256_of
+
     try:
         digest = sha256_of(dest)
     except OSError:

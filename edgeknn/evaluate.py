@@ -18,7 +18,7 @@ import numpy as np
 from edgeknn.head import VIEW_RULES
 from edgeknn.imagefiles import ImageError, find_images, load_rgb
 from edgeknn.model import Embedder
-from edgeknn.store import KnnStore, StoreSettings
+from edgeknn.store import UNKNOWN, KnnStore, StoreSettings
 
 
 @dataclass
@@ -63,9 +63,12 @@ def evaluate(
     open_set: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Mean and std accuracy per rule and shot count (and open-set AUROC when asked).
+    """Mean and std accuracy per rule and shot count; with ``open_set``, per rule and shot count
+    also what ``open_set_run`` measures (means over the seeds), under "open_set".
 
-    ``progress(done, total)`` is called after each of the shots x rules x seeds runs.
+    Accuracy is the classifier's own answer, never rejected as unknown (so it stays comparable
+    between models and with the open-set figures). ``progress(done, total)`` is called after each
+    of the shots x rules x seeds runs.
     """
     views: dict[int, np.ndarray] = {}
     max_side = 2 * max(embedder.model.input_size)
@@ -75,13 +78,13 @@ def evaluate(
             views[i] = embedder.embed_views(load_rgb(data.files[i], max_side=max_side))
         return views[i]
 
-    results: dict[str, dict[str, dict[str, float]]] = {rule: {} for rule in rules}
-    aurocs: dict[str, dict[str, float]] = {rule: {} for rule in rules}
+    results: dict[str, dict[str, dict[str, float | list[float]]]] = {rule: {} for rule in rules}
+    opens: dict[str, dict[str, dict[str, float]]] = {rule: {} for rule in rules}
     n_classes = len(data.classes)
     runs, done = len(shots) * len(rules) * seeds, 0
     for n in shots:
         for rule in rules:
-            accs, auc = [], []
+            accs, runs_open = [], []
             for seed in range(seeds):
                 rng = np.random.default_rng(seed)
                 picks = [
@@ -99,21 +102,56 @@ def evaluate(
                         )
                 for i in test:
                     store.observe(data.vectors[i])
+                store.threshold = float("-inf")  # the classifier's own answer, never unknown
                 preds = [store.classify(data.vectors[i]) for i in test]
                 is_known = np.isin(data.labels[test], known)
                 right = [p.label == data.classes[c] for p, c in zip(preds, data.labels[test], strict=True)]
                 accs.append(float(np.mean(np.array(right)[is_known])))
                 if open_set:
-                    auc.append(auroc(np.array([p.similarity for p in preds]), is_known))
+                    truth = [data.classes[c] for c in data.labels[test]]
+                    runs_open.append(open_set_run(store, data.vectors[test], truth, is_known))
                 done += 1
                 if progress:
                     progress(done, runs)
-            results[rule][str(n)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs))}
+            results[rule][str(n)] = {
+                "mean": float(np.mean(accs)),
+                "std": float(np.std(accs)),
+                "per_seed": [round(a, 4) for a in accs],  # seed i draws the same photos for any model
+            }
             if open_set:
-                aurocs[rule][str(n)] = float(np.mean(auc))
+                opens[rule][str(n)] = {
+                    key: float(np.mean([r[key] for r in runs_open])) for key in runs_open[0]
+                }
     out: dict[str, dict] = {"rules": results}
     if open_set:
-        out["open_set_auroc"] = aurocs
+        out["open_set"] = opens
+    return out
+
+
+def open_set_run(
+    store: KnnStore, vectors: np.ndarray, truth: list[str], taught: np.ndarray
+) -> dict[str, float]:
+    """One store against photos of taught and untaught classes (``taught`` says which).
+
+    ``auroc``: of the unknown score (``Prediction.similarity``: high = taught); then, with the
+    calibrated threshold (``store.threshold`` None, the default), with ``store.threshold = 0`` and
+    with no rejection at all (the closed-set answer): the share of untaught photos answered
+    ``UNKNOWN`` and of taught ones answered right. ``kept``: the calibrated right / the closed-set
+    right. ``threshold``: the calibrated one. The store's threshold is left at None.
+    """
+    taught = np.asarray(taught, bool)
+    out: dict[str, float] = {}
+    for name, threshold in (("closed", float("-inf")), ("zero", 0.0), ("auto", None)):
+        store.threshold = threshold
+        preds = [store.classify(v) for v in vectors]
+        unknown = np.array([p.label == UNKNOWN for p in preds])
+        right = np.array([p.label == t for p, t in zip(preds, truth, strict=True)])
+        out[f"unseen_unknown_{name}"] = float(unknown[~taught].mean())
+        out[f"taught_right_{name}"] = float(right[taught].mean())
+        if name == "auto":
+            out["auroc"] = auroc(np.array([p.similarity for p in preds]), taught)
+    out["kept"] = out["taught_right_auto"] / max(out["taught_right_closed"], 1e-12)
+    out["threshold"] = store.effective_threshold
     return out
 
 

@@ -8,7 +8,6 @@ when ``next_due`` says something falls due; the tests feed it timestamps.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgeknn.commands import AddExample, Command, ForgetClass, Reset
@@ -37,7 +36,11 @@ class _Clear:
 
 
 class Gestures:
-    """Press, hold-to-record, clear+class and clear alone, for one button per class and a clear button.
+    """Press, hold-to-record, clear+class and clear alone, for ``buttons`` class buttons and a clear button.
+
+    Button i acts on class slot i, whatever that class is called when the command runs: the commands
+    carry the slot (``AddExample(slot=i)``), and the loop looks the class up, so a renamed class keeps
+    its button.
 
     A class button adds one example when released before ``hold_time``; held longer, it adds one
     example at ``hold_time`` and then one every ``1 / hold_rate`` seconds until released. Adding on
@@ -52,19 +55,18 @@ class Gestures:
 
     def __init__(
         self,
-        classes: Sequence[str],
+        buttons: int,
         *,
         hold_time: float,
         hold_rate: float,
         forget_time: float = 3.0,
         reset_time: float = 6.0,
     ):
-        self._classes = list(classes)
         self._hold_time = hold_time
         self._hold_interval = 1.0 / hold_rate
         self._forget_time = forget_time
         self._reset_time = reset_time
-        self._keys = [_Key() for _ in self._classes]
+        self._keys = [_Key() for _ in range(buttons)]
         self._clear_down = False
         self._clear_used = False  # a class took part, or the gesture already fired: no reset
         self._clear: _Clear | None = None
@@ -135,8 +137,8 @@ class Gestures:
         target, self._clear = self._clear.target, None
         if target is not None and self._keys[target].pressed_at is not None:
             self._clear_used = True
-            log.info("clear held with %s: forgetting that class", self._classes[target])
-            return [ForgetClass(class_name=self._classes[target], source="button")]
+            log.info("clear held with button %d: forgetting its class", target + 1)
+            return [ForgetClass(slot=target, source="button")]
         if target is None and not self._clear_used:
             self._clear_used = True
             log.info("clear held alone: resetting every class")
@@ -144,4 +146,4 @@ class Gestures:
         return []
 
     def _add(self, i: int) -> AddExample:
-        return AddExample(class_name=self._classes[i], count=1, source="button")
+        return AddExample(slot=i, count=1, source="button")

@@ -41,19 +41,21 @@ def rowdot(rows: np.ndarray, q: np.ndarray, out: np.ndarray | None = None) -> np
 _vecdot = getattr(np, "vecdot", None)
 
 
-def fit_sample(labels: np.ndarray, example: np.ndarray, classes: int) -> np.ndarray | slice:
-    """The rows the head is fitted on: all, or ``_FIT_ROWS`` of them shared out between the
-    classes and, within a class, spread evenly over its examples' ages (the newest included).
+def fit_sample(
+    labels: np.ndarray, example: np.ndarray, classes: int, limit: int | None = None
+) -> np.ndarray | slice:
+    """The rows the head is fitted on: all, or ``limit`` (``_FIT_ROWS``) of them shared out between
+    the classes and, within a class, spread evenly over its examples' ages (the newest included).
 
     ``labels`` and ``example`` give each stored row's class and the example it came from. Fitting
     on a bounded sample keeps the first fit, the refit after each added example and its memory
     the same at 10 000 rows as at 2 000, so holding a button never stalls the loop.
     """
-    n = len(labels)
-    if n <= _FIT_ROWS:
+    n, limit = len(labels), _FIT_ROWS if limit is None else limit
+    if n <= limit:
         return slice(0, n)
     present = np.flatnonzero(np.bincount(labels, minlength=classes))
-    quota = _FIT_ROWS // len(present)
+    quota = limit // len(present)
     chosen = []
     for label in present:
         rows = np.flatnonzero(labels == label)
@@ -108,10 +110,10 @@ class Head:
         ``rows`` is a float32 copy of the sampled rows (transformed in place), ``labels`` their
         classes, ``present`` which of the classes have rows at all.
         """
-        x = _sqrt_features(rows)
+        x = sqrt_features(rows)
         center = self.center.copy() if self.seen else x.mean(axis=0)
         x -= center
-        _unit(x)
+        unit_rows(x)
         c = len(present)
         if self.rule == "prototype":
             weights = np.zeros((x.shape[1], c), np.float32)
@@ -161,20 +163,20 @@ class Head:
         return _softmax(logits[np.newaxis])[0]
 
 
-def _sqrt_features(rows: np.ndarray) -> np.ndarray:
+def sqrt_features(rows: np.ndarray) -> np.ndarray:
     """Square root (Tukey's power transform: evens out ReLU features), then unit length; in place."""
     np.maximum(rows, 0, out=rows)
     np.sqrt(rows, out=rows)
-    return _unit(rows)
+    return unit_rows(rows)
 
 
 def _sqrt_norm(vector: np.ndarray) -> tuple[np.ndarray, float]:
-    """One vector's square root (as ``_sqrt_features``) and its norm, not yet divided: per frame."""
+    """One vector's square root (as ``sqrt_features``) and its norm, not yet divided: per frame."""
     s = np.sqrt(np.maximum(vector, 0, dtype=np.float32))
     return s, max(float(np.sqrt(s @ s)), 1e-12)
 
 
-def _unit(rows: np.ndarray) -> np.ndarray:
+def unit_rows(rows: np.ndarray) -> np.ndarray:
     """Scale each row of a float array to unit length, in place (a zero row stays zero).
 
     The norms come from one dot product per row: ``np.linalg.norm`` would square a whole copy.

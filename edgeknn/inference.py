@@ -5,10 +5,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from edgeknn.model import Embedder
+
+_Outcome = tuple[np.ndarray, float, np.ndarray | None]  # embedding, milliseconds, the side's answer
 
 
 class InferenceThread:
@@ -19,17 +22,22 @@ class InferenceThread:
     at once would let that work hold the GIL and delay the invoke it was meant to overlap.
     ``result()`` waits for the embedding. Between a ``start`` and its ``result`` only this thread
     touches the interpreter; ``wait()`` lets another caller have it back.
+
+    ``side`` (a head model's scores) runs on this thread right after each invoke, before the next can
+    overwrite the tensor it reads; ``side_result`` holds its answer for the image of the last ``result()``.
     """
 
     THREAD_NAME = "edgeknn-inference"
 
-    def __init__(self, embedder: Embedder):
+    def __init__(self, embedder: Embedder, side: Callable[[], np.ndarray] | None = None):
         self.embedder = embedder
+        self.side = side
+        self.side_result: np.ndarray | None = None
         self.busy = False
         self._requests: queue.SimpleQueue[np.ndarray | None] = queue.SimpleQueue()
         self._started: queue.SimpleQueue[None] = queue.SimpleQueue()
-        self._results: queue.SimpleQueue[tuple[np.ndarray, float] | Exception] = queue.SimpleQueue()
-        self._outcome: tuple[np.ndarray, float] | Exception | None = None
+        self._results: queue.SimpleQueue[_Outcome | Exception] = queue.SimpleQueue()
+        self._outcome: _Outcome | Exception | None = None
         self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
         self._thread.start()
 
@@ -49,7 +57,8 @@ class InferenceThread:
             raise RuntimeError("result() called with no image started")
         if isinstance(outcome, Exception):
             raise outcome
-        return outcome
+        vector, ms, self.side_result = outcome
+        return vector, ms
 
     def wait(self) -> None:
         """Wait until the thread is idle; ``result()`` still answers for the image it embedded."""
@@ -74,6 +83,8 @@ class InferenceThread:
             self._started.put(None)
             try:
                 model.interpreter.invoke()
-                self._results.put((self.embedder.embedding(), (time.perf_counter() - start) * 1000))
+                vector = self.embedder.embedding()
+                side = self.side() if self.side is not None else None
+                self._results.put((vector, (time.perf_counter() - start) * 1000, side))
             except Exception as e:
                 self._results.put(e)

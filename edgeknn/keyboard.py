@@ -31,7 +31,8 @@ class KeyboardPanel(Output):
 
     One command per line (Enter sends it), so a terminal, a pipe and a test's StringIO behave the
     same; ``?`` lists them. A reader thread submits the commands; end of input stops it quietly.
-    The stable label is logged when it changes.
+    The stable label is logged when it changes. Key n acts on class slot n-1, whatever its name: the
+    commands carry the slot, and the names shown come from the latest state.
     """
 
     def __init__(self, classes: list[str], submit: Callable[[Command], None], stream: TextIO | None = None):
@@ -68,10 +69,10 @@ class KeyboardPanel(Output):
         forget = text.startswith("f")
         number = text[1:] if forget else text
         if number.isdigit() and 1 <= int(number) <= len(self._classes):
-            name = self._classes[int(number) - 1]
+            slot = int(number) - 1
             if forget:
-                return ForgetClass(class_name=name, source="keyboard")
-            return AddExample(class_name=name, count=1, source="keyboard")
+                return ForgetClass(slot=slot, source="keyboard")
+            return AddExample(slot=slot, count=1, source="keyboard")
         print(f"edgeknn: unknown key {text!r}; type ? for help", file=sys.stderr)
         return None
 
@@ -79,6 +80,12 @@ class KeyboardPanel(Output):
         if reading.label != self._label:
             self._label = reading.label
             log.info("stable label: %s", reading.label)
+
+    def state(self, state: dict) -> None:
+        """Take the class of each slot from ``classes`` (renamed, added, removed)."""
+        classes = state.get("classes")
+        if isinstance(classes, dict | list):
+            self._classes = list(classes)
 
     def event(self, event: dict) -> None:
         if event.get("event") == "example_added":

@@ -20,7 +20,6 @@ from edgeknn import __version__, config
 from edgeknn.app import Fatal, attach_panel, build, build_core, close_unstarted, config_from_args, mqtt_link
 from edgeknn.commands import Command, Result
 from edgeknn.daemon import Daemon
-from edgeknn.model import DEFAULT_MODEL_SHA256, DEFAULT_MODEL_URL
 from edgeknn.service import Notifier, setup_logging
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ def await_model(
     first_delay: float = MODEL_RETRY_FIRST_S,
     max_delay: float = MODEL_RETRY_MAX_S,
 ) -> bool:
-    """Get the default model if it is missing; True once it is there, False on SIGTERM/SIGINT.
+    """Get the named model (``Config.named_model``) if it is missing; True once it is there, False on SIGTERM.
 
     No model yet (no network at a first start) is a transient fault, not a configuration one, so
     this never gives up: it downloads with backoff and takes the file a person copies into place.
@@ -50,7 +49,9 @@ def await_model(
     path = cfg.model_path()
     if cfg.model.path or path.exists():
         return True
-    from edgeknn.download import wait_for_model  # urllib and ssl: only needed on a first start
+    from edgeknn.download import wait_for_model
+
+    named = cfg.named_model()
 
     link = _waiting_link(cfg)
     started = time.monotonic()
@@ -77,12 +78,12 @@ def await_model(
     handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: retry.set}
     previous = {sig: signal.signal(sig, lambda *_, act=act: act()) for sig, act in handlers.items()}
     try:
-        notifier.ready(f"waiting for the model: downloading {DEFAULT_MODEL_URL} to {path}")
-        report(f"no model at {path}: downloading {DEFAULT_MODEL_URL}", logging.INFO)
+        notifier.ready(f"waiting for the model: downloading {named.url} to {path}")
+        report(f"no model at {path}: downloading {named.url}", logging.INFO)
         return wait_for_model(
             path,
-            DEFAULT_MODEL_URL,
-            DEFAULT_MODEL_SHA256,
+            named.url,
+            named.sha256,
             stop=stop,
             retry=retry,
             report=report,
@@ -211,7 +212,12 @@ def _announce(daemon: Daemon, notifier: Notifier) -> None:
         f"{cfg.mqtt.host}:{cfg.mqtt.port}" if cfg.mqtt.enabled else "off",
         ", ".join(f"{k}={v}" for k, v in daemon.store.counts().items()),
     )
-    if not len(daemon.store):
+    if daemon.classifier:
+        log.info(
+            "a classifier model: its %d labels are the answers; teaching is refused",
+            len(daemon.store.classes),
+        )
+    elif not len(daemon.store):
         log.info("no examples yet: teach with the class buttons, `edgeknn teach` or MQTT cmd/add_example")
 
 

@@ -21,14 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeknn.download import DEFAULT_NAME, MODELS, by_file
 from edgeknn.stderrfilter import without_xnnpack_banner
 
-DEFAULT_MODEL_FILE = "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
-DEFAULT_MODEL_URL = (
-    "https://raw.githubusercontent.com/google-coral/test_data/104342d2d3480b3e66203073dac24f4e2dbb4c41/"
-    + DEFAULT_MODEL_FILE
-)
-DEFAULT_MODEL_SHA256 = "f409ef4f73fcbb9667841965623c5c8524aac33d41b9bf5f3667161fb4a76319"
+# The default named model (edgeknn.download.MODELS has them all, with their pinned URLs).
+DEFAULT_MODEL_FILE = MODELS[DEFAULT_NAME].file
+DEFAULT_MODEL_SHA256 = MODELS[DEFAULT_NAME].sha256
 BACKENDS = ("ai_edge_litert", "tflite_runtime", "tensorflow")
 
 
@@ -87,10 +85,11 @@ def read_model(path: Path) -> bytes:
         content = Path(path).read_bytes()
     except FileNotFoundError:
         hint = "set model.path or run `edgeknn model fetch`"
-        if Path(path).name == DEFAULT_MODEL_FILE:  # offline, `model fetch` cannot work: say what goes where
+        known = by_file(path)
+        if known is not None:  # offline, `model fetch` cannot work: say what goes where
             hint = (
-                f"copy it there from {DEFAULT_MODEL_URL} (sha256 {DEFAULT_MODEL_SHA256}), "
-                "or run `edgeknn model fetch` where there is network"
+                f"copy it there from {known.url} (sha256 {known.sha256}), "
+                f"or run `edgeknn model fetch {known.name}` where there is network"
             )
         raise ModelError(f"{path}: model file not found ({hint})") from None
     except OSError as e:
@@ -157,10 +156,16 @@ def _box_reduce(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _input_lut(dtype, scale: float, zero_point: int) -> np.ndarray | None:
-    """Map raw pixels 0..255 to the model's input values for MobileNet's [-1, 1] range.
+    """Map raw pixels 0..255 to the model's input values, following the exporter that made the model.
 
-    Returns None when the quantization already maps raw pixels to that range (pycoral's rule:
-    feed the pixels as they are), else a 256-entry lookup table.
+    - float input (Teachable Machine's model_unquant, Keras): ``(x/127.5)-1``, MobileNet's [-1, 1].
+    - uint8 input with scale 1/255 and zero point 0 (older Teachable Machine quantized exports): the
+      raw pixels, as TM's own code feeds them. Mapping [-1, 1] through that quantization (pycoral's
+      rule) gives ``clip(2x-255)``, which zeroes every value below 128.
+    - any other quantized input (TF1 MobileNets: 1/128 at 128; current TM exports: their calibrated
+      scale): ``(x/127.5)-1`` through the model's own scale and zero point.
+
+    Returns None when that is the raw pixels (within 1), else a 256-entry lookup table.
     """
     pixels = np.arange(256, dtype=np.float64)
     wanted = pixels / 127.5 - 1.0
@@ -168,6 +173,8 @@ def _input_lut(dtype, scale: float, zero_point: int) -> np.ndarray | None:
         return wanted.astype(np.float32)
     if scale == 0:  # unquantized integer input: raw pixels
         return None if dtype == np.uint8 else pixels.astype(dtype)
+    if dtype == np.uint8 and zero_point == 0 and abs(scale * 255 - 1) < 1e-3:  # [0, 1]: older TM exports
+        return None
     info = np.iinfo(dtype)
     q = np.clip(np.round(wanted / scale + zero_point), info.min, info.max)
     if dtype == np.uint8 and np.abs(q - pixels).max() <= 1:
@@ -290,8 +297,11 @@ def _jsonable(info: TensorInfo) -> dict:
 
 
 def parse_labels(text: str) -> list[str]:
-    """One label per line; a leading "<index> " on every line (Teachable Machine's labels.txt) is dropped."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    """One label per line; a leading "<index> " on every line (Teachable Machine's labels.txt) is dropped.
+
+    A UTF-8 byte-order mark (Windows Notepad saves one) and CRLF line ends are ignored.
+    """
+    lines = [line.strip() for line in text.removeprefix("\ufeff").splitlines() if line.strip()]
     numbered = [re.match(r"^(\d+)[\s:]+(.+)$", line) for line in lines]
     if lines and all(m and int(m.group(1)) == i for i, m in enumerate(numbered)):
         return [m.group(2) for m in numbered if m]
@@ -306,9 +316,15 @@ class Embedder:
     which costs memory and some time per invoke (see the README).
     """
 
-    def __init__(self, path: Path, threads: int = 0):
-        probe = Model(path, threads)
-        self.is_classifier = _looks_like_classifier(probe)
+    def __init__(
+        self, path: Path, threads: int = 0, probe: Model | None = None, classifier: bool | None = None
+    ):
+        """``probe``: the model already loaded; ``classifier``: whether it ends in class scores (None: guess
+        from the output's name, metadata and width)."""
+        probe = probe or Model(path, threads)
+        if classifier is None:
+            classifier = _looks_like_classifier(probe) or ends_in_probabilities(probe)
+        self.is_classifier = classifier
         self.model = Model(path, threads, preserve_all_tensors=True) if self.is_classifier else probe
         self.feature = _penultimate(self.model) if self.is_classifier else self.model.output
         self.dim = self.feature.size
@@ -353,6 +369,16 @@ def augmented_views(image: np.ndarray, aspect: float = 1.0, zoom: float = 0.8) -
     return [seen, seen[:, ::-1], *corners]
 
 
+def ends_in_probabilities(model: Model) -> bool:
+    """The model ends in a small vector of class probabilities (2..999: an ImageNet-sized one is told
+    apart by ``_looks_like_classifier``), checked on a grey frame: a Teachable Machine export."""
+    if len(model.output.shape) != 2 or not 2 <= model.output.size < 1000:
+        return False
+    model.invoke(np.full((model.height, model.width, 3), 128, np.uint8))
+    probs = model.tensor(model.output)
+    return bool(probs.min() >= -1e-3 and abs(float(probs.sum()) - 1) < 0.05)
+
+
 def _looks_like_classifier(model: Model) -> bool:
     """A classifier ends in per-class scores (a softmax, or labels in its metadata)."""
     return (
@@ -365,14 +391,64 @@ def _looks_like_classifier(model: Model) -> bool:
 
 
 def _penultimate(model: Model) -> TensorInfo:
+    """The pooled features: the input of the model's final classifier op, else (no graph to read) the
+    highest-numbered pooled tensor."""
+    found = _classifier_input(model)
+    return TensorInfo.of(found) if found is not None else _highest_pooled(model)
+
+
+def _pooled(shape: tuple[int, ...]) -> bool:
+    return (len(shape) == 4 and shape[:3] == (1, 1, 1)) or (len(shape) == 2 and shape[0] == 1)
+
+
+def _classifier_input(model: Model) -> dict | None:
+    """Walk back from the output to the last op with a weight matrix (the final fully connected or
+    1x1 conv); its data input is the feature layer.
+
+    Read from the graph because the tensor numbering is no guide: on MobileNet v3 the highest-numbered
+    pooled tensor is a squeeze-excite gate inside the last block. Works on delegated graphs too (the op
+    names there are all DELEGATE): a weight is a constant (no op makes it, not an input) of 2+ dimensions.
+    """
+    try:
+        ops = model.interpreter._get_ops_details()
+    except Exception:  # an interpreter without the graph API
+        return None
+    tensors = {int(d["index"]): d for d in model.interpreter.get_tensor_details()}
+    made_by = {int(t): op for op in ops for t in op["outputs"]}
+    inputs = {int(d["index"]) for d in model.interpreter.get_input_details()}
+    tensor = model.output.index
+    for _ in range(len(ops)):
+        op = made_by.get(tensor)
+        if op is None:
+            return None
+        data = [int(t) for t in op["inputs"] if t >= 0 and (int(t) in made_by or int(t) in inputs)]
+        weights = [
+            int(t)
+            for t in op["inputs"]
+            if t >= 0
+            and int(t) in tensors
+            and int(t) not in made_by
+            and int(t) not in inputs
+            and len(tensors[int(t)]["shape"]) >= 2
+        ]
+        if len(data) != 1:
+            return None
+        if weights:
+            found = tensors[data[0]]
+            shape = tuple(int(x) for x in found["shape"])
+            return found if _pooled(shape) and data[0] not in inputs else None
+        tensor = data[0]
+    return None
+
+
+def _highest_pooled(model: Model) -> TensorInfo:
     """The last pooled feature tensor before the logits: shape [1,1,1,C] or [1,C], C != the output width."""
     n_out = model.output.size
     candidates = []
     for d in model.interpreter.get_tensor_details():
         shape = tuple(int(x) for x in d["shape"])
-        pooled = (len(shape) == 4 and shape[:3] == (1, 1, 1)) or (len(shape) == 2 and shape[0] == 1)
         if (
-            pooled
+            _pooled(shape)
             and shape[-1] not in (n_out, n_out - 1)
             and shape[-1] >= 16
             and d["index"] != model.input.index

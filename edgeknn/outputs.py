@@ -13,16 +13,17 @@ from dataclasses import dataclass
 class Reading:
     """One classified frame after stabilising."""
 
-    label: str  # the stable label, or "unknown"
+    label: str  # the stable label, or store.UNKNOWN
     confidence: float  # scores[label]: of the stable label in this frame (0 for unknown)
     scores: dict[str, float]  # per-class confidence of this frame, summing to 1 (empty if no examples)
-    similarity: float  # best cosine similarity to any stored example (0 if none)
+    similarity: float  # the unknown score (store.Prediction.similarity: to the nearest examples; 0 if none)
     frame: int  # frame number from the camera
     ts: float  # capture time, seconds since the epoch
     latency_ms: float  # from capture to now
     changed: bool  # the stable label changed with this frame
     inference_ms: float = 0.0  # embedding time of this frame
     candidate: str = ""  # this frame's own label while it differs from the stable one (it may settle to it)
+    results: tuple[tuple[str, float], ...] = ()  # a classifier model's top-k (label, confidence), best first
 
 
 class Output:

@@ -36,7 +36,11 @@ class PanelError(Exception):
 
 
 class GpioPanel(Output):
-    """One button and one LED per class, a clear button and a status LED, on gpiozero.
+    """A button and an LED per class slot (``panel.buttons[i]``/``panel.leds[i]`` for the class in slot
+    i, whatever its name), a clear button and a status LED, on gpiozero.
+
+    The panel opens every configured pin: a class made later (MQTT, the web page) in a slot that has
+    pins gets them. Buttons submit by slot; the LEDs follow the class names of the latest state.
 
     The buttons are plain ``DigitalInputDevice`` inputs: the hold and clear timings belong to
     :class:`~edgeknn.gestures.Gestures`, so gpiozero's hold thread (one per ``Button``) is not needed.
@@ -55,14 +59,13 @@ class GpioPanel(Output):
         *,
         forget_time: float = 3.0,
         reset_time: float = 6.0,
+        fixed: bool = False,
     ):
-        errors = config.pin_count_errors(len(classes))
-        if errors:
-            raise PanelError("; ".join(errors))
-        self._classes = list(classes)
+        self._classes = list(classes)  # the class in each slot: the store's, updated by ``state``
+        self._fixed = fixed  # a classifier model: the LEDs keep panel.led_labels whatever the state says
         self._submit = submit
         self._gestures = Gestures(
-            classes,
+            len(config.buttons),
             hold_time=config.hold_time,
             hold_rate=config.hold_rate,
             forget_time=forget_time,
@@ -72,7 +75,7 @@ class GpioPanel(Output):
         self._wake = threading.Condition(self._lock)  # the timer thread waits here for what falls due
         self._closed = False
         self._lit: int | None = None  # index of the class whose LED is steady on
-        self._blink_gen = [0] * len(classes)
+        self._blink_gen = [0] * len(config.leds)
         self._blinks: dict[int, threading.Timer] = {}
         self._pattern = "off"
         self._devices: list[Device] = []
@@ -94,7 +97,7 @@ class GpioPanel(Output):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                for i in range(len(self._classes)):
+                for i in range(len(config.buttons)):
                     b = self._device(f"panel.buttons[{i}]", config.buttons[i], DigitalInputDevice, **button)
                     b.when_activated = self._handler(self._gestures.press, i)
                     b.when_deactivated = self._handler(self._gestures.release, i)
@@ -106,7 +109,7 @@ class GpioPanel(Output):
                     clear.when_deactivated = self._handler(self._gestures.release_clear)
                 self._leds = [
                     self._device(f"panel.leds[{i}]", config.leds[i], LED, pin_factory=pin_factory)
-                    for i in range(len(self._classes))
+                    for i in range(len(config.leds))
                 ]
                 if config.status_led != "":
                     self._status = self._device(
@@ -180,9 +183,15 @@ class GpioPanel(Output):
 
     # Output
 
+    def _led_of(self, name: object) -> int | None:
+        """The LED of class ``name``: that of its slot, if there are that many LEDs."""
+        classes = self._classes
+        i = classes.index(name) if isinstance(name, str) and name in classes else None
+        return i if i is not None and i < len(self._leds) else None
+
     def show(self, reading: Reading) -> None:
-        """Light the LED of the stable label; "unknown" or a label without an LED lights none."""
-        lit = self._classes.index(reading.label) if reading.label in self._classes else None
+        """Light the LED of the stable label; the no-class answer or a class without an LED lights none."""
+        lit = self._led_of(reading.label)
         with self._lock:
             if self._closed or lit == self._lit:
                 return
@@ -193,9 +202,9 @@ class GpioPanel(Output):
 
     def event(self, event: dict) -> None:
         """Blink a class LED (inverted for BLINK_S) to confirm an added example."""
-        if event.get("event") != "example_added" or event.get("class") not in self._classes:
+        i = self._led_of(event.get("class"))
+        if event.get("event") != "example_added" or i is None:
             return
-        i = self._classes.index(event["class"])
         with self._lock:
             if self._closed:
                 return
@@ -217,7 +226,11 @@ class GpioPanel(Output):
             log.exception("panel: ending a blink failed")
 
     def state(self, state: dict) -> None:
-        """Set the status LED's pattern from ``camera``, ``broker`` and ``error``; only on a change."""
+        """Take the class of each slot from ``classes`` (renamed, added, removed), and set the status
+        LED's pattern from ``camera``, ``broker`` and ``error``; only on a change."""
+        classes = state.get("classes")
+        if isinstance(classes, dict | list) and not self._fixed:
+            self._classes = list(classes)
         if state.get("error"):
             pattern = "fast"
         elif state.get("camera", "ok") == "ok" and state.get("broker", "ok") in ("ok", "disabled"):

@@ -35,8 +35,16 @@ class _Write:
 
     THREAD_NAME = "edgeknn-save"
 
-    def __init__(self, path: Path, arrays: dict[str, np.ndarray], generation: int, examples: int):
+    def __init__(
+        self,
+        path: Path,
+        arrays: dict[str, np.ndarray],
+        pictures: dict[int, bytes],
+        generation: int,
+        examples: int,
+    ):
         self.path, self.generation, self.examples = path, generation, examples
+        self.pictures = pictures  # the pictures not yet saved (KnnStore.pictures_to_write)
         self.error: str | None = None
         self._arrays: dict[str, np.ndarray] | None = arrays
         self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
@@ -45,7 +53,7 @@ class _Write:
     def _run(self) -> None:
         try:
             assert self._arrays is not None
-            storefile.write(self.path, self._arrays)
+            storefile.write(self.path, self._arrays, self.pictures)
         except OSError as e:
             self.error = e.strerror or str(e)
         except Exception as e:  # never lose the reason: it becomes the state's error
@@ -101,11 +109,13 @@ class Saver:
         self.wait()
         self.attempts += 1
         generation, examples = self._generation, len(self.store)
+        pictures = self.store.pictures_to_write(self.path)
         try:
-            storefile.write(self.path, self.store.contents())
+            storefile.write(self.path, self.store.contents(), pictures)
         except OSError as e:
             self._failed(e.strerror or str(e), quiet=final)
             return False
+        self.store.pictures_saved(self.path, pictures)
         self._saved(generation, examples)
         return True
 
@@ -119,7 +129,10 @@ class Saver:
         if self.dirty_since is None or now - self.dirty_since < self.autosave_s or now < self._retry_at:
             return
         self.attempts += 1
-        self._write = _Write(self.path, self.store.contents(snapshot=True), self._generation, len(self.store))
+        pictures = self.store.pictures_to_write(self.path)
+        self._write = _Write(
+            self.path, self.store.contents(snapshot=True), pictures, self._generation, len(self.store)
+        )
 
     def wait(self) -> None:
         """Wait for the background save in flight (if any) and take its outcome."""
@@ -137,6 +150,7 @@ class Saver:
         assert write is not None
         self.store.snapshot_done()
         if write.error is None:
+            self.store.pictures_saved(self.path, write.pictures)
             self._saved(write.generation, write.examples)
         else:
             self._failed(write.error)

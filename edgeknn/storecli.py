@@ -1,4 +1,5 @@
-"""`edgeknn store info | export | import | forget | rename`: inspect and edit a store file from the shell.
+"""`edgeknn store info | examples | export | import | forget | rename | delete-example | reembed`: inspect
+and edit a store file from the shell.
 
 ``cli`` builds the parser and calls these with its parsed arguments; errors are raised as
 ``clierrors.UsageError`` / ``InputError`` (or the store's own), and ``cli.main`` maps them to exit codes.
@@ -8,15 +9,18 @@ refuse the store of a running device; info and export only read it and work whil
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
-from edgeknn import config, storefile, storelock
+from edgeknn import config, reembed, storefile, storelock
 from edgeknn.clierrors import InputError, UsageError
 from edgeknn.commands import class_name_error
-from edgeknn.model import Model
+from edgeknn.model import Embedder, Model
 from edgeknn.store import KnnStore
 
 
@@ -42,18 +46,49 @@ def store_info(args) -> int:
     print(f"store: {args.store}")
     print(f"model: {store.model_id}")
     print(f"rows: {len(store)} of {store.dim} values ({store.storage})")
+    kept = [e.has_picture for e in store.examples()]
+    reembed_ok = "yes" if all(kept) else "no"
+    print(f"pictures: {sum(kept)} of {len(kept)} examples (can be re-embedded: {reembed_ok})")
     for name, count in store.counts().items():
         print(f"  {name}: {count} examples")
     return 0
 
 
+def store_examples(args) -> int:
+    """One line per example: its id, class, time of adding and whether it keeps its picture."""
+    store = _open(args)
+    if args.class_name is not None:
+        _require_class(store, args)
+    for e in store.examples(args.class_name):
+        added = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.added))
+        print(f"{e.id}\t{e.class_name}\t{added}\t{'picture' if e.has_picture else 'no picture'}")
+    return 0
+
+
 def store_export(args) -> int:
     store = _open(args)
+    data = export_data(store)
+    Path(args.output).write_text(json.dumps(data))
+    print(
+        f"{args.output}: {len(data['examples'])} rows of {len(store.classes)} classes, "
+        f"{len(data['pictures'])} of {len(data['added'])} examples with their picture"
+    )
+    return 0
+
+
+def export_data(store: KnnStore) -> dict:
+    """The portable JSON of `store export` (the web page's download too): every row (as before
+    pictures were kept) and, per example, its time and picture (base64 JPEG), so that one file backs
+    up a store that `store import` restores and `store reembed` can rebuild for another model."""
     rows = store.rows()
-    data = {
+    examples = store.examples()
+    pictures = {e.id: store.picture(e.id) for e in examples if e.has_picture}
+    return {
         "format": "edgeknn-examples",
         "model_id": store.model_id,
         "classes": store.classes,
+        "added": {str(e.id): e.added for e in examples},
+        "pictures": {str(i): base64.b64encode(p).decode() for i, p in pictures.items() if p is not None},
         "examples": [
             {
                 "class": store.classes[int(label)],
@@ -63,9 +98,6 @@ def store_export(args) -> int:
             for row, label, ex in zip(rows, store.labels(), store.example_ids(), strict=True)
         ],
     }
-    Path(args.output).write_text(json.dumps(data))
-    print(f"{args.output}: {len(rows)} rows of {len(store.classes)} classes")
-    return 0
 
 
 def store_import(args) -> int:
@@ -83,19 +115,33 @@ def _import(args) -> int:
     if Path(args.store).exists():
         store = KnnStore.load(args.store, model_id, cfg.store.settings())
     try:
+        classes = data.get("classes", [])  # all of them, those without examples too, in slot order
         groups: dict[tuple[str, int], list] = {}
         for ex in examples:
             if class_name_error(ex.get("class")):
                 raise InputError(f"{args.input}: invalid class name {ex.get('class')!r}")
             groups.setdefault((ex["class"], ex.get("example", 0)), []).append(ex["vector"])
+        for name in classes:
+            if class_name_error(name):
+                raise InputError(f"{args.input}: invalid class name {name!r}")
+        pictures, added = data.get("pictures", {}), data.get("added", {})  # (exports before pictures: none)
         if not Path(args.store).exists():
             store = KnnStore(len(examples[0]["vector"]) if examples else 1, model_id, cfg.store.settings())
-        for (name, _), vectors in groups.items():
-            store.add(name, np.array(vectors, np.float32))
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        for name in classes:
+            store.ensure_class(name)
+        for (name, example), vectors in groups.items():
+            picture = pictures.get(str(example))
+            store.add(
+                name,
+                np.array(vectors, np.float32),
+                base64.b64decode(picture, validate=True) if picture is not None else None,
+                added=float(added[str(example)]) if str(example) in added else None,
+            )
+    except (KeyError, TypeError, AttributeError, ValueError, binascii.Error) as e:
         raise InputError(f"{args.input}: not an edgeknn export ({type(e).__name__}: {e})") from None
     store.save(args.store)
-    print(f"{args.store}: imported {len(groups)} examples")
+    with_pictures = sum(str(example) in pictures for _, example in groups)
+    print(f"{args.store}: imported {len(groups)} examples, {with_pictures} with their picture")
     return 0
 
 
@@ -130,4 +176,52 @@ def _rename(args) -> int:
         raise UsageError(f"{args.store}: {e}") from None
     store.save(args.store)
     print(f"{args.store}: renamed {args.class_name!r} to {args.new_name!r}")
+    return 0
+
+
+def store_delete_example(args) -> int:
+    with storelock.claimed(args.store, "edgeknn store delete-example"):
+        return _delete_example(args)
+
+
+def _delete_example(args) -> int:
+    try:
+        example = int(args.example)
+    except ValueError:
+        raise UsageError(f"example: expected an example id (a number), got {args.example!r}") from None
+    store = _open(args)
+    try:
+        name = store.delete_example(example)
+    except KeyError:
+        raise UsageError(f"{args.store}: no example {example} (see `edgeknn store examples`)") from None
+    store.save(args.store)
+    print(f"{args.store}: deleted example {example} of {name!r}")
+    return 0
+
+
+def store_reembed(args) -> int:
+    with storelock.claimed(args.store, "edgeknn store reembed"):
+        return _reembed(args)
+
+
+def _reembed(args) -> int:
+    """Rebuild the store for --model (default: the configured model) from its examples' pictures."""
+    cfg = config.load(args.config)
+    old = KnnStore.load(args.store, storefile.model_id_of(args.store), cfg.store.settings())
+    embedder = Embedder(Path(args.model) if args.model else cfg.model_path(), cfg.model.threads)
+    if old.model_id == embedder.identity:
+        print(f"{args.store}: already made with model {embedder.identity[:12]}; nothing to do")
+        return 0
+    missing = reembed.without_pictures(old)
+    if missing:
+        raise InputError(f"{args.store}: cannot re-embed: {reembed.refusal(old, missing)}")
+    try:
+        store = reembed.reembed(old, embedder, cfg.store.settings())
+    except reembed.ReembedError as e:
+        raise InputError(f"{args.store}: cannot re-embed: {e}") from None
+    store.save(args.store)
+    print(
+        f"{args.store}: re-embedded {len(store.examples())} examples of {len(store.classes)} classes "
+        f"for model {embedder.identity[:12]}"
+    )
     return 0

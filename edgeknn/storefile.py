@@ -6,6 +6,12 @@ unpickles and checks every array's dtype, shape and size against the file before
 anything (a header claiming 10^8 rows must not cost 572 GiB), then the checksum, the format version,
 the model the store was made with, and the contents (widths, label indices, finite rows): a sha256
 anyone can recompute proves nothing. It raises ``StoreError`` naming the file and what is wrong.
+
+Pictures (each example's JPEG) are files of their own in ``<store>.pictures/<id>.jpg``: a save writes
+only the pictures not yet there, each atomically and before the store file, and removes the pictures
+of examples the store no longer has only after it. The store file records each picture's size and
+crc32, so a lost or damaged picture costs that example its picture, never the store. Format 1 files
+(before pictures and per-example times) still load.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ from typing import IO
 
 import numpy as np
 
-FORMAT_VERSION = 1
-CONTENTS = ("model_id", "storage", "classes", "rows", "scale", "labels", "example", "center", "seen")
+FORMAT_VERSION = 2
+CONTENTS_V1 = ("model_id", "storage", "classes", "rows", "scale", "labels", "example", "center", "seen")
+PER_EXAMPLE = ("examples", "added", "picture_size", "picture_crc")  # one entry per example, by id
+CONTENTS = (*CONTENTS_V1, "next_example", *PER_EXAMPLE)
 MEMBERS = frozenset(f"{name}.npy" for name in ("format_version", *CONTENTS, "checksum"))
+MEMBERS_V1 = frozenset(f"{name}.npy" for name in ("format_version", *CONTENTS_V1, "checksum"))
 # What each array must be: dtype kinds and number of dimensions (rows: float32 or uint8, checked apart)
 _KINDS = {
     "format_version": ("iu", 0),
@@ -41,6 +50,11 @@ _KINDS = {
     "example": ("iu", 1),
     "center": ("f", 1),
     "seen": ("iu", 0),
+    "next_example": ("iu", 0),
+    "examples": ("iu", 1),
+    "added": ("f", 1),
+    "picture_size": ("iu", 1),
+    "picture_crc": ("iu", 1),
 }
 _FINITE_CHUNK = 4096  # rows checked for NaN/inf at a time (a small temporary, not one of all rows)
 
@@ -53,15 +67,29 @@ class StoreError(Exception):
         self.corrupt = corrupt
 
 
+class ModelMismatch(StoreError):
+    """The store was made with another model (``model_id``): re-embedding can rebuild it from pictures."""
+
+    def __init__(self, message: str, model_id: str):
+        super().__init__(message)
+        self.model_id = model_id
+
+
 class _Damaged(Exception):
     """What is inconsistent in a store file (``read`` adds the path and raises ``StoreError``)."""
 
 
-def write(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def write(path: Path, arrays: dict[str, np.ndarray], pictures: dict[int, bytes] | None = None) -> None:
     """Write a store's ``CONTENTS`` atomically: a temporary file beside ``path``, fsync, rename,
-    fsync the folder; then remove the temporary files of writers killed mid-save."""
+    fsync the folder; then remove the temporary files of writers killed mid-save.
+
+    ``pictures`` (example id: JPEG) are written first, each atomically (a file that already holds the
+    same bytes is left alone); after the store file, the pictures of examples it does not list go."""
     if set(arrays) != set(CONTENTS):
         raise ValueError(f"a store file holds {', '.join(CONTENTS)}; got {', '.join(arrays)}")
+    folder = pictures_dir(path)
+    if pictures:
+        _write_pictures(folder, pictures)
     arrays = {"format_version": np.array(FORMAT_VERSION), **arrays}
     arrays["checksum"] = np.array(_checksum(arrays))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -80,6 +108,83 @@ def write(path: Path, arrays: dict[str, np.ndarray]) -> None:
     finally:
         os.close(fd)
     _remove_stale_temporaries(path)
+    if folder.is_dir():
+        keep = arrays["examples"][arrays["picture_size"] > 0].tolist()
+        _remove_pictures_except(folder, set(keep))
+
+
+def pictures_dir(path: Path) -> Path:
+    """Where the pictures of the store at ``path`` are kept: ``<store>.pictures`` beside it."""
+    return path.with_name(f"{path.name}.pictures")
+
+
+def picture_path(folder: Path, example_id: int) -> Path:
+    return folder / f"{example_id}.jpg"
+
+
+def picture_sizes(folder: Path) -> dict[int, int]:
+    """The size of each picture file in ``folder`` by example id (none when it is not there)."""
+    sizes: dict[int, int] = {}
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            stem, dot, ext = entry.name.partition(".")
+            if stem.isdigit() and dot and ext == "jpg":
+                with contextlib.suppress(OSError):
+                    sizes[int(stem)] = entry.stat().st_size
+    return sizes
+
+
+def _write_pictures(folder: Path, pictures: dict[int, bytes]) -> None:
+    """Each picture atomically (temporary, fsync, rename), then one fsync of the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = picture_sizes(folder)
+    for example_id, data in pictures.items():
+        target = picture_path(folder, example_id)
+        if sizes.get(example_id) == len(data):
+            with contextlib.suppress(OSError):
+                if target.read_bytes() == data:  # already there (a retried save): no write, no wear
+                    continue
+        tmp = folder / f".{example_id}.jpg.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_pictures_except(folder: Path, keep: set[int]) -> None:
+    """Remove the pictures of examples the saved store no longer has (a failed removal is retried at
+    the next save), and the temporary files of picture writers that were killed."""
+    names: list[str] = []
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        names = [entry.name for entry in entries]
+    for name in names:
+        stem, dot, ext = name.partition(".")
+        stale = stem.isdigit() and dot and ext == "jpg" and int(stem) not in keep
+        if name.startswith(".") and name.endswith(".tmp"):
+            pid = name.rsplit(".", 2)[-2]
+            stale = pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+        if stale:
+            with contextlib.suppress(OSError):
+                (folder / name).unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def read(
@@ -131,16 +236,20 @@ def _read_archive(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """``read`` of an open zip: headers first, then the small arrays, then the rows, then the contents."""
     names = archive.namelist()
-    if set(names) != MEMBERS:
+    if set(names) not in (MEMBERS, MEMBERS_V1):
         found = sorted(name.removesuffix(".npy") for name in set(names))
         raise StoreError(f"{path}: not an edgeknn store (arrays {found})", corrupt=True)
-    if len(names) != len(MEMBERS):
+    if len(names) != len(set(names)):
         raise _Damaged("an array is in the file twice")
     headers = {name.removesuffix(".npy"): _header(archive, name, size) for name in names}
     n, width = headers["rows"][0]
     for name, length in (("scale", n), ("labels", n), ("example", n), ("center", width)):
         if headers[name][0] != (length,):
             raise _Damaged(f"{name} has shape {headers[name][0]}, the rows are {(n, width)}")
+    if "examples" in headers:
+        (m,) = headers["examples"][0]
+        if m > n or any(headers[name][0] != (m,) for name in PER_EXAMPLE):
+            raise _Damaged(f"per-example arrays of {[headers[k][0] for k in PER_EXAMPLE]}, for {n} rows")
     arrays = {name: _array(archive, name) for name in headers if name != "rows"}
     storage = str(arrays["storage"])
     if storage not in ("float32", "uint8") or headers["rows"][1] != np.dtype(storage):
@@ -151,15 +260,32 @@ def _read_archive(
     if _checksum(arrays) != checksum:
         raise StoreError(f"{path}: checksum mismatch, the file is damaged", corrupt=True)
     version = int(arrays.pop("format_version"))
-    if version != FORMAT_VERSION:
+    if version not in (1, FORMAT_VERSION):
         raise StoreError(f"{path}: store format {version}, expected {FORMAT_VERSION}")
+    if (version == 1) != (set(names) == MEMBERS_V1):
+        raise _Damaged(f"store format {version} with the arrays of the other format")
     if str(arrays["model_id"]) != model_id:
-        raise StoreError(
+        raise ModelMismatch(
             f"{path}: store was made with model {str(arrays['model_id'])[:12]}, "
-            f"not the configured model {model_id[:12]}; move it aside or configure that model"
+            f"not the configured model {model_id[:12]}; move it aside or configure that model",
+            str(arrays["model_id"]),
         )
+    if version == 1:
+        arrays.update(_examples_of_v1(arrays["example"], os.stat(path).st_mtime))
     _check_contents(arrays, dim)
     return arrays, matrix
+
+
+def _examples_of_v1(example: np.ndarray, mtime: float) -> dict[str, np.ndarray]:
+    """What a format 1 file did not keep: its examples were added by the file's time, none has a picture."""
+    ids = np.unique(example).astype(np.int64)
+    return {
+        "next_example": np.array(int(ids[-1]) + 1 if len(ids) else 0, np.int64),
+        "examples": ids,
+        "added": np.full(len(ids), mtime, np.float64),
+        "picture_size": np.zeros(len(ids), np.int64),
+        "picture_crc": np.zeros(len(ids), np.uint32),
+    }
 
 
 def _header(archive: zipfile.ZipFile, name: str, size: int) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -234,6 +360,17 @@ def _check_contents(arrays: dict[str, np.ndarray], dim: int | None) -> None:
         raise _Damaged("a negative example number")
     if int(arrays["seen"]) < 0:
         raise _Damaged("a negative count of seen frames")
+    ids = arrays["examples"]
+    if not np.array_equal(ids, np.unique(example)):  # (np.unique: sorted, each id once)
+        raise _Damaged("the list of examples does not match the examples of the rows")
+    if len(ids) and int(arrays["next_example"]) <= int(ids[-1]):
+        raise _Damaged("the next example id is one already used")
+    size = arrays["picture_size"]
+    crc = arrays["picture_crc"]
+    if len(size) and (size.min() < 0 or crc.min() < 0 or crc.max() >= 1 << 32):
+        raise _Damaged("a negative picture size or a picture checksum out of range")
+    if not np.isfinite(arrays["added"]).all():
+        raise _Damaged("a time of adding that is not a finite number")
     finite = np.isfinite(arrays["scale"]).all() and np.isfinite(arrays["center"]).all()
     if rows.dtype.kind == "f":
         finite = finite and all(

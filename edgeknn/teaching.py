@@ -1,4 +1,5 @@
-"""The commands that change what the device knows: add examples, forget, rename, reset.
+"""The commands that change what the device knows: classes (add, remove, rename, forget, reset) and
+examples (add, delete, list).
 
 They run on the loop thread between frames (the loop owns the store). An ``AddExample`` waits
 for fresh frames: each of its ``count`` examples is the next frame the loop classifies. A frame
@@ -9,15 +10,21 @@ answered ``busy``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import numpy as np
 
 from edgeknn.commands import (
     MAX_EXAMPLES_PER_COMMAND,
+    AddClass,
     AddExample,
     Command,
+    DeleteExample,
     ForgetClass,
+    ListExamples,
+    RemoveClass,
     RenameClass,
     Reset,
     Result,
@@ -44,10 +51,24 @@ class Teacher:
     def _unknown(self, name: str) -> Result:
         return Result(False, f"class: unknown class {name!r}")
 
+    def _class_of(self, command: AddExample | ForgetClass) -> str | Result:
+        """The class a command means: the one now in its ``slot`` (a button's), else ``class_name``;
+        or why there is none."""
+        if command.slot is None:
+            return command.class_name
+        n = len(self.store.classes)
+        if not 0 <= command.slot < n:
+            return Result(False, f"slot: no class in slot {command.slot + 1} (the device has {n} classes)")
+        return self.store.classes[command.slot]
+
     def queue_examples(self, command: AddExample) -> Result | None:
         """Queue the command for the next frames; its reply comes once they are added."""
-        if command.class_name not in self.store.classes:
-            return self._unknown(command.class_name)
+        name = self._class_of(command)
+        if isinstance(name, Result):
+            return name
+        if name not in self.store.classes:
+            return self._unknown(name)
+        command = dataclasses.replace(command, class_name=name, slot=None)  # renamed later: refused
         count = max(1, command.count)
         waiting = sum(remaining for _, remaining in self.pending)
         if waiting + count > MAX_PENDING_EXAMPLES:
@@ -60,12 +81,15 @@ class Teacher:
         return None
 
     def forget_class(self, command: ForgetClass) -> Result:
-        if command.class_name not in self.store.classes:
-            return self._unknown(command.class_name)
-        removed = self.store.forget(command.class_name)
+        name = self._class_of(command)
+        if isinstance(name, Result):
+            return name
+        if name not in self.store.classes:
+            return self._unknown(name)
+        removed = self.store.forget(name)
         self._changed()
-        self._event({"event": "class_forgotten", "class": command.class_name, "removed": removed}, command)
-        return Result(True, detail={"class": command.class_name, "removed": removed})
+        self._event({"event": "class_forgotten", "class": name, "removed": removed}, command)
+        return Result(True, detail={"class": name, "removed": removed})
 
     def rename_class(self, command: RenameClass) -> Result:
         try:
@@ -77,6 +101,47 @@ class Teacher:
         self._event({"event": "class_renamed", **detail}, command)
         return Result(True, detail=detail)
 
+    def add_class(self, command: AddClass) -> Result:
+        """A new empty class in the next slot (its button and LED, if the panel has that many)."""
+        try:
+            slot = self.store.add_class(command.class_name)
+        except ValueError as e:
+            return Result(False, f"class: {e}")
+        self._changed()
+        detail = {"class": command.class_name, "slot": slot}
+        self._event({"event": "class_added", **detail}, command)
+        return Result(True, detail=detail)
+
+    def remove_class(self, command: RemoveClass) -> Result:
+        """Remove a class and its examples; the classes after it move down one slot."""
+        if command.class_name not in self.store.classes:
+            return self._unknown(command.class_name)
+        removed = self.store.remove_class(command.class_name)
+        self._changed()
+        detail = {"class": command.class_name, "removed": removed}
+        self._event({"event": "class_removed", **detail}, command)
+        return Result(True, detail=detail)
+
+    def delete_example(self, command: DeleteExample) -> Result:
+        try:
+            name = self.store.delete_example(command.example)
+        except KeyError:
+            return Result(False, f"example: no example {command.example} (list_examples gives the ids)")
+        self._changed()
+        detail = {"example": command.example, "class": name, "count": self.store.counts()[name]}
+        self._event({"event": "example_deleted", **detail}, command)
+        return Result(True, detail=detail)
+
+    def list_examples(self, command: ListExamples) -> Result:
+        """Every example (of one class): id, class, time added (ISO 8601 UTC), whether it has a picture."""
+        if command.class_name is not None and command.class_name not in self.store.classes:
+            return self._unknown(command.class_name)
+        examples = [
+            {"id": e.id, "class": e.class_name, "added": _iso(e.added), "picture": e.has_picture}
+            for e in self.store.examples(command.class_name)
+        ]
+        return Result(True, detail={"examples": examples})
+
     def reset(self, command: Reset) -> Result:
         self.store.reset()
         self.pending.clear()
@@ -84,18 +149,24 @@ class Teacher:
         self._event({"event": "reset"}, command)
         return Result(True)
 
-    def add_pending(self, views: np.ndarray) -> None:
-        """Add this frame's views as one example of each of the first ADDS_PER_FRAME pending AddExamples."""
+    def add_pending(self, views: np.ndarray, picture: bytes | None = None) -> None:
+        """Add this frame's views (and its ``picture``, a JPEG) as one example of each of the first
+        ADDS_PER_FRAME pending AddExamples."""
         for item in self.pending[:ADDS_PER_FRAME]:
             command, remaining = item
             if command.class_name not in self.store.classes:  # renamed or reset meanwhile
                 self.pending.remove(item)
                 self._reply(command, self._unknown(command.class_name))
                 continue
-            count = self.store.add(command.class_name, views)
+            count = self.store.add(command.class_name, views, picture=picture)
             item[1] = remaining - 1
             self._event({"event": "example_added", "class": command.class_name, "count": count}, command)
             if item[1] <= 0:
                 self.pending.remove(item)
                 self._reply(command, Result(True, detail={"class": command.class_name, "count": count}))
         self._changed()
+
+
+def _iso(ts: float) -> str:
+    """Seconds since the epoch as ISO 8601 UTC, like the ``ts`` of every MQTT payload."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -29,7 +29,6 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 prefix=/opt/edgeknn
 venv=$prefix/venv
 unit=/etc/systemd/system/edgeknn.service
-model_file=mobilenet_v1_1.0_224_quant_embedding_extractor.tflite
 # A booted systemd (not a chroot, an image build or a container without it): only then start or stop units.
 if [ -d /run/systemd/system ]; then booted=1; else booted=0; fi
 
@@ -103,12 +102,11 @@ install -d -m 0755 /etc/edgeknn
 [ -e /etc/edgeknn/edgeknn.toml ] || install -m 0644 "$here/config/edgeknn.toml" /etc/edgeknn/edgeknn.toml
 install -m 0644 "$here/systemd/edgeknn.service" "$unit"
 install -d -o edgeknn -g edgeknn -m 0750 /var/lib/edgeknn /var/lib/edgeknn/models
-# The model (pinned sha256) is fetched now if the network allows, else by the daemon, which retries until it can.
-if [ ! -s "/var/lib/edgeknn/models/$model_file" ]; then
-  timeout 120 runuser -u edgeknn -- "$venv/bin/edgeknn" model fetch --config /etc/edgeknn/edgeknn.toml \
-    --dest "/var/lib/edgeknn/models/$model_file" ||
-    say "model not downloaded now: the service fetches it once the network is up (README: Offline install)"
-fi
+# The configured model (model.name; unset: the one the store was made with, else the default; pinned sha256)
+# is fetched now if the network allows, else by the daemon, which retries until it can. Already there: no download.
+timeout 120 runuser -u edgeknn -- env STATE_DIRECTORY=/var/lib/edgeknn \
+  "$venv/bin/edgeknn" model fetch --config /etc/edgeknn/edgeknn.toml ||
+  say "model not downloaded now: the service fetches it once the network is up (README: Offline install)"
 
 if [ "$booted" = 1 ]; then
   systemctl daemon-reload

@@ -160,6 +160,7 @@ def make_config(tmp_path: Path, **overrides) -> config.Config:
             "status_led": STATUS,
         },
         "mqtt": {"enabled": False},
+        "web": {"enabled": False},  # tests of the page turn it on (tests/test_web.py), on a free port
     }
     for key, value in overrides.items():
         section, _, name = key.partition(".")

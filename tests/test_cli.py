@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import json
 import math
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import DIGITS, EXTRACTOR, MODELS, PHOTOS, TINY
+from httpserve import serve
 
 from edgeknn import config
 from edgeknn.cli import main
@@ -97,21 +95,29 @@ def test_eval_json(capsys, dataset):
     for per_shot in result["rules"].values():
         assert set(per_shot) == {"1", "2"}
         for cell in per_shot.values():
-            assert set(cell) == {"mean", "std"}
+            assert set(cell) == {"mean", "std", "per_seed"}
             assert 0.0 <= cell["mean"] <= 1.0 and 0.0 <= cell["std"] <= 0.5
-    assert "open_set_auroc" not in result
+            seeds = cell["per_seed"]
+            assert len(seeds) == 2 and cell["mean"] == pytest.approx(sum(seeds) / 2, abs=1e-4)
+    assert "open_set" not in result
 
 
-def test_eval_open_set_adds_auroc(capsys, dataset):
+def test_eval_open_set_reports_the_unknown_answer(capsys, dataset):
     argv = ["eval", dataset, "--model", TINY, "--shots", "1,2", "--seeds", "2", "--open-set", "--json"]
     rc, out, _ = run(capsys, *argv)
     assert rc == 0
     result = json.loads(out)
     assert set(result["rules"]) == {"softmax", "tfjs"}
-    assert set(result["open_set_auroc"]) == {"softmax", "tfjs"}
-    for per_shot in result["open_set_auroc"].values():
+    assert set(result["open_set"]) == {"softmax", "tfjs"}
+    for per_shot in result["open_set"].values():
         assert set(per_shot) == {"1", "2"}
-        assert all(0.0 <= v <= 1.0 for v in per_shot.values())
+        for cell in per_shot.values():
+            shares = {k: v for k, v in cell.items() if k.startswith(("unseen_", "taught_", "auroc"))}
+            assert len(shares) == 7 and all(0.0 <= v <= 1.0 for v in shares.values())
+            assert cell["unseen_unknown_closed"] == 0.0, "no rejection: never unknown"
+            assert cell["taught_right_auto"] <= cell["taught_right_closed"]
+    rc, out, _ = run(capsys, *argv[:-1])  # the table
+    assert rc == 0 and "AUROC" in out and "untaught->unknown" in out
 
 
 def test_eval_one_rule(capsys, dataset):
@@ -197,9 +203,12 @@ def test_teach_then_predict(capsys, dataset, taught):
             result = json.loads(out)
             assert result["file"] == str(path)
             assert result["label"] == cls
-            assert result["similarity"] == pytest.approx(1.0, abs=1e-3), "a taught photo is in the store"
+            nearest = result["neighbours"][0]
+            assert nearest["similarity"] == pytest.approx(1.0, abs=1e-3), "a taught photo is in the store"
             assert sum(result["scores"].values()) == pytest.approx(1.0, abs=1e-3)
-            assert result["neighbours"][0] == {"class": cls, "similarity": result["similarity"]}
+            assert nearest["class"] == cls
+            k_nearest = [n["similarity"] for n in result["neighbours"]]  # similarity: their mean
+            assert len(k_nearest) == 3 and result["similarity"] == pytest.approx(np.mean(k_nearest), abs=1e-3)
 
 
 def test_teach_reports_the_count_and_predict_prints_text(capsys, dataset, tmp_path):
@@ -208,7 +217,7 @@ def test_teach_reports_the_count_and_predict_prints_text(capsys, dataset, tmp_pa
     assert rc == 0 and out == f"{store}: class 'three' now has {PER_CLASS} examples ({PER_CLASS} added)\n"
     photo = photos(dataset, "3")[0]
     rc, out, _ = run(capsys, "predict", photo, "--store", store, "--model", TINY)
-    assert rc == 0 and out.startswith(f"{photo}: three (1.00, similarity 1.00)")
+    assert rc == 0 and out.startswith(f"{photo}: three (1.00, similarity 0.")  # its 3 nearest's mean
 
 
 def test_teach_with_a_bad_class_name(capsys, dataset, tmp_path):
@@ -235,7 +244,7 @@ def test_teach_into_a_store_of_another_model(capsys, dataset, store_copy):
         rc == 1
         and str(store_copy) in err
         and sha256_of(TINY)[:12] in err
-        and DEFAULT_MODEL_SHA256[:12] in err
+        and sha256_of(EXTRACTOR)[:12] in err
     )
 
 
@@ -261,6 +270,7 @@ def test_store_info(capsys, taught):
     assert rc == 0
     assert f"model: {sha256_of(TINY)}" in out
     assert "rows: 36 of 256 values (float32)" in out
+    assert "pictures: 6 of 6 examples (can be re-embedded: yes)" in out
     assert "  zero: 3 examples" in out and "  five: 3 examples" in out
 
 
@@ -315,15 +325,18 @@ def test_store_rename_refused(capsys, store_copy, old, new, culprit):
 def test_store_export_and_import(capsys, taught, tmp_path):
     exported = tmp_path / "examples.json"
     rc, out, _ = run(capsys, "store", "export", taught, exported)
-    assert rc == 0 and out == f"{exported}: 36 rows of 2 classes\n"
+    assert rc == 0 and out == f"{exported}: 36 rows of 2 classes, 6 of 6 examples with their picture\n"
     data = json.loads(exported.read_text())
     assert data["format"] == "edgeknn-examples" and data["model_id"] == sha256_of(TINY)
     assert len(data["examples"]) == 36 and len(data["examples"][0]["vector"]) == 256
     target = tmp_path / "imported.npz"
     rc, out, _ = run(capsys, "store", "import", target, exported)
-    assert rc == 0 and out == f"{target}: imported 6 examples\n"
+    assert rc == 0 and out == f"{target}: imported 6 examples, 6 with their picture\n"
     original, imported = (KnnStore.load(p, sha256_of(TINY)) for p in (taught, target))
     assert imported.counts() == original.counts() and len(imported) == len(original)
+    assert [imported.picture(e.id) for e in imported.examples()] == [
+        original.picture(e.id) for e in original.examples()
+    ]
     np.testing.assert_allclose(imported.rows(), original.rows(), atol=1e-5)
 
 
@@ -496,23 +509,11 @@ def test_console_script():
 # --- model fetch ----------------------------------------
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def model_server():
     """A local HTTP server serving ../shared/models (read-only) on a free port."""
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(MODELS))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serve(MODELS) as base:
+        yield base
 
 
 def test_model_fetch(capsys, tmp_path, model_server):
@@ -523,7 +524,7 @@ def test_model_fetch(capsys, tmp_path, model_server):
     assert rc == 0
     assert out == f"{dest}: sha256 {DEFAULT_MODEL_SHA256} verified\n"
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == DEFAULT_MODEL_SHA256
-    assert dest.read_bytes() == EXTRACTOR.read_bytes()
+    assert dest.read_bytes() == (MODELS / DEFAULT_MODEL_FILE).read_bytes()
     assert sorted(p.name for p in dest.parent.iterdir()) == [DEFAULT_MODEL_FILE]
 
 
@@ -545,11 +546,11 @@ def test_model_fetch_checksum_mismatch_leaves_nothing(capsys, tmp_path, model_se
 
 def test_model_fetch_does_not_replace_a_good_file_with_a_bad_download(capsys, tmp_path, model_server):
     dest = tmp_path / DEFAULT_MODEL_FILE
-    shutil.copy(EXTRACTOR, dest)
+    shutil.copy(EXTRACTOR, dest)  # another model where the default belongs
     url = f"{model_server}/{TINY.name}"
     rc, _, err = run(capsys, "model", "fetch", "--url", url, "--dest", dest)
     assert rc == 1 and "checksum mismatch" in err
-    assert sha256_of(dest) == DEFAULT_MODEL_SHA256
+    assert sha256_of(dest) == sha256_of(EXTRACTOR)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
 
 

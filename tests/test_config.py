@@ -99,7 +99,7 @@ def test_all_errors_are_collected():
         assert any(e.startswith(f"{path}: ") for e in errors), (path, joined)
     assert 'log_level: expected one of "debug", "info", "warning", "error", got "loud"' in errors
     assert "mqtt.port: expected an integer 1..65535, got 0" in errors
-    assert "store.threshold: expected a number -1.0..1.0, got 2.0" in errors
+    assert 'store.threshold: expected a number -1.0..1.0 or "auto", got 2.0' in errors
 
 
 def test_unknown_keys_are_errors_at_top_level_and_in_sections():
@@ -304,3 +304,14 @@ def test_store_rule_must_be_a_known_rule():
         assert config.from_dict({"store": {"rule": rule}}).store.rule == rule
     errors = errors_of({"store": {"rule": "knn"}})
     assert len(errors) == 1 and errors[0].startswith("store.rule: expected one of ")
+
+
+def test_store_threshold_is_auto_by_default_and_a_number_fixes_it():
+    """ "auto": the store calibrates it (StoreSettings.threshold None); a number is used as it is."""
+    assert Config().store.threshold == "auto" and Config().store.settings().threshold is None
+    fixed = config.from_dict({"store": {"threshold": 0}}).store
+    assert fixed.threshold == 0.0 and fixed.settings().threshold == 0.0
+    assert config.from_dict({"store": {"threshold": "auto"}}).store.settings().threshold is None
+    assert errors_of({"store": {"threshold": "automatic"}}) == [
+        'store.threshold: expected a number -1.0..1.0 or "auto", got "automatic"'
+    ]

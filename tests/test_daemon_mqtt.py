@@ -89,7 +89,7 @@ def request(sub, name: str, payload, tag: str, timeout: float = 20.0) -> dict:
 
 def write_config(tmp_path: Path, **mqtt) -> Path:
     lines = [f"classes = {json.dumps(CLASSES)}", f"state_dir = {json.dumps(str(tmp_path))}", ""]
-    lines += ["[store]", "autosave_s = 0.5", "", "[mqtt]", "keepalive = 5"]
+    lines += ["[store]", "autosave_s = 0.5", "", "[web]", "enabled = false", "", "[mqtt]", "keepalive = 5"]
     lines += [f"{key} = {json.dumps(value)}" for key, value in mqtt.items()]
     path = tmp_path / "edgeknn.toml"
     path.write_text("\n".join(lines) + "\n")

@@ -41,7 +41,7 @@ sys.exit(main(sys.argv[1:]))
 
 def run_edgeknn(tmp_path: Path, source: str, timeout: float = 30) -> tuple[int | None, str]:
     """`edgeknn run --source SOURCE` without cv2 and picamera2: (exit code, None if still running; stderr)."""
-    argv = ["run", "--source", source, "--panel", "none", "--mqtt", "none"]
+    argv = ["run", "--source", source, "--panel", "none", "--mqtt", "none", "--web", "none"]
     argv += ["--model", str(TINY), "--store", str(tmp_path / "store.npz")]
     env = {**os.environ, "HOME": str(tmp_path), "STATE_DIRECTORY": str(tmp_path / "state")}
     proc = subprocess.Popen(

@@ -3,7 +3,6 @@ that skips what it cannot read, one exit-code rule, no interpreter banner."""
 
 from __future__ import annotations
 
-import functools
 import http.server
 import json
 import logging
@@ -19,18 +18,21 @@ import threading
 import time
 from pathlib import Path
 
+import httpserve
 import pytest
-from conftest import DIGITS, EXTRACTOR, MODELS, PHOTOS, TINY
+from conftest import DIGITS, MODELS, PHOTOS, TINY
 
 from edgeknn import config, lifecycle
 from edgeknn.cli import EX_CONFIG, main
-from edgeknn.download import wait_for_model
-from edgeknn.model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, DEFAULT_MODEL_URL, sha256_of
+from edgeknn.download import DEFAULT_NAME, URL_BASE_ENV, wait_for_model
+from edgeknn.download import MODELS as NAMED
+from edgeknn.model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, sha256_of
 from edgeknn.progress import Progress
 from edgeknn.service import Notifier
 from edgeknn.store import KnnStore
 
 REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = MODELS / DEFAULT_MODEL_FILE  # the default named model, as ../shared/models holds it
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +101,7 @@ def drop_in_place(path: Path, after: float) -> threading.Thread:
     def copy() -> None:
         time.sleep(after)
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(EXTRACTOR, path)
+        shutil.copy(DEFAULT_MODEL, path)
 
     thread = threading.Thread(target=copy, daemon=True)
     thread.start()
@@ -112,8 +114,9 @@ def drop_in_place(path: Path, after: float) -> threading.Thread:
 def test_offline_start_keeps_retrying_says_where_and_takes_the_file_a_person_puts_there(
     tmp_path, monkeypatch, caplog
 ):
-    url = f"http://127.0.0.1:{free_port()}/{DEFAULT_MODEL_FILE}"  # nothing listens there
-    monkeypatch.setattr(lifecycle, "DEFAULT_MODEL_URL", url)
+    base = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv(URL_BASE_ENV, base)
+    url = f"{base}/{DEFAULT_MODEL_FILE}"
     cfg = offline_config(tmp_path)
     path = cfg.model_path()
     notify = NotifySocket(tmp_path / "notify")
@@ -154,8 +157,7 @@ def test_offline_start_downloads_once_the_network_is_back(tmp_path):
 
     def network_back() -> None:
         time.sleep(1.0)
-        handler = functools.partial(QuietHandler, directory=str(MODELS))
-        server.append(http.server.ThreadingHTTPServer(("127.0.0.1", port), handler))
+        server.append(httpserve.server(MODELS, port))
         server[0].serve_forever()
 
     threading.Thread(target=network_back, daemon=True).start()
@@ -202,15 +204,10 @@ def test_a_wrong_file_at_the_path_is_not_taken_and_a_stop_ends_the_wait(tmp_path
     assert len(warned) == 1 and sha256_of(TINY) in warned[0], "said once, not every poll"
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 OFFLINE_RUN = """
+import os
 import sys
-import edgeknn.lifecycle
-edgeknn.lifecycle.DEFAULT_MODEL_URL = sys.argv[1]
+os.environ["EDGEKNN_MODEL_URL_BASE"] = sys.argv[1].rsplit("/", 1)[0]
 from edgeknn.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -225,6 +222,7 @@ def test_edgeknn_run_offline_waits_ready_then_starts_when_the_model_appears(tmp_
     env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000", "HOME": str(tmp_path)}
     env["STATE_DIRECTORY"] = str(state)
     argv = ["run", "--source", f"replay:{DIGITS / '1'}?fps=10", "--panel", "none", "--mqtt", "none"]
+    argv += ["--web", "none"]
     proc = subprocess.Popen(
         [sys.executable, "-c", OFFLINE_RUN, url, *argv], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
     )
@@ -254,7 +252,7 @@ def test_edgeknn_run_offline_stops_cleanly_on_sigterm_while_waiting(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/{DEFAULT_MODEL_FILE}"
     notify = NotifySocket(tmp_path / "notify")
     env = {**os.environ, "NOTIFY_SOCKET": notify.path, "STATE_DIRECTORY": str(tmp_path / "state")}
-    argv = ["run", "--source", f"replay:{DIGITS / '1'}", "--panel", "none", "--mqtt", "none"]
+    argv = ["run", "--source", f"replay:{DIGITS / '1'}", "--panel", "none", "--mqtt", "none", "--web", "none"]
     proc = subprocess.Popen(
         [sys.executable, "-c", OFFLINE_RUN, url, *argv], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
     )
@@ -270,7 +268,7 @@ def test_edgeknn_run_offline_stops_cleanly_on_sigterm_while_waiting(tmp_path):
 
 
 def test_mqtt_says_why_while_waiting_for_the_model(tmp_path, monkeypatch, broker, subscriber):
-    monkeypatch.setattr(lifecycle, "DEFAULT_MODEL_URL", f"http://127.0.0.1:{free_port()}/m.tflite")
+    monkeypatch.setenv(URL_BASE_ENV, f"http://127.0.0.1:{free_port()}")
     cfg = offline_config(
         tmp_path,
         **{
@@ -311,7 +309,8 @@ def test_commands_without_the_model_say_where_to_put_it(capsys, tmp_path, argv):
     err = capsys.readouterr().err
     path = tmp_path / "state" / "models" / DEFAULT_MODEL_FILE
     assert rc == 1 and len(err.splitlines()) == 1, err
-    assert f"{path}: model file not found" in err and DEFAULT_MODEL_URL in err and DEFAULT_MODEL_SHA256 in err
+    assert f"{path}: model file not found" in err and NAMED[DEFAULT_NAME].url in err
+    assert DEFAULT_MODEL_SHA256 in err
 
 
 # --- a batch teach skips what it cannot read ----------------------------------------

@@ -11,11 +11,18 @@ FORGET, RESET = 0.2, 0.4
 
 
 def make() -> Gestures:
-    return Gestures(CLASSES, hold_time=HOLD_TIME, hold_rate=HOLD_RATE, forget_time=FORGET, reset_time=RESET)
+    return Gestures(
+        len(CLASSES), hold_time=HOLD_TIME, hold_rate=HOLD_RATE, forget_time=FORGET, reset_time=RESET
+    )
 
 
 def add(name: str) -> AddExample:
-    return AddExample(class_name=name, count=1, source="button")
+    """A button adds to its class slot, whatever the class is called then."""
+    return AddExample(slot=CLASSES.index(name), count=1, source="button")
+
+
+def forget(name: str) -> ForgetClass:
+    return ForgetClass(slot=CLASSES.index(name), source="button")
 
 
 def run_until(g: Gestures, end: float) -> list[tuple[float, object]]:
@@ -109,7 +116,7 @@ def test_clear_with_a_class_button_forgets_that_class_and_adds_nothing():
     g.press(1, 0.05)
     assert g.next_due() == 0.05 + FORGET
     assert run_until(g, 0.05 + FORGET + HOLD_TIME) == [
-        (0.05 + FORGET, ForgetClass(class_name="two", source="button"))
+        (0.05 + FORGET, forget("two"))
     ]  # held past hold_time: still no examples
     assert g.release(1, 0.5) == []
     assert g.release_clear(0.5) == []
@@ -121,7 +128,7 @@ def test_class_button_first_then_clear_also_forgets():
     g.press(2, 0.0)
     g.press_clear(0.05)
     commands = [command for _, command in run_until(g, 1.0)]
-    assert commands == [ForgetClass(class_name="three", source="button")]
+    assert commands == [forget("three")]
     assert g.release_clear(1.0) == [] and g.release(2, 1.0) == []
 
 
@@ -130,7 +137,7 @@ def test_clear_stops_a_hold_in_progress_and_forgets_instead():
     g.press(0, 0.0)
     assert run_until(g, HOLD_TIME) == [(HOLD_TIME, add("one"))]
     g.press_clear(0.3)
-    assert run_until(g, 0.3 + FORGET) == [(0.3 + FORGET, ForgetClass(class_name="one", source="button"))]
+    assert run_until(g, 0.3 + FORGET) == [(0.3 + FORGET, forget("one"))]
     assert g.release(0, 1.0) == []
 
 
@@ -139,7 +146,7 @@ def test_the_class_pressed_last_is_the_one_forgotten():
     g.press(0, 0.0)
     g.press(1, 0.01)
     g.press_clear(0.1)
-    assert [command for _, command in run_until(g, 1.0)] == [ForgetClass(class_name="two", source="button")]
+    assert [command for _, command in run_until(g, 1.0)] == [forget("two")]
 
 
 def test_releasing_the_class_button_early_cancels_the_forget_and_the_reset():
@@ -169,7 +176,7 @@ def test_a_class_pressed_after_the_reset_selects_and_forgets():
     g.press(0, 1.0)
     assert g.release(0, 1.05) == []  # selecting: no example
     g.press(1, 1.1)
-    assert g.tick(1.1 + FORGET) == [ForgetClass(class_name="two", source="button")]
+    assert g.tick(1.1 + FORGET) == [forget("two")]
 
 
 def test_a_class_still_down_after_clear_is_released_adds_nothing():

@@ -48,6 +48,7 @@ class Device:
             "camera": {"source": f"replay:{tmp_path / 'photos' / '1'}?fps=20"},
             "panel": {"kind": "keyboard"},
             "mqtt": {"enabled": False},
+            "web": {"enabled": False},
         }
         for section, values in sections.items():
             self.data.setdefault(section, {}).update(values)
@@ -338,12 +339,12 @@ def test_an_autosave_does_not_stall_the_loop(tmp_path, monkeypatch):
     written: list[tuple[int, ...]] = []
     real_write = storefile.write
 
-    def slow_write(path, arrays):
+    def slow_write(path, arrays, pictures=None):
         if threading.current_thread().name == "edgeknn-save":
             writing.set()
             release.wait(30)
         written.append(tuple(arrays["labels"].tolist()))
-        real_write(path, arrays)
+        real_write(path, arrays, pictures)
 
     monkeypatch.setattr(storefile, "write", slow_write)
     cfg = make_config(tmp_path, **{"panel.kind": "none", "store.autosave_s": 0.05})

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from edgeknn.classifier import Classifier, read_labels
+from edgeknn.download import MODELS as NAMED
 from edgeknn.imagefiles import load_rgb
 from edgeknn.model import (
     DEFAULT_MODEL_FILE,
-    DEFAULT_MODEL_SHA256,
     Embedder,
     Model,
     ModelError,
@@ -141,7 +141,7 @@ def test_head_that_does_not_fit_the_model():
 def test_extractor_embedding_is_a_unit_1024_float32_vector(extractor):
     assert not extractor.is_classifier
     assert extractor.dim == 1024
-    assert extractor.identity == DEFAULT_MODEL_SHA256 == sha256_of(EXTRACTOR)
+    assert extractor.identity == NAMED["mobilenet_v1_1.0_224"].sha256 == sha256_of(EXTRACTOR)
     vector = extractor.embed(photo("cat.bmp"))
     assert vector.dtype == np.float32 and vector.shape == (1024,)
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)

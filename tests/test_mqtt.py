@@ -25,6 +25,7 @@ from edgeknn.commands import (
     Reset,
     Result,
     Save,
+    SelectClass,
     SetThreshold,
     Snapshot,
 )
@@ -33,6 +34,7 @@ from edgeknn.mqtt.client import MqttError
 from edgeknn.mqtt.commands import CommandError, parse_command
 from edgeknn.mqtt.link import MqttLink
 from edgeknn.outputs import Reading
+from edgeknn.store import UNKNOWN
 
 pytestmark = needs_mosquitto
 
@@ -76,7 +78,7 @@ def is_online(m) -> bool:
 
 
 def reading(label: str, *, changed: bool, frame: int, ts: float = 1700000000.25) -> Reading:
-    scores = {"cup": 0.75, "pen": 0.25} if label != "unknown" else {}
+    scores = {"cup": 0.75, "pen": 0.25} if label != UNKNOWN else {}
     return Reading(label, 0.75, scores, 0.8123456, frame, ts, 41.234, changed, inference_ms=5.5)
 
 
@@ -164,7 +166,7 @@ def test_predictions_on_change_and_heartbeat(broker, subscriber, make_link):
     sub = subscriber(broker.port, [PREDICTION])
     link, _ = make_link(broker.port, discovery=False, heartbeat_s=0.4)
     assert wait_for(lambda: link.connected)
-    link.show(reading("unknown", changed=False, frame=1))  # the first one after connecting always goes out
+    link.show(reading(UNKNOWN, changed=False, frame=1))  # the first one after connecting always goes out
     link.show(reading("cup", changed=True, frame=2))
     link.show(reading("cup", changed=False, frame=3))
     link.show(reading("cup", changed=False, frame=4))
@@ -518,6 +520,13 @@ def test_discovery_configs_and_training_controls(broker, subscriber, make_link):
         node.format("button", "add_example"),
         node.format("button", "forget_class"),
         node.format("button", "reset"),
+        node.format("button", "snapshot"),
+        node.format("image", "snapshot_image"),
+        node.format("number", "threshold"),
+        node.format("switch", "threshold_auto"),
+        node.format("binary_sensor", "broker"),
+        node.format("binary_sensor", "camera"),
+        node.format("sensor", "error"),
     }
     assert set(configs) == expected
     assert len({c["unique_id"] for c in configs.values()}) == len(configs)
@@ -525,16 +534,16 @@ def test_discovery_configs_and_training_controls(broker, subscriber, make_link):
         assert (
             config["device"]["identifiers"] == ["edgeknn_dev1"] and config["device"]["sw_version"] == "0.1.0"
         )
-        assert config["availability"] == [{"topic": AVAIL}]
+        assert config.get("availability", [{"topic": AVAIL}]) == [{"topic": AVAIL}]
     prediction = configs[node.format("sensor", "prediction")]
     assert prediction["state_topic"] == PREDICTION == prediction["json_attributes_topic"]
     assert prediction["value_template"] == "{{ value_json.label }}" and prediction["expire_after"] == 65
     assert configs[node.format("sensor", "fps")]["entity_category"] == "diagnostic"
     assert configs[node.format("sensor", "fps")]["state_topic"] == STATE
     select = configs[node.format("select", "training_class")]
-    assert select["options"] == CLASSES and select["entity_category"] == "config"
+    assert select["options"] == CLASSES and "entity_category" not in select  # a primary control
     assert all(
-        configs[node.format("button", b)]["entity_category"] == "config" for b in ("add_example", "reset")
+        configs[node.format("button", b)]["entity_category"] == "config" for b in ("forget_class", "reset")
     )
     retained = subscriber(broker.port, [node.format("sensor", "prediction")])
     assert retained.wait_for(lambda m: m.retain).payload == json.dumps(prediction).encode()
@@ -550,6 +559,7 @@ def test_discovery_configs_and_training_controls(broker, subscriber, make_link):
 
     sub.publish(f"{BASE}/ha/class/set", "mug")
     sub.wait_for(lambda m: m.topic == f"{BASE}/ha/class" and m.text == "mug")
+    assert submitted.get(timeout=5) == SelectClass(class_name="mug", source="mqtt")  # the daemon keeps it
     sub.publish(f"{BASE}/ha/press", "add_example")
     assert submitted.get(timeout=5) == AddExample(class_name="mug", count=1, source="mqtt")
     sub.publish(f"{BASE}/ha/press", "reset")

@@ -30,6 +30,7 @@ from edgeknn.commands import AddExample, Result
 from edgeknn.mqtt import client
 from edgeknn.mqtt.client import MqttError
 from edgeknn.mqtt.link import MqttLink
+from edgeknn.store import KnnStore
 from edgeknn.teaching import Teacher
 
 CLASSES = ["1", "2", "5"]
@@ -42,31 +43,21 @@ def body(m) -> dict:
 # --- admission control: the Teacher's pending work --------------------------------------------------
 
 
-class CountingStore:
-    """The part of a KnnStore that a Teacher uses, counting the rows added."""
-
-    def __init__(self) -> None:
-        self.classes = list(CLASSES)
-        self.added = 0
-
-    def add(self, name: str, views: np.ndarray) -> int:
-        self.added += 1
-        return self.added
-
-
 def test_pending_examples_are_bounded_and_a_frame_serves_a_bounded_number():
     from edgeknn.teaching import ADDS_PER_FRAME, MAX_PENDING_EXAMPLES
 
-    store = CountingStore()
+    store = KnnStore(4, "test")
+    for name in CLASSES:
+        store.add_class(name)
     replies: list[Result] = []
-    teacher = Teacher(store, lambda: None, lambda e, c: None, lambda c, r: replies.append(r))  # type: ignore[arg-type]
+    teacher = Teacher(store, lambda: None, lambda e, c: None, lambda c, r: replies.append(r))
     results = [teacher.queue_examples(AddExample(class_name="1", count=100)) for _ in range(5000)]
     accepted = [r for r in results if r is None]
     busy = [r for r in results if r is not None]
     assert len(accepted) == MAX_PENDING_EXAMPLES // 100
     assert busy and all(not r.ok and r.error.startswith("busy:") for r in busy), busy[:1]
-    teacher.add_pending(np.zeros((1, 4), np.float32))
-    assert store.added <= ADDS_PER_FRAME, "one frame must not add an example for every pending command"
+    teacher.add_pending(np.ones((1, 4), np.float32))
+    assert 0 < len(store) <= ADDS_PER_FRAME, "one frame must not add an example for every pending command"
 
 
 # --- admission control: the daemon under a flood (subprocess, real broker, sd_notify listener) -----
@@ -74,7 +65,8 @@ def test_pending_examples_are_bounded_and_a_frame_serves_a_bounded_number():
 
 def write_config(tmp_path: Path) -> Path:
     lines = [f"classes = {json.dumps(CLASSES)}", f"state_dir = {json.dumps(str(tmp_path))}", ""]
-    lines += ["[store]", "autosave_s = 5.0", "", "[mqtt]", "keepalive = 5", 'publish = "every_frame"']
+    lines += ["[store]", "autosave_s = 5.0", "", "[web]", "enabled = false", ""]
+    lines += ["[mqtt]", "keepalive = 5", 'publish = "every_frame"']
     path = tmp_path / "edgeknn.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -23,6 +23,7 @@ from edgeknn.config import PanelConfig
 from edgeknn.keyboard import KeyboardPanel
 from edgeknn.outputs import Reading
 from edgeknn.panel import GpioPanel, PanelError
+from edgeknn.store import UNKNOWN
 
 CLASSES = ["one", "two", "three"]
 B1, B2, B3, CLEAR = 17, 27, 22, 26
@@ -73,7 +74,8 @@ def press(pin, seconds: float = 0.05) -> None:
 
 
 def add(name: str) -> AddExample:
-    return AddExample(class_name=name, count=1, source="button")
+    """A button adds to its class slot, whatever the class is called then."""
+    return AddExample(slot=CLASSES.index(name), count=1, source="button")
 
 
 # Buttons
@@ -145,7 +147,7 @@ def test_clear_with_a_class_button_forgets_that_class_and_adds_nothing(make, fac
     button.drive_high()
     clear.drive_high()
     time.sleep(0.05)
-    assert rec.commands == [ForgetClass(class_name="two", source="button")]
+    assert rec.commands == [ForgetClass(slot=1, source="button")]
 
 
 def test_clear_held_alone_resets_once(make, factory):
@@ -169,7 +171,7 @@ def test_leds_follow_the_stable_label(make, factory):
     assert [led.state for led in leds] == [False, True, False]
     p.show(reading("three"))
     assert [led.state for led in leds] == [False, False, True]
-    p.show(reading("unknown"))
+    p.show(reading(UNKNOWN))
     assert [led.state for led in leds] == [False, False, False]
     p.show(reading("one"))
     p.show(reading("not-a-class"))
@@ -331,9 +333,57 @@ def test_a_bad_pin_names_its_key_and_frees_the_pins_already_taken(factory):
     GpioPanel(two, Recorder(), PanelConfig(), pin_factory=factory).close()
 
 
-def test_too_few_pins(factory):
-    with pytest.raises(PanelError, match="one pin per class"):
-        GpioPanel(CLASSES, Recorder(), PanelConfig(buttons=[17, 27]), pin_factory=factory)
+def test_classes_beyond_the_pins_have_no_button_or_led(factory):
+    """The store may hold more classes than there are pins (made over MQTT): the panel still starts.
+    (The config's own classes must have pins: test_config checks that.)"""
+    rec = Recorder()
+    p = GpioPanel(CLASSES, rec, PanelConfig(buttons=[17, 27], leds=[5, 6]), pin_factory=factory)
+    try:
+        p.show(reading("three"))
+        assert [factory.pin(n).state for n in (L1, L2, L3)] == [False, False, False]
+        assert factory.pin(B3).function == "input" and factory.pin(L3).function == "input"  # never claimed
+        press(factory.pin(B2))
+        assert wait_for(lambda: rec.commands == [add("two")])
+    finally:
+        p.close()
+
+
+# Class slots: button i and LED i belong to the class in slot i, whatever its name
+
+
+def test_buttons_submit_slots_and_leds_follow_renamed_and_added_classes(factory):
+    """Four configured pins for three classes: the fourth waits for a class made later."""
+    rec = Recorder()
+    config = PanelConfig(buttons=[B1, B2, B3, 23], leds=[L1, L2, L3, 24], hold_time=0.2)
+    p = GpioPanel(CLASSES, rec, config, pin_factory=factory)
+    leds = [factory.pin(n) for n in (L1, L2, L3, 24)]
+    try:
+        p.state({"classes": {"one": 0, "two": 0, "fist": 0}})  # "three" renamed in the store
+        p.show(reading("fist"))
+        assert [led.state for led in leds] == [False, False, True, False]
+        p.state({"classes": {"one": 0, "two": 0, "fist": 0, "four": 0}})  # a class made over MQTT
+        p.show(reading("four"))
+        assert [led.state for led in leds] == [False, False, False, True]
+        p.event({"event": "example_added", "class": "fist", "count": 1})
+        assert leds[2].state  # the blink of slot 2
+        press(factory.pin(B3))
+        press(factory.pin(23))
+        assert wait_for(lambda: len(rec.commands) == 2)
+        assert rec.commands == [AddExample(slot=2, source="button"), AddExample(slot=3, source="button")]
+    finally:
+        p.close()
+
+
+def test_keyboard_keys_follow_the_classes_of_the_state(capsys):
+    rec = Recorder()
+    lines = io.StringIO()
+    p = KeyboardPanel(["a", "b"], rec, stream=lines)
+    p.state({"classes": {"a": 1, "b": 0, "c": 0}})
+    p._line("3")
+    p._line("?")
+    assert rec.commands == [AddExample(slot=2, source="keyboard")]
+    assert "1=a, 2=b, 3=c" in capsys.readouterr().err
+    p.close()
 
 
 # open_panel and the keyboard
@@ -353,11 +403,11 @@ def test_keyboard_panel_turns_lines_into_commands(capsys):
     p = KeyboardPanel(CLASSES, rec, stream=io.StringIO("1\n 2 \nf3\ns\n?\nbogus\n\n9\nF1\nreset\n"))
     assert wait_for(lambda: not p._thread.is_alive())
     assert rec.commands == [
-        AddExample(class_name="one", source="keyboard"),
-        AddExample(class_name="two", source="keyboard"),
-        ForgetClass(class_name="three", source="keyboard"),
+        AddExample(slot=0, source="keyboard"),
+        AddExample(slot=1, source="keyboard"),
+        ForgetClass(slot=2, source="keyboard"),
         Save(source="keyboard"),
-        ForgetClass(class_name="one", source="keyboard"),
+        ForgetClass(slot=0, source="keyboard"),
         Reset(source="keyboard"),
     ]
     err = capsys.readouterr().err
@@ -369,11 +419,11 @@ def test_keyboard_panel_turns_lines_into_commands(capsys):
 def test_keyboard_panel_logs_the_label_when_it_changes(caplog):
     caplog.set_level("INFO", logger="edgeknn.keyboard")
     p = KeyboardPanel(CLASSES, Recorder(), stream=io.StringIO(""))  # EOF at once, quietly
-    for label in ("one", "one", "unknown", "unknown", "two"):
+    for label in ("one", "one", UNKNOWN, UNKNOWN, "two"):
         p.show(reading(label))
     assert [r.getMessage() for r in caplog.records] == [
         "stable label: one",
-        "stable label: unknown",
+        f"stable label: {UNKNOWN}",
         "stable label: two",
     ]
     p.close()

@@ -464,6 +464,7 @@ def good_config(tmp_path: Path) -> dict:
         "camera": {"source": f"replay:{photo}?fps=0&loop=0"},  # one frame, then `run` ends by itself
         "panel": {"kind": "none"},
         "mqtt": {"enabled": False},
+        "web": {"enabled": False},
     }
 
 
@@ -688,6 +689,7 @@ def test_soak_replay_commands_and_broker_flaps(tmp_path):
             "device_id": "soak",
             "heartbeat_s": 5.0,
         },
+        "web": {"enabled": False},
     }
     photo_folders(tmp_path)  # makes tmp_path/photos/<class>/
     (tmp_path / "edgeknn.toml").write_text(toml(data))

@@ -74,8 +74,9 @@ def no_delay(sock) -> None:
 
 
 def listening(run: Running, broker: Broker) -> bool:
-    """Connected, and the broker has taken the command subscription (a command sent sooner is not delivered)."""
-    return run.daemon.broker_status() == "ok" and bool(re.search(rf"edgeknn-sec \d+ {BASE}/cmd/\+", broker.log()))
+    """Connected, and the broker has taken the command subscription (a command sent sooner is lost)."""
+    subscribed = re.search(rf"edgeknn-sec \d+ {BASE}/cmd/\+", broker.log())
+    return run.daemon.broker_status() == "ok" and bool(subscribed)
 
 
 class Client:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import DIGITS, TINY
 
-from edgeknn.head import RULES
+from edgeknn.head import RULES, VIEW_RULES
 from edgeknn.imagefiles import find_images, load_rgb
 from edgeknn.model import Embedder
 from edgeknn.store import UNKNOWN, KnnStore, StoreSettings
@@ -54,8 +54,9 @@ def digits() -> dict[str, np.ndarray]:
     return out
 
 
-def digit_store(digits, rule: str, storage: str, shots: int = 4) -> KnnStore:
-    store = KnnStore(256, MODEL, StoreSettings(rule=rule, storage=storage))
+def digit_store(digits, rule: str, storage: str, shots: int = 4, threshold: float | None = -1.0) -> KnnStore:
+    """Never unknown by default: the classifier's own answers (the unknown answer has its own tests)."""
+    store = KnnStore(256, MODEL, StoreSettings(rule=rule, storage=storage, threshold=threshold))
     for name, vectors in digits.items():
         for v in vectors[:shots]:
             store.add(name, v)
@@ -188,12 +189,14 @@ def test_unknown_when_empty(rule):
 
 @pytest.mark.parametrize("rule", RULES)
 def test_unknown_below_the_threshold(rule):
-    store = KnnStore(4, MODEL, StoreSettings(rule=rule, threshold=0.9))
+    store = KnnStore(4, MODEL, StoreSettings(rule=rule, threshold=0.9, k=1))  # the nearest alone
     store.add("a", unit(1, 0, 0, 0))
     store.add("b", unit(0, 1, 0, 0))
     far = store.classify(unit(1, 1, 1, 1))
     assert far.label == UNKNOWN and far.confidence == 0.0
-    assert far.similarity == pytest.approx(0.5, abs=1e-5)
+    # tfjs/nearest: the raw cosine; the view rules: square-rooted and centred on the rows' mean
+    # (0.5, 0.5, 0, 0), where the query's offset (0, 0, .5, .5) is orthogonal to both examples'
+    assert far.similarity == pytest.approx(0.5 if rule in ("tfjs", "nearest") else 0.0, abs=1e-5)
     assert far.neighbours and set(far.scores) == {"a", "b"}
     near = store.classify(unit(1, 0.1, 0, 0))
     assert near.label == "a" and near.similarity > 0.9
@@ -273,7 +276,8 @@ def test_scores_sum_to_one_over_classes_with_examples(rule):
         assert p.confidence == pytest.approx(p.scores[name]) and p.confidence == max(p.scores.values())
         assert len(p.neighbours) == 3 and p.neighbours[0][0] == name
         assert [s for _, s in p.neighbours] == sorted((s for _, s in p.neighbours), reverse=True)
-        assert p.similarity == pytest.approx(p.neighbours[0][1])
+        sims = [s for _, s in p.neighbours]  # the view rules: the k nearest examples' mean
+        assert p.similarity == pytest.approx(np.mean(sims) if rule in VIEW_RULES else sims[0], abs=1e-6)
 
 
 @pytest.mark.parametrize("rule", ["softmax", "prototype"])
@@ -323,7 +327,7 @@ def answers(store: KnnStore, qs) -> list[tuple[str, dict]]:
 @pytest.mark.parametrize("storage", ["float32", "uint8"])
 @pytest.mark.parametrize("rule", ["tfjs", "softmax"])
 def test_round_trip_keeps_everything(tmp_path, digits, storage, rule):
-    store = digit_store(digits, rule, storage)
+    store = digit_store(digits, rule, storage, threshold=None)  # the calibrated unknown answer too
     store.ensure_class("empty")
     store.observe(digits["0"][9])
     path = tmp_path / "store.npz"

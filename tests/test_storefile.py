@@ -355,6 +355,7 @@ def test_teach_refuses_the_store_of_a_running_daemon_and_predict_works(tmp_path)
     assert taught.returncode == 0, taught.stderr
     source = f"replay:{photos[1]}?fps=5&loop=1"
     run = ["run", *c, "--source", source, "--panel", "none", "--mqtt", "none", "--store", store]
+    run += ["--web", "none"]
     daemon = subprocess.Popen(
         [sys.executable, "-m", "edgeknn.cli", *map(str, run)],
         stderr=subprocess.PIPE,

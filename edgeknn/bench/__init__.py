@@ -13,9 +13,10 @@ The result is one flat dict of numbers (``--json`` prints it as one object). The
 - ``invoke_ms``: median raw ``interpreter.invoke()`` (camera paused); ``raw_fps`` = 1000 / invoke_ms.
 - ``pipeline_fps``: 1 / median ``Daemon.step`` time (replay → prepare → invoke → k-NN over 1 000
   examples → stabiliser → LEDs/MQTT as configured), in blocks alternating with the raw-invoke
-  blocks; ``pipeline_ratio`` = pipeline_fps / raw_fps. The replay frames are decoded before the
-  run, at the model's input size as the Pi's ISP delivers them (picamera2 asks for that size),
-  and paced at PACE x the loop's rate (``camera_fps``). ``pipeline_fps_resizing`` /
+  blocks; ``pipeline_ratio``: the median over three parts of that alternation of each part's
+  pipeline rate / raw rate (``pipeline_ratio_min`` / ``_max``: the other two). The replay frames
+  are decoded before the run, at the model's input size as the Pi's ISP delivers them (picamera2
+  asks for that size), and paced at PACE x the loop's rate (``camera_fps``). ``pipeline_fps_resizing`` /
   ``pipeline_ratio_resizing``: the same with the photos at their own size, so that the camera
   thread crops and resizes every frame, as for a USB camera; ``prepare_ms_640x480``: that crop
   and resize for one VGA frame. ``loop_cpu_ms``: CPU time of the loop's own thread per frame
@@ -30,6 +31,13 @@ The result is one flat dict of numbers (``--json`` prints it as one object). The
   and refitted in the first one after an added example.
 - ``startup_s``: process start → READY with a 10 000-example store; ``store_load_ms``;
   ``rss_mb``: its VmHWM after it has classified for a few seconds (``rss_ready_mb``: at READY).
+- ``web_viewer_ratio``, ``pipeline_ratio_web_viewer``, ``rss_web_none_mb`` / ``rss_web_viewer_mb`` …:
+  the web page's cost, one viewer against none (``bench/web.py``).
+- ``side_by_side``: ``{model name: {invoke_ms, raw_fps, pipeline_fps, pipeline_ratio, startup_s,
+  rss_mb}}`` for the bench's model and the compared one (``--compare``, ``models``), and
+  ``invoke_ratio``: the bench model's invoke over the compared one's, both in this process with
+  their invokes alternating (the median of three parts). ``model`` / ``compared_model``
+  name them (the only values that are not numbers, with ``side_by_side``).
 """
 
 from __future__ import annotations
@@ -42,14 +50,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from edgeknn import config
 from edgeknn.bench.broker import Broker, reachable_broker
 from edgeknn.bench.inputs import BenchError, Plan, Setup, synthetic_frames
+from edgeknn.bench.models import SIDE_KEYS, compared_model, invoke_ratio, measure_compared, name_of
 from edgeknn.bench.pipeline import pipeline
 from edgeknn.bench.process import startup
 from edgeknn.bench.report import table
 from edgeknn.bench.storecost import agreement, fit, knn
+from edgeknn.bench.web import web_memory
 from edgeknn.model import DEFAULT_MODEL_FILE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +74,15 @@ def run_bench(args: argparse.Namespace, cfg: config.Config) -> int:
         threads = args.threads or cfg.model.threads or os.cpu_count() or 1
         data = getattr(args, "data", None) or (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
         stages = not args.json or sys.stderr.isatty()  # on a terminal, say each stage even with --json
-        results = measure(model, threads, Path(data) if data else None, cfg, bool(args.quick), stages)
+        compared = compared_model(getattr(args, "compare", None), model, cfg)
+        if compared[0] != "none" and compared[1] is None:
+            print(
+                f"edgeknn: bench: no {compared[0]} to compare with (`edgeknn model fetch {compared[0]}`)",
+                file=sys.stderr,
+            )
+        results = measure(
+            model, threads, Path(data) if data else None, cfg, bool(args.quick), stages, compared[1]
+        )
     except BenchError as e:
         print(f"edgeknn: bench: {e}", file=sys.stderr)
         return 1
@@ -87,10 +106,16 @@ def bench_model(args: argparse.Namespace, cfg: config.Config) -> Path:
 
 
 def measure(
-    model: Path, threads: int, data: Path | None, cfg: config.Config, quick: bool, verbose: bool
-) -> dict[str, float]:
+    model: Path,
+    threads: int,
+    data: Path | None,
+    cfg: config.Config,
+    quick: bool,
+    verbose: bool,
+    compared: Path | None = None,
+) -> dict[str, Any]:
     """Every part in turn, on a local mosquitto if there is one (else the configured broker if it
-    answers, else with MQTT off); the results rounded to 4 decimals."""
+    answers, else with MQTT off), then the ``compared`` model's side; numbers rounded to 4 decimals."""
     plan = Plan.make(quick)
 
     def say(text: str) -> None:
@@ -99,6 +124,7 @@ def measure(
 
     started = time.monotonic()
     results: dict[str, float] = {"threads": threads}
+    side: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="edgeknn-bench-") as tmp_name:
         tmp = Path(tmp_name)
         frames = data if data else synthetic_frames(tmp / "frames")
@@ -117,8 +143,22 @@ def measure(
             agreement(embedder, cfg, frames, plan, results)
             say("startup and memory: `edgeknn run` with a 10 000-example store")
             startup(setup, embedder, results)
+            say("the web page: `edgeknn run` with one viewer and with none")
+            web_memory(setup, results)
+            if compared is not None:
+                say(f"side by side: {compared.name}, the loop and `edgeknn run` with a 10 000-example store")
+                side = measure_compared(setup, compared)
+                results["invoke_ratio"] = invoke_ratio(model, compared, threads, plan)
         finally:
             if local is not None:
                 local.stop()
     results["bench_s"] = time.monotonic() - started
-    return {k: round(float(v), 4) for k, v in results.items()}
+    out: dict[str, Any] = {k: round(float(v), 4) for k, v in results.items()}
+    out["model"] = name_of(model)
+    if side:
+        out["compared_model"] = name_of(compared) if compared else ""
+        out["side_by_side"] = {
+            out["model"]: {k: out[k] for k in SIDE_KEYS if k in out},
+            out["compared_model"]: {k: round(float(v), 4) for k, v in side.items()},
+        }
+    return out

@@ -71,6 +71,7 @@ class Setup:
             "panel.kind": "none",
             "mqtt.enabled": self.broker is not None,
             "mqtt.device_id": f"{name}{os.getpid()}",
+            "web.enabled": False,  # the page's cost is measured on its own (bench/web.py)
             **overrides,
         }
         if self.broker is not None:

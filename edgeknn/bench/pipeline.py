@@ -1,7 +1,9 @@
 """The daemon's loop against raw invokes, and frame → MQTT arrival, on daemons from ``app.build``.
 
 Raw-invoke blocks (camera paused) alternate with pipeline blocks (``Daemon.step`` as
-``Daemon.loop`` calls it), so a noisy neighbour skews neither rate more than the other.
+``Daemon.loop`` calls it), so a noisy neighbour skews neither rate more than the other. The
+alternation is cut into three parts, each giving a ratio, and ``pipeline_ratio`` is their median:
+one noisy stretch does not decide it.
 """
 
 from __future__ import annotations
@@ -9,18 +11,31 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgeknn import config
 from edgeknn.bench.broker import MosquittoSub
 from edgeknn.bench.inputs import BenchError, Plan, Setup, decode_frames, median_us, random_store
+from edgeknn.bench.web import web_viewer
 from edgeknn.camera import CameraError, Pacer
 from edgeknn.model import Embedder
 
+if TYPE_CHECKING:
+    from edgeknn.daemon import Daemon
+
 PIPELINE_EXAMPLES = 1000
 PACE = 1.1  # the replay camera's rate, times the raw invoke rate
+PARTS = 3  # pipeline_ratio: the median of this many parts of the alternation
+
+# A measured block on the running daemon after the alternation (e.g. with a web viewer attached):
+# it gets the daemon, a function that runs one pipeline block and returns its step times (seconds),
+# and the median raw invoke (ms); it returns its own keys. Add such blocks to EXTRA_BLOCKS.
+ExtraBlock = Callable[["Daemon", Callable[[], list[float]], float], dict[str, float]]
+EXTRA_BLOCKS: tuple[ExtraBlock, ...] = (web_viewer,)
 
 
 class Player:
@@ -67,11 +82,12 @@ class ReplayFrames:
         self._pacer.close()
 
 
-def pipeline(setup: Setup, results: dict[str, float]) -> Embedder:
+def pipeline(setup: Setup, results: dict[str, float], latency: bool = True) -> Embedder:
     """The daemon's loop against raw invokes, then frame → MQTT arrival with every frame published.
 
     Two daemons from ``app.build``: the first publishes as configured (``mqtt.publish``) and gives
     the pipeline rate; the second publishes every frame and gives the latency (and that rate too).
+    ``latency=False`` (the compared model): the first daemon only, without the ``EXTRA_BLOCKS``.
     """
     store_path = setup.tmp / "pipeline-store.npz"
     pcfg = setup.daemon_config("bench", store_path, fps=0, log_level="warning")
@@ -83,16 +99,20 @@ def pipeline(setup: Setup, results: dict[str, float]) -> Embedder:
     results["prepare_ms_640x480"] = median_us(probe.model.prepare, [vga] * setup.plan.queries) / 1000
     del probe
 
-    run = run_daemon(pcfg, player, setup.plan.rounds, setup.plan, resizing=photos)
+    extra = EXTRA_BLOCKS if latency else ()
+    run = run_daemon(pcfg, player, setup.plan.rounds, setup.plan, resizing=photos, extra=extra)
     results["invoke_ms"] = run.invoke_ms
     results["raw_fps"] = 1000 / run.invoke_ms
     results["pipeline_fps"] = run.fps
-    results["pipeline_ratio"] = run.fps / results["raw_fps"]
+    ratios = run.part_ratios()
+    results["pipeline_ratio"] = statistics.median(ratios)
+    results["pipeline_ratio_min"], results["pipeline_ratio_max"] = min(ratios), max(ratios)
     results["camera_fps"] = run.camera_fps
     results["loop_cpu_ms"] = statistics.median(run.loop_cpu) * 1000
     results["pipeline_fps_resizing"] = run.resizing_fps
     results["pipeline_ratio_resizing"] = run.resizing_fps / results["raw_fps"]
-    if setup.broker is None:
+    results.update(run.extra)
+    if setup.broker is None or not latency:
         return run.embedder
     every = config.replace(pcfg, **{"mqtt.publish": "every_frame"})
     topic = f"{every.resolved_base_topic()}/prediction"
@@ -120,10 +140,22 @@ class DaemonRun:
     camera_fps: float = 0.0  # the replay's pace in the last block
     resizing_fps: float = 0.0  # frames per second when the camera thread resizes every frame
     loop_cpu: list[float] = field(default_factory=list)  # CPU seconds of the loop's thread per frame
+    parts: list[tuple[int, int]] = field(default_factory=list)  # (invokes, steps) at the end of each part
+    extra: dict[str, float] = field(default_factory=dict)  # the EXTRA_BLOCKS' keys
 
     @property
     def invoke_ms(self) -> float:
         return statistics.median(self.invokes) * 1000
+
+    def part_ratios(self) -> list[float]:
+        """Per part of the alternation: its pipeline rate over its raw invoke rate."""
+        ratios, invokes_from, steps_from = [], 0, 0
+        for invokes_to, steps_to in self.parts:
+            invoke = statistics.median(self.invokes[invokes_from:invokes_to])
+            step = statistics.median(self.steps[steps_from:steps_to])
+            ratios.append(invoke / step)
+            invokes_from, steps_from = invokes_to, steps_to
+        return ratios
 
     @property
     def fps(self) -> float:
@@ -136,6 +168,7 @@ def run_daemon(
     rounds: int,
     plan: Plan,
     resizing: list[np.ndarray] | None = None,
+    extra: tuple[ExtraBlock, ...] = (),
 ) -> DaemonRun:
     """Build and start a daemon; alternate raw-invoke blocks (camera paused) and pipeline blocks.
 
@@ -143,7 +176,8 @@ def run_daemon(
     skew neither. The replay runs at PACE x the fastest loop rate seen so far: a new frame is
     always there when the loop wants one, and the camera thread does not burn a core on frames
     that would be dropped. ``resizing``: one more block with these frames, which the camera
-    thread must crop and resize.
+    thread must crop and resize. The rounds fall into ``PARTS`` parts (``DaemonRun.parts``);
+    ``extra``: blocks measured after the alternation (``ExtraBlock``).
     """
     from edgeknn.app import build
     from edgeknn.lifecycle import start
@@ -188,12 +222,18 @@ def run_daemon(
         while time.monotonic() < warm_until:
             daemon.step(timeout=5)
         run.captured.clear()
-        for _ in range(rounds):
+        run.invokes.clear()  # the warm-up block is in no part
+        rounds = max(rounds, PARTS)
+        for i in range(rounds):
             raw_block()
             run.camera_fps = PACE * max(loop_fps or [1000 / run.invoke_ms])
             steps = pipeline_block(run.camera_fps)
             run.steps += steps
             loop_fps.append(1 / statistics.median(steps))
+            if (i + 1) * PARTS // rounds > i * PARTS // rounds:  # the last round of a part
+                run.parts.append((len(run.invokes), len(run.steps)))
+        for block in extra:
+            run.extra.update(block(daemon, lambda: pipeline_block(run.camera_fps), run.invoke_ms))
         if resizing is not None:
             captured, model_sized = dict(run.captured), player.frames
             player.frames = resizing

@@ -1,4 +1,5 @@
-"""What the k-NN store costs: classify and add at 1 000 to 100 000 rows, the head's fit, uint8 vs float32."""
+"""What the k-NN store costs: classify and add at 1 000 to 100 000 rows, the head's fit, uint8 vs
+float32, and how often the per-frame scan (``scan.py``) answers as a full scan does."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import numpy as np
 
 from edgeknn import config
 from edgeknn.bench.inputs import Plan, median_us, random_rows, random_store, unbounded_store
-from edgeknn.head import VIEW_RULES
+from edgeknn.head import DEFAULT_RULE, VIEW_RULES
 from edgeknn.imagefiles import find_images, load_rgb
 from edgeknn.model import Embedder
+from edgeknn.store import UNKNOWN, KnnStore
 
 KNN_SIZES = (1000, 10_000, 100_000)
 ADD_SIZES = (1000, 10_000)
+
+
+VIEWS = 6  # rows per example the view rules store (the frame, its mirror, four corners)
 
 
 def knn(embedder: Embedder, cfg: config.Config, plan: Plan, results: dict[str, float]) -> None:
@@ -27,24 +32,42 @@ def knn(embedder: Embedder, cfg: config.Config, plan: Plan, results: dict[str, f
 def knn_storage(
     embedder: Embedder, cfg: config.Config, plan: Plan, storage: str, results: dict[str, float]
 ) -> None:
-    """One storage: the k-NN rule (tfjs: k nearest rows vote), so the time is the search itself."""
+    """One storage: ``knn_us``: the configured rule's classify, what a frame costs the loop (the
+    default rule: its head, plus the nearest examples from ``scan.py``'s index), on a store of
+    examples of six views each for the view rules (a nearby random row per view); ``knn_full_us``:
+    one pass over every row, which the k-NN vote (tfjs, nearest) makes and the index avoids."""
     queries = next(random_rows(plan.queries, embedder.dim, seed=99))[1]
-    store = unbounded_store(embedder, cfg, "tfjs", storage)
+    rule = DEFAULT_RULE if cfg.store.rule == "default" else cfg.store.rule
+    store = unbounded_store(embedder, cfg, rule, storage)
+    views = VIEWS if rule in VIEW_RULES else 1
     classes = list(cfg.classes)
     suffix = "" if storage == "float32" else "_uint8"
     for size in KNN_SIZES:
-        for _, rows in random_rows(size - len(store), embedder.dim, seed=size):
+        for _, rows in random_rows((size - len(store)) // views, embedder.dim, seed=size):
             for row in rows:
-                store.add(classes[len(store) % len(classes)], row)
+                store.add(classes[len(store) % len(classes)], _views_of(row, views))
+        store.classify(queries[0])  # the fit and the index's update after the adds: not per frame
         results[f"knn_us{suffix}_{size}"] = median_us(store.classify, queries)
+        results[f"knn_full_us{suffix}_{size}"] = median_us(store.similarities, queries)
         if size in ADD_SIZES:  # after the k-NN timing: these adds grow the store a little
-            extra = next(random_rows(plan.adds, embedder.dim, seed=size + 1))[1]
+            extra = [
+                _views_of(row, views) for row in next(random_rows(plan.adds, embedder.dim, seed=size + 1))[1]
+            ]
             results[f"add_us{suffix}_{size}"] = median_us(lambda row: store.add(classes[0], row), extra)
             if storage == "float32":  # a full class: each add replaces the class's oldest example
                 store.capacity = min(store.counts().values())
                 results[f"add_full_us_{size}"] = median_us(lambda row: store.add(classes[1], row), extra)
                 store.capacity = 10**9
     results[f"store_mb{suffix}_{max(KNN_SIZES)}"] = store.nbytes / 2**20
+
+
+def _views_of(row: np.ndarray, views: int) -> np.ndarray:
+    """``views`` rows near ``row`` (the views of one example are alike), non-negative and unit."""
+    if views == 1:
+        return row
+    noise = np.random.default_rng(int(row[0] * 1e6)).random((views, len(row)), dtype=np.float32)
+    out = row + 0.5 * noise / np.sqrt(len(row))
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 def fit(embedder: Embedder, cfg: config.Config, plan: Plan, results: dict[str, float]) -> None:
@@ -70,7 +93,9 @@ def agreement(
 ) -> None:
     """Real photos: about half are examples (class = folder), the rest are asked; uint8 vs float32.
 
-    ``uint8_agreement``: answers of the configured rule alike; ``uint8_agreement_knn``: of the k-NN vote.
+    ``uint8_agreement``: answers of the configured rule alike; ``uint8_agreement_knn``: of the k-NN
+    vote. ``scan_agreement`` / ``scan_unknown_agreement`` (``_uint8``): answers, and unknown or not,
+    of the configured rule alike with its per-frame index and with a scan of every example.
     """
     files = find_images(frames)
     rng = np.random.default_rng(3)
@@ -85,6 +110,22 @@ def agreement(
             for vector, label in zip(vectors[teach], np.array(labels)[teach], strict=True):
                 store.add(str(label), vector)
             answers[storage] = [store.classify(v).label for v in vectors[~teach]]
+            if key == "uint8_agreement":
+                scan_agreement(store, vectors[~teach], answers[storage], results)
         same = [a == b for a, b in zip(answers["float32"], answers["uint8"], strict=True)]
         results[key] = sum(same) / max(1, len(same))
     results["agreement_photos"] = int((~teach).sum())
+
+
+def scan_agreement(
+    store: KnnStore, queries: np.ndarray, answers: list[str], results: dict[str, float]
+) -> None:
+    """How often the store's answers (``answers``, with its index) are those of a scan of every example."""
+    store.full_scan = True
+    full = [store.classify(v).label for v in queries]
+    store.full_scan = False
+    suffix = "" if store.storage == "float32" else "_uint8"
+    n = max(1, len(full))
+    results[f"scan_agreement{suffix}"] = sum(a == b for a, b in zip(answers, full, strict=True)) / n
+    unknown = [(a == UNKNOWN) == (b == UNKNOWN) for a, b in zip(answers, full, strict=True)]
+    results[f"scan_unknown_agreement{suffix}"] = sum(unknown) / n

@@ -13,13 +13,18 @@ from typing import Any
 
 from edgeknn.commands import (
     MAX_EXAMPLES_PER_COMMAND,
+    AddClass,
     AddExample,
     Command,
+    DeleteExample,
     ForgetClass,
+    ListExamples,
+    RemoveClass,
     RenameClass,
     Reset,
     Result,
     Save,
+    SelectClass,
     SetThreshold,
     Snapshot,
     class_name_error,
@@ -37,6 +42,20 @@ class CommandError(ValueError):
 
 def _confirm(v: Any) -> str | None:
     return None if v is True else "expected true (reset forgets every example of every class)"
+
+
+def _threshold(v: Any) -> str | None:
+    """A threshold: a number -1..1, or "auto"/null for the one calibrated from the store."""
+    if v is None or v == "auto" or number(-1, 1)(v) is None:
+        return None
+    return 'expected a number -1..1, or "auto" (or null) for the automatic one'
+
+
+def _optional_class(v: Any) -> str | None:
+    return None if v is None else class_name_error(v)
+
+
+NEW_CLASS_COMMANDS = ("add_class",)  # their "class" must not exist yet; every other command's must
 
 
 # name -> ({field: (check, default or REQUIRED)}, build(args, **common) -> Command)
@@ -57,8 +76,28 @@ COMMANDS: dict[str, tuple[dict[str, tuple[Check, Any]], Callable[..., Command]]]
     "save": ({}, lambda a, **kw: Save(**kw)),
     "snapshot": ({}, lambda a, **kw: Snapshot(**kw)),
     "set_threshold": (
-        {"value": (number(-1, 1), REQUIRED)},
-        lambda a, **kw: SetThreshold(value=float(a["value"]), **kw),
+        {"value": (_threshold, REQUIRED)},
+        lambda a, **kw: SetThreshold(value=None if a["value"] in (None, "auto") else float(a["value"]), **kw),
+    ),
+    "add_class": (
+        {"class": (class_name_error, REQUIRED)},
+        lambda a, **kw: AddClass(class_name=a["class"], **kw),
+    ),
+    "remove_class": (
+        {"class": (class_name_error, REQUIRED)},
+        lambda a, **kw: RemoveClass(class_name=a["class"], **kw),
+    ),
+    "delete_example": (
+        {"example": (integer(0, None), REQUIRED)},
+        lambda a, **kw: DeleteExample(example=a["example"], **kw),
+    ),
+    "list_examples": (
+        {"class": (_optional_class, None)},
+        lambda a, **kw: ListExamples(class_name=a["class"], **kw),
+    ),
+    "select_class": (
+        {"class": (class_name_error, REQUIRED)},
+        lambda a, **kw: SelectClass(class_name=a["class"], **kw),
     ),
 }
 
@@ -124,8 +163,12 @@ def parse_command(
             raise CommandError(f"{key}: {problem}, got {show(args[key])}")
         values[key] = args[key]
     known = list(classes)
-    if "class" in values and values["class"] not in known:
-        raise CommandError(f"class: unknown class {show(values['class'])} (known: {', '.join(known)})")
+    if values.get("class") is not None:
+        if name in NEW_CLASS_COMMANDS:
+            if values["class"] in known:
+                raise CommandError(f"class: class {show(values['class'])} already exists")
+        elif values["class"] not in known:
+            raise CommandError(f"class: unknown class {show(values['class'])} (known: {', '.join(known)})")
     if "new_name" in values and values["new_name"] in known:
         raise CommandError(f"new_name: class {show(values['new_name'])} already exists")
     return build(values, source="mqtt", reply=reply)

@@ -146,7 +146,7 @@ class Connection:
         self.acks = Acks()
         self._hold_lock = threading.Lock()
         self._ready = False  # connected, backlog re-sent and announced: publish straight to paho
-        self._held: deque[tuple[str, str, bool, int, Properties | None]] = deque()
+        self._held: deque[tuple[str, str | bytes, bool, int, Properties | None]] = deque()
         self._started = False
         self._closed = False
         self._client = client = make_client(config, client_id=client_id, will_topic=availability)
@@ -203,7 +203,7 @@ class Connection:
     def publish(
         self,
         topic: str,
-        payload: str,
+        payload: str | bytes,
         *,
         retain: bool = False,
         qos: int | None = None,
@@ -226,7 +226,7 @@ class Connection:
         self._send(*message)
 
     def _send(
-        self, topic: str, payload: str, retain: bool, qos: int, properties: Properties | None = None
+        self, topic: str, payload: str | bytes, retain: bool, qos: int, properties: Properties | None = None
     ) -> mqtt.MQTTMessageInfo:
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # paho keeps it

@@ -4,7 +4,8 @@ The daemon sees an Output and a command source. It never touches the store: a re
 ``commands.parse_command``, a valid one goes on the daemon's queue (``submit``) and its result comes
 back through ``Command.reply``. Bad commands are answered with an error result and change nothing.
 The broker connection (reconnects, acknowledgements, ``online``/``offline``) is ``connection``'s;
-Home Assistant's payloads come from ``discovery``.
+Home Assistant's payloads come from ``discovery``; snapshots go out, retained, on ``<base>/snapshot``
+(``publish_image``, Home Assistant's image entity).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edgeknn.commands import Command, Result
+from edgeknn.commands import Command, Result, SelectClass
 from edgeknn.config import MqttConfig
 from edgeknn.mqtt import discovery
 from edgeknn.mqtt.commands import CommandError, parse_command, reply_topic, result_body, show
@@ -65,7 +66,9 @@ class MqttLink(Output):
         self._base = base_topic.rstrip("/")
         self._device_id = device_id
         self._classes = list(classes)
-        self._selected = self._classes[0] if self._classes else ""
+        self._selected = self._classes[0] if self._classes else ""  # the state's training_class wins
+        self._selected_sent = ""  # what <base>/ha/class says now
+        self._discovered: set[str] = set()  # the discovery topics published in this run
         self._submit = submit
         self._version = version
         self._seq = itertools.count(1)
@@ -96,7 +99,7 @@ class MqttLink(Output):
                 retainAsPublished=True,
                 retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND,
             )
-            commands = ("cmd/+", discovery.SELECT_SET, discovery.PRESS)
+            commands = ("cmd/+", discovery.SELECT_SET, discovery.PRESS, discovery.AUTO_SET)
             topics += [(self._topic(t), no_echo) for t in commands]
         if self._config.discovery:
             topics.append((f"{self._config.discovery_prefix}/status", SubscribeOptions(qos=1)))
@@ -146,6 +149,8 @@ class MqttLink(Output):
         }
         if reading.candidate:  # the label is settling: what this frame says (README, MQTT)
             body["candidate"] = reading.candidate
+        if reading.results:  # a classifier model: its top-k, ml5's result shape
+            body["results"] = [{"label": k, "confidence": round(float(v), 4)} for k, v in reading.results]
         self._publish_json(self._topic("prediction"), body, ts=reading.ts)
 
     def event(self, event: dict) -> None:
@@ -158,12 +163,24 @@ class MqttLink(Output):
         It carries ``dropped_messages``: what paho's full outgoing queue refused (replies in a flood)."""
         self._last_state = {**state, "dropped_messages": self._connection.dropped}
         changed = self._update_classes(state.get("classes"))
+        training = state.get("training_class")
+        if isinstance(training, str) and (training in self._classes or not training):
+            self._selected = training  # the daemon's: kept across restarts, follows a rename
         if not self._connection.ready:  # announce publishes the newest state once it is
             return
         if changed and self._config.discovery:
             self._publish_discovery()
-            self._publish_selected()
         self._publish_json(self._topic("state"), dict(self._last_state), retain=True)
+        self._publish_selected()
+
+    def publish_image(self, jpeg: bytes) -> str | None:
+        """Publish a snapshot's JPEG (retained: Home Assistant's image entity shows the newest); the topic,
+        or None when the broker is away (an image is live data: not held for a reconnect)."""
+        if not self._connection.ready:
+            return None
+        topic = self._topic(discovery.SNAPSHOT)
+        self._connection.publish(topic, jpeg, retain=True)
+        return topic
 
     def close(self) -> None:
         """Publish ``offline``, wait (bounded) for it to be sent, then disconnect. Idempotent."""
@@ -209,7 +226,7 @@ class MqttLink(Output):
                 self._last_state["broker"] = "ok"
             self._last_state["dropped_messages"] = self._connection.dropped
             self._publish_json(self._topic("state"), dict(self._last_state), retain=True)
-        self._publish_selected()
+        self._publish_selected(force=True)
 
     # -- Home Assistant
 
@@ -226,6 +243,8 @@ class MqttLink(Output):
         return True
 
     def _publish_discovery(self) -> None:
+        """Every entity's config (retained); an entity gone since (the select, once no class is left)
+        gets the empty config that removes it from Home Assistant."""
         configs = discovery.discovery_configs(
             self._config,
             base_topic=self._base,
@@ -233,13 +252,52 @@ class MqttLink(Output):
             classes=self._classes,
             version=self._version,
         )
+        for topic in self._discovered - set(configs):
+            self._connection.publish(topic, "", retain=True, qos=1)
+        self._discovered = set(configs)
         for topic, config in configs.items():
             self._connection.publish(topic, json.dumps(config), retain=True, qos=1)
 
-    def _publish_selected(self) -> None:
-        """The Home Assistant select's state: the class its buttons act on (retained)."""
-        if self.connected and self._config.discovery and self._config.commands and self._selected:
+    def _publish_selected(self, force: bool = False) -> None:
+        """The Home Assistant select's state: the class its buttons act on (retained), once a state said
+        which it is, and again only when it changed (or ``force``: on connect)."""
+        if not (self.connected and self._config.discovery and self._config.commands and self._selected):
+            return
+        if self._last_state is not None and (force or self._selected != self._selected_sent):
+            self._selected_sent = self._selected
             self._connection.publish(self._topic(discovery.SELECT_STATE), self._selected, retain=True)
+
+    def _select(self, choice: str) -> None:
+        """Home Assistant chose a training class: use it at once, and have the daemon keep it."""
+        if choice not in self._classes:
+            log.info("mqtt: ignored unknown training class %s from Home Assistant", show(choice))
+            self._publish_selected(force=True)
+            return
+        self._selected = choice
+        self._publish_selected()
+
+        def kept(result: Result) -> None:
+            if not result.ok:
+                log.warning("mqtt: training class %s: %s", show(choice), result.error)
+
+        try:
+            self._submit(SelectClass(class_name=choice, source="mqtt", reply=kept))
+        except Exception:
+            log.exception("mqtt: cannot queue the training class %s", show(choice))
+
+    def _threshold_auto(self, payload: bytes | bytearray, properties: Any) -> None:
+        """The Automatic threshold switch: ON calibrates from the store; OFF keeps the one applied now."""
+        if payload.strip() == b"ON":
+            value: Any = "auto"
+        else:
+            state = self._last_state or {}
+            value = state.get("effective_threshold", state.get("threshold"))
+            if not isinstance(value, int | float):  # null would mean "automatic": the opposite of OFF
+                self._answer("set_threshold", properties)(
+                    Result(False, "value: no threshold applied yet to keep; set a number instead")
+                )
+                return
+        self._command("set_threshold", json.dumps({"value": value}).encode(), properties)
 
     # -- messages in (paho's thread)
 
@@ -256,18 +314,15 @@ class MqttLink(Output):
             if name != "result":  # our own output
                 self._command(name, msg.payload, msg.properties)
         elif topic == self._topic(discovery.SELECT_SET):
-            choice = msg.payload.decode("utf-8", "replace")
-            if choice in self._classes:
-                self._selected = choice
-            else:
-                log.info("mqtt: ignored unknown training class %s from Home Assistant", show(choice))
-            self._publish_selected()
+            self._select(msg.payload.decode("utf-8", "replace"))
+        elif topic == self._topic(discovery.AUTO_SET):
+            self._threshold_auto(msg.payload, msg.properties)
         elif topic == self._topic(discovery.PRESS):
             name = msg.payload.decode("utf-8", "replace")
             self._command(name, discovery.press_payload(name, self._selected), msg.properties)
 
-    def _command(self, name: str, payload: bytes | bytearray, properties: Any) -> None:
-        """Parse one request; submit it, or answer with an error result."""
+    def _answer(self, name: str, properties: Any) -> Callable[[Result], None]:
+        """How to reply to a request: on ``cmd/result`` and to its MQTT 5 response topic if any."""
         response = reply_topic(properties, self._base)
         correlation = getattr(properties, "CorrelationData", None)
 
@@ -278,6 +333,11 @@ class MqttLink(Output):
             except Exception:
                 log.exception("mqtt: cannot publish the result of %s", name)
 
+        return reply
+
+    def _command(self, name: str, payload: bytes | bytearray, properties: Any) -> None:
+        """Parse one request; submit it, or answer with an error result."""
+        reply = self._answer(name, properties)
         try:
             command = parse_command(name, payload, classes=self._classes, config=self._config, reply=reply)
         except CommandError as e:

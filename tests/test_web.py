@@ -1,0 +1,627 @@
+"""The web page (edgeknn/web): its access rules over plain HTTP, then the page itself in Debian's
+Chromium (selenium with /usr/bin/chromedriver), against a daemon on a replay of the sign digits.
+
+Screenshots of a phone-sized viewport (390x844) go to /tmp/web-shots/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from http.cookiejar import CookieJar
+from pathlib import Path
+
+import pytest
+from rig import CLASSES, Running, Scene, make_config, photo_folders, stable_on, teach, wait_for
+
+from edgeknn.app import build
+from edgeknn.web.server import WebOutput
+
+PASSWORD = "correct horse battery"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+SHOTS = Path("/tmp/web-shots")
+PHONE = {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def web_daemon(tmp_path: Path, **web) -> tuple[Running, Scene, int]:
+    port = free_port()
+    settings = {"enabled": True, "listen": "127.0.0.1", "port": port, "password": PASSWORD, **web}
+    cfg = make_config(tmp_path, web=settings, panel={"kind": "none"})
+    scene = Scene(photo_folders(tmp_path))
+    return Running(build(cfg, opener=scene.opener)), scene, port
+
+
+def page_of(run: Running) -> WebOutput:
+    return next(o for o in run.daemon.outputs if isinstance(o, WebOutput))
+
+
+class Client:
+    """A plain HTTP client with a cookie jar: (status, JSON or bytes) for each request."""
+
+    def __init__(self, port: int, tls=None):
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        self.jar = CookieJar()
+        handlers: list = [urllib.request.HTTPCookieProcessor(self.jar)]
+        if tls is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=tls))
+        self.opener = urllib.request.build_opener(*handlers)
+
+    def __call__(self, path: str, body: object = None, headers: dict | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.base + path, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+        )
+        try:
+            with self.opener.open(request, timeout=30) as response:
+                status, raw, kind = response.status, response.read(), response.headers.get_content_type()
+        except urllib.error.HTTPError as e:
+            status, raw, kind = e.code, e.read(), e.headers.get_content_type()
+        return status, json.loads(raw) if kind == "application/json" else raw
+
+    def login(self, password: str = PASSWORD) -> str:
+        status, body = self("/api/login", {"password": password})
+        assert status == 200, body
+        status, body = self("/api/session")
+        assert status == 200, body
+        return body["csrf"]
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    run, scene, port = web_daemon(tmp_path)
+    yield run, scene, port
+    run.stop()
+
+
+def test_access_needs_the_session_and_changes_need_the_csrf_token(daemon):
+    run, scene, port = daemon
+    client = Client(port)
+    assert client("/")[0] == 200, "the page itself (no secret in it) loads without a session"
+    for path in ("/api/session", "/api/events", "/api/live.mjpg", "/api/examples", "/api/pictures/0.jpg"):
+        status, body = client(path)
+        assert status == 401 and body["error"] == "not logged in", (path, status, body)
+    status, body = client("/api/add-example", {"class": "1"})
+    assert status == 401, "a POST without a session is refused"
+    assert client("/api/login", {"password": "wrong"})[0] == 401
+    csrf = client.login()
+    cookie = next(c for c in client.jar if c.name == "edgeknn_session")
+    assert cookie.has_nonstandard_attr("HttpOnly") and cookie.get_nonstandard_attr("SameSite") == "Strict"
+
+    assert run.classified()
+    status, body = client("/api/add-example", {"class": "1"})
+    assert status == 403 and "CSRF" in body["error"], body
+    status, body = client("/api/add-example", {"class": "1"}, {"X-CSRF-Token": "0" * 64})
+    assert status == 403, "a wrong token is refused too"
+    assert run.daemon.store.counts()["1"] == 0, "nothing was added by the refused requests"
+    status, body = client("/api/add-example", {"class": "1"}, {"X-CSRF-Token": csrf})
+    assert status == 200 and body["ok"], body
+    assert run.daemon.store.counts()["1"] == 1
+
+    status, body = client("/api/add-example", {"class": "no such"}, {"X-CSRF-Token": csrf})
+    assert status == 400 and body["error"], "the loop's refusal comes back as one line"
+    status, body = client("/api/add-example", {"class": "1", "count": 0}, {"X-CSRF-Token": csrf})
+    assert status == 400 and "count" in body["error"]
+    status, body = client("/api/threshold", {"value": "high"}, {"X-CSRF-Token": csrf})
+    assert status == 400 and "value" in body["error"]
+
+    client("/api/logout", {}, {"X-CSRF-Token": csrf})
+    assert client("/api/session")[0] == 401, "logged out"
+
+
+def test_download_and_upload_of_the_store_in_the_export_format(daemon):
+    run, scene, port = daemon
+    client = Client(port)
+    csrf = client.login()
+    assert run.classified()
+    for name in ("1", "2"):
+        status, body = client("/api/add-example", {"class": name}, {"X-CSRF-Token": csrf})
+        assert status == 200, body
+    status, export = client("/api/store.json")
+    assert status == 200 and export["format"] == "edgeknn-examples"
+    assert export["classes"] == CLASSES and len(export["pictures"]) == 2
+    raw = json.dumps(export).encode()
+
+    def upload(data: bytes, token: str | None = csrf):
+        request = urllib.request.Request(
+            client.base + "/api/store.json",
+            data=data,
+            headers={"Content-Type": "application/json", **({"X-CSRF-Token": token} if token else {})},
+        )
+        try:
+            with client.opener.open(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    assert upload(raw, token=None)[0] == 403, "an upload needs the CSRF token too"
+    status, body = upload(raw)
+    assert status == 200 and body["added"] == 2, body
+    assert run.daemon.store.counts() == {"1": 2, "2": 2, "5": 0}
+    assert all(e.has_picture for e in run.daemon.store.examples()), "pictures came along"
+    status, body = upload(b"{ not json")
+    assert status == 400 and body["error"].startswith("import: not JSON") and "\n" not in body["error"]
+    other = json.dumps({**export, "model_id": "0" * 64}).encode()
+    status, body = upload(other)
+    assert status == 400 and "another model" in body["error"], body
+    assert run.daemon.store.counts() == {"1": 2, "2": 2, "5": 0}, "a refused upload changes nothing"
+
+
+def first_jpeg(client: Client, path: str) -> bytes:
+    """The first JPEG of a multipart live view (read up to its Content-Length)."""
+    with client.opener.open(client.base + path, timeout=30) as response:
+        assert response.headers.get_content_type() == "multipart/x-mixed-replace"
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += response.read(1)
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        return response.read(length)
+
+
+def test_the_live_view_shows_the_model_sized_or_the_full_frame(tmp_path):
+    """A replay of the 100x100 digit photos: the model sees 224x224, the full frame is the photo's."""
+    import io
+
+    from PIL import Image
+
+    photos = photo_folders(tmp_path)["1"]
+    port = free_port()
+    cfg = make_config(
+        tmp_path,
+        web={"enabled": True, "listen": "127.0.0.1", "port": port, "password": PASSWORD},
+        panel={"kind": "none"},
+        camera={"source": f"replay:{photos}?fps=20"},
+    )
+    run = Running(build(cfg))
+    try:
+        page = page_of(run)
+        assert run.classified()
+        assert page.frames.encoded == 0
+        client = Client(port)
+        client.login()
+        assert client("/api/session")[1]["full_frame"] is True
+        assert Image.open(io.BytesIO(first_jpeg(client, "/api/live.mjpg"))).size == (224, 224)
+        assert Image.open(io.BytesIO(first_jpeg(client, "/api/live.mjpg?full=1"))).size == (100, 100)
+    finally:
+        run.stop()
+
+
+def test_wrong_passwords_are_rate_limited(daemon):
+    run, scene, port = daemon
+    client = Client(port)
+    statuses = [client("/api/login", {"password": f"guess {i}"})[0] for i in range(6)]
+    assert statuses == [401] * 5 + [429], statuses
+    status, body = client("/api/login", {"password": PASSWORD})
+    assert status == 429 and "try again" in body["error"], "even the right one waits: no guessing by timing"
+
+
+def test_a_generated_password_is_kept_private_and_reset_ends_the_sessions(tmp_path):
+    from edgeknn.web.auth import reset_password
+
+    run, scene, port = web_daemon(tmp_path, password="")
+    try:
+        kept = tmp_path / "web-password"
+        assert kept.stat().st_mode & 0o777 == 0o600
+        client = Client(port)
+        client.login(kept.read_text().strip())
+        assert client("/api/session")[0] == 200
+        new = reset_password(tmp_path)
+        assert client("/api/session")[0] == 401, "a new password ends every session"
+        client.login(new)
+    finally:
+        run.stop()
+
+
+def test_stop_closes_the_page_with_its_streams_and_a_new_daemon_keeps_the_sessions(tmp_path):
+    """What a reload does: the daemon's shutdown closes the page (open streams too), the next daemon
+    listens again, and a login made before still holds (sessions are signed, not kept in memory)."""
+    import threading
+
+    run, scene, port = web_daemon(tmp_path)
+    client = Client(port)
+    client.login()
+    streams = [
+        threading.Thread(target=lambda p=p: client(p), daemon=True) for p in ("/api/live.mjpg", "/api/events")
+    ]
+    for thread in streams:
+        thread.start()
+    page = page_of(run)
+    assert wait_for(lambda: page.frames.viewers == 1 and len(page.feed.listeners) == 1)
+    run.stop()
+    for thread in streams:
+        thread.join(20)
+        assert not thread.is_alive(), "the streams ended with the page"
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.connect(("127.0.0.1", port))
+    again = Running(build(run.daemon.cfg, opener=scene.opener))
+    try:
+        assert wait_for(lambda: page_of(again).listening)
+        assert client("/api/session")[0] == 200, "still logged in"
+    finally:
+        again.stop()
+
+
+def test_edgeknn_run_generates_the_password_once_and_serves_the_page(tmp_path):
+    """The real `edgeknn run`: no password set, so one is made, kept 0600 and logged once; a second
+    start keeps it and does not log it again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import EXTRACTOR
+
+    photos = photo_folders(tmp_path)["1"]
+    port = free_port()
+    argv = ["run", "--source", f"replay:{photos}?fps=10", "--panel", "none", "--mqtt", "none"]
+    argv += ["--model", str(EXTRACTOR), "--web", f"127.0.0.1:{port}"]
+    env = {**os.environ, "STATE_DIRECTORY": str(tmp_path / "state"), "HOME": str(tmp_path)}
+    logs = []
+    for _ in range(2):
+        log = tmp_path / f"run{len(logs)}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "edgeknn.cli", *argv], stderr=out, env=env)
+        try:
+            assert wait_for(lambda log=log: "running:" in log.read_text(), 60), log.read_text()
+            kept = tmp_path / "state" / "web-password"
+            client = Client(port)
+            client.login(kept.read_text().strip())
+            assert client("/api/session")[1]["state"]["classes"] == {"one": 0, "two": 0, "three": 0}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        logs.append(log.read_text())
+    password = (tmp_path / "state" / "web-password").read_text().strip()
+    assert (tmp_path / "state" / "web-password").stat().st_mode & 0o777 == 0o600
+    assert [password in text for text in logs] == [True, False], "said once, at the first start"
+    assert all(f"page is at http://<this host>:{port}" in text for text in logs)
+    assert not any(" ERROR " in text or "Traceback" in text for text in logs), logs
+
+
+def test_disabled_leaves_no_listening_socket(tmp_path):
+    port = free_port()
+    cfg = make_config(tmp_path, web={"enabled": False, "port": port}, panel={"kind": "none"})
+    scene = Scene(photo_folders(tmp_path))
+    run = Running(build(cfg, opener=scene.opener))
+    try:
+        assert run.classified()
+        assert not [o for o in run.daemon.outputs if isinstance(o, WebOutput)]
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", port))
+    finally:
+        run.stop()
+
+
+def test_tls_from_cert_and_key_files(tmp_path):
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    run, scene, port = web_daemon(tmp_path, tls_cert=str(cert), tls_key=str(key))
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        client = Client(port, tls=context)
+        client.login()
+        cookie = next(c for c in client.jar if c.name == "edgeknn_session")
+        assert cookie.secure, "over TLS the session cookie is Secure"
+        with pytest.raises(OSError):  # plain HTTP is not served on that port
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+    finally:
+        run.stop()
+
+
+def test_web_config_errors_name_the_key():
+    from edgeknn import config
+
+    with pytest.raises(config.ConfigError) as e:
+        config.from_dict({"web": {"port": 0, "password": 12345, "tls_cert": "cert.pem", "listen": 1}})
+    errors = "\n".join(e.value.errors)
+    assert "web.port: expected an integer 1..65535, got 0" in errors
+    assert "web.password: expected a string, got a value not shown here" in errors, "a secret is not echoed"
+    assert "web.listen: expected a string" in errors
+    with pytest.raises(config.ConfigError) as e:
+        config.from_dict({"web": {"tls_cert": "cert.pem"}})
+    assert e.value.errors == ["web.tls_key: expected both web.tls_cert and web.tls_key, or neither"]
+    assert config.Config().web.enabled and config.Config().web.port == 8080
+
+
+def test_unreadable_tls_files_are_one_line(tmp_path):
+    from edgeknn.app import Fatal
+
+    cfg = make_config(
+        tmp_path,
+        web={"enabled": True, "tls_cert": str(tmp_path / "no.pem"), "tls_key": str(tmp_path / "no.key")},
+        panel={"kind": "none"},
+    )
+    with pytest.raises(Fatal) as e:
+        build(cfg, opener=Scene(photo_folders(tmp_path)).opener)
+    assert "web.tls_cert" in str(e.value) and "\n" not in str(e.value)
+
+
+# --- the page in Chromium ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def browser():
+    """Headless Debian Chromium at a phone's size. Fails (not skips) without it: .ci/run installs it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail(
+            "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=390,844"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", PHONE)
+    yield driver
+    driver.quit()
+
+
+def shot(driver, name: str) -> None:
+    SHOTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(SHOTS / f"{name}.png"))
+
+
+def card(driver, name: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f'article.class[data-class="{name}"]')
+
+
+def count_of(driver, name: str) -> int:
+    from selenium.common.exceptions import WebDriverException
+
+    try:
+        return int(card(driver, name).find_element("css selector", ".count").text)
+    except (WebDriverException, ValueError):
+        return -1
+
+
+def score_of(driver, name: str) -> float:
+    from selenium.common.exceptions import WebDriverException
+
+    try:
+        return float(card(driver, name).get_attribute("data-score") or 0)
+    except WebDriverException:
+        return -1.0
+
+
+def not_stale(predicate) -> bool:
+    """``predicate()``, False while the page redraws the elements it reads."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    try:
+        return bool(predicate())
+    except StaleElementReferenceException:
+        return False
+
+
+def test_the_page_in_chromium(tmp_path, browser):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    if SHOTS.exists():
+        shutil.rmtree(SHOTS)
+    run, scene, port = web_daemon(tmp_path)
+    try:
+        page = page_of(run)
+        teach(run, scene, per_class=2)
+        assert stable_on(run, "1")
+        time.sleep(0.5)
+        assert page.frames.encoded == 0, "no JPEG is encoded while nobody watches"
+        driver = browser
+        driver.get(f"http://127.0.0.1:{port}/")
+        find = driver.find_element
+        assert wait_for(lambda: find(By.ID, "password").is_displayed())
+        find(By.ID, "password").send_keys("not the password")
+        find(By.CSS_SELECTOR, "#login button").click()
+        assert wait_for(lambda: "wrong password" in find(By.ID, "login-error").text)
+        shot(driver, "1-login-refused")
+        assert not find(By.ID, "main-view").is_displayed()
+        find(By.ID, "password").send_keys(PASSWORD)
+        find(By.CSS_SELECTOR, "#login button").click()
+        assert wait_for(lambda: find(By.ID, "main-view").is_displayed())
+        assert wait_for(lambda: all(count_of(driver, c) == 2 for c in CLASSES)), "counts from the state"
+
+        # the live view: frames arrive and change (the replay loops over different photos)
+        live = find(By.ID, "live")
+        assert wait_for(lambda: driver.execute_script("return arguments[0].naturalWidth", live) == 224)
+        first = live.screenshot_as_png
+        assert wait_for(lambda: live.screenshot_as_png != first), "the live view's image changes"
+        assert page.frames.viewers == 1 and page.frames.encoded > 1
+
+        # the bars follow the camera: class 1 shown, then class 2
+        assert wait_for(lambda: find(By.ID, "prediction").get_attribute("data-label") == "1")
+        assert wait_for(lambda: score_of(driver, "1") > 0.5)
+        shot(driver, "2-live-class-1")
+        scene.shown = "2"
+        assert wait_for(lambda: score_of(driver, "2") > 0.5 and score_of(driver, "1") < 0.5), "bars moved"
+        assert wait_for(lambda: find(By.ID, "prediction").get_attribute("data-label") == "2")
+        assert "stable" in (card(driver, "2").get_attribute("class") or "")
+
+        # tapping "add one" adds one example of that class
+        before = run.daemon.store.counts()["2"]
+        add_one = card(driver, "2").find_element(By.CSS_SELECTOR, ".add-one")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", add_one)
+        add_one.click()
+        assert wait_for(lambda: count_of(driver, "2") == before + 1), "the count on the page went up"
+        assert run.daemon.store.counts()["2"] == before + 1
+        assert wait_for(
+            lambda: not_stale(lambda: card(driver, "2").find_elements(By.CSS_SELECTOR, ".thumb img"))
+        )
+        shot(driver, "3-class-2-added")
+
+        # holding "record" adds several, and stops when released
+        record = card(driver, "2").find_element(By.CSS_SELECTOR, ".record")
+        before = run.daemon.store.counts()["2"]
+        ActionChains(driver).click_and_hold(record).perform()
+        assert wait_for(lambda: run.daemon.store.counts()["2"] >= before + 3), "recording while held"
+        shot(driver, "4-recording")
+        ActionChains(driver).release(record).perform()
+        assert wait_for(lambda: record.get_attribute("data-busy") is None), "the last request answered"
+        settled = run.daemon.store.counts()["2"]
+        time.sleep(1.5)
+        assert run.daemon.store.counts()["2"] == settled, "no more examples after the release"
+        assert wait_for(lambda: count_of(driver, "2") == settled)
+
+        # a thumbnail is deleted (the thumbnails are redrawn after each change: retry a stale one)
+        def thumb_ids() -> list[int]:
+            return [
+                int(t.get_attribute("data-id"))
+                for t in card(driver, "2").find_elements(By.CSS_SELECTOR, ".thumb")
+            ]
+
+        assert wait_for(lambda: not_stale(lambda: len(thumb_ids()) >= 2))
+        for _ in range(10):
+            try:
+                thumb = card(driver, "2").find_element(By.CSS_SELECTOR, ".thumb")
+                victim, button = (
+                    int(thumb.get_attribute("data-id")),
+                    thumb.find_element(By.CSS_SELECTOR, ".delete"),
+                )
+                driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
+                button.click()
+                break
+            except StaleElementReferenceException:
+                continue
+        assert wait_for(lambda: count_of(driver, "2") == settled - 1)
+        assert victim not in [e.id for e in run.daemon.store.examples("2")]
+        assert wait_for(lambda: not_stale(lambda: victim not in thumb_ids()))
+
+        # a class is renamed
+        c5 = card(driver, "5")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", c5)
+        assert not c5.find_element(By.CSS_SELECTOR, ".rename-form").is_displayed()
+        c5.find_element(By.CSS_SELECTOR, ".rename").click()
+        field = c5.find_element(By.CSS_SELECTOR, ".rename-input")
+        field.clear()
+        field.send_keys("five")
+        shot(driver, "5-renaming")
+        c5.find_element(By.CSS_SELECTOR, ".rename-form button[type=submit]").click()
+        assert wait_for(lambda: "five" in run.daemon.store.classes and "5" not in run.daemon.store.classes)
+        assert wait_for(lambda: count_of(driver, "five") == 2), "the card shows the new name"
+
+        # a class is added, then removed (after the confirmation)
+        field = find(By.ID, "new-class")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", field)
+        field.send_keys("seven")
+        find(By.CSS_SELECTOR, "#add-class button").click()
+        assert wait_for(lambda: run.daemon.store.classes[-1] == "seven")
+        assert wait_for(lambda: count_of(driver, "seven") == 0), "a card for the new class"
+        card(driver, "seven").find_element(By.CSS_SELECTOR, ".remove").click()
+        driver.switch_to.alert.accept()
+        assert wait_for(lambda: "seven" not in run.daemon.store.classes)
+        assert wait_for(lambda: not driver.find_elements(By.CSS_SELECTOR, 'article[data-class="seven"]'))
+
+        # the threshold: a number, then automatic again
+        field = find(By.ID, "threshold-value")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", field)
+        field.send_keys("0.25")
+        find(By.CSS_SELECTOR, "#threshold button[type=submit]").click()
+        assert wait_for(lambda: run.daemon.store.threshold == 0.25)
+        assert wait_for(lambda: find(By.ID, "threshold-now").text == "0.25")
+        find(By.ID, "threshold-auto").click()
+        assert wait_for(lambda: run.daemon.store.threshold is None)
+        assert wait_for(lambda: find(By.ID, "threshold-now").text.startswith("automatic"))
+
+        driver.execute_script("document.getElementById('health').scrollIntoView()")
+        assert wait_for(lambda: "ok" in find(By.CSS_SELECTOR, '#health dd[data-key="camera"]').text)
+        shot(driver, "6-health")
+
+        # the examples downloaded (as the link does), then uploaded through the page: they are added again
+        client = Client(port)
+        client.login()
+        status, export = client("/api/store.json")
+        assert status == 200, export
+        exported = tmp_path / "examples.json"
+        exported.write_text(json.dumps(export))
+        before = sum(run.daemon.store.counts().values())
+        find(By.ID, "upload-file").send_keys(str(exported))
+        find(By.CSS_SELECTOR, "#upload button").click()
+        assert wait_for(lambda: find(By.ID, "message").text == f"Added {before} examples.")
+        assert sum(run.daemon.store.counts().values()) == 2 * before
+
+        # the device reloads (its page closes, the next daemon's opens on the same port): the open page
+        # comes back by itself, its login still valid
+        cfg = run.daemon.cfg
+        run.stop()
+        run = Running(build(cfg, opener=scene.opener))
+        page = page_of(run)
+        assert wait_for(lambda: page.frames.viewers == 1 and len(page.feed.listeners) == 1, 30)
+        assert wait_for(lambda: find(By.ID, "dot").get_attribute("class") == "dot ok")
+
+        # the page hidden: the live view closes and nothing is encoded any more
+        driver.get("about:blank")
+        assert wait_for(lambda: page.frames.viewers == 0 and not page.feed.listeners)
+        encoded = page.frames.encoded
+        time.sleep(1.0)
+        assert page.frames.encoded == encoded, "no viewer, no JPEG"
+    finally:
+        run.stop()
+
+
+def test_a_classifier_model_shows_its_top_answers_and_nothing_to_teach(tmp_path, browser):
+    """The Teachable Machine export (a classifier: its own labels): bars of its answers, no teaching."""
+    from conftest import MODELS
+    from selenium.webdriver.common.by import By
+
+    samples = MODELS / "teachable_machine" / "samples"
+    folders: dict[str, Path] = {}
+    for photo in sorted(samples.iterdir()):
+        name = f"Class {photo.name[len('class')]}"  # classK_N.png shows Class K
+        folders.setdefault(name, tmp_path / name).mkdir(exist_ok=True)
+        (folders[name] / photo.name).symlink_to(photo)
+    port = free_port()
+    cfg = make_config(
+        tmp_path,
+        **{"model.path": str(MODELS / "teachable_machine" / "model.tflite"), "panel.kind": "none"},
+        web={"enabled": True, "listen": "127.0.0.1", "port": port, "password": PASSWORD},
+    )
+    scene = Scene(folders)
+    run = Running(build(cfg, opener=scene.opener))
+    try:
+        driver = browser
+        driver.get(f"http://127.0.0.1:{port}/")
+        find = driver.find_element
+        assert wait_for(lambda: find(By.ID, "password").is_displayed())
+        find(By.ID, "password").send_keys(PASSWORD)
+        find(By.CSS_SELECTOR, "#login button").click()
+        assert wait_for(lambda: find(By.ID, "main-view").is_displayed())
+        for shown in ("Class 1", "Class 2"):
+            scene.shown = shown
+            assert wait_for(
+                lambda shown=shown: find(By.ID, "prediction").get_attribute("data-label") == shown
+            )
+
+        def names() -> list:
+            return [e.get_attribute("data-class") for e in driver.find_elements(By.CSS_SELECTOR, "article")]
+
+        assert wait_for(lambda: not_stale(lambda: sorted(names()) == ["Class 1", "Class 2"])), (
+            "its answers' bars"
+        )
+        assert not driver.find_elements(By.CSS_SELECTOR, ".add-one, .record, .rename")
+        assert not find(By.ID, "add-class").is_displayed()
+        shot(driver, "7-classifier-model")
+    finally:
+        run.stop()
