@@ -305,7 +305,8 @@ def config_from_args(args) -> config.Config:
 
 
 def mqtt_link(cfg: config.Config, classes: list[str], submit: Callable[[Command], None]) -> MqttLink:
-    """The MQTT output for this config (not yet started); a bad MQTT setting is Fatal."""
+    """The MQTT output for this config (not yet started; ``online`` waits for its first state); a bad
+    MQTT setting is Fatal."""
     from edgeknn.mqtt.client import MqttError
     from edgeknn.mqtt.link import MqttLink
 
@@ -317,6 +318,7 @@ def mqtt_link(cfg: config.Config, classes: list[str], submit: Callable[[Command]
             classes=classes,
             submit=submit,
             version=__version__,
+            wait_for_state=True,  # online only after the first state (the loop's, or the wait's)
         )
     except MqttError as e:
         raise Fatal(str(e)) from None

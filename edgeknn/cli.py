@@ -384,6 +384,10 @@ def _web_password(args) -> int:
     from edgeknn.web.auth import AuthError, Passwords, reset_password
 
     cfg = _config(args)
+    if args.state_dir and not Path(args.state_dir).is_dir():  # a typo must not make a password nobody uses
+        raise InputError(
+            f"--state-dir {args.state_dir}: no such folder (the device's, e.g. /var/lib/edgeknn)"
+        )
     state_dir = args.state_dir or cfg.resolved_state_dir()
     passwords = Passwords(cfg.web, state_dir)
     configured = bool(cfg.web.password or cfg.web.password_file)

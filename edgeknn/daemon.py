@@ -10,19 +10,19 @@ that work overlaps the model's invoke instead of adding to it.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from edgeknn import __version__, config, pictures, storelock
 from edgeknn.capture import Capture, Frame
 from edgeknn.classifier import ModelClasses, SideHead
+from edgeknn.commandqueue import MAX_QUEUED_COMMANDS, CommandQueue, Handlers
 from edgeknn.commands import (
     AddClass,
     AddExample,
@@ -44,7 +44,7 @@ from edgeknn.head import VIEW_RULES
 from edgeknn.inference import InferenceThread
 from edgeknn.model import Embedder
 from edgeknn.outputs import Output, Reading
-from edgeknn.runtime import RuntimeSettings
+from edgeknn.runtime import SettingCommands
 from edgeknn.saving import Saver
 from edgeknn.service import Notifier
 from edgeknn.snapshots import Snapshotter
@@ -58,8 +58,6 @@ log = logging.getLogger(__name__)
 # What a classifier model refuses: it has no examples to add, forget or save.
 TEACHING = (AddExample, ForgetClass, RenameClass, AddClass, RemoveClass, DeleteExample, Reset, Save)
 TEACHING_ALSO = (ImportExamples,)  # the web page's upload
-MAX_QUEUED_COMMANDS = 200  # commands waiting for the loop; past that a request is answered "busy"
-COMMANDS_PER_STEP = 20  # commands the loop runs between two frames, so that a flood cannot stall it
 
 
 class Stabilizer:
@@ -118,9 +116,8 @@ class Daemon:
         self.notifier = notifier or Notifier({})
         self.outputs: list[Output] = []
         self.broker_status: Callable[[], str] = lambda: "disabled"
-        self.commands: queue.Queue[Command] = queue.Queue(maxsize=MAX_QUEUED_COMMANDS)
-        self.busy_refusals = 0  # commands refused because the queue or the pending examples were full
-        self._refusals = Throttle(log)
+        self._handlers: Handlers = {}  # a command's type → its handler, filled below
+        self.commands = CommandQueue(self._handlers, log)
         self._event_logs: dict[str, Throttle] = {}
         self.stabilizer = Stabilizer(cfg.stabilizer.mode, cfg.stabilizer.frames)
         self._stop = threading.Event()
@@ -136,46 +133,39 @@ class Daemon:
         self._inference_ms = 0.0
         self.rate = FrameRate()
         self._state = StatePublisher(self.outputs, self.notifier, _guard)
-        self.teacher = Teacher(store, self._changed, self._event, self._reply)
-        self._handlers: dict[type, Callable[[Any], Result | None]] = {
+        self.teacher = Teacher(store, self._changed, self._event, self.commands.reply)
+        publish = partial(self._publish_state, force=True)
+        self.settings = SettingCommands(cfg, store, publish, self.teacher.rename_class)
+        self._handlers |= {  # in place: the queue routes every command by this one dict
             AddExample: self.teacher.queue_examples,
             ForgetClass: self.teacher.forget_class,
-            RenameClass: self._rename_class,
+            RenameClass: self.settings.rename_class,
             AddClass: self.teacher.add_class,
             RemoveClass: self.teacher.remove_class,
             DeleteExample: self.teacher.delete_example,
             ListExamples: self.teacher.list_examples,
             Reset: self.teacher.reset,
             Save: self._save_now,
-            SetThreshold: self._set_threshold,
-            SelectClass: self._select_class,
+            SetThreshold: self.settings.set_threshold,
+            SelectClass: self.settings.select_class,
             Snapshot: self._snapshot,
-            ImportExamples: self._import_examples,
+            ImportExamples: self.teacher.import_examples,
         }
-        # What commands set and a restart keeps: it wins over the config's value until that is edited.
-        self.runtime = RuntimeSettings.load(
-            cfg.resolved_state_dir(), {"threshold": cfg.store.threshold, "training_class": None}
-        )
         self.classifier = isinstance(store, ModelClasses)  # a classifier model: its own labels, untaught
         self._said_untaught = False
         if self.classifier:
             self._handlers.update(dict.fromkeys(TEACHING + TEACHING_ALSO, self._refuse_teaching))
-            self._handlers[SetThreshold] = self._set_min_confidence
+            self._handlers[SetThreshold] = self.settings.set_min_confidence
         else:
-            store.threshold = self.runtime.get("threshold", store.threshold)
+            store.threshold = self.settings.kept.get("threshold", store.threshold)
         store.fit()
 
     # --- commands ---------------------------------------------------------------------------
 
     def submit(self, command: Command) -> None:
-        """Queue a command (thread-safe: buttons and MQTT call this from their own threads).
-
-        A full queue answers ``busy`` at once instead of growing: a flood cannot take the loop's time
-        or memory."""
-        try:
-            self.commands.put_nowait(command)
-        except queue.Full:
-            self._reply(command, Result(False, f"busy: {MAX_QUEUED_COMMANDS} commands already wait"))
+        """Queue a command (thread-safe: buttons and MQTT call this from their own threads); a full
+        queue answers ``busy`` at once."""
+        self.commands.submit(command)
 
     def stop(self) -> None:
         self._stop.set()
@@ -183,40 +173,6 @@ class Daemon:
     def resume(self) -> None:
         """Let ``loop`` run again after a ``stop`` (a refused reload keeps this daemon running)."""
         self._stop.clear()
-
-    def _drain_commands(self, limit: int = COMMANDS_PER_STEP) -> None:
-        """Run up to ``limit`` queued commands."""
-        for _ in range(limit):
-            try:
-                command = self.commands.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                self._run_command(command)
-            except Exception as e:  # a command must never take the loop down
-                log.exception("command %s failed", type(command).__name__)
-                self._reply(command, Result(False, f"internal error: {e}"))
-
-    def _reply(self, command: Command, result: Result) -> None:
-        if command.reply is not None:
-            try:
-                command.reply(result)
-            except Exception:
-                log.exception("reply to %s failed", type(command).__name__)
-        if not result.ok:
-            if result.error.startswith("busy:"):
-                self.busy_refusals += 1
-            name, source = type(command).__name__, command.source
-            self._refusals.log(logging.WARNING, "%s from %s refused: %s", name, source, result.error)
-
-    def _run_command(self, command: Command) -> None:
-        handler = self._handlers.get(type(command))
-        if handler is None:
-            result: Result | None = Result(False, f"unknown command {type(command).__name__}")
-        else:
-            result = handler(command)
-        if result is not None:  # None: an AddExample replies once its examples are added
-            self._reply(command, result)
 
     def _save_now(self, command: Save) -> Result:
         ok = self.saver.save()
@@ -234,78 +190,11 @@ class Daemon:
         if command.reply is not None:
             _guard(command.reply, Result(False, error))
 
-    def _set_min_confidence(self, command: SetThreshold) -> Result:
-        """A classifier model's threshold is a probability (None: model.min_confidence); not kept."""
-        self.store.threshold = self.cfg.model.min_confidence if command.value is None else command.value
-        self._publish_state(force=True)
-        return Result(True, detail={"threshold": self.store.threshold})
-
-    def _import_examples(self, command: ImportExamples) -> Result:
-        """The web page's upload: every example of the export, or (one line why) none."""
-        from edgeknn.importing import add_examples
-
-        try:
-            added = add_examples(self.store, command.export)
-        except ValueError as e:
-            return Result(False, f"import: {e}")
-        self._changed()
-        detail = {"added": added, "classes": self.store.counts()}
-        self._event({"event": "examples_imported", "added": added}, command)
-        return Result(True, detail=detail)
-
-    def _set_threshold(self, command: SetThreshold) -> Result:
-        self.store.threshold = command.value
-        problem = self._keep("threshold", command.value)
-        self._publish_state(force=True)
-        if problem:
-            return Result(False, f"threshold: set to {command.value}, {problem}")
-        return Result(True, detail={"threshold": self.store.threshold})
-
-    @property
-    def training_class(self) -> str:
-        """The class Home Assistant's Add example acts on: the one selected, else the first."""
-        selected = self.runtime.get("training_class")
-        if selected in self.store.classes:
-            return selected
-        return self.store.classes[0] if self.store.classes else ""
-
-    def _select_class(self, command: SelectClass) -> Result:
-        if command.class_name not in self.store.classes:
-            return Result(False, f"class: unknown class {command.class_name!r}")
-        problem = self._keep("training_class", command.class_name)
-        self._publish_state(force=True)
-        if problem:
-            return Result(False, f"class: selected {command.class_name!r}, {problem}")
-        return Result(True, detail={"class": command.class_name})
-
-    def _rename_class(self, command: RenameClass) -> Result:
-        """Rename; the training class follows its class (chosen before, so no state says otherwise)."""
-        follows = (
-            self.runtime.get("training_class") == command.class_name
-            and command.new_name not in self.store.classes
-        )
-        if follows:
-            self._keep("training_class", command.new_name)
-        result = self.teacher.rename_class(command)
-        if follows and not result.ok:
-            self._keep("training_class", command.class_name)
-        return result
-
-    def _keep(self, key: str, value: Any) -> str:
-        """Keep a runtime setting across restarts; what went wrong, or "" (it applies either way)."""
-        try:
-            self.runtime.set(key, value)
-        except OSError as e:
-            log.warning("%s: cannot write it (%s); %s applies until a restart", self.runtime.path,
-                        e.strerror or e, key)  # fmt: skip
-            return f"but cannot keep it across a restart ({self.runtime.path}: {e.strerror or e})"
-        return ""
-
     def _snapshot(self, command: Snapshot) -> Result | None:
         """The newest frame to a file and MQTT's image topic, encoded on the snapshot thread (it replies)."""
         if self._frame is None:
             return Result(False, "snapshot: no frame yet")
-        self.snapshots.take(self._frame.image, lambda result: self._reply(command, result))
+        self.snapshots.take(self._frame.image, lambda result: self.commands.reply(command, result))
         return None
 
     def _event(self, event: dict, command: Command | None = None) -> None:
@@ -335,7 +224,7 @@ class Daemon:
             "rule": self.store.rule,
             "threshold": self.store.threshold,
             "effective_threshold": round(self.store.effective_threshold, 4),  # applied now (None above: auto)
-            "training_class": self.training_class,
+            "training_class": self.settings.training_class,
             "storage": self.store.storage,
             "version": __version__,
             "uptime_s": round(time.monotonic() - self._started, 1),
@@ -345,7 +234,7 @@ class Daemon:
             "camera_error": camera_error(self.capture),
             "broker": self.broker_status(),
             "error": self.saver.error,
-            "busy_refusals": self.busy_refusals,
+            "busy_refusals": self.commands.busy_refusals,
         }
 
     def _publish_state(self, force: bool = False) -> None:
@@ -361,7 +250,7 @@ class Daemon:
         An example being added needs several views of a frame: they are embedded here, with the
         inference thread idle, and nothing is started meanwhile.
         """
-        self._drain_commands()
+        self.commands.run()
         if self._next is None:
             self._next = self.capture.latest(after=self._last_number, timeout=timeout)
             if self._next is not None:
@@ -442,7 +331,7 @@ class Daemon:
             if self.capture.fatal:
                 log.error("camera.source: %s", self.capture.fatal)
                 break
-        self._drain_commands(limit=MAX_QUEUED_COMMANDS)
+        self.commands.run(limit=MAX_QUEUED_COMMANDS)
 
     def shutdown(self, stopping: bool = True) -> bool:
         """Save if needed, close the inference thread, the outputs (MQTT says offline) and the camera;

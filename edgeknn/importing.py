@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeknn.commands import class_name_error
-from edgeknn.store import MAX_PICTURE_BYTES, KnnStore
+from edgeknn.store import KnnStore
+from edgeknn.storepictures import MAX_PICTURE_BYTES
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ def parse_export(raw: bytes) -> Export:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"not JSON ({e})") from None
+    except RecursionError:  # "[[[[..." from a hostile upload: one line, not a traceback
+        raise ValueError("not JSON (nested too deeply)") from None
     if not isinstance(data, dict) or data.get("format") != "edgeknn-examples":
         raise ValueError('not an edgeknn export (no "format": "edgeknn-examples")')
     model_id, rows = data.get("model_id"), data.get("examples")

@@ -8,6 +8,8 @@ person edited the file to change exactly that).
 
 The file is small JSON written atomically (temporary file, fsync, rename). A damaged or unreadable
 file costs one log line and the config's values, never the start.
+
+``SettingCommands`` runs the commands that set these (on the loop's thread, like every command).
 """
 
 from __future__ import annotations
@@ -15,8 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from edgeknn.commands import RenameClass, Result, SelectClass, SetThreshold
+
+if TYPE_CHECKING:
+    from edgeknn.config import Config
+    from edgeknn.store import KnnStore
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +93,16 @@ class RuntimeSettings:
         self._entries[key] = {"value": value, "config": self._config.get(key)}
         self._write()
 
+    def keep(self, key: str, value: Any) -> str:
+        """``set``, but what went wrong is logged and returned, or "" (the value applies either way)."""
+        try:
+            self.set(key, value)
+        except OSError as e:
+            log.warning("%s: cannot write it (%s); %s applies until a restart", self.path,
+                        e.strerror or e, key)  # fmt: skip
+            return f"but cannot keep it across a restart ({self.path}: {e.strerror or e})"
+        return ""
+
     def _write(self) -> None:
         text = json.dumps(self._entries, indent=1, sort_keys=True) + "\n"
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -101,6 +120,68 @@ class RuntimeSettings:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class SettingCommands:
+    """Runs the commands that set a runtime setting of one store (threshold, training class) and keeps
+    what they set; ``publish`` sends the new state, ``rename`` renames a class (the teacher's)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: KnnStore,
+        publish: Callable[[], None],
+        rename: Callable[[RenameClass], Result],
+    ):
+        self.cfg, self.store, self._publish, self._rename = cfg, store, publish, rename
+        # What commands set and a restart keeps: it wins over the config's value until that is edited.
+        self.kept = RuntimeSettings.load(
+            cfg.resolved_state_dir(), {"threshold": cfg.store.threshold, "training_class": None}
+        )
+
+    def set_threshold(self, command: SetThreshold) -> Result:
+        self.store.threshold = command.value
+        problem = self.kept.keep("threshold", command.value)
+        self._publish()
+        if problem:
+            return Result(False, f"threshold: set to {command.value}, {problem}")
+        return Result(True, detail={"threshold": self.store.threshold})
+
+    def set_min_confidence(self, command: SetThreshold) -> Result:
+        """A classifier model's threshold is a probability (None: model.min_confidence); not kept."""
+        self.store.threshold = self.cfg.model.min_confidence if command.value is None else command.value
+        self._publish()
+        return Result(True, detail={"threshold": self.store.threshold})
+
+    @property
+    def training_class(self) -> str:
+        """The class Home Assistant's Add example acts on: the one selected, else the first."""
+        selected = self.kept.get("training_class")
+        if selected in self.store.classes:
+            return selected
+        return self.store.classes[0] if self.store.classes else ""
+
+    def select_class(self, command: SelectClass) -> Result:
+        if command.class_name not in self.store.classes:
+            return Result(False, f"class: unknown class {command.class_name!r}")
+        problem = self.kept.keep("training_class", command.class_name)
+        self._publish()
+        if problem:
+            return Result(False, f"class: selected {command.class_name!r}, {problem}")
+        return Result(True, detail={"class": command.class_name})
+
+    def rename_class(self, command: RenameClass) -> Result:
+        """Rename; the training class follows its class (chosen before, so no state says otherwise)."""
+        follows = (
+            self.kept.get("training_class") == command.class_name
+            and command.new_name not in self.store.classes
+        )
+        if follows:
+            self.kept.keep("training_class", command.new_name)
+        result = self._rename(command)
+        if follows and not result.ok:
+            self.kept.keep("training_class", command.class_name)
+        return result
 
 
 def _valid(key: str, value: Any) -> bool:

@@ -30,6 +30,13 @@ RETRY_FIRST_S = 5.0  # after a failed save, the next autosave waits 5 s,
 RETRY_MAX_S = 300.0  # doubling up to 5 minutes
 
 
+def os_reason(e: OSError, path: Path) -> str:
+    """Why a save failed, in one line; names the file when it is not the store's (a picture's folder)."""
+    reason = e.strerror or str(e)
+    culprit = e.filename2 or e.filename
+    return f"{reason}: {culprit}" if culprit and str(culprit) != str(path) else reason
+
+
 class _Write:
     """One save of a snapshot on its own thread; ``error`` is set (or not) once ``done``."""
 
@@ -55,7 +62,7 @@ class _Write:
             assert self._arrays is not None
             storefile.write(self.path, self._arrays, self.pictures)
         except OSError as e:
-            self.error = e.strerror or str(e)
+            self.error = os_reason(e, self.path)
         except Exception as e:  # never lose the reason: it becomes the state's error
             self.error = f"{type(e).__name__}: {e}"
         finally:
@@ -113,7 +120,7 @@ class Saver:
         try:
             storefile.write(self.path, self.store.contents(), pictures)
         except OSError as e:
-            self._failed(e.strerror or str(e), quiet=final)
+            self._failed(os_reason(e, self.path), quiet=final)
             return False
         self.store.pictures_saved(self.path, pictures)
         self._saved(generation, examples)

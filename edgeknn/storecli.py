@@ -109,7 +109,7 @@ def _import(args) -> int:
     try:
         data = json.loads(Path(args.input).read_text())
         model_id, examples = data["model_id"], data["examples"]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: "[[[[..." too deep
         raise InputError(f"{args.input}: not an edgeknn export ({type(e).__name__}: {e})") from None
     cfg = config.load(args.config)
     if Path(args.store).exists():

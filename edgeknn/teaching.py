@@ -1,5 +1,5 @@
 """The commands that change what the device knows: classes (add, remove, rename, forget, reset) and
-examples (add, delete, list).
+examples (add, delete, list, import).
 
 They run on the loop thread between frames (the loop owns the store). An ``AddExample`` waits
 for fresh frames: each of its ``count`` examples is the next frame the loop classifies. A frame
@@ -23,11 +23,13 @@ from edgeknn.commands import (
     Command,
     DeleteExample,
     ForgetClass,
+    ImportExamples,
     ListExamples,
     RemoveClass,
     RenameClass,
     Reset,
     Result,
+    class_name_error,
 )
 from edgeknn.store import KnnStore
 
@@ -68,7 +70,7 @@ class Teacher:
             return name
         if name not in self.store.classes:
             return self._unknown(name)
-        command = dataclasses.replace(command, class_name=name, slot=None)  # renamed later: refused
+        command = dataclasses.replace(command, class_name=name, slot=None)  # a rename updates it
         count = max(1, command.count)
         waiting = sum(remaining for _, remaining in self.pending)
         if waiting + count > MAX_PENDING_EXAMPLES:
@@ -92,10 +94,16 @@ class Teacher:
         return Result(True, detail={"class": name, "removed": removed})
 
     def rename_class(self, command: RenameClass) -> Result:
+        problem = class_name_error(command.new_name)  # every source: the page's names come unchecked
+        if problem:
+            return Result(False, f"new_name: {problem}")
         try:
             self.store.rename(command.class_name, command.new_name)
         except (KeyError, ValueError) as e:
             return Result(False, f"class: cannot rename: {e}")
+        for item in self.pending:  # examples still waiting for frames follow their class to its new name
+            if item[0].class_name == command.class_name:
+                item[0] = dataclasses.replace(item[0], class_name=command.new_name)
         self._changed()
         detail = {"class": command.class_name, "new_name": command.new_name}
         self._event({"event": "class_renamed", **detail}, command)
@@ -103,6 +111,9 @@ class Teacher:
 
     def add_class(self, command: AddClass) -> Result:
         """A new empty class in the next slot (its button and LED, if the panel has that many)."""
+        problem = class_name_error(command.class_name)
+        if problem:
+            return Result(False, f"class: {problem}")
         try:
             slot = self.store.add_class(command.class_name)
         except ValueError as e:
@@ -141,6 +152,19 @@ class Teacher:
             for e in self.store.examples(command.class_name)
         ]
         return Result(True, detail={"examples": examples})
+
+    def import_examples(self, command: ImportExamples) -> Result:
+        """The web page's upload: every example of the export, or (one line why) none."""
+        from edgeknn.importing import add_examples
+
+        try:
+            added = add_examples(self.store, command.export)
+        except ValueError as e:
+            return Result(False, f"import: {e}")
+        self._changed()
+        detail = {"added": added, "classes": self.store.counts()}
+        self._event({"event": "examples_imported", "added": added}, command)
+        return Result(True, detail=detail)
 
     def reset(self, command: Reset) -> Result:
         self.store.reset()

@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from rig import BUTTONS, LEDS, Running, Scene, make_config, needs_mosquitto, photo_folders, teach, wait_for
@@ -272,6 +273,49 @@ def test_refused_class_and_example_commands_say_why_in_one_line(tmp_path, broker
         device.stop()
 
 
+@needs_mosquitto
+def test_commands_sent_right_after_a_class_change_may_name_the_new_class(
+    tmp_path, broker, subscriber, factory
+):
+    """A script does not wait for the state: add_class then select_class/add_example/rename_class on it,
+    back to back, all run (the link counts queued class changes, and a change that ran at once)."""
+    scene = Scene(photo_folders(tmp_path))
+    sub = subscriber(broker.port, [f"{BASE}/#", REPLY])
+    device = Device(mqtt_config(tmp_path, broker.port), sub, factory, scene)
+    try:
+        first = [
+            ("add_class", {"class": "cup"}),
+            ("select_class", {"class": "cup"}),
+            ("add_example", {"class": "cup"}),
+        ]
+        then = [  # an add_example takes a later frame: a rename right behind it would win the race
+            ("rename_class", {"class": "cup", "new_name": "mug"}),
+            ("add_example", {"class": "mug"}),
+            ("remove_class", {"class": "1"}),
+            ("add_class", {"class": "1"}),
+        ]
+        for n, burst in enumerate((first, then)):
+            for i, (name, payload) in enumerate(burst):
+                props = Properties(PacketTypes.PUBLISH)
+                props.ResponseTopic, props.CorrelationData = REPLY, f"burst-{n}-{i}".encode()
+                sub.publish(f"{BASE}/cmd/{name}", json.dumps(payload).encode(), properties=props)
+            for i, (name, _) in enumerate(burst):
+                tag = f"burst-{n}-{i}".encode()
+                reply = json.loads(
+                    sub.wait_for(
+                        lambda m, tag=tag: m.topic == REPLY and m.properties.CorrelationData == tag,
+                        timeout=30,
+                        what=f"reply {tag!r}",
+                    ).payload
+                )
+                assert reply["ok"], (name, reply)
+        assert device.daemon.store.classes == ["2", "5", "mug", "1"]
+        assert device.daemon.store.counts()["mug"] == 2
+        assert device.daemon.state()["training_class"] == "mug"
+    finally:
+        device.stop()
+
+
 # --- runtime.json -----------------------------------------------------------------------------------
 
 
@@ -308,3 +352,20 @@ def test_a_damaged_runtime_file_does_not_stop_the_device(tmp_path, factory, capl
         assert result.ok and result.detail["class"] == "1"
     finally:
         run.stop()
+
+
+def test_examples_waiting_for_frames_follow_a_rename():
+    """`add_example cup` then at once `rename_class cup -> mug`: the examples still to come go to mug."""
+    from edgeknn.store import KnnStore
+    from edgeknn.teaching import Teacher
+
+    store = KnnStore(4, "test")
+    store.add_class("cup")
+    replies: list[Result] = []
+    teacher = Teacher(store, lambda: None, lambda e, c: None, lambda c, r: replies.append(r))
+    assert teacher.queue_examples(AddExample(class_name="cup", count=2)) is None
+    assert teacher.rename_class(RenameClass(class_name="cup", new_name="mug")).ok
+    for _ in range(2):
+        teacher.add_pending(np.ones((1, 4), np.float32))
+    assert store.counts() == {"mug": 2}
+    assert replies and all(r.ok for r in replies), replies

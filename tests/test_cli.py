@@ -346,6 +346,9 @@ def test_store_import_of_something_else(capsys, tmp_path):
     rc, _, err = run(capsys, "store", "import", tmp_path / "s.npz", bad)
     assert rc == 1 and str(bad) in err and "not an edgeknn export" in err  # a bad file: 1, as a missing one
     assert not (tmp_path / "s.npz").exists()
+    bad.write_text("[" * 100_000)  # nested deeper than the parser goes: one line, not a traceback
+    rc, _, err = run(capsys, "store", "import", tmp_path / "s.npz", bad)
+    assert rc == 1 and "not an edgeknn export" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_store_import_with_a_bad_class_name(capsys, tmp_path):

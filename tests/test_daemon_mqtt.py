@@ -99,7 +99,9 @@ def write_config(tmp_path: Path, **mqtt) -> Path:
 class DaemonProcess:
     """`edgeknn run` with its stderr collected line by line by a thread."""
 
-    def __init__(self, tmp_path: Path, config_file: Path, mqtt: str, shown: str = "1", notify: str = ""):
+    def __init__(
+        self, tmp_path: Path, config_file: Path, mqtt: str, shown: str = "1", notify: str = "", web: str = ""
+    ):
         skip = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "INVOCATION_ID", "JOURNAL_STREAM")
         env = {k: v for k, v in os.environ.items() if k not in skip}
         if notify:
@@ -108,7 +110,7 @@ class DaemonProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgeknn.cli", "run", "--config", str(config_file), "--mqtt", mqtt,
              "--device-id", "test", "--panel", "none", "--model", str(EXTRACTOR), "--store", str(self.store),
-             "--source", f"replay:{DIGITS / shown}?fps=20"],
+             "--source", f"replay:{DIGITS / shown}?fps=20"] + (["--web", web] if web else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
             env={**env, "HOME": str(tmp_path)},
         )  # fmt: skip
@@ -157,11 +159,16 @@ def run_daemon():
             p.proc.stderr.close()
 
 
-def test_run_online_then_predictions_then_offline_on_sigterm(tmp_path, broker, subscriber, run_daemon):
+@pytest.mark.parametrize("web", [False, True], ids=["no-page", "page"])
+def test_run_online_then_predictions_then_offline_on_sigterm(tmp_path, broker, subscriber, run_daemon, web):
+    """With the web page on too: starting it delays the loop's first state, never ``online`` ahead of it."""
     live = subscriber(broker.port, TOPICS)
     cfg = write_config(tmp_path, heartbeat_s=1.0)
-    daemon = run_daemon(tmp_path, cfg, mqtt=f"127.0.0.1:{broker.port}")
+    page = f"127.0.0.1:{free_port()}" if web else ""
+    daemon = run_daemon(tmp_path, cfg, mqtt=f"127.0.0.1:{broker.port}", web=page)
     live.wait_for(is_online, timeout=30)
+    if web:  # the page really is on, beside MQTT (wait_line fails the test otherwise)
+        daemon.wait_line(f"web: the page is at http://<this host>:{page.rpartition(':')[2]} ")
     topics = [m.topic for m in live.messages]
     assert STATE in topics and topics.index(STATE) < topics.index(AVAIL), "state goes out before online"
     state = body(live.wait_for(lambda m: m.topic == STATE and body(m)["broker"] == "ok"))

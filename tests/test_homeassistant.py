@@ -369,6 +369,14 @@ def test_training_class_and_threshold_set_from_home_assistant_survive_a_restart(
         mark = len(sub.messages)
         assert switch("OFF")["threshold"] == applied  # off: the threshold applied now stays, fixed
         state_says(sub, "threshold", applied, mark)
+        assert switch("ON")["ok"]
+        refused = switch("MAYBE")  # not a switch payload: refused, the automatic threshold stays
+        assert not refused["ok"] and refused["error"] == 'value: expected ON or OFF, got "MAYBE"', refused
+        assert run.daemon.store.threshold is None
+        mark = len(sub.messages)
+        applied = switch("OFF")["threshold"]  # (the calibrated one may have moved meanwhile)
+        assert isinstance(applied, float), applied
+        state_says(sub, "threshold", applied, mark)
 
         # every template reads keys the daemon's payloads really have
         state = json.loads(sub.on(f"{BASE}/state")[-1].payload)

@@ -128,6 +128,27 @@ def test_state_then_online_retained_offline_on_close(broker, subscriber, make_li
     after.wait_for(lambda m: m.retain and m.text == "offline")
 
 
+def test_wait_for_state_says_online_only_after_the_first_state(broker, subscriber):
+    """The daemon's link (``wait_for_state``) connects before its loop's first state: online waits for it,
+    then follows it, so Home Assistant never sees the device online without its retained state."""
+    sub = subscriber(broker.port, [f"{BASE}/#"])
+    config = MqttConfig(host="127.0.0.1", port=broker.port)
+    common = {"base_topic": BASE, "device_id": "dev1", "classes": CLASSES, "submit": print, "version": "0"}
+    link = MqttLink(config, **common, wait_for_state=True)
+    try:
+        link.start()
+        assert wait_for(lambda: link.connected), "no connection"
+        link.event({"event": "early"})  # held until the announce: still before online
+        link.state({"classes": {"cup": 1, "pen": 0, "two words": 0}, "k": 3})
+        sub.wait_for(is_online)
+        topics = [m.topic for m in sub.messages]
+        assert topics.index(f"{BASE}/event") < topics.index(STATE) < topics.index(AVAIL), topics
+        assert topics.count(STATE) == 1, topics  # announced once, not again by the state() that allowed it
+        assert link.status == "ok" and json.loads(sub.on(STATE)[0].payload)["k"] == 3
+    finally:
+        link.close()
+
+
 CHILD = """
 import sys, time
 from edgeknn.config import MqttConfig
@@ -266,6 +287,9 @@ def test_valid_command_is_submitted(rig, name, payload, expected):
     command = submitted.get(timeout=5)
     assert command == expected and command.source == "mqtt" and callable(command.reply)
     assert submitted.empty()
+    command.reply(Result(ok=False, error="not run here"))  # the shared link counts a queued class change
+    sub.wait_for(lambda m: m.topic == RESULT and b"not run here" in m.payload)
+    sub.clear()
 
 
 def test_reply_goes_to_result_and_response_topic(rig):

@@ -216,6 +216,21 @@ def test_saving_after_one_more_example_writes_only_its_picture(tmp_path, frames)
     assert KnnStore.load(path, MODEL).picture(6) == pictures.encode(frames[6])
 
 
+def test_a_save_that_cannot_write_the_pictures_names_their_folder(tmp_path, frames):
+    """A failing SD card or a wrong owner of ``store.npz.pictures``: the error says which file failed."""
+    path = tmp_path / "store.npz"
+    (tmp_path / "store.npz.pictures").write_text("not a folder")
+    saver = Saver(taught(frames[:2]), path, autosave_s=0.0, report=lambda event: None, first_retry_s=0.0)
+    saver.changed()
+    assert not saver.save()
+    assert "store.npz.pictures" in saver.error and "\n" not in saver.error, saver.error
+    saver.autosave()  # the background write says the same
+    saver.wait()
+    assert saver.attempts == 2 and "store.npz.pictures" in saver.error, (saver.attempts, saver.error)
+    (tmp_path / "store.npz.pictures").unlink()
+    assert saver.save() and not saver.error and sorted(picture_files(path)) == ["0.jpg", "1.jpg"]
+
+
 def test_pictures_can_be_read_from_another_thread_while_the_store_changes_and_saves(tmp_path, frames):
     path = tmp_path / "store.npz"
     store = taught(frames[:2])

@@ -312,7 +312,7 @@ def test_real_embeddings_uint8_storage_gives_the_float32_answers(digits, rule):
 
 def test_uint8_rows_are_four_times_smaller(digits):
     f32, u8 = digit_store(digits, "tfjs", "float32"), digit_store(digits, "tfjs", "uint8")
-    assert u8._rows.dtype == np.uint8 and f32._rows.dtype == np.float32
+    assert u8._rows.matrix.dtype == np.uint8 and f32._rows.matrix.dtype == np.float32
     assert f32.nbytes == 4 * u8.nbytes
     np.testing.assert_allclose(u8.rows(), f32.rows(), atol=0.01)
 
@@ -337,7 +337,7 @@ def test_round_trip_keeps_everything(tmp_path, digits, storage, rule):
     assert loaded.classes == store.classes == ["0", "3", "5", "7", "empty"]
     assert loaded.counts() == store.counts()
     assert len(loaded) == len(store) == 16
-    np.testing.assert_array_equal(loaded._rows[: len(loaded)], store._rows[: len(store)])
+    np.testing.assert_array_equal(loaded._rows.matrix[: len(loaded)], store._rows.matrix[: len(store)])
     fresh = [KnnStore.load(path, MODEL, StoreSettings(rule=rule)) for _ in range(2)]
     qs = queries(digits)
     assert answers(fresh[0], qs) == answers(fresh[1], qs)
@@ -362,7 +362,7 @@ def test_load_may_convert_the_storage(tmp_path, digits):
     path = tmp_path / "s.npz"
     digit_store(digits, "tfjs", "float32").save(path)
     as_u8 = KnnStore.load(path, MODEL, StoreSettings(rule="tfjs", storage="uint8"))
-    assert as_u8.storage == "uint8" and as_u8._rows.dtype == np.uint8
+    assert as_u8.storage == "uint8" and as_u8._rows.matrix.dtype == np.uint8
     qs = queries(digits)
     assert [p.label for p in map(as_u8.classify, qs)] == [
         p.label for p in map(KnnStore.load(path, MODEL, StoreSettings(rule="tfjs")).classify, qs)

@@ -204,6 +204,52 @@ def test_wrong_passwords_are_rate_limited(daemon):
     assert status == 429 and "try again" in body["error"], "even the right one waits: no guessing by timing"
 
 
+def post_raw(port: int, path: str, raw: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    """POST bytes as they are (not JSON-encoded by the client): (status, the JSON answer)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=raw,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_hostile_bodies_get_one_line_not_a_traceback(daemon, caplog):
+    """A login body is never read past 4 KiB, and JSON nested too deeply (login or upload) is a 400."""
+    run, scene, port = daemon
+    status, body = post_raw(port, "/api/login", b'{"password": "' + b"a" * 1_000_000 + b'"}')
+    assert status == 413 and "at most" in body["error"], (status, body)
+    status, body = post_raw(port, "/api/login", b"[" * 2000 + b"]" * 2000)
+    assert status == 400 and "nested too deeply" in body["error"], (status, body)
+    client = Client(port)
+    csrf = client.login()
+    cookie = next(c for c in client.jar if c.name == "edgeknn_session")
+    headers = {"X-CSRF-Token": csrf, "Cookie": f"edgeknn_session={cookie.value}"}
+    status, body = post_raw(port, "/api/store.json", b"[" * 200_000 + b"]" * 200_000, headers)
+    assert status == 400 and "nested too deeply" in body["error"], (status, body)
+    assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
+
+
+def test_class_names_from_the_page_follow_the_rules_of_every_other_source(daemon):
+    """The page passes names unchecked: the loop refuses a reserved, over-long or odd one as MQTT does."""
+    run, scene, port = daemon
+    client = Client(port)
+    csrf = {"X-CSRF-Token": client.login()}
+    before = list(run.daemon.store.classes)
+    for name in ("Unknown", "unrecognized", "y" * 10_000, "a/b", "été"):
+        status, body = client("/api/add-class", {"class": name}, csrf)
+        assert status == 400 and body["error"].startswith("class: expected"), (name[:40], status, body)
+        status, body = client("/api/rename-class", {"class": before[0], "new_name": name}, csrf)
+        assert status == 400 and body["error"].startswith("new_name: expected"), (name[:40], status, body)
+    assert list(run.daemon.store.classes) == before
+    status, body = client("/api/add-class", {"class": "cup"}, csrf)
+    assert status == 200 and body["ok"], body
+
+
 def test_a_generated_password_is_kept_private_and_reset_ends_the_sessions(tmp_path):
     from edgeknn.web.auth import reset_password
 
@@ -219,6 +265,17 @@ def test_a_generated_password_is_kept_private_and_reset_ends_the_sessions(tmp_pa
         client.login(new)
     finally:
         run.stop()
+
+
+def test_web_password_with_a_mistyped_state_dir_makes_nothing(tmp_path, capsys):
+    from edgeknn.cli import main
+
+    typo = tmp_path / "var" / "lib" / "edgeknnn"
+    assert main(["web", "password", "--state-dir", str(typo)]) == 1
+    assert "no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "var").exists(), "no folder, no password that the device would never use"
+    assert main(["web", "password", "--state-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == (tmp_path / "web-password").read_text().strip()
 
 
 def test_stop_closes_the_page_with_its_streams_and_a_new_daemon_keeps_the_sessions(tmp_path):
@@ -285,6 +342,42 @@ def test_edgeknn_run_generates_the_password_once_and_serves_the_page(tmp_path):
     assert [password in text for text in logs] == [True, False], "said once, at the first start"
     assert all(f"page is at http://<this host>:{port}" in text for text in logs)
     assert not any(" ERROR " in text or "Traceback" in text for text in logs), logs
+
+
+def test_a_taken_port_is_one_line_and_the_device_runs_on(tmp_path):
+    """Something else on web.port (8080 by default): one line naming the key, no traceback, and the
+    device classifies its source to the end and stops cleanly, as it would without the page."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import EXTRACTOR
+
+    photos = photo_folders(tmp_path)["1"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["run", "--source", f"replay:{photos}?fps=10&loop=0", "--panel", "none", "--mqtt", "none"]
+        argv += ["--model", str(EXTRACTOR), "--web", f"127.0.0.1:{port}"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgeknn.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env={**os.environ, "HOME": str(tmp_path), "STATE_DIRECTORY": str(tmp_path / "state")},
+        )
+    err = proc.stderr
+    said = [
+        line
+        for line in err.splitlines()
+        if line.startswith("edgeknn: ") or " ERROR " in line or " WARNING " in line
+    ]
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert len(said) == 1 and f"127.0.0.1:{port} (Address already in use)" in said[0], err
+    assert "web.port" in said[0] and "the page is off" in said[0], err
+    assert "camera source finished" in err and "stopped" in err.splitlines()[-1], err
 
 
 def test_disabled_leaves_no_listening_socket(tmp_path):

@@ -3,7 +3,9 @@
 paho-mqtt's own thread does all network I/O, so nothing here blocks the caller. The connection boots
 with the broker down and connects when it appears (paho retries with backoff). On every connect it
 subscribes, waits for paho's re-sent backlog, lets its owner publish what a connect publishes
-(``announce``), then says ``online`` on the availability topic; the last will says ``offline``.
+(``announce``), then says ``online`` on the availability topic; the last will says ``offline``. An owner
+made with ``wait_for_owner`` has nothing to announce at first (the daemon's first state): a connect
+waits for its ``owner_ready`` before announcing, so ``online`` never goes out without it.
 It knows no topic but that one: what is published and what the messages mean is ``link.MqttLink``'s.
 The paho client itself (MQTT 5, limits, login, TLS) is made in ``client.py``.
 """
@@ -115,7 +117,8 @@ class Connection:
 
     The owner gives the subscriptions and three callbacks, all called on paho's thread (or a helper
     thread for ``announce``): ``connected`` at once on every connect, ``announce`` when paho's backlog is
-    through (just before ``online``), and ``message`` for every message.
+    through (just before ``online``), and ``message`` for every message. ``wait_for_owner``: announce
+    nothing until the owner calls ``owner_ready`` (then ``announce`` runs on the caller's thread).
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class Connection:
         connected: Callable[[], None],
         announce: Callable[[], None],
         message: Callable[[mqtt.MQTTMessage], None],
+        wait_for_owner: bool = False,
     ):
         self._config = config
         self._client_id = client_id
@@ -149,6 +153,8 @@ class Connection:
         self._held: deque[tuple[str, str | bytes, bool, int, Properties | None]] = deque()
         self._started = False
         self._closed = False
+        self._owner_ready = not wait_for_owner  # the owner has what a connect publishes
+        self._announce_due = False  # a connect waits for the owner to be ready
         self._client = client = make_client(config, client_id=client_id, will_topic=availability)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -183,6 +189,14 @@ class Connection:
             properties=connect_properties(),
         )
         self._client.loop_start()
+
+    def owner_ready(self) -> None:
+        """The owner now has what a connect publishes: a connect that waited for it announces now."""
+        with self._lock:
+            due, self._announce_due = self._announce_due, False
+            self._owner_ready = True
+        if due:
+            self._announce()
 
     def close(self) -> None:
         """Publish ``offline``, wait (bounded) for it to be sent, then disconnect. Idempotent."""
@@ -283,6 +297,10 @@ class Connection:
         """What a connect publishes: the owner's part (discovery, the retained state), then ``online``."""
         if not self._connected:
             return
+        with self._lock:
+            if not self._owner_ready:  # nothing to announce yet: owner_ready() announces
+                self._announce_due = True
+                return
         with self._hold_lock:  # what waited goes first; the owner's publishes go straight out from now on
             held, self._held = self._held, deque()
             for message in held:
@@ -349,6 +367,8 @@ class Connection:
         was_connected, self._connected = self._connected, False
         with self._hold_lock:
             self._ready = False
+        with self._lock:
+            self._announce_due = False  # the next connect decides again
         self.acks.disconnected()
         if self._closed:
             return

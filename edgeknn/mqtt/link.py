@@ -24,7 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edgeknn.commands import Command, Result, SelectClass
+from edgeknn.commands import AddClass, Command, RemoveClass, RenameClass, Result, SelectClass
 from edgeknn.config import MqttConfig
 from edgeknn.mqtt import discovery
 from edgeknn.mqtt.commands import CommandError, parse_command, reply_topic, result_body, show
@@ -40,6 +40,17 @@ def iso_ts(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _after(classes: list[str], command: Command) -> list[str]:
+    """The class names once ``command`` (a class change) has run."""
+    if isinstance(command, AddClass):
+        return [*classes, command.class_name] if command.class_name not in classes else classes
+    if isinstance(command, RemoveClass):
+        return [c for c in classes if c != command.class_name]
+    if isinstance(command, RenameClass):
+        return [command.new_name if c == command.class_name else c for c in classes]
+    return classes
+
+
 def _plain(v: Any) -> Any:
     """JSON fallback for numpy scalars and arrays in a state dict."""
     return v.tolist() if hasattr(v, "tolist") else str(v)
@@ -50,6 +61,8 @@ class MqttLink(Output):
 
     ``submit`` receives valid commands (it may be called from paho's thread). Call ``start()`` once;
     ``close()`` publishes ``offline`` and disconnects. Raises MqttError if the settings cannot be used.
+    ``wait_for_state``: say ``online`` only once ``state()`` gave a state (the daemon's links: the first
+    state comes when its loop begins, and Home Assistant must not see the device online without one).
     """
 
     def __init__(
@@ -61,11 +74,14 @@ class MqttLink(Output):
         classes: list[str],
         submit: Callable[[Command], None],
         version: str,
+        wait_for_state: bool = False,
     ):
         self._config = config
         self._base = base_topic.rstrip("/")
         self._device_id = device_id
         self._classes = list(classes)
+        self._changing: list[Command] = []  # class changes queued, not yet run (under _changing_lock)
+        self._changing_lock = threading.Lock()
         self._selected = self._classes[0] if self._classes else ""  # the state's training_class wins
         self._selected_sent = ""  # what <base>/ha/class says now
         self._discovered: set[str] = set()  # the discovery topics published in this run
@@ -85,6 +101,7 @@ class MqttLink(Output):
             connected=self._on_connected,
             announce=self._announce,
             message=self._on_message,
+            wait_for_owner=wait_for_state,
         )
 
     def _topic(self, name: str) -> str:
@@ -167,6 +184,7 @@ class MqttLink(Output):
         if isinstance(training, str) and (training in self._classes or not training):
             self._selected = training  # the daemon's: kept across restarts, follows a rename
         if not self._connection.ready:  # announce publishes the newest state once it is
+            self._connection.owner_ready()  # the first state: a connect that waited for it announces now
             return
         if changed and self._config.discovery:
             self._publish_discovery()
@@ -289,6 +307,12 @@ class MqttLink(Output):
         """The Automatic threshold switch: ON calibrates from the store; OFF keeps the one applied now."""
         if payload.strip() == b"ON":
             value: Any = "auto"
+        elif payload.strip() != b"OFF":  # anything else changes nothing (it used to mean OFF)
+            shown = show(bytes(payload[:40]).decode("utf-8", "replace"))
+            self._answer("set_threshold", properties)(
+                Result(False, f"value: expected ON or OFF, got {shown}")
+            )
+            return
         else:
             state = self._last_state or {}
             value = state.get("effective_threshold", state.get("threshold"))
@@ -337,13 +361,32 @@ class MqttLink(Output):
 
     def _command(self, name: str, payload: bytes | bytearray, properties: Any) -> None:
         """Parse one request; submit it, or answer with an error result."""
-        reply = self._answer(name, properties)
+        answer = self._answer(name, properties)
+        queued: list[Command] = []  # the class change this request became, once parsed
+
+        def reply(result: Result) -> None:
+            """A class change that ran counts at once: the state that says so may come a frame later."""
+            with self._changing_lock:
+                if queued and any(c is queued[0] for c in self._changing):
+                    self._changing = [c for c in self._changing if c is not queued[0]]
+                    if result.ok:
+                        self._classes = _after(self._classes, queued[0])
+            answer(result)
+
+        with self._changing_lock:  # a command right after add_class/rename_class may name the new class
+            known = self._classes
+            for change in self._changing:
+                known = _after(known, change)
         try:
-            command = parse_command(name, payload, classes=self._classes, config=self._config, reply=reply)
+            command = parse_command(name, payload, classes=known, config=self._config, reply=reply)
         except CommandError as e:
             self._refusals.log(logging.INFO, "mqtt: refused command %s: %s", show(name), e)
             reply(Result(ok=False, error=str(e)))
             return
+        if isinstance(command, AddClass | RemoveClass | RenameClass):
+            queued.append(command)
+            with self._changing_lock:
+                self._changing.append(command)
         try:
             self._submit(command)
         except Exception as e:

@@ -180,6 +180,8 @@ async def request_json(request: web.Request) -> dict:
         body = await request.json()
     except ValueError as e:
         raise BadRequest(f"not JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("not JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("expected a JSON object")
     return body

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 import threading
 from collections.abc import Callable
@@ -38,6 +39,7 @@ COOKIE = "edgeknn_session"
 CSRF_HEADER = "X-CSRF-Token"
 START_TIMEOUT_S = 10.0
 MAX_UPLOAD = 32 * 1024 * 1024  # an export of ~3 000 examples (rows as JSON text); checked after the login
+MAX_LOGIN = 4096  # a login body before any session: never read 32 MB for an anonymous client
 BOUNDARY = "edgeknnframe"
 HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -167,8 +169,14 @@ class WebOutput(Output):
         where = f"{self.cfg.listen or '*'}:{self.cfg.port}"
         try:
             await site.start()
-        except OSError as e:
-            log.error("web: cannot listen on %s (%s); the page is off", where, e.strerror or e)
+        except OSError as e:  # asyncio's strerror repeats the address: say the system's words instead
+            why = os.strerror(e.errno) if e.errno else str(e)
+            log.error(
+                "web: cannot listen on %s (%s); the page is off: set web.port (or --web) to a free port, "
+                "or web.enabled = false",
+                where,
+                why,
+            )
             await self._runner.cleanup()
             return False
         self.listening = True
@@ -227,6 +235,10 @@ class WebOutput(Output):
         origin = request.headers.get("Origin")
         if origin is not None and origin.split("://", 1)[-1] != request.host:
             return json_response({"ok": False, "error": "login from another site refused"}, 403)
+        if request.content_length is None or request.content_length > MAX_LOGIN:
+            return json_response(
+                {"ok": False, "error": f"login: expected a body of at most {MAX_LOGIN} bytes"}, 413
+            )
         body = await request_json(request)
         password = body.get("password") if isinstance(body, dict) else None
         try:
