@@ -52,6 +52,16 @@ class CommandQueue(queue.Queue[Command]):
                 self._log.exception("command %s failed", type(command).__name__)
                 self.reply(command, Result(False, f"internal error: {e}"))
 
+    def refuse_waiting(self, why: str) -> None:
+        """Answer every command still queued with ``why``: the loop is stopping or reloading, and a
+        request must not wait for a reply that never comes."""
+        while True:
+            try:
+                command = self.get_nowait()
+            except queue.Empty:
+                return
+            self.reply(command, Result(False, why))
+
     def reply(self, command: Command, result: Result) -> None:
         """Answer ``command`` (if it asked); count and log a refusal."""
         if command.reply is not None:

@@ -339,6 +339,11 @@ class Daemon:
         if stopping:
             self.notifier.stopping()
         self._inference.close()
+        why = (
+            "stopping: try again once the device is back" if stopping else "reloading: try again in a moment"
+        )
+        self.teacher.refuse_pending(why)  # answered while the outputs that carry the replies are still open
+        self.commands.refuse_waiting(why)
         self.snapshots.close()  # the snapshots asked for are made and answered before MQTT closes
         self._next = self._frame = None
         saved = self.saver.flush(final=stopping)

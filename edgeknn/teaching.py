@@ -50,6 +50,12 @@ class Teacher:
         self.store, self._changed, self._event, self._reply = store, changed, event, reply
         self.pending: list[list] = []  # [AddExample, examples still to add] waiting for fresh frames
 
+    def refuse_pending(self, why: str) -> None:
+        """Answer the AddExamples still waiting for frames with ``why`` (the loop is stopping)."""
+        for command, _ in self.pending:
+            self._reply(command, Result(False, why))
+        self.pending.clear()
+
     def _unknown(self, name: str) -> Result:
         return Result(False, f"class: unknown class {name!r}")
 

@@ -134,6 +134,23 @@ def test_commands_from_the_queue_and_their_results(tmp_path, factory):
         run.stop()
 
 
+def test_commands_still_waiting_when_the_loop_stops_are_answered(tmp_path, factory):
+    """A stop (or a reload) answers what it will not run: a requester never waits for nothing."""
+    cfg = make_config(tmp_path, **{"panel.kind": "none"})
+    run = Running(build(cfg, opener=Scene(digit_folders()).opener))
+    d = run.daemon
+    assert wait_for(lambda: d.frames_classified > 2)
+    d.stop()
+    run.thread.join(10)
+    results: list[Result] = []
+    d.submit(AddExample(class_name="1", count=3, source="test", reply=results.append))
+    d.commands.run()  # accepted: it now waits for frames that will not come
+    d.submit(Save(source="test", reply=results.append))  # still in the queue
+    assert results == []
+    d.shutdown()
+    assert len(results) == 2 and all(not r.ok and r.error.startswith("stopping:") for r in results), results
+
+
 def test_each_reading_is_of_its_own_frame_while_the_next_one_is_embedded(tmp_path):
     """The inference thread embeds frame N+1 while frame N is classified: no reading may get
     another frame's embedding, and the frames come in order."""
