@@ -1,4 +1,4 @@
-"""Adding an export (`edgeknn store export`'s JSON) to a running device's store: the web page's upload.
+"""Adding an export (`edgeknn store export`'s JSON) to a store: the web page's upload and `store import`.
 
 ``parse_export`` reads and checks the file off the main loop (the web thread) and refuses it with one
 line; ``add_examples`` runs on the loop (the ``ImportExamples`` command) and changes nothing unless
@@ -45,7 +45,7 @@ def parse_export(raw: bytes) -> Export:
         raise ValueError(f"not JSON ({e})") from None
     except RecursionError:  # "[[[[..." from a hostile upload: one line, not a traceback
         raise ValueError("not JSON (nested too deeply)") from None
-    if not isinstance(data, dict) or data.get("format") != "edgeknn-examples":
+    if not isinstance(data, dict) or data.get("format", "edgeknn-examples") != "edgeknn-examples":
         raise ValueError('not an edgeknn export (no "format": "edgeknn-examples")')
     model_id, rows = data.get("model_id"), data.get("examples")
     pictures, added = data.get("pictures") or {}, data.get("added") or {}

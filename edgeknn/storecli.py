@@ -10,14 +10,11 @@ refuse the store of a running device; info and export only read it and work whil
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-from edgeknn import config, reembed, storefile, storelock
+from edgeknn import config, importing, reembed, storefile, storelock
 from edgeknn.clierrors import InputError, UsageError
 from edgeknn.commands import class_name_error
 from edgeknn.model import Embedder, Model
@@ -106,42 +103,24 @@ def store_import(args) -> int:
 
 
 def _import(args) -> int:
+    """Add an export's examples (and classes, pictures, times) to the store, or make it; all or nothing."""
     try:
-        data = json.loads(Path(args.input).read_text())
-        model_id, examples = data["model_id"], data["examples"]
-    except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: "[[[[..." too deep
-        raise InputError(f"{args.input}: not an edgeknn export ({type(e).__name__}: {e})") from None
-    cfg = config.load(args.config)
+        export = importing.parse_export(Path(args.input).read_bytes())
+    except ValueError as e:
+        raise InputError(f"{args.input}: not an edgeknn export: {e}") from None
+    settings = config.load(args.config).store.settings()
     if Path(args.store).exists():
-        store = KnnStore.load(args.store, model_id, cfg.store.settings())
+        store = KnnStore.load(args.store, storefile.model_id_of(args.store), settings)
+    else:
+        dim = export.examples[0].views.shape[1] if export.examples else 1
+        store = KnnStore(dim, export.model_id, settings)
     try:
-        classes = data.get("classes", [])  # all of them, those without examples too, in slot order
-        groups: dict[tuple[str, int], list] = {}
-        for ex in examples:
-            if class_name_error(ex.get("class")):
-                raise InputError(f"{args.input}: invalid class name {ex.get('class')!r}")
-            groups.setdefault((ex["class"], ex.get("example", 0)), []).append(ex["vector"])
-        for name in classes:
-            if class_name_error(name):
-                raise InputError(f"{args.input}: invalid class name {name!r}")
-        pictures, added = data.get("pictures", {}), data.get("added", {})  # (exports before pictures: none)
-        if not Path(args.store).exists():
-            store = KnnStore(len(examples[0]["vector"]) if examples else 1, model_id, cfg.store.settings())
-        for name in classes:
-            store.ensure_class(name)
-        for (name, example), vectors in groups.items():
-            picture = pictures.get(str(example))
-            store.add(
-                name,
-                np.array(vectors, np.float32),
-                base64.b64decode(picture, validate=True) if picture is not None else None,
-                added=float(added[str(example)]) if str(example) in added else None,
-            )
-    except (KeyError, TypeError, AttributeError, ValueError, binascii.Error) as e:
-        raise InputError(f"{args.input}: not an edgeknn export ({type(e).__name__}: {e})") from None
+        importing.add_examples(store, export)
+    except ValueError as e:
+        raise InputError(f"{args.store}: cannot import {args.input}: {e}") from None
     store.save(args.store)
-    with_pictures = sum(str(example) in pictures for _, example in groups)
-    print(f"{args.store}: imported {len(groups)} examples, {with_pictures} with their picture")
+    with_pictures = sum(e.picture is not None for e in export.examples)
+    print(f"{args.store}: imported {len(export.examples)} examples, {with_pictures} with their picture")
     return 0
 
 
