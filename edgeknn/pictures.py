@@ -25,13 +25,18 @@ def encode(frame: np.ndarray) -> bytes:
     frame = np.asarray(frame)
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 frame (H, W, 3), got {frame.dtype} {frame.shape}")
-    image = Image.fromarray(np.ascontiguousarray(frame))
     for quality in QUALITIES:
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=quality)
-        if buffer.tell() <= BUDGET:
+        data = jpeg(frame, quality)
+        if len(data) <= BUDGET:
             break
-    return buffer.getvalue()
+    return data
+
+
+def jpeg(image: np.ndarray, quality: int) -> bytes:
+    """``image`` (RGB uint8) as JPEG bytes: the one encoder of pictures, snapshots and the live view."""
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(out, "JPEG", quality=quality)
+    return out.getvalue()
 
 
 def decode(data: bytes) -> np.ndarray:

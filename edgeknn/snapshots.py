@@ -13,7 +13,6 @@ entity). With ``interval_s`` it also publishes (without a file) the newest frame
 from __future__ import annotations
 
 import datetime
-import io
 import logging
 import os
 import queue
@@ -24,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from edgeknn import pictures
 from edgeknn.commands import Result
 
 log = logging.getLogger(__name__)
@@ -34,13 +33,6 @@ KEEP = 100  # snapshots kept in the folder; the oldest go first
 QUALITY = 90  # JPEG quality
 NAME = re.compile(r"\d{8}-\d{6}(-\d{6})?(-\d+)?\.jpg")  # also the one-second names of earlier versions
 MAX_WAITING = 200  # snapshot requests waiting for the encoder; past that one is answered "busy"
-
-
-def encode(image: np.ndarray) -> bytes:
-    """``image`` (RGB uint8) as JPEG bytes."""
-    out = io.BytesIO()
-    Image.fromarray(np.asarray(image)).save(out, "JPEG", quality=QUALITY)
-    return out.getvalue()
 
 
 def save_snapshot(image: np.ndarray | bytes, folder: Path, keep: int = KEEP) -> Path:
@@ -64,7 +56,7 @@ def save_snapshot(image: np.ndarray | bytes, folder: Path, keep: int = KEEP) -> 
             if isinstance(image, bytes):
                 file.write(image)
             else:
-                Image.fromarray(np.asarray(image)).save(file, "JPEG", quality=QUALITY)
+                file.write(pictures.jpeg(image, QUALITY))
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -151,7 +143,7 @@ class Snapshotter:
     def _make(self, image: np.ndarray, save: bool) -> Result:
         detail: dict[str, str] = {}
         try:
-            jpeg = encode(image)
+            jpeg = pictures.jpeg(image, QUALITY)
             if save:
                 detail["file"] = str(save_snapshot(jpeg, self.folder))
         except OSError as e:  # a full disk, a read-only folder: one line in the result and the log

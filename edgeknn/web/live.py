@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from edgeknn import pictures
 from edgeknn.capture import Frame
 from edgeknn.outputs import Reading
 
@@ -28,12 +28,6 @@ READINGS_PER_S = 10.0  # confidence updates per second, at most
 JPEG_QUALITY = 80
 FULL_SIDE = 640  # the full frame's longer side, at most
 BACKLOG = 100  # state and event messages kept for a listener that reads slowly
-
-
-def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.asarray(image)).save(out, "JPEG", quality=quality)
-    return out.getvalue()
 
 
 class LiveFrames:
@@ -62,9 +56,9 @@ class LiveFrames:
                 assert frame.full is not None
                 picture = Image.fromarray(np.asarray(frame.full))
                 picture.thumbnail((FULL_SIDE, FULL_SIDE))
-                jpeg = encode_jpeg(np.asarray(picture))
+                jpeg = pictures.jpeg(np.asarray(picture), JPEG_QUALITY)
             else:
-                jpeg = encode_jpeg(frame.image)
+                jpeg = pictures.jpeg(frame.image, JPEG_QUALITY)
             self._cache[full] = (frame.number, jpeg)
             self.encoded += 1
         return frame.number, jpeg
