@@ -1,4 +1,4 @@
-"""Commands that teach the device, and the rule for class names.
+"""Commands that teach the device (the class-name rule they follow is ``store.names``).
 
 Buttons and MQTT never touch the store: they put one of these on the daemon's queue, and the main
 loop runs it between frames. A command may carry ``reply``, called (from the main loop) with the
@@ -7,34 +7,11 @@ result, which is how an MQTT request gets its answer on ``<base>/cmd/result``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeknn.store import UNKNOWN
-
-CLASS_NAME_RE = re.compile(r"[A-Za-z0-9_.\-][A-Za-z0-9 _.\-]{0,31}")
-CLASS_NAME_HELP = "1-32 characters of letters, digits, space, '_', '-', '.' (not starting with a space)"
 MAX_EXAMPLES_PER_COMMAND = 100
-# The no-class answer, and the states Home Assistant reserves ("None" too): never a class's name.
-RESERVED_NAMES = frozenset(n.casefold() for n in (UNKNOWN, "unknown", "unavailable", "none"))
-
-
-def class_name_error(name: Any) -> str | None:
-    """Why ``name`` is not a valid class name, or None.
-
-    The rule: 1-32 characters from letters, digits, space, '_', '-', '.', not starting with a
-    space. It keeps names safe inside MQTT topics (no '+', '#', '/'), Home Assistant entity ids,
-    log lines and file names, and free of control or look-alike unicode characters.
-    """
-    if not isinstance(name, str):
-        return "expected a string"
-    if not CLASS_NAME_RE.fullmatch(name):
-        return f"expected {CLASS_NAME_HELP}"
-    if name.casefold() in RESERVED_NAMES:
-        return f"expected a name that is not reserved ({', '.join(sorted(RESERVED_NAMES))})"
-    return None
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeknn.commands import CLASS_NAME_HELP, class_name_error
-from edgeknn.download import MODELS, NamedModel
-from edgeknn.head import RULES
-from edgeknn.store import STORAGES, StoreSettings
+from edgeknn.model.registry import MODELS, NamedModel
+from edgeknn.store.head import RULES
+from edgeknn.store.knn import STORAGES, StoreSettings
+from edgeknn.store.names import CLASS_NAME_HELP, class_name_error
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgeknn/edgeknn.toml")
 MACHINE_ID = Path("/etc/machine-id")  # systemd's per-installation id: the default device id hashes it
@@ -332,11 +332,11 @@ class Config:
     def named_model(self, store: Path | None = None) -> NamedModel:
         """``model.name``; unset, the named model the store (``store``, else ``store_path()``) was
         made with, so that an install keeps its model when the default changes; else the default."""
-        from edgeknn.download import DEFAULT_NAME, by_sha256
+        from edgeknn.model.registry import DEFAULT_NAME, by_sha256
 
         if self.model.name:
             return MODELS[self.model.name]
-        from edgeknn.storefile import model_id_of
+        from edgeknn.store.file import model_id_of
 
         return by_sha256(model_id_of(store or self.store_path())) or MODELS[DEFAULT_NAME]
 

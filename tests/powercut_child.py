@@ -22,8 +22,8 @@ import traceback
 
 import numpy as np
 
-from edgeknn.store import KnnStore, StoreSettings
-from edgeknn.storefile import StoreError
+from edgeknn.store.file import StoreError
+from edgeknn.store.knn import KnnStore, StoreSettings
 
 MODEL_ID = "powercut-test-model"
 CLASSES = ("c0", "c1", "c2")

@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 from conftest import DIGITS, EXTRACTOR
 
-from edgeknn.camera import CameraError, ReplaySource
+from edgeknn.camera.sources import CameraError, ReplaySource
 from edgeknn.outputs import Output, Reading
 
 if TYPE_CHECKING:
     from edgeknn import config
-    from edgeknn.daemon import Daemon
+    from edgeknn.device.daemon import Daemon
 
 CLASSES = ["1", "2", "5"]
 BUTTONS, LEDS, CLEAR, STATUS = [17, 27, 22], [5, 6, 13], 26, 19
@@ -195,7 +195,7 @@ class Running:
     """A daemon looping in a thread, as `edgeknn run` does in its main thread."""
 
     def __init__(self, daemon: Daemon):
-        from edgeknn.lifecycle import start
+        from edgeknn.device.lifecycle import start
 
         self.daemon = daemon
         self.recorder = Recorder()

@@ -17,7 +17,7 @@ from edgeknn.bench.broker import MosquittoSub, find_binary, find_mosquitto
 from edgeknn.bench.inputs import decode_frames, synthetic_frames
 from edgeknn.bench.process import to_toml
 from edgeknn.bench.report import table
-from edgeknn.download import DEFAULT_NAME
+from edgeknn.model.registry import DEFAULT_NAME
 
 REQUIRED = [
     "invoke_ms",
@@ -41,7 +41,7 @@ MQTT = ["frame_to_publish_ms_p50", "frame_to_publish_ms_p99"]
 def results() -> dict:
     if not EXTRACTOR.exists():
         pytest.skip(f"{EXTRACTOR} is missing")
-    command = [sys.executable, "-c", "import sys; from edgeknn.cli import main; sys.exit(main())"]
+    command = [sys.executable, "-c", "import sys; from edgeknn.cli.main import main; sys.exit(main())"]
     done = subprocess.run(
         [*command, "bench", "--json", "--quick", "--model", str(EXTRACTOR)],
         capture_output=True,

@@ -19,9 +19,10 @@ from conftest import DIGITS
 from PIL import Image
 from rig import wait_for
 
-from edgeknn import camerauri
-from edgeknn import capture as capture_module
-from edgeknn.camera import (
+from edgeknn.camera import capture as capture_module
+from edgeknn.camera import uri as camerauri
+from edgeknn.camera.capture import Capture, check_frame
+from edgeknn.camera.sources import (
     OPENCV_MISSING,
     CameraError,
     OpenCVSource,
@@ -29,8 +30,7 @@ from edgeknn.camera import (
     Picamera2Source,
     ReplaySource,
 )
-from edgeknn.camerauri import open_source, source_opener
-from edgeknn.capture import Capture, check_frame
+from edgeknn.camera.uri import open_source, source_opener
 from edgeknn.imagefiles import ImageError, find_images, load_rgb
 
 RED = (255, 0, 0)
@@ -531,7 +531,7 @@ def test_auto_prefers_picamera2(picamera2, cv2):
 
 def test_auto_falls_back_to_v4l2_and_says_so(monkeypatch, cv2, caplog):
     monkeypatch.setitem(sys.modules, "picamera2", None)
-    with caplog.at_level(logging.INFO, logger="edgeknn.camera"):
+    with caplog.at_level(logging.INFO, logger="edgeknn.camera.sources"):
         source = open_source("auto", SIZE, 30.0)
     assert isinstance(source, OpenCVSource) and cv2.captures[0].device == 0
     assert "auto found v4l2:0" in caplog.text
@@ -644,7 +644,7 @@ def test_capture_recovers_from_failures_with_backoff(monkeypatch, caplog):
         return ScriptedSource(script, opened)
 
     capture = Capture(opener, max_backoff=0.04)
-    with caplog.at_level(logging.INFO, logger="edgeknn.capture"), capture.start():
+    with caplog.at_level(logging.INFO, logger="edgeknn.camera.capture"), capture.start():
         frame = capture.latest(timeout=5)
         assert frame is not None
         assert capture.ok and capture.error == ""
@@ -669,7 +669,7 @@ def test_capture_recovers_from_failures_with_backoff(monkeypatch, caplog):
 def test_capture_backoff_starts_again_after_frames_came(monkeypatch, caplog):
     """A source that delivers, then fails, is retried soon each time: the backoff is per outage."""
     monkeypatch.setattr(capture_module, "INITIAL_BACKOFF", 0.01)
-    caplog.set_level(logging.DEBUG, logger="edgeknn.capture")  # every retry, with the wait it chose
+    caplog.set_level(logging.DEBUG, logger="edgeknn.camera.capture")  # every retry, with the wait it chose
     opens: list[float] = []
 
     def opener():
@@ -691,7 +691,7 @@ def test_capture_logs_a_repeated_failure_once(monkeypatch, caplog):
         attempts.append(time.monotonic())
         raise CameraError("no camera")
 
-    with caplog.at_level(logging.WARNING, logger="edgeknn.capture"):
+    with caplog.at_level(logging.WARNING, logger="edgeknn.camera.capture"):
         capture = Capture(opener, max_backoff=0.05).start()
         assert wait_for(lambda: len(attempts) >= 3)
         capture.close()

@@ -19,9 +19,9 @@ from paho.mqtt.properties import Properties
 from rig import BUTTONS, LEDS, Running, Scene, make_config, needs_mosquitto, photo_folders, teach, wait_for
 
 from edgeknn import config
-from edgeknn.app import build
 from edgeknn.commands import AddExample, RenameClass, Result
-from edgeknn.runtime import RuntimeSettings
+from edgeknn.device.build import build
+from edgeknn.device.runtime import RuntimeSettings
 
 BASE = "edgeknn/test"
 REPLY = "test/reply"
@@ -331,7 +331,7 @@ def test_runtime_settings_kept_and_a_damaged_file_costs_one_line(tmp_path, caplo
     for damage in (b"{not json", b"\xff\xfe", b"[1, 2]", b'{"threshold": {"value": "high"}}'):
         (tmp_path / "runtime.json").write_bytes(damage)
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="edgeknn.runtime"):
+        with caplog.at_level(logging.INFO, logger="edgeknn.device.runtime"):
             damaged = RuntimeSettings.load(tmp_path, {"threshold": 0.0})
         assert damaged.get("threshold", 0.0) == 0.0, damage
         lines = [r.getMessage() for r in caplog.records]
@@ -341,11 +341,11 @@ def test_runtime_settings_kept_and_a_damaged_file_costs_one_line(tmp_path, caplo
 def test_a_damaged_runtime_file_does_not_stop_the_device(tmp_path, factory, caplog):
     (tmp_path / "runtime.json").write_text('{"threshold": ')
     cfg = make_config(tmp_path, **{"store.threshold": 0.3})
-    with caplog.at_level(logging.WARNING, logger="edgeknn.runtime"):
+    with caplog.at_level(logging.WARNING, logger="edgeknn.device.runtime"):
         run = Running(build(cfg, opener=Scene(photo_folders(tmp_path)).opener, pin_factory=factory))
     try:
         assert run.daemon.store.threshold == 0.3
-        assert [r.getMessage() for r in caplog.records if r.name == "edgeknn.runtime"][0].startswith(
+        assert [r.getMessage() for r in caplog.records if r.name == "edgeknn.device.runtime"][0].startswith(
             f"{tmp_path / 'runtime.json'}: cannot read it (not valid JSON"
         )
         result = run_command(run, lambda r: AddExample(slot=0, source="test", reply=r))
@@ -356,8 +356,8 @@ def test_a_damaged_runtime_file_does_not_stop_the_device(tmp_path, factory, capl
 
 def test_examples_waiting_for_frames_follow_a_rename():
     """`add_example cup` then at once `rename_class cup -> mug`: the examples still to come go to mug."""
-    from edgeknn.store import KnnStore
-    from edgeknn.teaching import Teacher
+    from edgeknn.device.teaching import Teacher
+    from edgeknn.store.knn import KnnStore
 
     store = KnnStore(4, "test")
     store.add_class("cup")

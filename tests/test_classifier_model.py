@@ -21,10 +21,13 @@ import pytest
 from conftest import EXTRACTOR, HEAD, LABELS, MODELS, PHOTOS, V2
 from rig import BUTTONS, LEDS, Running, Scene, make_config, needs_mosquitto, wait_for
 
-from edgeknn import cli
-from edgeknn.app import Fatal, build
-from edgeknn.camera import replay_images
-from edgeknn.classifier import (
+from edgeknn.camera.sources import replay_images
+from edgeknn.cli.classifylive import classify_live
+from edgeknn.cli import main as cli
+from edgeknn.commands import AddExample, ForgetClass, Reset, Result, Save, SetThreshold
+from edgeknn.device.build import Fatal, build
+from edgeknn.imagefiles import load_rgb
+from edgeknn.model.classifier import (
     Classifier,
     ModelClasses,
     ScoreReader,
@@ -32,11 +35,9 @@ from edgeknn.classifier import (
     open_model,
     read_labels,
 )
-from edgeknn.classifylive import classify_live
-from edgeknn.commands import AddExample, ForgetClass, Reset, Result, Save, SetThreshold
-from edgeknn.imagefiles import load_rgb
-from edgeknn.model import Embedder, Model, ModelError, parse_labels
-from edgeknn.store import UNKNOWN
+from edgeknn.model.embedder import Embedder
+from edgeknn.model.tflite import Model, ModelError, parse_labels
+from edgeknn.store.names import UNKNOWN
 
 TM = MODELS / "teachable_machine"
 TM_UINT8, TM_FLOAT = TM / "model.tflite", TM / "model_unquant.tflite"
@@ -229,7 +230,7 @@ def run_edgeknn(tmp_path: Path, port: int, model: Path, source: str) -> subproce
     skip = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "INVOCATION_ID", "JOURNAL_STREAM")
     env = {k: v for k, v in os.environ.items() if k not in skip}
     return subprocess.run(
-        [sys.executable, "-m", "edgeknn.cli", "run", "--config", str(cfg), "--model", str(model),
+        [sys.executable, "-m", "edgeknn", "run", "--config", str(cfg), "--model", str(model),
          "--source", source, "--mqtt", f"127.0.0.1:{port}", "--device-id", "test", "--panel", "none"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**env, "HOME": str(tmp_path)},
     )  # fmt: skip

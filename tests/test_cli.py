@@ -17,11 +17,12 @@ from conftest import DIGITS, EXTRACTOR, MODELS, PHOTOS, TINY
 from httpserve import serve
 
 from edgeknn import config
-from edgeknn.cli import main
-from edgeknn.evaluate import auroc
+from edgeknn.cli.evaluate import auroc
+from edgeknn.cli.main import main
 from edgeknn.imagefiles import find_images
-from edgeknn.model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, sha256_of
-from edgeknn.store import KnnStore
+from edgeknn.model.registry import DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256
+from edgeknn.model.tflite import sha256_of
+from edgeknn.store.knn import KnnStore
 
 CLASSES = ("0", "3", "5", "7")
 PER_CLASS = 6

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 from edgeknn import config
-from edgeknn.cli import EX_CONFIG, main
+from edgeknn.cli.main import EX_CONFIG, main
 from edgeknn.config import Config, ConfigError
 
 
@@ -298,7 +298,7 @@ def test_cli_missing_config_file_exits_78(tmp_path, capsys):
 
 
 def test_store_rule_must_be_a_known_rule():
-    from edgeknn.head import RULES
+    from edgeknn.store.head import RULES
 
     for rule in ("default", *RULES):
         assert config.from_dict({"store": {"rule": rule}}).store.rule == rule

@@ -19,11 +19,11 @@ from rig import BUTTONS, CLASSES, LEDS, STATUS, Running, Scene, digit_folders, w
 from rig import make_config as rig_config
 
 from edgeknn import config
-from edgeknn.app import build
-from edgeknn.camera import ReplaySource
+from edgeknn.camera.sources import ReplaySource
 from edgeknn.commands import AddExample, ForgetClass, Result, Save
-from edgeknn.daemon import Stabilizer
-from edgeknn.store import KnnStore
+from edgeknn.device.build import build
+from edgeknn.device.daemon import Stabilizer
+from edgeknn.store.knn import KnnStore
 
 
 def make_config(tmp_path: Path, **overrides) -> config.Config:
@@ -201,7 +201,7 @@ def test_no_gpio_is_one_clear_line(tmp_path):
         f'[mqtt]\nenabled = false\n[camera]\nsource = "replay:{DIGITS / "1"}"\n'  # a source that works
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "edgeknn.cli", "run", "--config", str(config_file)],
+        [sys.executable, "-m", "edgeknn", "run", "--config", str(config_file)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -221,7 +221,7 @@ def test_run_as_a_newcomer_would_then_sigterm(tmp_path):
     for name in CLASSES:
         photos = sorted((DIGITS / name).iterdir())[:3]
         subprocess.run(
-            [sys.executable, "-m", "edgeknn.cli", "teach", "--store", str(store), "--class", name,
+            [sys.executable, "-m", "edgeknn", "teach", "--store", str(store), "--class", name,
              "--model", str(EXTRACTOR), *map(str, photos)],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
@@ -230,7 +230,7 @@ def test_run_as_a_newcomer_would_then_sigterm(tmp_path):
     notify.settimeout(60)
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeknn.cli", "run", "--source", f"replay:{DIGITS}?fps=30", "--panel", "none",
+        [sys.executable, "-m", "edgeknn", "run", "--source", f"replay:{DIGITS}?fps=30", "--panel", "none",
          "--mqtt", "none", "--model", str(EXTRACTOR), "--store", str(store)],
         stderr=subprocess.PIPE, text=True, env={**env, "HOME": str(tmp_path)},
     )  # fmt: skip

@@ -26,11 +26,11 @@ from paho.mqtt.properties import Properties
 from rig import Recorder, Running, Scene, digit_folders, needs_mosquitto, wait_for
 
 from edgeknn import config
-from edgeknn.app import build
 from edgeknn.bench.broker import Broker, free_port
-from edgeknn.daemon import Daemon
+from edgeknn.device.build import build
+from edgeknn.device.daemon import Daemon
 from edgeknn.mqtt.link import MqttLink
-from edgeknn.store import KnnStore
+from edgeknn.store.knn import KnnStore
 
 pytestmark = needs_mosquitto
 
@@ -108,7 +108,7 @@ class DaemonProcess:
             env["NOTIFY_SOCKET"] = notify
         self.store = tmp_path / "store.npz"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeknn.cli", "run", "--config", str(config_file), "--mqtt", mqtt,
+            [sys.executable, "-m", "edgeknn", "run", "--config", str(config_file), "--mqtt", mqtt,
              "--device-id", "test", "--panel", "none", "--model", str(EXTRACTOR), "--store", str(self.store),
              "--source", f"replay:{DIGITS / shown}?fps=20"] + (["--web", web] if web else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,

@@ -20,13 +20,18 @@ import pytest
 from conftest import DIGITS, TINY
 from rig import Running, Scene, make_config, photo_folders, stable_on, wait_for
 
-from edgeknn import camera, camerauri, capture, config, snapshots
-from edgeknn.app import build
-from edgeknn.cli import EX_CONFIG, main
+from edgeknn import config
+from edgeknn.camera import capture
+from edgeknn.camera import sources as camera
+from edgeknn.camera import uri as camerauri
+from edgeknn.cli.main import EX_CONFIG, main
 from edgeknn.commands import AddExample, Result, Snapshot
+from edgeknn.device import snapshots
+from edgeknn.device.build import build
 from edgeknn.mqtt.link import MqttLink
 from edgeknn.outputs import Reading
-from edgeknn.store import UNKNOWN, KnnStore
+from edgeknn.store.knn import KnnStore
+from edgeknn.store.names import UNKNOWN
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +39,7 @@ NO_CAMERA_LIBRARIES = """
 import sys
 sys.modules["cv2"] = None
 sys.modules["picamera2"] = None
-from edgeknn.cli import main
+from edgeknn.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -22,14 +22,16 @@ import httpserve
 import pytest
 from conftest import DIGITS, MODELS, PHOTOS, TINY
 
-from edgeknn import config, lifecycle
-from edgeknn.cli import EX_CONFIG, main
-from edgeknn.download import DEFAULT_NAME, URL_BASE_ENV, wait_for_model
-from edgeknn.download import MODELS as NAMED
-from edgeknn.model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, sha256_of
-from edgeknn.progress import Progress
-from edgeknn.service import Notifier
-from edgeknn.store import KnnStore
+from edgeknn import config
+from edgeknn.cli.main import EX_CONFIG, main
+from edgeknn.cli.progress import Progress
+from edgeknn.device import lifecycle
+from edgeknn.device.systemd import Notifier
+from edgeknn.model.download import wait_for_model
+from edgeknn.model.registry import DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, DEFAULT_NAME, URL_BASE_ENV
+from edgeknn.model.registry import MODELS as NAMED
+from edgeknn.model.tflite import sha256_of
+from edgeknn.store.knn import KnnStore
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = MODELS / DEFAULT_MODEL_FILE  # the default named model, as ../shared/models holds it
@@ -208,7 +210,7 @@ OFFLINE_RUN = """
 import os
 import sys
 os.environ["EDGEKNN_MODEL_URL_BASE"] = sys.argv[1].rsplit("/", 1)[0]
-from edgeknn.cli import main
+from edgeknn.cli.main import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -397,7 +399,7 @@ def run_on_a_pty(argv: list[str]) -> tuple[int, str, str]:
     """Run `edgeknn argv` with stderr on a pseudo-terminal (stdout a pipe); return (rc, out, err)."""
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeknn.cli", *argv], stdout=subprocess.PIPE, stderr=follower, cwd=REPO
+        [sys.executable, "-m", "edgeknn", *argv], stdout=subprocess.PIPE, stderr=follower, cwd=REPO
     )
     os.close(follower)
     chunks = []
@@ -431,7 +433,7 @@ def test_teach_shows_progress_on_a_terminal_only(tmp_path):
     assert out.startswith(f"{store}: class 'seven' now has {n} examples"), "results stay on stdout"
     argv[5] = str(tmp_path / "t.npz")  # --store
     piped = subprocess.run(
-        [sys.executable, "-m", "edgeknn.cli", *argv], capture_output=True, text=True, cwd=REPO, timeout=120
+        [sys.executable, "-m", "edgeknn", *argv], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert piped.returncode == 0 and piped.stderr == "", "no progress and no banner in a pipe"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edgeknn.commands import AddExample, ForgetClass, Reset
-from edgeknn.gestures import MIN_PRESS_S, Gestures
+from edgeknn.panel.gestures import MIN_PRESS_S, Gestures
 
 CLASSES = ["one", "two", "three"]
 HOLD_TIME, HOLD_RATE = 0.2, 20.0  # one hold example every 0.05 s

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from test_store import MODEL, basis
 
-from edgeknn import head as head_module
-from edgeknn.head import Head, fit_sample
-from edgeknn.store import KnnStore, StoreSettings
+from edgeknn.store import head as head_module
+from edgeknn.store.head import Head, fit_sample
+from edgeknn.store.knn import KnnStore, StoreSettings
 
 
 def test_the_per_frame_head_equals_the_features_written_out():

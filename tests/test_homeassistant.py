@@ -19,12 +19,12 @@ from PIL import Image
 from rig import Running, Scene, needs_mosquitto, wait_for
 
 from edgeknn import config
-from edgeknn.app import build
 from edgeknn.commands import SelectClass
 from edgeknn.config import MqttConfig
+from edgeknn.device.build import build
 from edgeknn.mqtt import discovery
 from edgeknn.mqtt.link import MqttLink
-from edgeknn.store import UNKNOWN
+from edgeknn.store.names import UNKNOWN
 
 # --- what Home Assistant's documentation allows ------------------------------------------------------
 # Top-level keys of each MQTT platform, copied from the {% configuration %} blocks of

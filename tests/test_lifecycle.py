@@ -23,11 +23,11 @@ from conftest import EXTRACTOR
 from rig import CLASSES, NotifyListener, Running, Scene, make_config, photo_folders, wait_for
 from test_reliability import proc_figures, toml
 
-from edgeknn import storefile
 from edgeknn.commands import AddExample, ForgetClass, Result, Save
+from edgeknn.device.saving import Saver
 from edgeknn.outputs import Output
-from edgeknn.saving import Saver
-from edgeknn.store import KnnStore
+from edgeknn.store import file as storefile
+from edgeknn.store.knn import KnnStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ class Device:
         env = {**os.environ, **self.notify.environ(watchdog_usec=400_000)}
         with open(self.log_path, "w") as log_out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgeknn.cli", "run", "--config", str(self.config)],
+                [sys.executable, "-m", "edgeknn", "run", "--config", str(self.config)],
                 stdin=subprocess.PIPE,
                 stderr=log_out,
                 cwd=REPO,
@@ -139,7 +139,7 @@ _MODEL_ID: list[str] = []
 
 def _model_id() -> str:
     if not _MODEL_ID:
-        from edgeknn.model import Embedder
+        from edgeknn.model.embedder import Embedder
 
         _MODEL_ID.append(Embedder(EXTRACTOR, 1).identity)
     return _MODEL_ID[0]
@@ -268,9 +268,9 @@ class Events(Output):
 
 
 def test_a_failing_save_backs_off_is_said_once_and_clears_when_a_save_succeeds(tmp_path, caplog, monkeypatch):
-    from edgeknn.app import build
+    from edgeknn.device.build import build
 
-    monkeypatch.setattr("edgeknn.saving.RETRY_FIRST_S", 600.0)  # no retry within the test: one attempt
+    monkeypatch.setattr("edgeknn.device.saving.RETRY_FIRST_S", 600.0)  # no retry within the test: one attempt
     caplog.set_level(logging.INFO)
     store_path = str(tmp_path / "store" / "store.npz")
     cfg = make_config(tmp_path, **{"panel.kind": "none", "store.autosave_s": 0.05, "store.path": store_path})
@@ -309,7 +309,7 @@ def test_a_failing_save_backs_off_is_said_once_and_clears_when_a_save_succeeds(t
 
 def test_saver_retries_with_a_doubling_delay_up_to_its_bound(tmp_path, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("edgeknn.saving.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("edgeknn.device.saving.time.monotonic", lambda: clock[0])
     store = KnnStore(4, "m")
     folder = tmp_path / "state"
     folder.write_text("not a folder")
@@ -333,7 +333,7 @@ def test_an_autosave_does_not_stall_the_loop(tmp_path, monkeypatch):
     """The autosave writes a snapshot on its own thread: while the file write is held up, the loop
     classifies, teaches and forgets; the file then holds the snapshot as it was, and the next autosave
     the rest."""
-    from edgeknn.app import build
+    from edgeknn.device.build import build
 
     release, writing = threading.Event(), threading.Event()
     written: list[tuple[int, ...]] = []

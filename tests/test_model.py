@@ -12,16 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from edgeknn.classifier import Classifier, read_labels
-from edgeknn.download import MODELS as NAMED
 from edgeknn.imagefiles import load_rgb
-from edgeknn.model import (
-    DEFAULT_MODEL_FILE,
-    Embedder,
+from edgeknn.model.classifier import Classifier, read_labels
+from edgeknn.model.embedder import Embedder, augmented_views
+from edgeknn.model.registry import DEFAULT_MODEL_FILE
+from edgeknn.model.registry import MODELS as NAMED
+from edgeknn.model.tflite import (
     Model,
     ModelError,
     _input_lut,
-    augmented_views,
     crop_and_resize,
     load_interpreter,
     parse_labels,
@@ -375,7 +374,7 @@ def test_model_path_may_be_a_string():
 
 
 def test_the_inference_thread_gives_the_embedding_of_each_image_and_its_errors():
-    from edgeknn.inference import InferenceThread
+    from edgeknn.model.inference import InferenceThread
 
     embedder = Embedder(EXTRACTOR, threads=2)
     images = [photo("cat.bmp"), photo("parrot.jpg"), solid(120, 160, (0, 128, 255))]

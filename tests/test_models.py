@@ -17,11 +17,12 @@ from conftest import EXTRACTOR, MODELS, PHOTOS, TINY
 from httpserve import FileHandler, serve
 
 from edgeknn import config
-from edgeknn.cli import main
-from edgeknn.download import DEFAULT_NAME, URL_BASE, URL_BASE_ENV, by_file, by_sha256
-from edgeknn.download import MODELS as NAMED
-from edgeknn.model import Embedder, sha256_of
-from edgeknn.store import KnnStore
+from edgeknn.cli.main import main
+from edgeknn.model.embedder import Embedder
+from edgeknn.model.registry import DEFAULT_NAME, URL_BASE, URL_BASE_ENV, by_file, by_sha256
+from edgeknn.model.registry import MODELS as NAMED
+from edgeknn.model.tflite import sha256_of
+from edgeknn.store.knn import KnnStore
 
 OLD_DEFAULT = NAMED["mobilenet_v1_1.0_224"]  # the default model before the faster one
 SMALL = NAMED["mobilenet_v1_0.25_128"]  # the quickest to download and load

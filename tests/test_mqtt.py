@@ -34,7 +34,7 @@ from edgeknn.mqtt.client import MqttError
 from edgeknn.mqtt.commands import CommandError, parse_command
 from edgeknn.mqtt.link import MqttLink
 from edgeknn.outputs import Reading
-from edgeknn.store import UNKNOWN
+from edgeknn.store.names import UNKNOWN
 
 pytestmark = needs_mosquitto
 

@@ -27,11 +27,11 @@ from rig import NotifyListener, wait_for
 
 from edgeknn import config
 from edgeknn.commands import AddExample, Result
+from edgeknn.device.teaching import Teacher
 from edgeknn.mqtt import client
 from edgeknn.mqtt.client import MqttError
 from edgeknn.mqtt.link import MqttLink
-from edgeknn.store import KnnStore
-from edgeknn.teaching import Teacher
+from edgeknn.store.knn import KnnStore
 
 CLASSES = ["1", "2", "5"]
 
@@ -44,7 +44,7 @@ def body(m) -> dict:
 
 
 def test_pending_examples_are_bounded_and_a_frame_serves_a_bounded_number():
-    from edgeknn.teaching import ADDS_PER_FRAME, MAX_PENDING_EXAMPLES
+    from edgeknn.device.teaching import ADDS_PER_FRAME, MAX_PENDING_EXAMPLES
 
     store = KnnStore(4, "test")
     for name in CLASSES:
@@ -82,7 +82,7 @@ class Flood:
         env = {k: v for k, v in os.environ.items() if k not in ("INVOCATION_ID", "JOURNAL_STREAM")}
         env.update(self.notify.environ(watchdog_usec=2_000_000), HOME=str(tmp_path))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeknn.cli", "run", "--config", str(write_config(tmp_path)),
+            [sys.executable, "-m", "edgeknn", "run", "--config", str(write_config(tmp_path)),
              "--mqtt", f"127.0.0.1:{port}", "--device-id", "flood", "--panel", "none",
              "--model", str(EXTRACTOR), "--store", str(tmp_path / "store.npz"),
              "--source", f"replay:{DIGITS / '1'}?fps=20"],
@@ -275,7 +275,7 @@ def test_unusable_mqtt_names_are_config_errors(mqtt_fields):
 
 def test_run_with_a_wildcard_device_id_exits_78_with_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "edgeknn.cli", "run", "--config", str(write_config(tmp_path)),
+        [sys.executable, "-m", "edgeknn", "run", "--config", str(write_config(tmp_path)),
          "--device-id", "dev#1", "--panel", "none", "--source", "replay:/nonexistent"],
         capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(tmp_path)},
     )  # fmt: skip

@@ -16,14 +16,14 @@ import pytest
 from gpiozero import Device
 from rig import wait_for
 
-from edgeknn import panel as panel_mod
-from edgeknn.app import open_panel
 from edgeknn.commands import AddExample, ForgetClass, Reset, Save
 from edgeknn.config import PanelConfig
-from edgeknn.keyboard import KeyboardPanel
+from edgeknn.device.build import open_panel
 from edgeknn.outputs import Reading
-from edgeknn.panel import GpioPanel, PanelError
-from edgeknn.store import UNKNOWN
+from edgeknn.panel import gpio as panel_mod
+from edgeknn.panel.gpio import GpioPanel, PanelError
+from edgeknn.panel.keyboard import KeyboardPanel
+from edgeknn.store.names import UNKNOWN
 
 CLASSES = ["one", "two", "three"]
 B1, B2, B3, CLEAR = 17, 27, 22, 26
@@ -417,7 +417,7 @@ def test_keyboard_panel_turns_lines_into_commands(capsys):
 
 
 def test_keyboard_panel_logs_the_label_when_it_changes(caplog):
-    caplog.set_level("INFO", logger="edgeknn.keyboard")
+    caplog.set_level("INFO", logger="edgeknn.panel.keyboard")
     p = KeyboardPanel(CLASSES, Recorder(), stream=io.StringIO(""))  # EOF at once, quietly
     for label in ("one", "one", UNKNOWN, UNKNOWN, "two"):
         p.show(reading(label))

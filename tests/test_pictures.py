@@ -14,14 +14,18 @@ import numpy as np
 import pytest
 from conftest import DIGITS, EXTRACTOR, MODELS, TINY
 
-from edgeknn import config, pictures, storefile, storelock
-from edgeknn.app import Fatal, open_store
-from edgeknn.cli import main
+from edgeknn import config
+from edgeknn import jpeg as pictures
+from edgeknn.cli.main import main
+from edgeknn.device.build import Fatal, open_store
+from edgeknn.device.saving import Saver
 from edgeknn.imagefiles import find_images, load_rgb
-from edgeknn.model import Embedder, Model
-from edgeknn.reembed import ReembedError, reembed
-from edgeknn.saving import Saver
-from edgeknn.store import KnnStore, StoreSettings
+from edgeknn.model.embedder import Embedder
+from edgeknn.model.reembed import ReembedError, reembed
+from edgeknn.model.tflite import Model
+from edgeknn.store import file as storefile
+from edgeknn.store import lock as storelock
+from edgeknn.store.knn import KnnStore, StoreSettings
 
 MODEL = "m" * 64
 V1_HALF = MODELS / "mobilenet_v1_0.5_160_quant.tflite"

@@ -39,13 +39,13 @@ from rig import (
     wait_for,
 )
 
-from edgeknn import status
-from edgeknn.app import build
 from edgeknn.bench.broker import Broker, free_port
+from edgeknn.device import status
+from edgeknn.device.build import build
+from edgeknn.device.systemd import Notifier
 from edgeknn.outputs import Output
-from edgeknn.service import Notifier
-from edgeknn.store import KnnStore, StoreSettings
-from edgeknn.storefile import StoreError
+from edgeknn.store.file import StoreError
+from edgeknn.store.knn import KnnStore, StoreSettings
 
 HERE = Path(__file__).resolve().parent
 
@@ -355,7 +355,7 @@ EXPECTED_CAMERA_ERROR = {
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", list(EXPECTED_CAMERA_ERROR))
 def test_camera_fault_is_reported_retried_and_recovered(tmp_path, factory, monkeypatch, caplog, fault):
-    monkeypatch.setattr("edgeknn.capture.INITIAL_BACKOFF", 0.2)  # the same doubling, sooner
+    monkeypatch.setattr("edgeknn.camera.capture.INITIAL_BACKOFF", 0.2)  # the same doubling, sooner
     monkeypatch.setattr(status, "STALL_S", 1.5)
     caplog.set_level(logging.INFO, logger="edgeknn")
     notify = NotifyListener(tmp_path / "notify")
@@ -558,7 +558,7 @@ BAD_PARAMS = [
 
 @pytest.fixture(scope="module")
 def model_id() -> str:
-    from edgeknn.model import Embedder
+    from edgeknn.model.embedder import Embedder
 
     return Embedder(EXTRACTOR, 1).identity
 
@@ -594,7 +594,7 @@ def test_bad_config_or_file_is_one_line(tmp_path, model_id, what, overrides, sto
         store(path, model_id)
     before = path.read_bytes() if path.is_file() and store != "chmod 000" else None
     proc = subprocess.run(
-        [sys.executable, "-m", "edgeknn.cli", "run", "--config", str(config_file)],
+        [sys.executable, "-m", "edgeknn", "run", "--config", str(config_file)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -626,8 +626,8 @@ def test_bad_config_or_file_is_one_line(tmp_path, model_id, what, overrides, sto
 
 
 def test_a_store_broken_twice_in_one_second_keeps_both(tmp_path, model_id):
-    from edgeknn.app import open_store
-    from edgeknn.model import Embedder
+    from edgeknn.device.build import open_store
+    from edgeknn.model.embedder import Embedder
 
     cfg = config_from(good_config(tmp_path))
     embedder = Embedder(EXTRACTOR, 1)
@@ -696,7 +696,7 @@ def test_soak_replay_commands_and_broker_flaps(tmp_path):
     log_file = tmp_path / "daemon.log"  # a file, not a pipe: an undrained pipe would block the daemon
     with open(log_file, "w") as log_out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeknn.cli", "run", "--config", str(tmp_path / "edgeknn.toml")],
+            [sys.executable, "-m", "edgeknn", "run", "--config", str(tmp_path / "edgeknn.toml")],
             stderr=log_out,
             cwd=tmp_path,
         )

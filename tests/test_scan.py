@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from conftest import DIGITS, TINY
 
-from edgeknn import scan
 from edgeknn.imagefiles import find_images, load_rgb
-from edgeknn.model import Embedder
-from edgeknn.store import UNKNOWN, KnnStore, StoreSettings
+from edgeknn.model.embedder import Embedder
+from edgeknn.store import scan
+from edgeknn.store.knn import KnnStore, StoreSettings
+from edgeknn.store.names import UNKNOWN
 
 TAUGHT, ASKED = 8, 10  # photos per digit: taught (as the six views an example stores), then asked
 
@@ -133,8 +134,8 @@ def test_a_taught_device_answers_unrecognized_for_untaught_digits(tmp_path):
     sitting (one hand, one light)."""
     from rig import Running, Scene, make_config, wait_for
 
-    from edgeknn.app import build
     from edgeknn.commands import AddExample, Result, SetThreshold
+    from edgeknn.device.build import build
 
     taught = [str(d) for d in range(5)]
     folders = {}

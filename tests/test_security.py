@@ -34,13 +34,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from rig import Running, Scene, make_config, needs_mosquitto, photo_folders, teach, wait_for
 
-from edgeknn.app import build
 from edgeknn.bench.broker import Broker, Certs
-from edgeknn.commands import CLASS_NAME_RE, Result, class_name_error
+from edgeknn.commands import Result
+from edgeknn.device.build import build
 from edgeknn.mqtt.commands import COMMANDS, CommandError, parse_command
 from edgeknn.mqtt.link import MqttLink
-from edgeknn.store import KnnStore, StoreSettings
-from edgeknn.storefile import StoreError
+from edgeknn.store.file import StoreError
+from edgeknn.store.knn import KnnStore, StoreSettings
+from edgeknn.store.names import CLASS_NAME_RE, class_name_error
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = "edgeknn/sec"

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from conftest import DIGITS, TINY
 
-from edgeknn.head import RULES, VIEW_RULES
 from edgeknn.imagefiles import find_images, load_rgb
-from edgeknn.model import Embedder
-from edgeknn.store import UNKNOWN, KnnStore, StoreSettings
-from edgeknn.storefile import FORMAT_VERSION, StoreError, _checksum
+from edgeknn.model.embedder import Embedder
+from edgeknn.store.file import FORMAT_VERSION, StoreError, _checksum
+from edgeknn.store.head import RULES, VIEW_RULES
+from edgeknn.store.knn import KnnStore, StoreSettings
+from edgeknn.store.names import UNKNOWN
 
 MODEL = "a" * 64
 OTHER = "b" * 64
@@ -377,7 +378,7 @@ def test_save_leaves_no_temporary_file_and_creates_the_folder(tmp_path):
 
 
 def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    from edgeknn import storefile
+    from edgeknn.store import file as storefile
 
     path = tmp_path / "store.npz"
     old = clustered(rule="tfjs")

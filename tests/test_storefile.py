@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from conftest import DIGITS, EXTRACTOR, REPO, TINY
 
-from edgeknn import config, storelock
-from edgeknn.app import Fatal, open_store
-from edgeknn.cli import main
-from edgeknn.store import KnnStore, StoreSettings
-from edgeknn.storefile import StoreError, _checksum
+from edgeknn import config
+from edgeknn.cli.main import main
+from edgeknn.device.build import Fatal, open_store
+from edgeknn.store import lock as storelock
+from edgeknn.store.file import StoreError, _checksum
+from edgeknn.store.knn import KnnStore, StoreSettings
 
 MODEL = "m" * 64
 
@@ -334,7 +335,7 @@ def test_claims_nest_within_a_process_and_the_last_release_unlocks(tmp_path):
 
 def edgeknn(*argv, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "edgeknn.cli", *map(str, argv)],
+        [sys.executable, "-m", "edgeknn", *map(str, argv)],
         capture_output=True,
         text=True,
         env=env(),
@@ -357,7 +358,7 @@ def test_teach_refuses_the_store_of_a_running_daemon_and_predict_works(tmp_path)
     run = ["run", *c, "--source", source, "--panel", "none", "--mqtt", "none", "--store", store]
     run += ["--web", "none"]
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "edgeknn.cli", *map(str, run)],
+        [sys.executable, "-m", "edgeknn", *map(str, run)],
         stderr=subprocess.PIPE,
         text=True,
         env=env(),

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from rig import CLASSES, Running, Scene, make_config, photo_folders, stable_on, teach, wait_for
 
-from edgeknn.app import build
+from edgeknn.device.build import build
 from edgeknn.web.server import WebOutput
 
 PASSWORD = "correct horse battery"
@@ -268,7 +268,7 @@ def test_a_generated_password_is_kept_private_and_reset_ends_the_sessions(tmp_pa
 
 
 def test_web_password_with_a_mistyped_state_dir_makes_nothing(tmp_path, capsys):
-    from edgeknn.cli import main
+    from edgeknn.cli.main import main
 
     typo = tmp_path / "var" / "lib" / "edgeknnn"
     assert main(["web", "password", "--state-dir", str(typo)]) == 1
@@ -326,7 +326,7 @@ def test_edgeknn_run_generates_the_password_once_and_serves_the_page(tmp_path):
     for _ in range(2):
         log = tmp_path / f"run{len(logs)}.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "edgeknn.cli", *argv], stderr=out, env=env)
+            proc = subprocess.Popen([sys.executable, "-m", "edgeknn", *argv], stderr=out, env=env)
         try:
             assert wait_for(lambda log=log: "running:" in log.read_text(), 60), log.read_text()
             kept = tmp_path / "state" / "web-password"
@@ -361,7 +361,7 @@ def test_a_taken_port_is_one_line_and_the_device_runs_on(tmp_path):
         argv = ["run", "--source", f"replay:{photos}?fps=10&loop=0", "--panel", "none", "--mqtt", "none"]
         argv += ["--model", str(EXTRACTOR), "--web", f"127.0.0.1:{port}"]
         proc = subprocess.run(
-            [sys.executable, "-m", "edgeknn.cli", *argv],
+            [sys.executable, "-m", "edgeknn", *argv],
             capture_output=True,
             text=True,
             timeout=120,
@@ -435,7 +435,7 @@ def test_web_config_errors_name_the_key():
 
 
 def test_unreadable_tls_files_are_one_line(tmp_path):
-    from edgeknn.app import Fatal
+    from edgeknn.device.build import Fatal
 
     cfg = make_config(
         tmp_path,

@@ -61,7 +61,7 @@ from edgeknn.bench.process import startup
 from edgeknn.bench.report import table
 from edgeknn.bench.storecost import agreement, fit, knn
 from edgeknn.bench.web import web_memory
-from edgeknn.model import DEFAULT_MODEL_FILE
+from edgeknn.model.registry import DEFAULT_MODEL_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sign_language_digits"

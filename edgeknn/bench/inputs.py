@@ -15,8 +15,8 @@ import numpy as np
 
 from edgeknn import config
 from edgeknn.imagefiles import find_images, load_rgb
-from edgeknn.model import Embedder
-from edgeknn.store import KnnStore, StoreSettings
+from edgeknn.model.embedder import Embedder
+from edgeknn.store.knn import KnnStore, StoreSettings
 
 
 class BenchError(Exception):

@@ -21,8 +21,9 @@ from edgeknn import config
 from edgeknn.bench.inputs import Plan, Setup, random_store
 from edgeknn.bench.pipeline import PARTS, pipeline
 from edgeknn.bench.process import STARTUP_EXAMPLES, run_process
-from edgeknn.download import DEFAULT_NAME, MODELS, by_file
-from edgeknn.model import Embedder, sha256_of
+from edgeknn.model.embedder import Embedder
+from edgeknn.model.registry import DEFAULT_NAME, MODELS, by_file
+from edgeknn.model.tflite import sha256_of
 
 SHARED_MODELS = Path(__file__).resolve().parents[3] / "shared" / "models"
 # What each model shows in the side-by-side table and under "side_by_side" in the JSON.

@@ -21,11 +21,11 @@ from edgeknn import config
 from edgeknn.bench.broker import MosquittoSub
 from edgeknn.bench.inputs import BenchError, Plan, Setup, decode_frames, median_us, random_store
 from edgeknn.bench.web import web_viewer
-from edgeknn.camera import CameraError, Pacer
-from edgeknn.model import Embedder
+from edgeknn.camera.sources import CameraError, Pacer
+from edgeknn.model.embedder import Embedder
 
 if TYPE_CHECKING:
-    from edgeknn.daemon import Daemon
+    from edgeknn.device.daemon import Daemon
 
 PIPELINE_EXAMPLES = 1000
 PACE = 1.1  # the replay camera's rate, times the raw invoke rate
@@ -179,8 +179,8 @@ def run_daemon(
     thread must crop and resize. The rounds fall into ``PARTS`` parts (``DaemonRun.parts``);
     ``extra``: blocks measured after the alternation (``ExtraBlock``).
     """
-    from edgeknn.app import build
-    from edgeknn.lifecycle import start
+    from edgeknn.device.build import build
+    from edgeknn.device.lifecycle import start
 
     player.pause()
     daemon = build(pcfg, opener=lambda: ReplayFrames(player))

@@ -20,8 +20,8 @@ from typing import Any
 from edgeknn import config
 from edgeknn.bench.broker import MosquittoSub, end_process
 from edgeknn.bench.inputs import BenchError, Setup, random_store
-from edgeknn.model import Embedder
-from edgeknn.store import KnnStore
+from edgeknn.model.embedder import Embedder
+from edgeknn.store.knn import KnnStore
 
 STARTUP_EXAMPLES = 10_000
 
@@ -109,7 +109,7 @@ def edgeknn_command() -> list[str]:
     script = Path(sys.executable).parent / "edgeknn"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "import sys; from edgeknn.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from edgeknn.cli.main import main; sys.exit(main())"]
 
 
 def wait_for_ready(listener: socket.socket, proc: subprocess.Popen, timeout: float) -> float | None:

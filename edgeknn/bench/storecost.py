@@ -10,10 +10,11 @@ import numpy as np
 
 from edgeknn import config
 from edgeknn.bench.inputs import Plan, median_us, random_rows, random_store, unbounded_store
-from edgeknn.head import DEFAULT_RULE, VIEW_RULES
 from edgeknn.imagefiles import find_images, load_rgb
-from edgeknn.model import Embedder
-from edgeknn.store import UNKNOWN, KnnStore
+from edgeknn.model.embedder import Embedder
+from edgeknn.store.head import DEFAULT_RULE, VIEW_RULES
+from edgeknn.store.knn import KnnStore
+from edgeknn.store.names import UNKNOWN
 
 KNN_SIZES = (1000, 10_000, 100_000)
 ADD_SIZES = (1000, 10_000)

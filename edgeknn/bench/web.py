@@ -35,7 +35,7 @@ from edgeknn.bench.broker import end_process
 from edgeknn.bench.inputs import BenchError, Setup
 
 if TYPE_CHECKING:
-    from edgeknn.daemon import Daemon
+    from edgeknn.device.daemon import Daemon
 
 PASSWORD = "bench-viewer"
 PAIRS = 5  # none / viewer block pairs (the ratio: their median)

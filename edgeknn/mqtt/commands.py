@@ -27,9 +27,9 @@ from edgeknn.commands import (
     SelectClass,
     SetThreshold,
     Snapshot,
-    class_name_error,
 )
 from edgeknn.config import MqttConfig, integer, number
+from edgeknn.store.names import class_name_error
 
 REQUIRED = object()  # a field's default: the request must give it
 

@@ -23,7 +23,7 @@ import re
 from typing import Any
 
 from edgeknn.config import MqttConfig
-from edgeknn.store import UNKNOWN
+from edgeknn.store.names import UNKNOWN
 
 SUPPORT_URL = "https://github.com/edgeknn/edgeknn"
 SELECT_STATE = "ha/class"  # under the base topic: the selected training class (retained)

@@ -14,7 +14,6 @@ from typing import Any
 
 from aiohttp import web
 
-from edgeknn import storefile
 from edgeknn.commands import (
     MAX_EXAMPLES_PER_COMMAND,
     AddClass,
@@ -29,6 +28,7 @@ from edgeknn.commands import (
     Save,
     SetThreshold,
 )
+from edgeknn.store import file as storefile
 
 REPLY_TIMEOUT_S = 30.0  # a command's reply (an added example waits for the next frame)
 
@@ -79,7 +79,7 @@ class Actions:
 
     async def upload(self, request: web.Request) -> web.Response:
         """An export (`edgeknn store export`'s JSON) added to the store, read here, added by the loop."""
-        from edgeknn.importing import parse_export
+        from edgeknn.store.exchange import parse_export
 
         raw = await request.read()
         try:
@@ -89,8 +89,8 @@ class Actions:
         return await self._command(ImportExamples(export=export, source="web"))
 
     def _export(self) -> bytes:
-        from edgeknn.store import KnnStore
-        from edgeknn.storecli import export_data
+        from edgeknn.store.exchange import export_data
+        from edgeknn.store.knn import KnnStore
 
         store = KnnStore.load(self.store_path, storefile.model_id_of(self.store_path))
         return json.dumps(export_data(store)).encode()

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from edgeknn import pictures
-from edgeknn.capture import Frame
+from edgeknn import jpeg as pictures
+from edgeknn.camera.capture import Frame
 from edgeknn.outputs import Reading
 
 LIVE_FPS = 5.0  # live view frames per second, at most

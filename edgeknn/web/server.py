@@ -23,11 +23,11 @@ from typing import Any
 from aiohttp import web
 
 from edgeknn import __version__
-from edgeknn.capture import Frame
+from edgeknn.camera.capture import Frame
 from edgeknn.commands import MAX_EXAMPLES_PER_COMMAND, Command
 from edgeknn.config import WebConfig
 from edgeknn.outputs import Output, Reading
-from edgeknn.store import UNKNOWN
+from edgeknn.store.names import UNKNOWN
 from edgeknn.throttle import Throttle
 from edgeknn.web.actions import Actions, json_response, request_json
 from edgeknn.web.auth import AuthError, LoginLimiter, Passwords, Sessions, load_secret

@@ -1,0 +1,1 @@
+"""The ``edgeknn`` command: its entry point (``main``) and each command family."""

@@ -1,0 +1,202 @@
+"""The commands that change what the device knows: classes (add, remove, rename, forget, reset) and
+examples (add, delete, list, import).
+
+They run on the loop thread between frames (the loop owns the store). An ``AddExample`` waits
+for fresh frames: each of its ``count`` examples is the next frame the loop classifies. A frame
+serves at most ADDS_PER_FRAME pending commands (the oldest first), one example each, so a frame's
+cost is bounded however many wait; and at most MAX_PENDING_EXAMPLES wait: past that a request is
+answered ``busy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import numpy as np
+
+from edgeknn.commands import (
+    MAX_EXAMPLES_PER_COMMAND,
+    AddClass,
+    AddExample,
+    Command,
+    DeleteExample,
+    ForgetClass,
+    ImportExamples,
+    ListExamples,
+    RemoveClass,
+    RenameClass,
+    Reset,
+    Result,
+)
+from edgeknn.store.knn import KnnStore
+from edgeknn.store.names import class_name_error
+
+MAX_PENDING_EXAMPLES = 2 * MAX_EXAMPLES_PER_COMMAND  # examples waiting for frames, all commands together
+ADDS_PER_FRAME = 8  # pending commands one frame serves (a held button may ask faster than frames come)
+
+
+class Teacher:
+    """Runs teaching commands on one store; ``changed`` marks it unsaved, ``event``/``reply`` report."""
+
+    def __init__(
+        self,
+        store: KnnStore,
+        changed: Callable[[], None],
+        event: Callable[[dict, Command], None],
+        reply: Callable[[Command, Result], None],
+    ):
+        self.store, self._changed, self._event, self._reply = store, changed, event, reply
+        self.pending: list[list] = []  # [AddExample, examples still to add] waiting for fresh frames
+
+    def refuse_pending(self, why: str) -> None:
+        """Answer the AddExamples still waiting for frames with ``why`` (the loop is stopping)."""
+        for command, _ in self.pending:
+            self._reply(command, Result(False, why))
+        self.pending.clear()
+
+    def _unknown(self, name: str) -> Result:
+        return Result(False, f"class: unknown class {name!r}")
+
+    def _class_of(self, command: AddExample | ForgetClass) -> str | Result:
+        """The class a command means: the one now in its ``slot`` (a button's), else ``class_name``;
+        or why there is none."""
+        if command.slot is None:
+            return command.class_name
+        n = len(self.store.classes)
+        if not 0 <= command.slot < n:
+            return Result(False, f"slot: no class in slot {command.slot + 1} (the device has {n} classes)")
+        return self.store.classes[command.slot]
+
+    def queue_examples(self, command: AddExample) -> Result | None:
+        """Queue the command for the next frames; its reply comes once they are added."""
+        name = self._class_of(command)
+        if isinstance(name, Result):
+            return name
+        if name not in self.store.classes:
+            return self._unknown(name)
+        command = dataclasses.replace(command, class_name=name, slot=None)  # a rename updates it
+        count = max(1, command.count)
+        waiting = sum(remaining for _, remaining in self.pending)
+        if waiting + count > MAX_PENDING_EXAMPLES:
+            return Result(
+                False,
+                f"busy: {waiting} examples already wait for frames (at most {MAX_PENDING_EXAMPLES}); "
+                "try again once they are added",
+            )
+        self.pending.append([command, count])
+        return None
+
+    def forget_class(self, command: ForgetClass) -> Result:
+        name = self._class_of(command)
+        if isinstance(name, Result):
+            return name
+        if name not in self.store.classes:
+            return self._unknown(name)
+        removed = self.store.forget(name)
+        self._changed()
+        self._event({"event": "class_forgotten", "class": name, "removed": removed}, command)
+        return Result(True, detail={"class": name, "removed": removed})
+
+    def rename_class(self, command: RenameClass) -> Result:
+        problem = class_name_error(command.new_name)  # every source: the page's names come unchecked
+        if problem:
+            return Result(False, f"new_name: {problem}")
+        try:
+            self.store.rename(command.class_name, command.new_name)
+        except (KeyError, ValueError) as e:
+            return Result(False, f"class: cannot rename: {e}")
+        for item in self.pending:  # examples still waiting for frames follow their class to its new name
+            if item[0].class_name == command.class_name:
+                item[0] = dataclasses.replace(item[0], class_name=command.new_name)
+        self._changed()
+        detail = {"class": command.class_name, "new_name": command.new_name}
+        self._event({"event": "class_renamed", **detail}, command)
+        return Result(True, detail=detail)
+
+    def add_class(self, command: AddClass) -> Result:
+        """A new empty class in the next slot (its button and LED, if the panel has that many)."""
+        problem = class_name_error(command.class_name)
+        if problem:
+            return Result(False, f"class: {problem}")
+        try:
+            slot = self.store.add_class(command.class_name)
+        except ValueError as e:
+            return Result(False, f"class: {e}")
+        self._changed()
+        detail = {"class": command.class_name, "slot": slot}
+        self._event({"event": "class_added", **detail}, command)
+        return Result(True, detail=detail)
+
+    def remove_class(self, command: RemoveClass) -> Result:
+        """Remove a class and its examples; the classes after it move down one slot."""
+        if command.class_name not in self.store.classes:
+            return self._unknown(command.class_name)
+        removed = self.store.remove_class(command.class_name)
+        self._changed()
+        detail = {"class": command.class_name, "removed": removed}
+        self._event({"event": "class_removed", **detail}, command)
+        return Result(True, detail=detail)
+
+    def delete_example(self, command: DeleteExample) -> Result:
+        try:
+            name = self.store.delete_example(command.example)
+        except KeyError:
+            return Result(False, f"example: no example {command.example} (list_examples gives the ids)")
+        self._changed()
+        detail = {"example": command.example, "class": name, "count": self.store.counts()[name]}
+        self._event({"event": "example_deleted", **detail}, command)
+        return Result(True, detail=detail)
+
+    def list_examples(self, command: ListExamples) -> Result:
+        """Every example (of one class): id, class, time added (ISO 8601 UTC), whether it has a picture."""
+        if command.class_name is not None and command.class_name not in self.store.classes:
+            return self._unknown(command.class_name)
+        examples = [
+            {"id": e.id, "class": e.class_name, "added": _iso(e.added), "picture": e.has_picture}
+            for e in self.store.examples(command.class_name)
+        ]
+        return Result(True, detail={"examples": examples})
+
+    def import_examples(self, command: ImportExamples) -> Result:
+        """The web page's upload: every example of the export, or (one line why) none."""
+        from edgeknn.store.exchange import add_examples
+
+        try:
+            added = add_examples(self.store, command.export)
+        except ValueError as e:
+            return Result(False, f"import: {e}")
+        self._changed()
+        detail = {"added": added, "classes": self.store.counts()}
+        self._event({"event": "examples_imported", "added": added}, command)
+        return Result(True, detail=detail)
+
+    def reset(self, command: Reset) -> Result:
+        self.store.reset()
+        self.pending.clear()
+        self._changed()
+        self._event({"event": "reset"}, command)
+        return Result(True)
+
+    def add_pending(self, views: np.ndarray, picture: bytes | None = None) -> None:
+        """Add this frame's views (and its ``picture``, a JPEG) as one example of each of the first
+        ADDS_PER_FRAME pending AddExamples."""
+        for item in self.pending[:ADDS_PER_FRAME]:
+            command, remaining = item
+            if command.class_name not in self.store.classes:  # renamed or reset meanwhile
+                self.pending.remove(item)
+                self._reply(command, self._unknown(command.class_name))
+                continue
+            count = self.store.add(command.class_name, views, picture=picture)
+            item[1] = remaining - 1
+            self._event({"event": "example_added", "class": command.class_name, "count": count}, command)
+            if item[1] <= 0:
+                self.pending.remove(item)
+                self._reply(command, Result(True, detail={"class": command.class_name, "count": count}))
+        self._changed()
+
+
+def _iso(ts: float) -> str:
+    """Seconds since the epoch as ISO 8601 UTC, like the ``ts`` of every MQTT payload."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,402 @@
+"""KnnStore: the trained examples and the public operations on them (add, forget, classify, save).
+
+Plain numpy. Rows are L2-normalised embeddings kept in one preallocated matrix that grows when
+full (``storerows.py``), with the class of each row and the example it came from (an added example
+may be stored as several augmented views; its id and time: ``storeexamples.py``, its picture:
+``storepictures.py``). How a frame is classified against the rows is the head's job (``head.py``),
+the file's format is ``storefile.py``'s. The store knows the model only by its identity string, and
+refuses a file written for another model.
+
+Every rule answers ``UNKNOWN`` when the store is empty or the frame's ``similarity`` is below
+``effective_threshold`` (``threshold``, or calibrated from the examples when it is None:
+``scan.py``), and names its nearest examples so that an answer can be explained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeknn.store import file as storefile
+from edgeknn.store import pictures as storepictures
+from edgeknn.store.examples import ExampleBook, ExampleInfo
+from edgeknn.store.head import DEFAULT_RULE, RULES, VIEW_RULES, Head, fit_sample
+from edgeknn.store.names import UNKNOWN
+from edgeknn.store.pictures import Pictures
+from edgeknn.store.rows import PER_ROW, Rows, with_room
+from edgeknn.store.scan import ExampleIndex, Space
+
+STORAGES = ("float32", "uint8")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """How a store classifies and keeps its rows (``config.StoreConfig.settings`` builds it).
+
+    ``rule`` may be ``"default"``; ``storage`` None is float32 for a new store and, for a
+    loaded one, the storage of its file.
+    """
+
+    k: int = 3
+    rule: str = DEFAULT_RULE
+    threshold: float | None = None  # None: calibrated from the examples (``effective_threshold``)
+    capacity: int = 1000
+    storage: str | None = None
+    max_classes: int = 10
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    confidence: float
+    scores: dict[str, float]
+    similarity: float
+    neighbours: list[tuple[str, float]] = field(default_factory=list)
+
+
+class KnnStore:
+    def __init__(self, dim: int, model_id: str, settings: StoreSettings = StoreSettings()):
+        rule = DEFAULT_RULE if settings.rule == "default" else settings.rule
+        storage = settings.storage or "float32"
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
+        if storage not in STORAGES:
+            raise ValueError(f"unknown storage {storage!r}; expected float32 or uint8")
+        self.dim, self.model_id, self.storage = dim, model_id, storage
+        self.k, self.threshold, self.capacity = settings.k, settings.threshold, settings.capacity
+        self.max_classes = settings.max_classes
+        self.classes: list[str] = []
+        self._rows = Rows(dim, storage)
+        self._examples: dict[str, int] = {}  # examples per class
+        self._book = ExampleBook()  # each stored example's id and time of adding
+        self._pictures = Pictures()  # and its picture (safe to read from another thread)
+        self._head = Head(rule, dim)
+        self._index = ExampleIndex(Space(rule in VIEW_RULES))  # one row per example: scan.py
+        self.full_scan = False  # True: no index (the bench measures the index's answers against it)
+
+    @property
+    def rule(self) -> str:
+        return self._head.rule
+
+    # --- examples -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def counts(self) -> dict[str, int]:
+        """Examples per class, in class order (a class may have none yet)."""
+        return {name: self._examples.get(name, 0) for name in self.classes}
+
+    def labels(self) -> np.ndarray:
+        """The class index of each row (into ``classes``), a copy."""
+        return self._rows.labels.copy()
+
+    def example_ids(self) -> np.ndarray:
+        """Which added example each row came from (the views of one example share it), a copy."""
+        return self._rows.examples.copy()
+
+    @property
+    def nbytes(self) -> int:
+        """The memory the stored rows take (a quarter of float32's with uint8 storage)."""
+        return self._rows.nbytes
+
+    def ensure_class(self, name: str) -> int:
+        if name not in self.classes:
+            self.classes.append(name)
+            self._head.stale = True
+        return self.classes.index(name)
+
+    def add_class(self, name: str) -> int:
+        """Make an empty class in the next slot (button/LED i is slot i); return its slot.
+
+        ValueError when it exists or the store already has ``max_classes`` classes."""
+        if name in self.classes:
+            raise ValueError(f"class {name!r} already exists")
+        if len(self.classes) >= self.max_classes:
+            raise ValueError(
+                f"already {len(self.classes)} classes, the most a store keeps (store.max_classes)"
+            )
+        return self.ensure_class(name)
+
+    def remove_class(self, name: str) -> int:
+        """Remove class ``name`` and its examples (returns how many); later classes move down a slot."""
+        removed = self.forget(name)  # KeyError when unknown
+        slot = self.classes.index(name)
+        del self.classes[slot]
+        self._rows.remove_label(slot)
+        self._head.stale = True
+        return removed
+
+    def add(
+        self,
+        name: str,
+        views: np.ndarray,
+        picture: bytes | None = None,
+        *,
+        example_id: int | None = None,
+        added: float | None = None,
+    ) -> int:
+        """Store one example of ``name`` (one or more views, rows of ``dim``) with the JPEG of the frame
+        it came from, if given (``pictures.encode``); return its class count.
+
+        ``example_id`` and ``added`` keep an example's identity when a store is rebuilt (re-embedding):
+        ids only grow, so an id below the next one is refused."""
+        views = np.atleast_2d(np.asarray(views, np.float32))
+        if views.shape[1] != self.dim:
+            raise ValueError(f"expected vectors of {self.dim} values, got {views.shape[1]}")
+        if len(views) == 0:
+            raise ValueError("expected at least one vector")
+        if picture is not None:
+            storepictures.check(picture)
+        self._book.check(example_id, added)
+        encoded = self._rows.encode(views)  # convert first: a refused example changes nothing
+        label = self.ensure_class(name)
+        at: np.ndarray | None = None
+        if self._examples.get(name, 0) >= self.capacity:
+            # A full class: the new example takes the rows of its oldest one when it has as many
+            # views (always, from the daemon), so adding never moves the whole matrix.
+            oldest = np.flatnonzero(self._oldest_rows(label))
+            if len(oldest) == len(views):
+                at = oldest
+                self._drop_examples([int(self._rows.example[oldest[0]])])
+                self._index.replaced(int(oldest[0]))
+            else:
+                self._drop_oldest(label)
+        example = self._book.next_id if example_id is None else example_id
+        self._rows.put(encoded, label, example, at)
+        if at is None:
+            self._examples[name] = self._examples.get(name, 0) + 1
+        self._book.add(example, added)
+        if picture is not None:
+            self._pictures.add(example, picture)
+        self._head.stale = True
+        return self._examples[name]
+
+    def examples(self, name: str | None = None) -> list[ExampleInfo]:
+        """The stored examples (of class ``name``, KeyError if there is none), oldest first."""
+        if name is not None and name not in self.classes:
+            raise KeyError(name)
+        ids, first = np.unique(self._rows.examples, return_index=True)
+        labels = self._rows.labels[first]
+        return [
+            ExampleInfo(int(i), self.classes[label], self._book.added(int(i)), int(i) in self._pictures)
+            for i, label in zip(ids, labels, strict=True)
+            if name is None or self.classes[label] == name
+        ]
+
+    def delete_example(self, example_id: int) -> str:
+        """Remove one example (all its rows and its picture); return its class. KeyError if there is none."""
+        mine = self._rows.examples == example_id
+        if not mine.any():
+            raise KeyError(example_id)
+        name = self.classes[int(self._rows.labels[mine][0])]
+        self._compact(~mine)
+        self._examples[name] -= 1
+        if not self._examples[name]:
+            del self._examples[name]
+        return name
+
+    def picture(self, example_id: int) -> bytes | None:
+        """The JPEG of an example, None when it has none (or its file is lost or damaged: said once
+        in the log, and the example then has no picture). Safe to call from another thread."""
+        return self._pictures.get(example_id)
+
+    def has_picture(self, example_id: int) -> bool:
+        return example_id in self._pictures
+
+    def pictures_to_write(self, path: Path) -> dict[int, bytes]:
+        """The pictures a save to ``path`` must write: those not yet saved, or all of them when the
+        store's pictures live elsewhere (a save to another file copies them)."""
+        return self._pictures.to_write(path)
+
+    def pictures_saved(self, path: Path, written: dict[int, bytes]) -> None:
+        """A save to ``path`` wrote ``written`` (``pictures_to_write``): they are read from there now."""
+        self._pictures.saved(path, written)
+
+    def _drop_examples(self, ids: list[int]) -> None:
+        """Forget what is kept per example (time, picture) for examples whose rows are gone."""
+        self._book.drop(ids)
+        self._pictures.drop(ids)
+
+    def forget(self, name: str) -> int:
+        """Remove every example of class ``name`` (the class stays known); return how many went."""
+        if name not in self.classes:
+            raise KeyError(name)
+        keep = self._rows.labels != self.classes.index(name)
+        self._compact(keep)
+        return self._examples.pop(name, 0)
+
+    def rename(self, old: str, new: str) -> None:
+        if old not in self.classes:
+            raise KeyError(old)
+        if new in self.classes:
+            raise ValueError(f"class {new!r} already exists")
+        self.classes[self.classes.index(old)] = new
+        if old in self._examples:
+            self._examples[new] = self._examples.pop(old)
+        self._head.stale = True
+
+    def reset(self) -> None:
+        """Forget every example; the class names stay."""
+        self._compact(np.zeros(len(self._rows), bool))
+        self._examples.clear()
+
+    def _oldest_rows(self, label: int) -> np.ndarray:
+        """A mask of the rows of the oldest example of class ``label`` (which has examples)."""
+        mine = self._rows.labels == label
+        oldest = self._rows.examples[mine].min()
+        return mine & (self._rows.examples == oldest)
+
+    def _drop_oldest(self, label: int) -> None:
+        self._compact(~self._oldest_rows(label))
+        self._examples[self.classes[label]] -= 1
+
+    def _compact(self, keep: np.ndarray) -> None:
+        self._drop_examples(np.unique(self._rows.examples[~keep]).tolist())
+        self._rows.compact(keep)
+        self._head.stale = True
+        self._index.clear()
+
+    def rows(self, index: np.ndarray | slice | None = None) -> np.ndarray:
+        """A float32 copy of the stored rows (all, or ``index`` into them), uint8 ones scaled back."""
+        return self._rows.get(index)
+
+    # --- classification -------------------------------------------------------------------
+
+    def observe(self, vector: np.ndarray) -> None:
+        """Fold a seen frame's embedding into the centre of the feature space (the default rule uses it)."""
+        self._head.observe(vector)
+
+    def similarities(self, vector: np.ndarray) -> np.ndarray:
+        """Cosine similarity of a unit ``vector`` to every stored row (``rowdot``: no BLAS threads)."""
+        return self._rows.similarities(vector)
+
+    def classify(self, vector: np.ndarray) -> Prediction:
+        """Classify one unit embedding: ``UNKNOWN`` with empty scores when the store has no examples,
+        and with this frame's scores when its ``similarity`` is below ``effective_threshold``: for
+        the view rules the mean similarity of its k nearest examples (``scan.py``), for the others
+        the cosine of the nearest row.
+
+        The view rules take their answer from the fitted head and their nearest examples from the
+        index (``scan.py``: one row per example, in the head's space, at a cost that hardly grows
+        with the rows); ``tfjs`` and ``nearest`` vote with the k most similar rows of a full scan.
+        ``full_scan``: the view rules score every example too (what the index is measured against).
+        """
+        n = len(self._rows)
+        if n == 0:
+            return Prediction(UNKNOWN, 0.0, {}, 0.0)
+        if self._head.stale:
+            self.fit()
+        if self.rule in VIEW_RULES:
+            nearest, sims = self._index.nearest(vector, self.k, self.rows, self.full_scan)
+        else:
+            every = self.similarities(vector)
+            k = min(self.k, n)
+            nearest = np.argpartition(every, n - k)[n - k :]
+            nearest = nearest[np.argsort(-every[nearest], kind="stable")]
+            sims = every[nearest]
+        labels = self._rows.label[nearest]
+        probs, best = self._head.answer(vector, labels, len(self.classes))
+        scores = {
+            name: float(p) for name, p in zip(self.classes, probs, strict=True) if self._examples.get(name)
+        }
+        # the view rules: the mean over the k nearest examples (a lone near-duplicate counts less)
+        similarity = float(sims.mean() if self.rule in VIEW_RULES else sims[0])
+        neighbours = [(self.classes[i], float(s)) for i, s in zip(labels, sims, strict=True)]
+        if similarity < self.effective_threshold:
+            return Prediction(UNKNOWN, 0.0, scores, similarity, neighbours)
+        return Prediction(self.classes[best], float(probs[best]), scores, similarity, neighbours)
+
+    @property
+    def effective_threshold(self) -> float:
+        """The threshold applied now: ``threshold`` when it is set, else the one calibrated from the
+        examples (``scan.ExampleIndex.threshold``; 0.0 until two classes have examples). ``tfjs`` and
+        ``nearest`` (kept to compare with TensorFlow.js, which has no unknown answer) are not
+        calibrated: 0.0, a raw cosine, never unknown. From the thread that classifies: it may calibrate."""
+        if self.threshold is not None:
+            return float(self.threshold)
+        if not len(self._rows) or self.rule not in VIEW_RULES:
+            return 0.0
+        if self._head.stale:
+            self.fit()
+        return self._index.threshold(self._rows.labels, self.rows, len(self.classes), self.k)
+
+    def fit(self) -> None:
+        """Fit the rule's head now if it is due (else the next classify does it).
+
+        The daemon calls this before it reports ready, so its first frame is not held up by the
+        fit, and the fit's working memory comes and goes before the camera and MQTT add theirs.
+        """
+        if not (self._head.stale and len(self._rows)):
+            return
+        view_rule = self.rule in VIEW_RULES
+        if view_rule:
+            labels = self._rows.labels
+            index = fit_sample(labels, self._rows.examples, len(self.classes))
+            present = np.bincount(labels, minlength=len(self.classes)) > 0
+            self._head.fit(self.rows(index), labels[index], present)
+        center = self._head.fitted.center if view_rule and self._head.fitted is not None else None
+        self._index.sync(len(self._rows), self._rows.examples, self.rows, Space(view_rule, center))
+
+    # --- files ----------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """Write the store to ``path`` atomically, and the pictures not there yet (``storefile.write``)."""
+        pictures = self.pictures_to_write(path)
+        storefile.write(Path(path), self.contents(), pictures)
+        self.pictures_saved(path, pictures)
+
+    def contents(self, snapshot: bool = False) -> dict[str, np.ndarray]:
+        """The arrays a store file holds. With ``snapshot``: arrays that later changes leave alone, for a
+        save on another thread. The small ones are copies; the stored rows are shared (a copy of tens
+        of MB would stall the loop) until ``snapshot_done``, and a change that rewrites stored rows
+        meanwhile copies them first. Adding writes past them; growing moves them to new arrays."""
+        arrays = {
+            "model_id": np.array(self.model_id),
+            "storage": np.array(self.storage),
+            "classes": np.array(self.classes, dtype=str) if self.classes else np.zeros(0, "<U1"),
+            **self._rows.arrays(),
+            "center": self._head.center,
+            "seen": np.array(self._head.seen),
+            **self._example_arrays(),
+        }
+        if not snapshot:
+            return arrays
+        self._rows.shared = True
+        return {name: a if name in PER_ROW else a.copy() for name, a in arrays.items()}
+
+    def _example_arrays(self) -> dict[str, np.ndarray]:
+        """What a store file keeps per example (new arrays: a snapshot needs no copy of them)."""
+        book = self._book.arrays()
+        return {**book, **self._pictures.arrays(book["examples"].tolist())}
+
+    def snapshot_done(self) -> None:
+        """The save of the last snapshot is over: stored rows may be rewritten in place again."""
+        self._rows.shared = False
+
+    @classmethod
+    def load(
+        cls, path: Path, model_id: str, settings: StoreSettings = StoreSettings(), dim: int | None = None
+    ) -> KnnStore:
+        """Load a store made with ``model_id`` (whose rows have ``dim`` values, when given: the
+        model's); ``storefile.StoreError`` names the file and says what is wrong with it (every
+        array is checked before anything is allocated). A ``settings.storage`` other than the
+        file's converts the rows."""
+        arrays, matrix = storefile.read(Path(path), model_id, with_room, dim)
+        if settings.storage is None:
+            settings = dataclasses.replace(settings, storage=str(arrays["storage"]))
+        store = cls(arrays["rows"].shape[1], model_id, settings)
+        store.classes = [str(c) for c in arrays["classes"]]
+        store._rows = Rows.load(arrays, matrix, store.storage)
+        store._book = ExampleBook.load(arrays)
+        store._pictures = Pictures.load(
+            Path(path), arrays["examples"], arrays["picture_size"], arrays["picture_crc"]
+        )
+        first_rows = np.unique(arrays["example"], return_index=True)[1]
+        per_class = np.bincount(arrays["labels"][first_rows], minlength=len(store.classes))
+        store._examples = {name: int(c) for name, c in zip(store.classes, per_class, strict=True) if c}
+        store._head.center, store._head.seen = arrays["center"].astype(np.float32), int(arrays["seen"])
+        return store

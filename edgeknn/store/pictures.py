@@ -1,0 +1,141 @@
+"""The pictures of a store's examples: a JPEG per example that has one, kept in memory until a save writes
+it to ``<store>.pictures/`` (``storefile.pictures_dir``), then read from there when asked for.
+
+The store file keeps each picture's size and CRC-32, so a lost or damaged picture file is noticed (its
+size when the store is loaded, its checksum when it is read) and costs that picture, nothing else.
+``get`` may be called from another thread (a web page) while the loop adds, drops and saves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from edgeknn.store import file as storefile
+
+MAX_PICTURE_BYTES = 1 << 20  # an example's JPEG (pictures.encode makes ~15 KB): a bound, not a budget
+
+log = logging.getLogger(__name__)
+
+
+def check(data: bytes) -> None:
+    """ValueError unless ``data`` looks like a JPEG of at most ``MAX_PICTURE_BYTES``."""
+    if not data.startswith(b"\xff\xd8") or len(data) > MAX_PICTURE_BYTES:
+        raise ValueError(f"a picture is a JPEG of at most {MAX_PICTURE_BYTES} bytes")
+
+
+class Pictures:
+    """(size, crc32) of each example's picture; the bytes of those not saved yet (``_unsaved``), and the
+    folder the saved ones are in. The lock guards all three against ``get`` on another thread."""
+
+    def __init__(self, folder: Path | None = None, known: dict[int, tuple[int, int]] | None = None):
+        self._known: dict[int, tuple[int, int]] = known or {}
+        self._unsaved: dict[int, bytes] = {}
+        self._folder = folder
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: Path, ids: np.ndarray, sizes: np.ndarray, crcs: np.ndarray) -> Pictures:
+        """The pictures of the store file at ``path`` (per example id, a size of 0: none), without
+        those whose file is missing or of the wrong size (one log line for all of them)."""
+        known = {
+            i: (size, crc)
+            for i, size, crc in zip(ids.tolist(), sizes.tolist(), crcs.tolist(), strict=True)
+            if size
+        }
+        pictures = cls(storefile.pictures_dir(Path(path)), known)
+        pictures._drop_lost()
+        return pictures
+
+    def __contains__(self, example_id: int) -> bool:
+        return example_id in self._known
+
+    def add(self, example_id: int, data: bytes) -> None:
+        """Keep ``data`` (``check``ed) as the picture of ``example_id`` until a save writes it."""
+        with self._lock:
+            self._known[example_id] = (len(data), zlib.crc32(data))
+            self._unsaved[example_id] = data
+
+    def drop(self, ids: list[int]) -> None:
+        """Forget the pictures of examples that are gone (the next save removes their files)."""
+        with self._lock:
+            for example_id in ids:
+                self._known.pop(example_id, None)
+                self._unsaved.pop(example_id, None)
+
+    def get(self, example_id: int) -> bytes | None:
+        """The JPEG of an example, None when it has none (or its file is lost or damaged: said once
+        in the log, and the example then has no picture). Safe to call from another thread."""
+        with self._lock:
+            known, data, folder = self._known.get(example_id), self._unsaved.get(example_id), self._folder
+        if known is None or data is not None:
+            return data
+        path = storefile.picture_path(folder, example_id) if folder is not None else None
+        try:
+            if path is None:
+                raise FileNotFoundError
+            data = path.read_bytes()
+        except OSError as e:
+            problem = f"cannot read it ({e.strerror or 'missing'})"
+        else:
+            if (len(data), zlib.crc32(data)) == known:
+                return data
+            problem = "it is damaged (size or checksum differ from the store's)"
+        with self._lock:
+            if self._known.pop(example_id, None) is not None:
+                log.warning(
+                    "picture of example %d: %s %s; that example has no picture now", example_id, path, problem
+                )
+        return None
+
+    def to_write(self, path: Path) -> dict[int, bytes]:
+        """The pictures a save to ``path`` must write: those not yet saved, or all of them when the
+        pictures live elsewhere (a save to another file copies them)."""
+        with self._lock:
+            home, unsaved, ids = self._folder, dict(self._unsaved), sorted(self._known)
+        if home is None or home == storefile.pictures_dir(Path(path)):
+            return unsaved
+        out = {}
+        for example_id in ids:
+            data = unsaved.get(example_id) or self.get(example_id)
+            if data is not None:
+                out[example_id] = data
+        return out
+
+    def saved(self, path: Path, written: dict[int, bytes]) -> None:
+        """A save to ``path`` wrote ``written`` (``to_write``): they are read from there now."""
+        with self._lock:
+            self._folder = storefile.pictures_dir(Path(path))
+            for example_id in written:
+                self._unsaved.pop(example_id, None)
+
+    def arrays(self, ids: list[int]) -> dict[str, np.ndarray]:
+        """The store file's ``picture_size`` and ``picture_crc`` of examples ``ids`` (0, 0: no picture)."""
+        with self._lock:
+            known = [self._known.get(i, (0, 0)) for i in ids]
+        return {
+            "picture_size": np.array([size for size, _ in known], np.int64),
+            "picture_crc": np.array([crc for _, crc in known], np.uint32),
+        }
+
+    def _drop_lost(self) -> None:
+        """Drop the pictures whose file is missing or of the wrong size (one log line for all):
+        a lost picture loses nothing else. The checksum is checked when one is read."""
+        if not self._known or self._folder is None:
+            return
+        sizes = storefile.picture_sizes(self._folder)
+        lost = [i for i, (size, _) in self._known.items() if sizes.get(i) != size]
+        for example_id in lost:
+            del self._known[example_id]
+        if lost:
+            log.warning(
+                "%s: %d of %d pictures are missing or damaged (examples %s); those examples have no picture",
+                self._folder,
+                len(lost),
+                len(lost) + len(self._known),
+                ", ".join(map(str, lost[:10])) + (", ..." if len(lost) > 10 else ""),
+            )
