@@ -22,8 +22,8 @@ from conftest import EXTRACTOR, HEAD, LABELS, MODELS, PHOTOS, V2
 from rig import BUTTONS, LEDS, Running, Scene, make_config, needs_mosquitto, wait_for
 
 from edgeknn.camera.sources import replay_images
-from edgeknn.cli.classifylive import classify_live
 from edgeknn.cli import main as cli
+from edgeknn.cli.classifylive import classify_live
 from edgeknn.commands import AddExample, ForgetClass, Reset, Result, Save, SetThreshold
 from edgeknn.device.build import Fatal, build
 from edgeknn.imagefiles import load_rgb
