@@ -25,6 +25,7 @@ from edgeknn.model.reembed import ReembedError, reembed
 from edgeknn.model.tflite import Model
 from edgeknn.store import file as storefile
 from edgeknn.store import lock as storelock
+from edgeknn.store import pictures as storepictures
 from edgeknn.store.knn import KnnStore, StoreSettings
 
 MODEL = "m" * 64
@@ -50,7 +51,7 @@ def taught(frames: list[np.ndarray], classes=("zero", "one", "two"), dim: int = 
 
 def picture_files(path: Path) -> dict[str, tuple[int, int]]:
     """Each picture file of the store at ``path``: (inode, mtime_ns), to tell a rewrite."""
-    folder = storefile.pictures_dir(path)
+    folder = storepictures.pictures_dir(path)
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.jpg"))}
 
 
@@ -162,7 +163,7 @@ def test_a_missing_or_damaged_picture_costs_only_that_picture(tmp_path, frames, 
     path = tmp_path / "store.npz"
     store = taught(frames[:4])
     store.save(path)
-    folder = storefile.pictures_dir(path)
+    folder = storepictures.pictures_dir(path)
     (folder / "0.jpg").unlink()  # lost
     (folder / "1.jpg").write_bytes(b"\xff\xd8 cut short")  # truncated: the size differs
     damaged = bytearray((folder / "2.jpg").read_bytes())
@@ -407,4 +408,4 @@ def test_a_store_without_every_picture_is_refused_at_start_and_by_the_cli(tmp_pa
     assert "re-embedded 1 examples of 2 classes" in capsys.readouterr().out
     tiny = KnnStore.load(path, Model(TINY).sha256)
     assert tiny.classes == ["one", "two"] and [e.id for e in tiny.examples()] == [0]
-    assert os.path.exists(storefile.picture_path(storefile.pictures_dir(path), 0))
+    assert os.path.exists(storepictures.picture_path(storepictures.pictures_dir(path), 0))

@@ -282,7 +282,7 @@ def env() -> dict[str, str]:
 def hold_lock(path: Path, who: str) -> subprocess.Popen:
     """Another process that holds ``path``'s lock until killed."""
     code = (
-        "import sys, time; from pathlib import Path; from edgeknn import storelock; "
+        "import sys, time; from pathlib import Path; from edgeknn.store import lock as storelock; "
         "storelock.claim(Path(sys.argv[1]), sys.argv[2]); print('held', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(path), who], stdout=subprocess.PIPE, env=env())
@@ -324,7 +324,7 @@ def test_claims_nest_within_a_process_and_the_last_release_unlocks(tmp_path):
     assert storelock.claim(path, "edgeknn run") and storelock.claim(path, "edgeknn run")
     storelock.release(path)
     code = (
-        "import sys; from pathlib import Path; from edgeknn import storelock; "
+        "import sys; from pathlib import Path; from edgeknn.store import lock as storelock; "
         "storelock.claim(Path(sys.argv[1]), 'x')"
     )
     probe = [sys.executable, "-c", code, str(path)]

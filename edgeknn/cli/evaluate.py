@@ -4,6 +4,9 @@ Per seed, N examples per class are drawn at random into a store and every other 
 classified. Each photo is embedded once and reused across shots, seeds and rules. Before
 classifying, the store observes every query's embedding, as the device observes every frame it
 sees (the default rule centres its features on that running mean).
+
+``eval_command`` is `edgeknn eval`: it checks the arguments, runs the evaluation and prints its table
+(or one JSON object); ``main`` builds the parser and maps its errors to exit codes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeknn.cli.errors import UsageError
+from edgeknn.cli.options import load_config, model_path, print_json
+from edgeknn.cli.progress import Progress
 from edgeknn.imagefiles import ImageError, find_images, load_rgb
 from edgeknn.model.embedder import Embedder
 from edgeknn.store.head import VIEW_RULES
@@ -175,3 +181,56 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 def timed(fn: Callable, *args, **kwargs):
     start = time.perf_counter()
     return fn(*args, **kwargs), time.perf_counter() - start
+
+
+def eval_command(args) -> int:
+    cfg = load_config(args)
+    try:
+        shots = [int(s) for s in args.shots.split(",")]
+    except ValueError:
+        raise UsageError(f"--shots: expected comma-separated integers, got {args.shots!r}") from None
+    if min(shots) < 1 or args.seeds < 1:
+        raise UsageError("--shots and --seeds: expected integers >= 1")
+    rules = [args.rule] if args.rule else ["softmax", "tfjs"]
+    start = time.perf_counter()
+    embedder = Embedder(model_path(args, cfg), cfg.model.threads)
+    with Progress("eval: embedding photos", 0) as progress:
+        data = load_dataset(args.dataset, embedder, progress)
+    smallest = min(int((data.labels == c).sum()) for c in range(len(data.classes)))
+    if max(shots) >= smallest:
+        raise UsageError(f"--shots: the smallest class has {smallest} photos; use fewer than that")
+    with Progress("eval: shots x rules x seeds", 0) as progress:
+        result = evaluate(
+            data, embedder, rules, shots, args.seeds, k=args.k, open_set=args.open_set, progress=progress
+        )
+    seconds = time.perf_counter() - start
+    result = {
+        "model": str(model_path(args, cfg)),
+        "default_rule": "softmax",
+        **result,
+        "seconds": round(seconds, 1),
+    }
+    if args.json:
+        print_json(result)
+        return 0
+    print(
+        f"{args.dataset}: {len(data.files)} photos, {len(data.classes)} classes, "
+        f"{args.seeds} seeds, k={args.k}"
+    )
+    header = "".join(f"{n:>4} shot{'s' if n > 1 else ' '}" + " " * 5 for n in shots)
+    print("rule        " + header)
+    for rule, per_shot in result["rules"].items():
+        cells = "".join(f"{v['mean']:.3f} ± {v['std']:.3f}  " for v in per_shot.values())
+        print(f"{rule:<12}{cells}")
+    for rule, per_shot in result.get("open_set", {}).items():
+        print(f"open set ({rule}): half the classes untaught; unknown = {UNKNOWN!r}")
+        print("  shots  AUROC  threshold  untaught->unknown (auto / 0)  taught right (auto / 0 / none)  kept")
+        for n, r in per_shot.items():
+            print(
+                f"  {n:>5}  {r['auroc']:.3f}  {r['threshold']:9.3f}  "
+                f"{r['unseen_unknown_auto']:.3f} / {r['unseen_unknown_zero']:.3f}{'':15}"
+                f"{r['taught_right_auto']:.3f} / {r['taught_right_zero']:.3f} / "
+                f"{r['taught_right_closed']:.3f}{'':9}{r['kept']:.3f}"
+            )
+    print(f"took {seconds:.1f} s")
+    return 0

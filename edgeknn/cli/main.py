@@ -5,33 +5,32 @@ command (README "Exit codes"): 0 done; 1 a file or the machine failed (a missing
 invalid image, model, store or export file, a download, a full disk; `teach` when it skipped some
 files); 2 the command line is wrong (an unknown option, a value out of range, a class name that is
 invalid or not in the store); 78 (EX_CONFIG) the configuration is wrong; 130 interrupted.
-The `store …` actions are in ``storecli``; every other command is here.
+
+This module holds ``main``, the parser and the two commands that only hand over (`run`, `bench`); the
+command families are modules of their own: ``classify`` (classify, teach, predict), ``evaluate``
+(eval), ``model`` (model info/fetch/list), ``web`` (web password), ``store`` (the `store …` actions).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from edgeknn import __version__, config
-from edgeknn import jpeg as pictures
+from edgeknn.cli import classify as classifycli
+from edgeknn.cli import model as modelcli
 from edgeknn.cli import store as storecli
+from edgeknn.cli import web as webcli
 from edgeknn.cli.errors import InputError, UsageError
-from edgeknn.cli.progress import Progress
-from edgeknn.imagefiles import ImageError, find_images, load_rgb
-from edgeknn.model.classifier import Classifier
-from edgeknn.model.embedder import Embedder
+from edgeknn.cli.evaluate import eval_command
+from edgeknn.cli.options import load_config
+from edgeknn.imagefiles import ImageError
 from edgeknn.model.registry import MODELS
-from edgeknn.model.tflite import Model, ModelError, sha256_of
-from edgeknn.store import lock as storelock
+from edgeknn.model.tflite import ModelError
 from edgeknn.store.file import StoreError
-from edgeknn.store.head import RULES, VIEW_RULES
-from edgeknn.store.knn import KnnStore
-from edgeknn.store.names import UNKNOWN, class_name_error
+from edgeknn.store.head import RULES
 
 EX_CONFIG = os.EX_CONFIG
 
@@ -90,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id", help="device id in MQTT topics")
     p.add_argument("--web", metavar="[HOST:]PORT|none", help='the web page\'s port, or "none" for no page')
 
-    p = command("classify", _classify, "top-k ImageNet-style labels of images (a pretrained classifier)")
+    p = command(
+        "classify", classifycli.classify, "top-k ImageNet-style labels of images (a pretrained classifier)"
+    )
     p.add_argument("images", nargs="*", type=Path, metavar="IMAGE")
     p.add_argument("--source", help="classify a camera or replay live instead (a camera.source URI)")
     p.add_argument("--model", type=Path, help="classifier model, or the extractor with --head")
@@ -101,13 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="how many labels (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
 
-    p = command("teach", _teach, "add images (files or folders) as examples of a class")
+    p = command("teach", classifycli.teach, "add images (files or folders) as examples of a class")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--class", dest="class_name", required=True, help="class name")
     p.add_argument("--model", type=Path)
 
-    p = command("predict", _predict, "classify images with a trained store")
+    p = command("predict", classifycli.predict, "classify images with a trained store")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--model", type=Path)
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", type=Path, help="the store's model (default: model.path)")
         sp.set_defaults(func=func)
 
-    p = command("eval", _eval, "few-shot accuracy on a folder of <class>/<image> photos")
+    p = command("eval", eval_command, "few-shot accuracy on a folder of <class>/<image> photos")
     p.add_argument("dataset", type=Path)
     p.add_argument("--shots", default="1,5,10", help="examples per class, comma-separated (default 1,5,10)")
     p.add_argument("--seeds", type=int, default=5, help="random draws per shot count (default 5)")
@@ -177,14 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     sp.add_argument("--reset", action="store_true", help="generate a new password")
     sp.add_argument("--state-dir", type=Path, help="the device's state directory (default: the config's)")
-    sp.set_defaults(func=_web_password)
+    sp.set_defaults(func=webcli.web_password)
 
     p = command("model", None, "inspect or fetch models")
     model_sub = p.add_subparsers(metavar="ACTION")
     sp = model_sub.add_parser("info", help="tensors, shapes, quantization and backend of a model")
     sp.add_argument("path", type=Path)
     sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
-    sp.set_defaults(func=_model_info)
+    sp.set_defaults(func=modelcli.model_info)
     sp = model_sub.add_parser(
         "fetch", help="download a named model (default: the configured one) into the state directory"
     )
@@ -193,35 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--url", help="where to download from (default: its pinned URL)")
     sp.add_argument("--sha256", help="expected checksum (default: its pinned sha256)")
     sp.add_argument("--dest", type=Path, help="target file (default <state_dir>/models/<file>)")
-    sp.set_defaults(func=_model_fetch)
+    sp.set_defaults(func=modelcli.model_fetch)
     sp = model_sub.add_parser("list", help="the named models: size, sha256, downloaded, the configured one")
     sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     sp.add_argument("--json", action="store_true", help="one JSON object per model, one per line")
-    sp.set_defaults(func=_model_list)
+    sp.set_defaults(func=modelcli.model_list)
     return parser
-
-
-def _config(args) -> config.Config:
-    return config.load(getattr(args, "config", None))
-
-
-def _model_path(args, cfg: config.Config) -> Path:
-    """--model, else the configured model (for --store S: the named model S was made with, if unset)."""
-    return Path(args.model) if getattr(args, "model", None) else cfg.model_path(getattr(args, "store", None))
-
-
-def _open_store(path: Path, embedder: Embedder, cfg: config.Config, create: bool) -> KnnStore:
-    if create and not Path(path).exists():
-        return KnnStore(embedder.dim, embedder.identity, cfg.store.settings())
-    return KnnStore.load(path, embedder.identity, cfg.store.settings(), embedder.dim)
-
-
-def _images(paths: list[Path]) -> list[Path]:
-    return find_images(paths)
-
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, ensure_ascii=False))
 
 
 def _run(args) -> int:
@@ -230,229 +208,10 @@ def _run(args) -> int:
     return run(args)
 
 
-def _classify(args) -> int:
-    cfg = _config(args)
-    if args.top < 1:
-        raise UsageError("--top: expected an integer >= 1")
-    if bool(args.images) == bool(args.source):
-        raise UsageError("classify: expected image files or --source URI (one of them)")
-    classifier = Classifier(
-        _model_path(args, cfg), labels=args.labels, head=args.head, threads=cfg.model.threads
-    )
-    if args.source:
-        from edgeknn.cli.classifylive import classify_live
-
-        return classify_live(classifier, args.source, args.top, args.json)
-    for path in _images(args.images):
-        labels = classifier.classify(load_rgb(path, max_side=1024), top=args.top)
-        if args.json:
-            _print_json({"file": str(path), "results": [vars(x) for x in labels]})
-        else:
-            print(f"{path}: " + ", ".join(f"{x.label} ({x.confidence:.2f})" for x in labels))
-    return 0
-
-
-def _teach(args) -> int:
-    """Holds the store's lock from reading it to saving it: a running device's store is refused
-    (its next autosave would write over what this adds)."""
-    with storelock.claimed(args.store, "edgeknn teach"):
-        return _teach_locked(args)
-
-
-def _teach_locked(args) -> int:
-    cfg = _config(args)
-    problem = class_name_error(args.class_name)
-    if problem:
-        raise UsageError(f"--class: {problem}, got {args.class_name!r}")
-    with Progress(f"teach {args.class_name!r}", 0) as progress:
-        files, skipped = [], 0
-        for path in args.paths:  # what cannot be read is skipped, one line each; the rest is kept
-            try:
-                files += find_images([path])
-            except ImageError as e:
-                progress.say(f"edgeknn: skipped {e}")
-                skipped += 1
-        if not files:
-            print(f"edgeknn: {args.store}: nothing added (no image could be read)", file=sys.stderr)
-            return 1
-        embedder = Embedder(_model_path(args, cfg), cfg.model.threads)
-        store = _open_store(args.store, embedder, cfg, create=True)
-        added = count = 0
-        for i, path in enumerate(files, 1):
-            try:
-                image = load_rgb(path, max_side=1024)
-            except ImageError as e:
-                progress.say(f"edgeknn: skipped {e}")
-                skipped += 1
-                continue
-            vectors = embedder.embed_views(image) if store.rule in VIEW_RULES else embedder.embed(image)
-            picture = pictures.encode(embedder.model.prepare(image))  # what the camera would have kept
-            count = store.add(args.class_name, vectors, picture)
-            added += 1
-            progress(i, len(files))
-    if not added:
-        print(f"edgeknn: {args.store}: nothing added (no image could be read)", file=sys.stderr)
-        return 1
-    store.save(args.store)
-    also = f", {skipped} skipped" if skipped else ""
-    print(f"{args.store}: class {args.class_name!r} now has {count} examples ({added} added{also})")
-    return 1 if skipped else 0
-
-
-def _predict(args) -> int:
-    cfg = _config(args)
-    embedder = Embedder(_model_path(args, cfg), cfg.model.threads)
-    store = _open_store(args.store, embedder, cfg, create=False)
-    for path in _images(args.images):
-        p = store.classify(embedder.embed(load_rgb(path, max_side=1024)))
-        if args.json:
-            _print_json(
-                {
-                    "file": str(path),
-                    "label": p.label,
-                    "confidence": round(p.confidence, 4),
-                    "scores": {k: round(v, 4) for k, v in p.scores.items()},
-                    "similarity": round(p.similarity, 4),
-                    "neighbours": [{"class": c, "similarity": round(s, 4)} for c, s in p.neighbours],
-                }
-            )
-        else:
-            print(f"{path}: {p.label} ({p.confidence:.2f}, similarity {p.similarity:.2f})")
-    return 0
-
-
-def _eval(args) -> int:
-    from edgeknn.cli.evaluate import evaluate, load_dataset
-
-    cfg = _config(args)
-    try:
-        shots = [int(s) for s in args.shots.split(",")]
-    except ValueError:
-        raise UsageError(f"--shots: expected comma-separated integers, got {args.shots!r}") from None
-    if min(shots) < 1 or args.seeds < 1:
-        raise UsageError("--shots and --seeds: expected integers >= 1")
-    rules = [args.rule] if args.rule else ["softmax", "tfjs"]
-    start = time.perf_counter()
-    embedder = Embedder(_model_path(args, cfg), cfg.model.threads)
-    with Progress("eval: embedding photos", 0) as progress:
-        data = load_dataset(args.dataset, embedder, progress)
-    smallest = min(int((data.labels == c).sum()) for c in range(len(data.classes)))
-    if max(shots) >= smallest:
-        raise UsageError(f"--shots: the smallest class has {smallest} photos; use fewer than that")
-    with Progress("eval: shots x rules x seeds", 0) as progress:
-        result = evaluate(
-            data, embedder, rules, shots, args.seeds, k=args.k, open_set=args.open_set, progress=progress
-        )
-    seconds = time.perf_counter() - start
-    result = {
-        "model": str(_model_path(args, cfg)),
-        "default_rule": "softmax",
-        **result,
-        "seconds": round(seconds, 1),
-    }
-    if args.json:
-        _print_json(result)
-        return 0
-    print(
-        f"{args.dataset}: {len(data.files)} photos, {len(data.classes)} classes, "
-        f"{args.seeds} seeds, k={args.k}"
-    )
-    header = "".join(f"{n:>4} shot{'s' if n > 1 else ' '}" + " " * 5 for n in shots)
-    print("rule        " + header)
-    for rule, per_shot in result["rules"].items():
-        cells = "".join(f"{v['mean']:.3f} ± {v['std']:.3f}  " for v in per_shot.values())
-        print(f"{rule:<12}{cells}")
-    for rule, per_shot in result.get("open_set", {}).items():
-        print(f"open set ({rule}): half the classes untaught; unknown = {UNKNOWN!r}")
-        print("  shots  AUROC  threshold  untaught->unknown (auto / 0)  taught right (auto / 0 / none)  kept")
-        for n, r in per_shot.items():
-            print(
-                f"  {n:>5}  {r['auroc']:.3f}  {r['threshold']:9.3f}  "
-                f"{r['unseen_unknown_auto']:.3f} / {r['unseen_unknown_zero']:.3f}{'':15}"
-                f"{r['taught_right_auto']:.3f} / {r['taught_right_zero']:.3f} / "
-                f"{r['taught_right_closed']:.3f}{'':9}{r['kept']:.3f}"
-            )
-    print(f"took {seconds:.1f} s")
-    return 0
-
-
 def _bench(args) -> int:
     from edgeknn.bench import run_bench
 
-    return run_bench(args, _config(args))
-
-
-def _web_password(args) -> int:
-    """`edgeknn web password [--reset]`: the configured password says where it is set; the generated
-    one is shown (made now if the device has not made it yet) or replaced."""
-    from edgeknn.web.auth import AuthError, Passwords, reset_password
-
-    cfg = _config(args)
-    if args.state_dir and not Path(args.state_dir).is_dir():  # a typo must not make a password nobody uses
-        raise InputError(
-            f"--state-dir {args.state_dir}: no such folder (the device's, e.g. /var/lib/edgeknn)"
-        )
-    state_dir = args.state_dir or cfg.resolved_state_dir()
-    passwords = Passwords(cfg.web, state_dir)
-    configured = bool(cfg.web.password or cfg.web.password_file)
-    if args.reset:
-        if configured:
-            raise UsageError(f"the password is set by {passwords.source}: change it there")
-        print(reset_password(state_dir))
-        print(f"(kept in {passwords.source}; every login of the page has ended)", file=sys.stderr)
-        return 0
-    try:
-        passwords.ensure()
-        print(passwords.current())
-    except AuthError as e:
-        raise InputError(str(e)) from None
-    print(f"(from {passwords.source})", file=sys.stderr)
-    return 0
-
-
-def _model_info(args) -> int:
-    model = Model(args.path)
-    info = model.describe()
-    print(json.dumps(info, indent=2))
-    return 0
-
-
-def _model_fetch(args) -> int:
-    from edgeknn.model.download import fetch
-
-    cfg = _config(args)
-    named = MODELS[args.name] if args.name else cfg.named_model()
-    url, sha256 = args.url or named.url, args.sha256 or named.sha256
-    dest = args.dest or cfg.resolved_state_dir() / "models" / named.file
-    if dest.is_file() and sha256_of(dest) == sha256:
-        print(f"{dest}: sha256 {sha256} verified (already there)")
-        return 0
-    fetch(url, sha256, dest)
-    print(f"{dest}: sha256 {sha256} verified")
-    return 0
-
-
-def _model_list(args) -> int:
-    """Every named model: size, sha256, whether <state_dir>/models holds it, which one is configured."""
-    from edgeknn.model.download import have
-    from edgeknn.model.registry import DEFAULT_NAME
-
-    cfg = _config(args)
-    folder = cfg.resolved_state_dir() / "models"
-    chosen = None if cfg.model.path else cfg.named_model().name
-    for m in MODELS.values():
-        marks = [w for w, on in (("default", m.name == DEFAULT_NAME), ("configured", m.name == chosen)) if on]
-        row = {"name": m.name, "bytes": m.size, "sha256": m.sha256, "downloaded": have(m, folder)}
-        if args.json:
-            _print_json(
-                {**row, "default": m.name == DEFAULT_NAME, "configured": m.name == chosen, "about": m.about}
-            )
-            continue
-        size, got = f"{m.size / 1e6:.1f} MB", row["downloaded"]
-        print(f"{m.name:<24}{size:>8}  {m.sha256[:12]}  downloaded: {got:<5} {', '.join(marks)}".rstrip())
-    if cfg.model.path and not args.json:
-        print(f"model.path = {cfg.model.path} (wins over model.name)")
-    return 0
+    return run_bench(args, load_config(args))
 
 
 if __name__ == "__main__":

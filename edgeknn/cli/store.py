@@ -1,8 +1,8 @@
 """`edgeknn store info | examples | export | import | forget | rename | delete-example | reembed`: inspect
 and edit a store file from the shell.
 
-``cli`` builds the parser and calls these with its parsed arguments; errors are raised as
-``clierrors.UsageError`` / ``InputError`` (or the store's own), and ``cli.main`` maps them to exit codes.
+``main`` builds the parser and calls these with its parsed arguments; errors are raised as
+``errors.UsageError`` / ``InputError`` (or the store's own), and ``main.main`` maps them to exit codes.
 The actions that write a store hold its lock from reading to saving (``storelock.claimed``), so they
 refuse the store of a running device; info and export only read it and work while it runs.
 """

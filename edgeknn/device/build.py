@@ -31,6 +31,7 @@ from edgeknn.panel.gpio import GpioPanel, PanelError, Submit
 from edgeknn.panel.keyboard import KeyboardPanel
 from edgeknn.store import file as storefile
 from edgeknn.store import lock as storelock
+from edgeknn.store import pictures as storepictures
 from edgeknn.store.file import ModelMismatch, StoreError
 from edgeknn.store.knn import KnnStore
 
@@ -111,7 +112,7 @@ def _load_store(
         except OSError as move_error:
             raise Fatal(f"{e}; and cannot move it aside ({move_error.strerror})", 1) from None
         with contextlib.suppress(OSError):  # its pictures go with it (a new store would remove them)
-            os.replace(storefile.pictures_dir(path), storefile.pictures_dir(aside))
+            os.replace(storepictures.pictures_dir(path), storepictures.pictures_dir(aside))
         log.error("%s; moved it to %s and started empty", e, aside)
         return KnnStore(embedder.dim, embedder.identity, settings)
     log.info("loaded %d examples from %s", sum(store.counts().values()), path)

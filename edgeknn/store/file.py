@@ -7,11 +7,11 @@ anything (a header claiming 10^8 rows must not cost 572 GiB), then the checksum,
 the model the store was made with, and the contents (widths, label indices, finite rows): a sha256
 anyone can recompute proves nothing. It raises ``StoreError`` naming the file and what is wrong.
 
-Pictures (each example's JPEG) are files of their own in ``<store>.pictures/<id>.jpg``: a save writes
-only the pictures not yet there, each atomically and before the store file, and removes the pictures
-of examples the store no longer has only after it. The store file records each picture's size and
-crc32, so a lost or damaged picture costs that example its picture, never the store. Format 1 files
-(before pictures and per-example times) still load.
+Pictures (each example's JPEG) are files of their own in ``<store>.pictures/<id>.jpg`` (that folder's
+files are ``pictures``'): a save writes only the pictures not yet there, each atomically and before the
+store file, and removes the pictures of examples the store no longer has only after it. The store file
+records each picture's size and crc32, so a lost or damaged picture costs that example its picture,
+never the store. Format 1 files (before pictures and per-example times) still load.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
+
+from edgeknn.store.pictures import pictures_dir, remove_pictures_except, write_pictures
 
 FORMAT_VERSION = 2
 CONTENTS_V1 = ("model_id", "storage", "classes", "rows", "scale", "labels", "example", "center", "seen")
@@ -89,7 +91,7 @@ def write(path: Path, arrays: dict[str, np.ndarray], pictures: dict[int, bytes] 
         raise ValueError(f"a store file holds {', '.join(CONTENTS)}; got {', '.join(arrays)}")
     folder = pictures_dir(path)
     if pictures:
-        _write_pictures(folder, pictures)
+        write_pictures(folder, pictures)
     arrays = {"format_version": np.array(FORMAT_VERSION), **arrays}
     arrays["checksum"] = np.array(_checksum(arrays))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -110,81 +112,7 @@ def write(path: Path, arrays: dict[str, np.ndarray], pictures: dict[int, bytes] 
     _remove_stale_temporaries(path)
     if folder.is_dir():
         keep = arrays["examples"][arrays["picture_size"] > 0].tolist()
-        _remove_pictures_except(folder, set(keep))
-
-
-def pictures_dir(path: Path) -> Path:
-    """Where the pictures of the store at ``path`` are kept: ``<store>.pictures`` beside it."""
-    return path.with_name(f"{path.name}.pictures")
-
-
-def picture_path(folder: Path, example_id: int) -> Path:
-    return folder / f"{example_id}.jpg"
-
-
-def picture_sizes(folder: Path) -> dict[int, int]:
-    """The size of each picture file in ``folder`` by example id (none when it is not there)."""
-    sizes: dict[int, int] = {}
-    with contextlib.suppress(OSError), os.scandir(folder) as entries:
-        for entry in entries:
-            stem, dot, ext = entry.name.partition(".")
-            if stem.isdigit() and dot and ext == "jpg":
-                with contextlib.suppress(OSError):
-                    sizes[int(stem)] = entry.stat().st_size
-    return sizes
-
-
-def _write_pictures(folder: Path, pictures: dict[int, bytes]) -> None:
-    """Each picture atomically (temporary, fsync, rename), then one fsync of the folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sizes = picture_sizes(folder)
-    for example_id, data in pictures.items():
-        target = picture_path(folder, example_id)
-        if sizes.get(example_id) == len(data):
-            with contextlib.suppress(OSError):
-                if target.read_bytes() == data:  # already there (a retried save): no write, no wear
-                    continue
-        tmp = folder / f".{example_id}.jpg.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_pictures_except(folder: Path, keep: set[int]) -> None:
-    """Remove the pictures of examples the saved store no longer has (a failed removal is retried at
-    the next save), and the temporary files of picture writers that were killed."""
-    names: list[str] = []
-    with contextlib.suppress(OSError), os.scandir(folder) as entries:
-        names = [entry.name for entry in entries]
-    for name in names:
-        stem, dot, ext = name.partition(".")
-        stale = stem.isdigit() and dot and ext == "jpg" and int(stem) not in keep
-        if name.startswith(".") and name.endswith(".tmp"):
-            pid = name.rsplit(".", 2)[-2]
-            stale = pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
-        if stale:
-            with contextlib.suppress(OSError):
-                (folder / name).unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
+        remove_pictures_except(folder, set(keep))
 
 
 def read(

@@ -1,5 +1,9 @@
 """The pictures of a store's examples: a JPEG per example that has one, kept in memory until a save writes
-it to ``<store>.pictures/`` (``storefile.pictures_dir``), then read from there when asked for.
+it to ``<store>.pictures/`` (``pictures_dir``), then read from there when asked for.
+
+That folder's files are this module's too: one ``<id>.jpg`` per example, each written atomically
+(``write_pictures``, called by ``file.write`` before the store file) and removed once the saved store no
+longer lists it (``remove_pictures_except``, after the store file).
 
 The store file keeps each picture's size and CRC-32, so a lost or damaged picture file is noticed (its
 size when the store is loaded, its checksum when it is read) and costs that picture, nothing else.
@@ -8,14 +12,14 @@ size when the store is loaded, its checksum when it is read) and costs that pict
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import zlib
 from pathlib import Path
 
 import numpy as np
-
-from edgeknn.store import file as storefile
 
 MAX_PICTURE_BYTES = 1 << 20  # an example's JPEG (pictures.encode makes ~15 KB): a bound, not a budget
 
@@ -26,6 +30,80 @@ def check(data: bytes) -> None:
     """ValueError unless ``data`` looks like a JPEG of at most ``MAX_PICTURE_BYTES``."""
     if not data.startswith(b"\xff\xd8") or len(data) > MAX_PICTURE_BYTES:
         raise ValueError(f"a picture is a JPEG of at most {MAX_PICTURE_BYTES} bytes")
+
+
+def pictures_dir(path: Path) -> Path:
+    """Where the pictures of the store at ``path`` are kept: ``<store>.pictures`` beside it."""
+    return path.with_name(f"{path.name}.pictures")
+
+
+def picture_path(folder: Path, example_id: int) -> Path:
+    return folder / f"{example_id}.jpg"
+
+
+def picture_sizes(folder: Path) -> dict[int, int]:
+    """The size of each picture file in ``folder`` by example id (none when it is not there)."""
+    sizes: dict[int, int] = {}
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            stem, dot, ext = entry.name.partition(".")
+            if stem.isdigit() and dot and ext == "jpg":
+                with contextlib.suppress(OSError):
+                    sizes[int(stem)] = entry.stat().st_size
+    return sizes
+
+
+def write_pictures(folder: Path, pictures: dict[int, bytes]) -> None:
+    """Each picture atomically (temporary, fsync, rename), then one fsync of the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = picture_sizes(folder)
+    for example_id, data in pictures.items():
+        target = picture_path(folder, example_id)
+        if sizes.get(example_id) == len(data):
+            with contextlib.suppress(OSError):
+                if target.read_bytes() == data:  # already there (a retried save): no write, no wear
+                    continue
+        tmp = folder / f".{example_id}.jpg.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_pictures_except(folder: Path, keep: set[int]) -> None:
+    """Remove the pictures of examples the saved store no longer has (a failed removal is retried at
+    the next save), and the temporary files of picture writers that were killed."""
+    names: list[str] = []
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        names = [entry.name for entry in entries]
+    for name in names:
+        stem, dot, ext = name.partition(".")
+        stale = stem.isdigit() and dot and ext == "jpg" and int(stem) not in keep
+        if name.startswith(".") and name.endswith(".tmp"):
+            pid = name.rsplit(".", 2)[-2]
+            stale = pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+        if stale:
+            with contextlib.suppress(OSError):
+                (folder / name).unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 class Pictures:
@@ -47,7 +125,7 @@ class Pictures:
             for i, size, crc in zip(ids.tolist(), sizes.tolist(), crcs.tolist(), strict=True)
             if size
         }
-        pictures = cls(storefile.pictures_dir(Path(path)), known)
+        pictures = cls(pictures_dir(Path(path)), known)
         pictures._drop_lost()
         return pictures
 
@@ -74,7 +152,7 @@ class Pictures:
             known, data, folder = self._known.get(example_id), self._unsaved.get(example_id), self._folder
         if known is None or data is not None:
             return data
-        path = storefile.picture_path(folder, example_id) if folder is not None else None
+        path = picture_path(folder, example_id) if folder is not None else None
         try:
             if path is None:
                 raise FileNotFoundError
@@ -97,7 +175,7 @@ class Pictures:
         pictures live elsewhere (a save to another file copies them)."""
         with self._lock:
             home, unsaved, ids = self._folder, dict(self._unsaved), sorted(self._known)
-        if home is None or home == storefile.pictures_dir(Path(path)):
+        if home is None or home == pictures_dir(Path(path)):
             return unsaved
         out = {}
         for example_id in ids:
@@ -109,7 +187,7 @@ class Pictures:
     def saved(self, path: Path, written: dict[int, bytes]) -> None:
         """A save to ``path`` wrote ``written`` (``to_write``): they are read from there now."""
         with self._lock:
-            self._folder = storefile.pictures_dir(Path(path))
+            self._folder = pictures_dir(Path(path))
             for example_id in written:
                 self._unsaved.pop(example_id, None)
 
@@ -127,7 +205,7 @@ class Pictures:
         a lost picture loses nothing else. The checksum is checked when one is read."""
         if not self._known or self._folder is None:
             return
-        sizes = storefile.picture_sizes(self._folder)
+        sizes = picture_sizes(self._folder)
         lost = [i for i, (size, _) in self._known.items() if sizes.get(i) != size]
         for example_id in lost:
             del self._known[example_id]
