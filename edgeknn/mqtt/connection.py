@@ -7,7 +7,8 @@ subscribes, waits for paho's re-sent backlog, lets its owner publish what a conn
 made with ``wait_for_owner`` has nothing to announce at first (the daemon's first state): a connect
 waits for its ``owner_ready`` before announcing, so ``online`` never goes out without it.
 It knows no topic but that one: what is published and what the messages mean is ``link.MqttLink``'s.
-The paho client itself (MQTT 5, limits, login, TLS) is made in ``client.py``.
+The paho client itself (MQTT 5, limits, login, TLS) is made in ``client.py``; what is held until a
+connect is announced, and what is dropped when a queue is full, is ``outbox``'s.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgeknn.config import MqttConfig
-from edgeknn.mqtt.client import MAX_QUEUED, connect_properties, make_client
+from edgeknn.mqtt.client import connect_properties, make_client
+from edgeknn.mqtt.outbox import Outbox
 from edgeknn.throttle import Throttle
 
 log = logging.getLogger(__package__)  # one logger for the package: "edgeknn.mqtt"
@@ -142,15 +144,11 @@ class Connection:
         self._lock = threading.Lock()
         self._connected = False
         self._outage_logged = False
-        self._queue_full_logged = False
-        self.dropped = 0  # messages paho refused because its outgoing queue was full
         self._takeovers = Throttle(log, 600.0)  # two devices with one client id take turns for ever
         self._connected_at = 0.0
         self._short_sessions = 0  # connections in a row that the broker closed within SHORT_SESSION_S
         self.acks = Acks()
-        self._hold_lock = threading.Lock()
-        self._ready = False  # connected, backlog re-sent and announced: publish straight to paho
-        self._held: deque[tuple[str, str | bytes, bool, int, Properties | None]] = deque()
+        self._outbox = Outbox()  # what waits until the connection is ready, and what was dropped
         self._started = False
         self._closed = False
         self._owner_ready = not wait_for_owner  # the owner has what a connect publishes
@@ -170,7 +168,12 @@ class Connection:
     @property
     def ready(self) -> bool:
         """Connected and announced: what is published now goes straight to the broker."""
-        return self._ready
+        return self._outbox.ready
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because a queue was full (ours while not ready, or paho's outgoing one)."""
+        return self._outbox.dropped
 
     @property
     def closed(self) -> bool:
@@ -230,14 +233,8 @@ class Connection:
         reconnect never overtakes older ones (paho re-sends its backlog only after on_connect returns).
         """
         message = (topic, payload, retain, self._config.qos if qos is None else qos, properties)
-        with self._hold_lock:
-            if not self._ready:
-                if len(self._held) < MAX_QUEUED:
-                    self._held.append(message)
-                else:
-                    self._count_dropped()
-                return
-        self._send(*message)
+        if not self._outbox.hold(message):
+            self._send(*message)
 
     def _send(
         self, topic: str, payload: str | bytes, retain: bool, qos: int, properties: Properties | None = None
@@ -246,20 +243,10 @@ class Connection:
         if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # paho keeps it
             self.acks.sent(info.mid)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            self._count_dropped()
+            self._outbox.drop()
         elif info.rc == mqtt.MQTT_ERR_SUCCESS:
-            self._queue_full_logged = False
+            self._outbox.flowing()
         return info
-
-    def _count_dropped(self) -> None:
-        self.dropped += 1
-        if not self._queue_full_logged:
-            self._queue_full_logged = True
-            log.warning(
-                "mqtt: %d messages wait for the broker; dropping new ones (counted in the state's "
-                "dropped_messages)",
-                MAX_QUEUED,
-            )
 
     # -- paho callbacks (paho's thread)
 
@@ -301,11 +288,7 @@ class Connection:
             if not self._owner_ready:  # nothing to announce yet: owner_ready() announces
                 self._announce_due = True
                 return
-        with self._hold_lock:  # what waited goes first; the owner's publishes go straight out from now on
-            held, self._held = self._held, deque()
-            for message in held:
-                self._send(*message)
-            self._ready = True
+        self._outbox.release(self._send)  # what waited goes first; the owner's go straight out from now on
         self._on_announce()
         self._send(self._availability, "online", retain=True, qos=1)
 
@@ -365,8 +348,7 @@ class Connection:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         was_connected, self._connected = self._connected, False
-        with self._hold_lock:
-            self._ready = False
+        self._outbox.stop()
         with self._lock:
             self._announce_due = False  # the next connect decides again
         self.acks.disconnected()

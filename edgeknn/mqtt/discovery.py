@@ -1,8 +1,8 @@
 """Home Assistant MQTT discovery as plain payload functions (the way mqtt-io's home_assistant.py does it).
 
 Each function returns one entity's config dict; ``discovery_configs`` puts them under their topics
-with the shared ``device``, ``origin`` and ``availability`` blocks, and the link publishes them,
-retained. What a user sees on the device page:
+with the shared ``device``, ``origin`` and ``availability`` blocks, and ``homeassistant`` publishes
+them, retained. What a user sees on the device page:
 
 - primary: Prediction (an ``enum`` sensor: the classes and ``store.UNKNOWN``), Examples (per-class
   counts as attributes), Training class (select), Add example, Snapshot (button) and the Snapshot image;

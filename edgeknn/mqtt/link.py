@@ -4,8 +4,9 @@ The daemon sees an Output and a command source. It never touches the store: a re
 ``commands.parse_command``, a valid one goes on the daemon's queue (``submit``) and its result comes
 back through ``Command.reply``. Bad commands are answered with an error result and change nothing.
 The broker connection (reconnects, acknowledgements, ``online``/``offline``) is ``connection``'s;
-Home Assistant's payloads come from ``discovery``; snapshots go out, retained, on ``<base>/snapshot``
-(``publish_image``, Home Assistant's image entity).
+what Home Assistant sees (discovery configs, the Training class select) is ``homeassistant``'s, its
+payloads ``discovery``'s; snapshots go out, retained, on ``<base>/snapshot`` (``publish_image``, Home
+Assistant's image entity).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from edgeknn.config import MqttConfig
 from edgeknn.mqtt import discovery
 from edgeknn.mqtt.commands import CommandError, parse_command, reply_topic, result_body, show
 from edgeknn.mqtt.connection import Connection
+from edgeknn.mqtt.homeassistant import HomeAssistant
+from edgeknn.mqtt.prediction import Predictions
 from edgeknn.outputs import Output, Reading
 from edgeknn.throttle import Throttle
 
@@ -56,6 +59,24 @@ def _plain(v: Any) -> Any:
     return v.tolist() if hasattr(v, "tolist") else str(v)
 
 
+def subscriptions(config: MqttConfig, base: str) -> list[tuple[str, SubscribeOptions]]:
+    """What the link listens to: commands and Home Assistant's entities (live messages only, not our
+    own), and Home Assistant's status (it came back: publish discovery again)."""
+    topics = []
+    if config.commands:
+        no_echo = SubscribeOptions(
+            qos=1,
+            noLocal=True,
+            retainAsPublished=True,
+            retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND,
+        )
+        commands = ("cmd/+", discovery.SELECT_SET, discovery.PRESS, discovery.AUTO_SET)
+        topics += [(f"{base}/{t}", no_echo) for t in commands]
+    if config.discovery:
+        topics.append((f"{config.discovery_prefix}/status", SubscribeOptions(qos=1)))
+    return topics
+
+
 class MqttLink(Output):
     """The device's MQTT presence: an Output for the daemon plus a command source.
 
@@ -78,49 +99,36 @@ class MqttLink(Output):
     ):
         self._config = config
         self._base = base_topic.rstrip("/")
-        self._device_id = device_id
         self._classes = list(classes)
         self._changing: list[Command] = []  # class changes queued, not yet run (under _changing_lock)
         self._changing_lock = threading.Lock()
-        self._selected = self._classes[0] if self._classes else ""  # the state's training_class wins
-        self._selected_sent = ""  # what <base>/ha/class says now
-        self._discovered: set[str] = set()  # the discovery topics published in this run
         self._submit = submit
-        self._version = version
         self._seq = itertools.count(1)
         self._lock = threading.Lock()  # seq order == publish order
         self._last_state: dict | None = None
-        self._last_prediction = 0.0
-        self._force = True  # publish the next prediction whatever it is
+        self._predictions = Predictions(config)  # which readings go out, and their body
         self._refusals = Throttle(log)  # a flood of bad requests logs one line per interval, not one each
         self._connection = Connection(
             config,
             client_id=config.client_id or f"edgeknn-{device_id}",
             availability=self._topic("availability"),
-            subscriptions=self._subscriptions(),
+            subscriptions=subscriptions(config, self._base),
             connected=self._on_connected,
             announce=self._announce,
             message=self._on_message,
             wait_for_owner=wait_for_state,
         )
+        self._home = HomeAssistant(
+            config,
+            self._connection,
+            base_topic=self._base,
+            device_id=device_id,
+            classes=self._classes,
+            version=version,
+        )
 
     def _topic(self, name: str) -> str:
         return f"{self._base}/{name}"
-
-    def _subscriptions(self) -> list[tuple[str, SubscribeOptions]]:
-        topics = []
-        if self._config.commands:
-            no_echo = SubscribeOptions(
-                qos=1,
-                noLocal=True,
-                retainAsPublished=True,
-                retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND,
-            )
-            commands = ("cmd/+", discovery.SELECT_SET, discovery.PRESS, discovery.AUTO_SET)
-            topics += [(self._topic(t), no_echo) for t in commands]
-        if self._config.discovery:
-            topics.append((f"{self._config.discovery_prefix}/status", SubscribeOptions(qos=1)))
-        return topics
 
     # -- public
 
@@ -139,35 +147,9 @@ class MqttLink(Output):
 
     def show(self, reading: Reading) -> None:
         """Publish the prediction when it changed, on the heartbeat, or every frame if so configured."""
-        if not self._connection.ready:
-            # Live data is not queued during an outage, but a change of the stable label is (QoS 1,
-            # bounded queue): a subscriber sees every state change, in order, once we are back.
-            self._force = True
-            if not reading.changed:
-                return
-        now = time.monotonic()
-        heartbeat = self._config.heartbeat_s
-        if not (
-            self._config.publish == "every_frame"
-            or reading.changed
-            or self._force
-            or (heartbeat > 0 and now - self._last_prediction >= heartbeat)
-        ):
+        body = self._predictions.due(reading, ready=self._connection.ready)
+        if body is None:
             return
-        self._force = False
-        self._last_prediction = now
-        body = {
-            "label": reading.label,
-            "confidence": round(float(reading.confidence), 4),
-            "scores": {str(k): round(float(v), 4) for k, v in reading.scores.items()},
-            "similarity": round(float(reading.similarity), 4),
-            "frame": int(reading.frame),
-            "latency_ms": round(float(reading.latency_ms), 1),
-        }
-        if reading.candidate:  # the label is settling: what this frame says (README, MQTT)
-            body["candidate"] = reading.candidate
-        if reading.results:  # a classifier model: its top-k, ml5's result shape
-            body["results"] = [{"label": k, "confidence": round(float(v), 4)} for k, v in reading.results]
         self._publish_json(self._topic("prediction"), body, ts=reading.ts)
 
     def event(self, event: dict) -> None:
@@ -180,16 +162,14 @@ class MqttLink(Output):
         It carries ``dropped_messages``: what paho's full outgoing queue refused (replies in a flood)."""
         self._last_state = {**state, "dropped_messages": self._connection.dropped}
         changed = self._update_classes(state.get("classes"))
-        training = state.get("training_class")
-        if isinstance(training, str) and (training in self._classes or not training):
-            self._selected = training  # the daemon's: kept across restarts, follows a rename
+        self._home.follow(state.get("training_class"), self._classes)
         if not self._connection.ready:  # announce publishes the newest state once it is
             self._connection.owner_ready()  # the first state: a connect that waited for it announces now
             return
         if changed and self._config.discovery:
-            self._publish_discovery()
+            self._home.publish_discovery(self._classes)
         self._publish_json(self._topic("state"), dict(self._last_state), retain=True)
-        self._publish_selected()
+        self._home.publish_selected()
 
     def publish_image(self, jpeg: bytes) -> str | None:
         """Publish a snapshot's JPEG (retained: Home Assistant's image entity shows the newest); the topic,
@@ -233,20 +213,20 @@ class MqttLink(Output):
             self._publish_json(response_topic, body, properties=props)
 
     def _on_connected(self) -> None:
-        self._force = True
+        self._predictions.force = True
 
     def _announce(self) -> None:
         """Our part of what a connect publishes: discovery and the retained state (``online`` follows)."""
         if self._config.discovery:
-            self._publish_discovery()
+            self._home.publish_discovery(self._classes)
         if self._last_state is not None:
             if "broker" in self._last_state:  # kept while we were away: it said "down"
                 self._last_state["broker"] = "ok"
             self._last_state["dropped_messages"] = self._connection.dropped
             self._publish_json(self._topic("state"), dict(self._last_state), retain=True)
-        self._publish_selected(force=True)
+        self._home.publish_selected(force=True)
 
-    # -- Home Assistant
+    # -- the classes, and what Home Assistant sends (its entities are ``self._home``'s)
 
     def _update_classes(self, classes: Any) -> bool:
         """Take the class list from a state dict (``{"cup": 12, ...}`` or a list); True if it changed."""
@@ -256,43 +236,13 @@ class MqttLink(Output):
         if names == self._classes:
             return False
         self._classes = names
-        if self._selected not in names:
-            self._selected = names[0] if names else ""
+        self._home.classes_changed(names)
         return True
-
-    def _publish_discovery(self) -> None:
-        """Every entity's config (retained); an entity gone since (the select, once no class is left)
-        gets the empty config that removes it from Home Assistant."""
-        configs = discovery.discovery_configs(
-            self._config,
-            base_topic=self._base,
-            device_id=self._device_id,
-            classes=self._classes,
-            version=self._version,
-        )
-        for topic in self._discovered - set(configs):
-            self._connection.publish(topic, "", retain=True, qos=1)
-        self._discovered = set(configs)
-        for topic, config in configs.items():
-            self._connection.publish(topic, json.dumps(config), retain=True, qos=1)
-
-    def _publish_selected(self, force: bool = False) -> None:
-        """The Home Assistant select's state: the class its buttons act on (retained), once a state said
-        which it is, and again only when it changed (or ``force``: on connect)."""
-        if not (self.connected and self._config.discovery and self._config.commands and self._selected):
-            return
-        if self._last_state is not None and (force or self._selected != self._selected_sent):
-            self._selected_sent = self._selected
-            self._connection.publish(self._topic(discovery.SELECT_STATE), self._selected, retain=True)
 
     def _select(self, choice: str) -> None:
         """Home Assistant chose a training class: use it at once, and have the daemon keep it."""
-        if choice not in self._classes:
-            log.info("mqtt: ignored unknown training class %s from Home Assistant", show(choice))
-            self._publish_selected(force=True)
+        if not self._home.choose(choice, self._classes):
             return
-        self._selected = choice
-        self._publish_selected()
 
         def kept(result: Result) -> None:
             if not result.ok:
@@ -331,8 +281,8 @@ class MqttLink(Output):
         topic, cmd_prefix = msg.topic, self._topic("cmd/")
         if topic == f"{self._config.discovery_prefix}/status":
             if msg.payload.strip() == b"online":
-                self._publish_discovery()
-                self._force = True
+                self._home.publish_discovery(self._classes)
+                self._predictions.force = True
         elif topic.startswith(cmd_prefix):
             name = topic[len(cmd_prefix) :]
             if name != "result":  # our own output
@@ -343,7 +293,7 @@ class MqttLink(Output):
             self._threshold_auto(msg.payload, msg.properties)
         elif topic == self._topic(discovery.PRESS):
             name = msg.payload.decode("utf-8", "replace")
-            self._command(name, discovery.press_payload(name, self._selected), msg.properties)
+            self._command(name, discovery.press_payload(name, self._home.selected), msg.properties)
 
     def _answer(self, name: str, properties: Any) -> Callable[[Result], None]:
         """How to reply to a request: on ``cmd/result`` and to its MQTT 5 response topic if any."""
