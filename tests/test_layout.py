@@ -146,4 +146,4 @@ def test_the_checks_see_a_circle_and_an_upward_import():
     """The checks above are not vacuous: a made-up circle and a made-up upward import are caught."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert part("edgeknn.store.knn") == "store" and part("edgeknn.mqtt.link") in EDGES
-    assert "edgeknn.store.names" in graph()["edgeknn.store.knn"]
+    assert "edgeknn.store.names" in graph()["edgeknn.store.matcher"]

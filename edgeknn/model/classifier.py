@@ -16,7 +16,8 @@ import numpy as np
 
 from edgeknn.model.embedder import Embedder, ends_in_probabilities
 from edgeknn.model.tflite import Model, ModelError, TensorInfo, load_interpreter, parse_labels, read_model
-from edgeknn.store.knn import KnnStore, Prediction
+from edgeknn.store.knn import KnnStore
+from edgeknn.store.matcher import Prediction
 from edgeknn.store.names import UNKNOWN
 
 log = logging.getLogger(__name__)

@@ -1,21 +1,18 @@
 """KnnStore: the trained examples and the public operations on them (add, forget, classify, save).
 
 Plain numpy. Rows are L2-normalised embeddings kept in one preallocated matrix that grows when
-full (``storerows.py``), with the class of each row and the example it came from (an added example
-may be stored as several augmented views; its id and time: ``storeexamples.py``, its picture:
-``storepictures.py``). How a frame is classified against the rows is the head's job (``head.py``),
-the file's format is ``storefile.py``'s. The store knows the model only by its identity string, and
-refuses a file written for another model.
-
-Every rule answers ``UNKNOWN`` when the store is empty or the frame's ``similarity`` is below
-``effective_threshold`` (``threshold``, or calibrated from the examples when it is None:
-``scan.py``), and names its nearest examples so that an answer can be explained.
+full (``rows.py``), with the class of each row and the example it came from (an added example
+may be stored as several augmented views; its id and time: ``examples.py``, its picture:
+``pictures.py``). How a frame is classified against the rows is the matcher's job (``matcher.py``,
+with the head and the scan index; the store's ``classify``, ``observe``, ``fit`` and
+``effective_threshold`` hand it the rows), the file's format is ``file.py``'s. The store knows the
+model only by its identity string, and refuses a file written for another model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +20,10 @@ import numpy as np
 from edgeknn.store import file as storefile
 from edgeknn.store import pictures as storepictures
 from edgeknn.store.examples import ExampleBook, ExampleInfo
-from edgeknn.store.head import DEFAULT_RULE, RULES, VIEW_RULES, Head, fit_sample
-from edgeknn.store.names import UNKNOWN
+from edgeknn.store.head import DEFAULT_RULE, RULES
+from edgeknn.store.matcher import Matcher, Prediction
 from edgeknn.store.pictures import Pictures
 from edgeknn.store.rows import PER_ROW, Rows, with_room
-from edgeknn.store.scan import ExampleIndex, Space
 
 STORAGES = ("float32", "uint8")
 
@@ -48,15 +44,6 @@ class StoreSettings:
     max_classes: int = 10
 
 
-@dataclass(frozen=True)
-class Prediction:
-    label: str
-    confidence: float
-    scores: dict[str, float]
-    similarity: float
-    neighbours: list[tuple[str, float]] = field(default_factory=list)
-
-
 class KnnStore:
     def __init__(self, dim: int, model_id: str, settings: StoreSettings = StoreSettings()):
         rule = DEFAULT_RULE if settings.rule == "default" else settings.rule
@@ -73,13 +60,13 @@ class KnnStore:
         self._examples: dict[str, int] = {}  # examples per class
         self._book = ExampleBook()  # each stored example's id and time of adding
         self._pictures = Pictures()  # and its picture (safe to read from another thread)
-        self._head = Head(rule, dim)
-        self._index = ExampleIndex(Space(rule in VIEW_RULES))  # one row per example: scan.py
         self.full_scan = False  # True: no index (the bench measures the index's answers against it)
+        self._matcher = Matcher(self, rule, dim)  # classifies (matcher.py) with its head and index:
+        self._head, self._index = self._matcher.head, self._matcher.index  # stale, cleared on a change
 
     @property
     def rule(self) -> str:
-        return self._head.rule
+        return self._matcher.rule
 
     # --- examples -------------------------------------------------------------------------
 
@@ -158,7 +145,7 @@ class KnnStore:
         if self._examples.get(name, 0) >= self.capacity:
             # A full class: the new example takes the rows of its oldest one when it has as many
             # views (always, from the daemon), so adding never moves the whole matrix.
-            oldest = np.flatnonzero(self._oldest_rows(label))
+            oldest = np.flatnonzero(self._rows.oldest(label))
             if len(oldest) == len(views):
                 at = oldest
                 self._drop_examples([int(self._rows.example[oldest[0]])])
@@ -244,14 +231,8 @@ class KnnStore:
         self._compact(np.zeros(len(self._rows), bool))
         self._examples.clear()
 
-    def _oldest_rows(self, label: int) -> np.ndarray:
-        """A mask of the rows of the oldest example of class ``label`` (which has examples)."""
-        mine = self._rows.labels == label
-        oldest = self._rows.examples[mine].min()
-        return mine & (self._rows.examples == oldest)
-
     def _drop_oldest(self, label: int) -> None:
-        self._compact(~self._oldest_rows(label))
+        self._compact(~self._rows.oldest(label))
         self._examples[self.classes[label]] -= 1
 
     def _compact(self, keep: np.ndarray) -> None:
@@ -264,82 +245,24 @@ class KnnStore:
         """A float32 copy of the stored rows (all, or ``index`` into them), uint8 ones scaled back."""
         return self._rows.get(index)
 
-    # --- classification -------------------------------------------------------------------
+    # --- classification: the matcher's (matcher.py) -------------------------------------
 
     def observe(self, vector: np.ndarray) -> None:
-        """Fold a seen frame's embedding into the centre of the feature space (the default rule uses it)."""
-        self._head.observe(vector)
+        self._matcher.observe(vector)
 
     def similarities(self, vector: np.ndarray) -> np.ndarray:
         """Cosine similarity of a unit ``vector`` to every stored row (``rowdot``: no BLAS threads)."""
         return self._rows.similarities(vector)
 
     def classify(self, vector: np.ndarray) -> Prediction:
-        """Classify one unit embedding: ``UNKNOWN`` with empty scores when the store has no examples,
-        and with this frame's scores when its ``similarity`` is below ``effective_threshold``: for
-        the view rules the mean similarity of its k nearest examples (``scan.py``), for the others
-        the cosine of the nearest row.
-
-        The view rules take their answer from the fitted head and their nearest examples from the
-        index (``scan.py``: one row per example, in the head's space, at a cost that hardly grows
-        with the rows); ``tfjs`` and ``nearest`` vote with the k most similar rows of a full scan.
-        ``full_scan``: the view rules score every example too (what the index is measured against).
-        """
-        n = len(self._rows)
-        if n == 0:
-            return Prediction(UNKNOWN, 0.0, {}, 0.0)
-        if self._head.stale:
-            self.fit()
-        if self.rule in VIEW_RULES:
-            nearest, sims = self._index.nearest(vector, self.k, self.rows, self.full_scan)
-        else:
-            every = self.similarities(vector)
-            k = min(self.k, n)
-            nearest = np.argpartition(every, n - k)[n - k :]
-            nearest = nearest[np.argsort(-every[nearest], kind="stable")]
-            sims = every[nearest]
-        labels = self._rows.label[nearest]
-        probs, best = self._head.answer(vector, labels, len(self.classes))
-        scores = {
-            name: float(p) for name, p in zip(self.classes, probs, strict=True) if self._examples.get(name)
-        }
-        # the view rules: the mean over the k nearest examples (a lone near-duplicate counts less)
-        similarity = float(sims.mean() if self.rule in VIEW_RULES else sims[0])
-        neighbours = [(self.classes[i], float(s)) for i, s in zip(labels, sims, strict=True)]
-        if similarity < self.effective_threshold:
-            return Prediction(UNKNOWN, 0.0, scores, similarity, neighbours)
-        return Prediction(self.classes[best], float(probs[best]), scores, similarity, neighbours)
+        return self._matcher.classify(vector, self._rows, self.classes, self._examples)
 
     @property
     def effective_threshold(self) -> float:
-        """The threshold applied now: ``threshold`` when it is set, else the one calibrated from the
-        examples (``scan.ExampleIndex.threshold``; 0.0 until two classes have examples). ``tfjs`` and
-        ``nearest`` (kept to compare with TensorFlow.js, which has no unknown answer) are not
-        calibrated: 0.0, a raw cosine, never unknown. From the thread that classifies: it may calibrate."""
-        if self.threshold is not None:
-            return float(self.threshold)
-        if not len(self._rows) or self.rule not in VIEW_RULES:
-            return 0.0
-        if self._head.stale:
-            self.fit()
-        return self._index.threshold(self._rows.labels, self.rows, len(self.classes), self.k)
+        return self._matcher.effective_threshold(self._rows, self.classes)
 
     def fit(self) -> None:
-        """Fit the rule's head now if it is due (else the next classify does it).
-
-        The daemon calls this before it reports ready, so its first frame is not held up by the
-        fit, and the fit's working memory comes and goes before the camera and MQTT add theirs.
-        """
-        if not (self._head.stale and len(self._rows)):
-            return
-        view_rule = self.rule in VIEW_RULES
-        if view_rule:
-            labels = self._rows.labels
-            index = fit_sample(labels, self._rows.examples, len(self.classes))
-            present = np.bincount(labels, minlength=len(self.classes)) > 0
-            self._head.fit(self.rows(index), labels[index], present)
-        center = self._head.fitted.center if view_rule and self._head.fitted is not None else None
-        self._index.sync(len(self._rows), self._rows.examples, self.rows, Space(view_rule, center))
+        self._matcher.fit(self._rows, self.classes)
 
     # --- files ----------------------------------------------------------------------------
 

@@ -95,6 +95,12 @@ class Rows:
         self.label[where] = label
         self.example[where] = example
 
+    def oldest(self, label: int) -> np.ndarray:
+        """A mask of the rows of the oldest example of class ``label`` (which has examples)."""
+        mine = self.labels == label
+        oldest = self.examples[mine].min()
+        return mine & (self.examples == oldest)
+
     def compact(self, keep: np.ndarray) -> None:
         """Keep only the rows where ``keep`` (a mask of the stored rows) is True, in order."""
         self.unshare()

@@ -1,0 +1,126 @@
+"""Matcher: how a frame is classified against a store's rows (observe, classify, fit, the threshold).
+
+Split from ``knn.py`` so that ``KnnStore`` keeps what is stored (examples, classes, rows, pictures,
+the file) and this the classification over it: the rule's head (``head.py``), fitted on the rows,
+and the index of one row per example (``scan.py``) that finds a frame's nearest examples. The store
+owns one Matcher and hands it its rows, classes and examples per class on each call (a loaded store
+replaces them, so the matcher keeps none) and reads ``k``, ``threshold`` and ``full_scan`` off the
+store (callers set them there); when its rows change the store marks the head stale and clears the
+index.
+
+Every rule answers ``UNKNOWN`` when the store is empty or the frame's ``similarity`` is below
+``effective_threshold`` (``threshold``, or calibrated from the examples when it is None:
+``scan.py``), and names its nearest examples so that an answer can be explained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from edgeknn.store.head import VIEW_RULES, Head, fit_sample
+from edgeknn.store.names import UNKNOWN
+from edgeknn.store.rows import Rows
+from edgeknn.store.scan import ExampleIndex, Space
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    confidence: float
+    scores: dict[str, float]
+    similarity: float
+    neighbours: list[tuple[str, float]] = field(default_factory=list)
+
+
+class Tuning(Protocol):
+    """What a matcher reads off its store at each call (``KnnStore``'s attributes)."""
+
+    k: int
+    threshold: float | None  # None: calibrated from the examples (``effective_threshold``)
+    full_scan: bool  # True: no index (the bench measures the index's answers against it)
+
+
+class Matcher:
+    """A store's classification; ``head`` and ``index`` are marked stale and cleared by the store."""
+
+    def __init__(self, store: Tuning, rule: str, dim: int):
+        self.store = store
+        self.head = Head(rule, dim)
+        self.index = ExampleIndex(Space(rule in VIEW_RULES))  # one row per example: scan.py
+
+    @property
+    def rule(self) -> str:
+        return self.head.rule
+
+    def observe(self, vector: np.ndarray) -> None:
+        """Fold a seen frame's embedding into the centre of the feature space (the default rule uses it)."""
+        self.head.observe(vector)
+
+    def classify(
+        self, vector: np.ndarray, rows: Rows, classes: list[str], examples: dict[str, int]
+    ) -> Prediction:
+        """Classify one unit embedding: ``UNKNOWN`` with empty scores when the store has no examples,
+        and with this frame's scores when its ``similarity`` is below ``effective_threshold``: for
+        the view rules the mean similarity of its k nearest examples (``scan.py``), for the others
+        the cosine of the nearest row.
+
+        The view rules take their answer from the fitted head and their nearest examples from the
+        index (``scan.py``: one row per example, in the head's space, at a cost that hardly grows
+        with the rows); ``tfjs`` and ``nearest`` vote with the k most similar rows of a full scan.
+        ``full_scan``: the view rules score every example too (what the index is measured against).
+        """
+        n = len(rows)
+        if n == 0:
+            return Prediction(UNKNOWN, 0.0, {}, 0.0)
+        if self.head.stale:
+            self.fit(rows, classes)
+        if self.rule in VIEW_RULES:
+            nearest, sims = self.index.nearest(vector, self.store.k, rows.get, self.store.full_scan)
+        else:
+            every = rows.similarities(vector)
+            k = min(self.store.k, n)
+            nearest = np.argpartition(every, n - k)[n - k :]
+            nearest = nearest[np.argsort(-every[nearest], kind="stable")]
+            sims = every[nearest]
+        labels = rows.label[nearest]
+        probs, best = self.head.answer(vector, labels, len(classes))
+        scores = {name: float(p) for name, p in zip(classes, probs, strict=True) if examples.get(name)}
+        # the view rules: the mean over the k nearest examples (a lone near-duplicate counts less)
+        similarity = float(sims.mean() if self.rule in VIEW_RULES else sims[0])
+        neighbours = [(classes[i], float(s)) for i, s in zip(labels, sims, strict=True)]
+        if similarity < self.effective_threshold(rows, classes):
+            return Prediction(UNKNOWN, 0.0, scores, similarity, neighbours)
+        return Prediction(classes[best], float(probs[best]), scores, similarity, neighbours)
+
+    def effective_threshold(self, rows: Rows, classes: list[str]) -> float:
+        """The threshold applied now: ``threshold`` when it is set, else the one calibrated from the
+        examples (``scan.ExampleIndex.threshold``; 0.0 until two classes have examples). ``tfjs`` and
+        ``nearest`` (kept to compare with TensorFlow.js, which has no unknown answer) are not
+        calibrated: 0.0, a raw cosine, never unknown. From the thread that classifies: it may calibrate."""
+        if self.store.threshold is not None:
+            return float(self.store.threshold)
+        if not len(rows) or self.rule not in VIEW_RULES:
+            return 0.0
+        if self.head.stale:
+            self.fit(rows, classes)
+        return self.index.threshold(rows.labels, rows.get, len(classes), self.store.k)
+
+    def fit(self, rows: Rows, classes: list[str]) -> None:
+        """Fit the rule's head now if it is due (else the next classify does it).
+
+        The daemon calls this before it reports ready, so its first frame is not held up by the
+        fit, and the fit's working memory comes and goes before the camera and MQTT add theirs.
+        """
+        if not (self.head.stale and len(rows)):
+            return
+        view_rule = self.rule in VIEW_RULES
+        if view_rule:
+            labels = rows.labels
+            index = fit_sample(labels, rows.examples, len(classes))
+            present = np.bincount(labels, minlength=len(classes)) > 0
+            self.head.fit(rows.get(index), labels[index], present)
+        center = self.head.fitted.center if view_rule and self.head.fitted is not None else None
+        self.index.sync(len(rows), rows.examples, rows.get, Space(view_rule, center))
