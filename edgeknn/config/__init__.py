@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeknn import smallfiles
 from edgeknn.config.checks import _class_names, _str, integer, key, number
 from edgeknn.config.sections import (
     CameraConfig,
@@ -36,6 +37,7 @@ from edgeknn.config.sections import (
     WebConfig,
 )
 from edgeknn.model.registry import MODELS, NamedModel
+from edgeknn.smallfiles import read_small
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -60,6 +62,7 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgeknn/edgeknn.toml")
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB: a larger file is not one (nor is a FIFO)
 MACHINE_ID = Path("/etc/machine-id")  # systemd's per-installation id: the default device id hashes it
 
 
@@ -223,12 +226,13 @@ def load(path: Path | None) -> Config:
             return Config()
         path = DEFAULT_CONFIG_PATH
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(read_small(path, MAX_CONFIG_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError([f"{path}: config file not found"]) from None
     except OSError as e:
-        raise ConfigError([f"{path}: cannot read config file ({e.strerror})"]) from None
+        raise ConfigError([f"{path}: cannot read config file ({smallfiles.reason(e)})"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {e.start})"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{path}: not valid TOML ({e})"]) from None
     return from_dict(data)

@@ -21,7 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeknn import smallfiles
 from edgeknn.commands import RenameClass, Result, SelectClass, SetThreshold
+from edgeknn.smallfiles import read_small
 
 if TYPE_CHECKING:
     from edgeknn.config import Config
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FILE_NAME = "runtime.json"
 KEYS = ("threshold", "training_class")
+MAX_BYTES = 64 * 1024  # two settings take ~100 bytes: a larger file is not ours (a FIFO is refused too)
 _MISSING = object()
 
 
@@ -51,7 +54,7 @@ class RuntimeSettings:
         """The settings kept in ``state_dir`` (none if there is no file, or it is damaged)."""
         settings = cls(Path(state_dir) / FILE_NAME, config)
         try:
-            data = json.loads(settings.path.read_text(encoding="utf-8"))
+            data = json.loads(read_small(settings.path, MAX_BYTES).decode("utf-8"))
         except FileNotFoundError:
             return settings
         except (OSError, ValueError) as e:
@@ -194,5 +197,7 @@ def _valid(key: str, value: Any) -> bool:
 
 def _reason(e: Exception) -> str:
     if isinstance(e, OSError):
-        return e.strerror or str(e)
+        return smallfiles.reason(e)
+    if isinstance(e, UnicodeDecodeError):
+        return "not UTF-8 text"
     return f"not valid JSON: {getattr(e, 'msg', e)}"

@@ -21,9 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeknn import smallfiles
+from edgeknn.throttle import Throttle
+
 MAX_PICTURE_BYTES = 1 << 20  # an example's JPEG (pictures.encode makes ~15 KB): a bound, not a budget
 
 log = logging.getLogger(__name__)
+_busy = Throttle(log, 60.0)  # out of descriptors: one line a minute whatever the page asks
 
 
 def check(data: bytes) -> None:
@@ -61,7 +65,9 @@ def write_pictures(folder: Path, pictures: dict[int, bytes]) -> None:
         target = picture_path(folder, example_id)
         if sizes.get(example_id) == len(data):
             with contextlib.suppress(OSError):
-                if target.read_bytes() == data:  # already there (a retried save): no write, no wear
+                if (
+                    smallfiles.read_small(target, len(data)) == data
+                ):  # already there (a retried save): no wear
                     continue
         tmp = folder / f".{example_id}.jpg.{os.getpid()}.tmp"
         try:
@@ -156,9 +162,14 @@ class Pictures:
         try:
             if path is None:
                 raise FileNotFoundError
-            data = path.read_bytes()
+            # Its size is checked before it is read (a FIFO is never opened, a huge file never read whole).
+            data = smallfiles.read_small(path, min(known[0], MAX_PICTURE_BYTES))
         except OSError as e:
-            problem = f"cannot read it ({e.strerror or 'missing'})"
+            if smallfiles.transient(e):  # out of descriptors: the picture is fine, ask again later
+                _busy.log(logging.WARNING, "pictures: cannot open %s now (%s); trying again when asked", path,
+                          e.strerror)  # fmt: skip
+                return None
+            problem = f"cannot read it ({smallfiles.reason(e) if e.strerror else 'missing'})"
         else:
             if (len(data), zlib.crc32(data)) == known:
                 return data

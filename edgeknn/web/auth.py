@@ -19,7 +19,9 @@ import time
 from collections import deque
 from pathlib import Path
 
+from edgeknn import smallfiles
 from edgeknn.config import WebConfig
+from edgeknn.smallfiles import FileRefused, read_small
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,11 @@ def _write_private(path: Path, text: str) -> None:
 
 def _first_line(path: Path, key: str) -> str:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SECRET_BYTES + 1)
+        data = read_small(path, MAX_SECRET_BYTES)
+    except FileRefused as e:
+        raise AuthError(f"{key}: {path}: {e.why}; expected a file whose first line is the password") from None
     except OSError as e:
         raise AuthError(f"{key}: cannot read {path} ({e.strerror or e})") from None
-    if len(data) > MAX_SECRET_BYTES:
-        raise AuthError(f"{key}: {path} is larger than {MAX_SECRET_BYTES} bytes; expected the password")
     line = data.decode("utf-8", "replace").splitlines()[0] if data.strip() else ""
     if not line:
         raise AuthError(f"{key}: {path} is empty; expected the password on its first line")
@@ -144,11 +145,14 @@ def load_secret(state_dir: Path) -> bytes:
     """The random key that signs sessions, made at the first start."""
     path = Path(state_dir) / SECRET_FILE
     try:
-        data = bytes.fromhex(path.read_text().strip())
+        data = bytes.fromhex(read_small(path, MAX_SECRET_BYTES).decode("ascii").strip())
         if len(data) >= 32:
             return data
-    except (OSError, ValueError):
+    except FileNotFoundError:
         pass
+    except (OSError, ValueError) as e:  # damaged: a new key (every session ends), said once
+        log.warning("web: %s: %s; making a new one (everyone logs in again)", path,
+                    smallfiles.reason(e) if isinstance(e, OSError) else "not a key")  # fmt: skip
     secret = secrets.token_bytes(32)
     _write_private(path, secret.hex() + "\n")
     return secret
