@@ -1,16 +1,12 @@
-"""Who may use the page: the password, signed session cookies, CSRF tokens and the login rate limit.
+"""Who may use the page: the password and the login rate limit (the sessions are in ``sessions``).
 
 The password is ``web.password``, else the first line of ``web.password_file``, else one generated at
 the first start and kept in ``<state_dir>/web-password`` (mode 0600; `edgeknn web password` shows or
-resets it). Sessions are signed, not stored: a cookie is ``<id>.<expiry>.<mac>``, the MAC keyed by a
-random secret kept in ``<state_dir>/web-secret`` (0600) *and* the password, so sessions outlive a reload
-or a restart and a new password ends every one of them. The CSRF token is a MAC of the session id:
-nothing to store, and a page of another site can neither read nor guess it.
+resets it). It is read again when its file changes, and a new password ends every session.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import os
@@ -19,19 +15,18 @@ import time
 from collections import deque
 from pathlib import Path
 
-from edgeknn import smallfiles
 from edgeknn.config import WebConfig
 from edgeknn.smallfiles import FileRefused, read_small
 
 log = logging.getLogger(__name__)
 
 PASSWORD_FILE = "web-password"
-SECRET_FILE = "web-secret"
 MAX_SECRET_BYTES = 4096  # a password file larger than this is not a password file
-SESSION_S = 30 * 24 * 3600  # a login lasts 30 days
-LOGIN_FAILURES = 5  # wrong passwords allowed per address per LOGIN_WINDOW_S,
-LOGIN_FAILURES_ALL = 20  # and from all addresses together
+LOGIN_FAILURES = 5  # wrong passwords (and attempts under way) per address per LOGIN_WINDOW_S
+LOGIN_PRESSURE = 20  # wrong passwords from all addresses per LOGIN_WINDOW_S that slow every attempt
+LOGIN_SLOW_S = 1.0  # how long each attempt then waits for its answer
 LOGIN_WINDOW_S = 60.0
+MAX_ADDRESSES = 10_000  # addresses whose failures are remembered (a botnet's cost no memory beyond)
 
 
 class AuthError(Exception):
@@ -42,7 +37,7 @@ def generated_password_path(state_dir: Path) -> Path:
     return Path(state_dir) / PASSWORD_FILE
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` with mode 0600, atomically (temporary file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -82,7 +77,7 @@ def new_password() -> str:
 def reset_password(state_dir: Path) -> str:
     """Write a new generated password (ending every session) and return it."""
     password = new_password()
-    _write_private(generated_password_path(state_dir), password + "\n")
+    write_private(generated_password_path(state_dir), password + "\n")
     return password
 
 
@@ -141,91 +136,69 @@ class Passwords:
         return hmac.compare_digest(attempt.encode("utf-8"), self.current().encode("utf-8"))
 
 
-def load_secret(state_dir: Path) -> bytes:
-    """The random key that signs sessions, made at the first start."""
-    path = Path(state_dir) / SECRET_FILE
-    try:
-        data = bytes.fromhex(read_small(path, MAX_SECRET_BYTES).decode("ascii").strip())
-        if len(data) >= 32:
-            return data
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError) as e:  # damaged: a new key (every session ends), said once
-        log.warning("web: %s: %s; making a new one (everyone logs in again)", path,
-                    smallfiles.reason(e) if isinstance(e, OSError) else "not a key")  # fmt: skip
-    secret = secrets.token_bytes(32)
-    _write_private(path, secret.hex() + "\n")
-    return secret
-
-
-class Sessions:
-    """Signed session tokens and their CSRF tokens, keyed by the secret and the current password."""
-
-    def __init__(self, passwords: Passwords, secret: bytes):
-        self.passwords, self.secret = passwords, secret
-
-    def _key(self) -> bytes:
-        return hmac.new(self.secret, self.passwords.current().encode("utf-8"), hashlib.sha256).digest()
-
-    def _mac(self, key: bytes, text: str) -> str:
-        return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
-
-    def new(self, now: float | None = None) -> str:
-        sid = secrets.token_urlsafe(16)
-        expires = int((now or time.time()) + SESSION_S)
-        body = f"{sid}.{expires}"
-        return f"{body}.{self._mac(self._key(), 'session:' + body)}"
-
-    def valid(self, token: str | None, now: float | None = None) -> str | None:
-        """The session id of a valid, unexpired token, else None."""
-        if not token or token.count(".") != 2:
-            return None
-        sid, expires, mac = token.split(".")
-        try:
-            expired = int(expires) < (now or time.time())
-            key = self._key()
-        except (ValueError, AuthError):
-            return None
-        if not hmac.compare_digest(mac, self._mac(key, f"session:{sid}.{expires}")) or expired:
-            return None
-        return sid
-
-    def csrf(self, sid: str) -> str:
-        return self._mac(self._key(), "csrf:" + sid)
-
-    def csrf_ok(self, sid: str, token: str | None) -> bool:
-        return bool(token) and hmac.compare_digest(str(token), self.csrf(sid))
-
-
 class LoginLimiter:
-    """Refuses logins from an address after LOGIN_FAILURES wrong passwords within LOGIN_WINDOW_S (and
-    from everyone after LOGIN_FAILURES_ALL), until the oldest of them is that old."""
+    """How many passwords an address may try: counted when an attempt starts, before anything is awaited
+    (``begin``), so concurrent attempts whose bodies are still coming count too, and settled when it
+    ends (``end``: right, or a failure, which a body that never came is too).
 
-    def __init__(self, per_address: int = LOGIN_FAILURES, overall: int = LOGIN_FAILURES_ALL):
-        self.per_address, self.overall = per_address, overall
+    An address may have LOGIN_FAILURES failures and attempts under way within LOGIN_WINDOW_S. Failures
+    from others never lock an address out: when all addresses together failed LOGIN_PRESSURE times in
+    the window, every attempt waits LOGIN_SLOW_S before its answer and an address that failed even once
+    waits for the window; one that has not failed still gets in.
+    """
+
+    def __init__(self, per_address: int = LOGIN_FAILURES, pressure: int = LOGIN_PRESSURE):
+        self.per_address, self.pressure = per_address, pressure
         self._failures: dict[str, deque[float]] = {}
+        self._pending: dict[str, int] = {}
         self._all: deque[float] = deque()
 
     def _prune(self, times: deque[float], now: float) -> None:
         while times and now - times[0] >= LOGIN_WINDOW_S:
             times.popleft()
 
+    def under_pressure(self, now: float | None = None) -> bool:
+        """Whether all addresses together failed LOGIN_PRESSURE times within the window."""
+        self._prune(self._all, time.monotonic() if now is None else now)
+        return len(self._all) >= self.pressure
+
+    def delay(self) -> float:
+        """Seconds an attempt waits before its answer: LOGIN_SLOW_S under pressure, else none."""
+        return LOGIN_SLOW_S if self.under_pressure() else 0.0
+
     def retry_after(self, address: str, now: float | None = None) -> float:
         """0 if ``address`` may try now, else the seconds until it may."""
         now = time.monotonic() if now is None else now
         mine = self._failures.get(address, deque())
         self._prune(mine, now)
-        self._prune(self._all, now)
         if not mine:
             self._failures.pop(address, None)
-        waits = [
-            LOGIN_WINDOW_S - (now - times[0])
-            for times, limit in ((mine, self.per_address), (self._all, self.overall))
-            if len(times) >= limit
-        ]
-        return max(waits, default=0.0)
+        limit = 1 if self.under_pressure(now) else self.per_address
+        if len(mine) + self._pending.get(address, 0) < limit:
+            return 0.0
+        return max(LOGIN_WINDOW_S - (now - mine[0]), 1.0) if mine else 1.0
 
-    def failed(self, address: str, now: float | None = None) -> None:
+    def begin(self, address: str, now: float | None = None) -> float:
+        """Count an attempt from ``address`` (call before any await): 0, and ``end`` must follow; or
+        the seconds until it may try (refused: no ``end``)."""
+        wait = self.retry_after(address, now)
+        if wait <= 0:
+            self._pending[address] = self._pending.get(address, 0) + 1
+        return wait
+
+    def end(self, address: str, failed: bool, now: float | None = None) -> None:
+        """An attempt ``begin`` let through is over: ``failed`` (a wrong password, or no password came)."""
+        left = self._pending.get(address, 1) - 1
+        if left > 0:
+            self._pending[address] = left
+        else:
+            self._pending.pop(address, None)
+        if not failed:
+            return
         now = time.monotonic() if now is None else now
+        if address not in self._failures and len(self._failures) >= MAX_ADDRESSES:
+            self._failures.pop(next(iter(self._failures)))  # the address tracked longest: forgotten
         self._failures.setdefault(address, deque()).append(now)
         self._all.append(now)
+        while len(self._all) > MAX_ADDRESSES:
+            self._all.popleft()

@@ -22,24 +22,31 @@ from typing import Any
 
 from aiohttp import web
 
-from edgeknn import __version__
+from edgeknn import __version__, smallfiles
 from edgeknn.camera.capture import Frame
 from edgeknn.commands import MAX_EXAMPLES_PER_COMMAND, Command
 from edgeknn.config import WebConfig
 from edgeknn.outputs import Output, Reading
 from edgeknn.store.names import UNKNOWN
-from edgeknn.throttle import Throttle
-from edgeknn.web.actions import Actions, json_response, request_json
-from edgeknn.web.auth import AuthError, LoginLimiter, Passwords, Sessions, load_secret
+from edgeknn.web.access import Access
+from edgeknn.web.actions import Actions, json_response
+from edgeknn.web.auth import AuthError
+from edgeknn.web.limits import (
+    HEADER_TIMEOUT_S,
+    KEEPALIVE_S,
+    Connections,
+    Guarded,
+    RequestLog,
+    connection_limit,
+    loop_errors,
+)
 from edgeknn.web.live import LIVE_FPS, READINGS_PER_S, Feed, Listener, LiveFrames, sse
 
 log = logging.getLogger(__name__)
 
-COOKIE = "edgeknn_session"
-CSRF_HEADER = "X-CSRF-Token"
 START_TIMEOUT_S = 10.0
+MAX_TLS_FILE = 1 << 20  # a certificate chain or key: a few KB
 MAX_UPLOAD = 32 * 1024 * 1024  # an export of ~3 000 examples (rows as JSON text); checked after the login
-MAX_LOGIN = 4096  # a login body before any session: never read 32 MB for an anonymous client
 BOUNDARY = "edgeknnframe"
 HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -63,6 +70,8 @@ def _tls(cfg: WebConfig) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
+        for path in (cfg.tls_cert, cfg.tls_key or cfg.tls_cert):  # never a FIFO (OpenSSL would wait on it)
+            smallfiles.check(Path(path), os.stat(path), MAX_TLS_FILE)
         context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     except (OSError, ssl.SSLError) as e:
         raise WebError(
@@ -89,14 +98,13 @@ class WebOutput(Output):
         self.actions = Actions(submit, picture, store_path)
         self.frames = LiveFrames(latest_frame)
         self.feed = Feed()
-        self.passwords = Passwords(cfg, self.state_dir)
-        self.limiter = LoginLimiter()
-        self._wrong = Throttle(log)  # a password guesser writes a line every 10 s, not one per guess
+        self.access = Access(cfg, self.state_dir)
         self._tls = _tls(cfg)
-        self._sessions: Sessions | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self.connections: Connections | None = None
         self._streams: set[asyncio.Task] = set()
         self.listening = False
         self.url = ""
@@ -106,8 +114,7 @@ class WebOutput(Output):
     def start(self) -> None:
         """Make the password (first start), then listen; a port that cannot be had is said, not fatal."""
         try:
-            self.passwords.ensure()
-            self._sessions = Sessions(self.passwords, load_secret(self.state_dir))
+            self.access.start(secure=self._tls is not None)
         except (AuthError, OSError) as e:
             log.error("web: the page is off: %s", e)
             return
@@ -141,6 +148,7 @@ class WebOutput(Output):
     def _serve(self, started: threading.Event) -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        loop.set_exception_handler(loop_errors)
         self.feed.loop = loop
         try:
             if loop.run_until_complete(self._listen()):
@@ -155,20 +163,31 @@ class WebOutput(Output):
     async def _listen(self) -> bool:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_UPLOAD)
         routes = [
-            web.post("/api/login", self.login),
-            web.post("/api/logout", self.logout),
+            web.post("/api/login", self.access.login),
+            web.post("/api/logout", self.access.logout),
             web.get("/api/session", self.session),
             web.get("/api/live.mjpg", self.live),
             web.get("/api/events", self.events),
         ]
         app.add_routes(routes + self.actions.routes() + [web.get(path, self.static) for path in STATIC])
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE_S, logger=RequestLog()
+        )
         await self._runner.setup()
-        host = self.cfg.listen or None
-        site = web.TCPSite(self._runner, host, self.cfg.port, ssl_context=self._tls)
+        assert self._runner.server is not None
+        # Our own listening socket (not a TCPSite): every connection goes through Connections' limits.
+        self.connections = Connections(self._runner.server, MAX_UPLOAD, connection_limit())
         where = f"{self.cfg.listen or '*'}:{self.cfg.port}"
         try:
-            await site.start()
+            self._server = await asyncio.get_running_loop().create_server(
+                self.connections,
+                self.cfg.listen or None,
+                self.cfg.port,
+                ssl=self._tls,
+                backlog=128,
+                reuse_address=True,
+                ssl_handshake_timeout=HEADER_TIMEOUT_S if self._tls else None,
+            )
         except OSError as e:  # asyncio's strerror repeats the address: say the system's words instead
             why = os.strerror(e.errno) if e.errno else str(e)
             log.error(
@@ -188,13 +207,15 @@ class WebOutput(Output):
             "web: the page is at %s://<this host>:%d (password: %s)",
             scheme,
             self.cfg.port,
-            self.passwords.source,
+            self.access.passwords.source,
         )
         return True
 
     async def _shutdown(self) -> None:
         for task in list(self._streams):
             task.cancel()
+        if self._server is not None:
+            self._server.close()
         if self._runner is not None:
             await self._runner.cleanup()
         self.listening = False
@@ -203,16 +224,24 @@ class WebOutput(Output):
 
     @web.middleware
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        """Tells the connection's limits (``Guarded``) where the request starts (its headers are in:
+        its body's time starts) and ends (the next request's head starts); then ``_checked``."""
+        guard = request.transport.get_protocol() if request.transport is not None else None
+        if not isinstance(guard, Guarded):
+            return await self._checked(request, handler)
+        guard.request_started(request.content, request.content_length)
+        try:
+            return await self._checked(request, handler)
+        finally:
+            guard.request_ended()
+
+    async def _checked(self, request: web.Request, handler) -> web.StreamResponse:
         """Every /api/ path but the login needs a session; every POST also its CSRF token."""
         path = request.path
         if path.startswith("/api/") and path != "/api/login":
-            sid = self._sessions.valid(request.cookies.get(COOKIE)) if self._sessions else None
-            if sid is None:
-                return json_response({"ok": False, "error": "not logged in"}, 401)
-            if request.method not in ("GET", "HEAD") and not self._sessions.csrf_ok(  # type: ignore[union-attr]
-                sid, request.headers.get(CSRF_HEADER)
-            ):
-                return json_response({"ok": False, "error": "missing or wrong CSRF token"}, 403)
+            refused = self.access.refuse(request)
+            if refused is not None:
+                return refused
         try:
             response = await handler(request)
         except web.HTTPException as e:  # a 400 of ours, aiohttp's 404 and 405: the same headers
@@ -223,59 +252,11 @@ class WebOutput(Output):
             response.headers.setdefault("Cache-Control", "no-store")
         return response
 
-    async def login(self, request: web.Request) -> web.Response:
-        address = request.remote or "?"
-        wait = self.limiter.retry_after(address)
-        if wait > 0:
-            response = json_response(
-                {"ok": False, "error": f"too many wrong passwords: try again in {wait:.0f} s"}, 429
-            )
-            response.headers["Retry-After"] = str(int(wait) + 1)
-            return response
-        origin = request.headers.get("Origin")
-        if origin is not None and origin.split("://", 1)[-1] != request.host:
-            return json_response({"ok": False, "error": "login from another site refused"}, 403)
-        if request.content_length is None or request.content_length > MAX_LOGIN:
-            return json_response(
-                {"ok": False, "error": f"login: expected a body of at most {MAX_LOGIN} bytes"}, 413
-            )
-        body = await request_json(request)
-        password = body.get("password") if isinstance(body, dict) else None
-        try:
-            right = isinstance(password, str) and self.passwords.check(password)
-        except AuthError as e:
-            return json_response({"ok": False, "error": str(e)}, 503)
-        if not right:
-            self.limiter.failed(address)
-            self._wrong.log(logging.WARNING, "web: wrong password from %s", address)
-            return json_response({"ok": False, "error": "wrong password"}, 401)
-        assert self._sessions is not None
-        token = self._sessions.new()
-        response = json_response({"ok": True})
-        response.set_cookie(
-            COOKIE,
-            token,
-            max_age=30 * 24 * 3600,
-            path="/",
-            httponly=True,
-            samesite="Strict",
-            secure=self._tls is not None,
-        )
-        return response
-
-    async def logout(self, request: web.Request) -> web.Response:
-        response = json_response({"ok": True})
-        response.del_cookie(COOKIE, path="/")
-        return response
-
     async def session(self, request: web.Request) -> web.Response:
-        assert self._sessions is not None
-        sid = self._sessions.valid(request.cookies.get(COOKIE))
-        assert sid is not None  # checked by _guard
         return json_response(
             {
                 "ok": True,
-                "csrf": self._sessions.csrf(sid),
+                "csrf": self.access.csrf(request),
                 "unknown": UNKNOWN,
                 "max_per_request": MAX_EXAMPLES_PER_COMMAND,
                 "version": __version__,
