@@ -65,9 +65,7 @@ def write_pictures(folder: Path, pictures: dict[int, bytes]) -> None:
         target = picture_path(folder, example_id)
         if sizes.get(example_id) == len(data):
             with contextlib.suppress(OSError):
-                if (
-                    smallfiles.read_small(target, len(data)) == data
-                ):  # already there (a retried save): no wear
+                if smallfiles.read_small(target, len(data)) == data:  # a retried save: no write, no wear
                     continue
         tmp = folder / f".{example_id}.jpg.{os.getpid()}.tmp"
         try:
