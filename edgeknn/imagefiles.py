@@ -6,12 +6,16 @@ Used by the replay camera source and by the command line (teach, classify, eval)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from edgeknn import smallfiles
+
+MAX_IMAGE_FILE = 256 << 20  # an image file larger than this is not a photo (checked before it is opened)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
@@ -28,6 +32,7 @@ def load_rgb(path: str | Path, max_side: int | None = None) -> np.ndarray:
     """
     path = Path(path)
     try:
+        smallfiles.check(path, os.stat(path), MAX_IMAGE_FILE)  # a FIFO would block the open for ever
         with Image.open(path) as opened:
             if max_side is not None:
                 opened.draft("RGB", (max_side, max_side))
@@ -45,6 +50,12 @@ def load_rgb(path: str | Path, max_side: int | None = None) -> np.ndarray:
         raise ImageError(f"{path}: not an image (or not a format Pillow reads)") from None
     except PermissionError:
         raise ImageError(f"{path}: permission denied") from None
+    except smallfiles.FileRefused as e:
+        raise ImageError(str(e)) from None
+    except OSError as e:
+        if smallfiles.transient(e):  # out of descriptors: not the image's fault; the caller tries again
+            raise
+        raise ImageError(f"{path}: cannot read the image ({e.strerror or e})") from None
     except Exception as e:  # truncated or corrupt data, decompression bombs, ...
         raise ImageError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
 

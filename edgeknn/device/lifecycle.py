@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -37,6 +38,26 @@ log = logging.getLogger(__name__)
 
 MODEL_RETRY_FIRST_S = 5.0  # no network at a first start: try the model's download again after 5 s,
 MODEL_RETRY_MAX_S = 300.0  # doubling up to 5 minutes
+OPEN_FILES = 65536  # the soft limit on descriptors raised toward the hard one, at most this (see below)
+
+
+def raise_open_files(wanted: int = OPEN_FILES) -> int:
+    """Raise the soft limit on open files toward the hard one (at most ``wanted``); return the soft limit.
+
+    systemd gives a service a soft limit of 1 024 (and a hard one far above): a flood of connections
+    to the page, pictures and the store then share 1 024 descriptors with the camera. The page bounds
+    its own connections (``web.limits``); this is the margin for everything else. A seccomp filter or
+    a container refusing it costs nothing (the unit sets ``LimitNOFILE=`` too).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as e:
+            log.debug("cannot raise the open files limit from %d to %d: %s", soft, target, e)
+    return soft
 
 
 def await_model(
@@ -159,6 +180,7 @@ def run(args) -> int:
     """
     cfg = config_from_args(args)
     setup_logging(cfg.log_level)
+    raise_open_files()
     notifier = Notifier()
     try:
         if not await_model(cfg, notifier):
