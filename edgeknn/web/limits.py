@@ -85,7 +85,7 @@ class Connections:
         self.refused = 0  # refused since the start: over a limit (tests and the bench read them)
         self.closed = 0  # closed for taking too long or sending too much
         self._busy = Throttle(log, LOG_INTERVAL_S)
-        self._slow = Throttle(log, LOG_INTERVAL_S)
+        self._slow = {kind: Throttle(log, LOG_INTERVAL_S) for kind in ("head", "size", "body")}
 
     def __call__(self) -> Guarded:
         return Guarded(self)
@@ -111,9 +111,10 @@ class Connections:
         else:
             self.open.pop(key, None)
 
-    def too_slow(self, key: str, why: str) -> None:
+    def too_slow(self, key: str, kind: str, why: str) -> None:
+        """A connection closed for ``kind`` ("head", "size" or "body"): one line a minute per kind."""
         self.closed += 1
-        self._slow.log(logging.WARNING, "web: closed a connection from %s: %s", key, why)
+        self._slow[kind].log(logging.WARNING, "web: closed a connection from %s: %s", key, why)
 
 
 class Guarded(asyncio.Protocol):
@@ -172,7 +173,7 @@ class Guarded(asyncio.Protocol):
             self._head_bytes += len(data) if end < 0 else max(end - len(self._tail), 0)
             self._head_done, self._tail = end >= 0, data[-3:]
             if self._head_bytes > MAX_HEAD_BYTES:
-                self._close(f"headers over {MAX_HEAD_BYTES} bytes")
+                self._close("size", f"request headers over {MAX_HEAD_BYTES} bytes")
                 return
         self._inner.data_received(data)
 
@@ -220,12 +221,12 @@ class Guarded(asyncio.Protocol):
         if late > 0 or transport.get_write_buffer_size():  # not yet, or still answering the last one
             self._arm(max(late, 1.0), self._check_head)
             return
-        self._close(f"no complete request headers within {HEADER_TIMEOUT_S:g} s")
+        self._close("head", f"no complete request headers within {HEADER_TIMEOUT_S:g} s")
 
     def _check_body(self, content: Any, limit: float) -> None:
         self._timer = None
         if not content.is_eof():
-            self._close(f"its request body took over {limit:.0f} s")
+            self._close("body", f"its request body took over {limit:.0f} s")
 
     def _arm(self, delay: float, check: Callable[[], object]) -> None:
         self._cancel()
@@ -236,9 +237,9 @@ class Guarded(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def _close(self, why: str) -> None:
+    def _close(self, kind: str, why: str) -> None:
         if self._transport is not None:
-            self._c.too_slow(self.key, why)
+            self._c.too_slow(self.key, kind, why)
             self._transport.abort()
 
 
@@ -256,9 +257,10 @@ _loop_busy = Throttle(log, LOG_INTERVAL_S)
 
 
 class RequestLog(logging.LoggerAdapter):
-    """aiohttp's ``logger`` for its request handlers: a request it could not parse (a bad URL, an
-    oversized header: the client's fault, anyone can send them) is one line a minute per kind, never
-    a traceback; whatever else it logs (a handler's own failure: ours) goes through as it was."""
+    """aiohttp's ``logger`` for its request handlers. A request it could not parse (a bad URL, an
+    oversized header: the client's fault, and anyone can send them) is one line a minute per kind,
+    never a traceback; a client gone in the middle of a request is no line at all; whatever else it
+    logs (a handler's own failure: ours) goes through as it was."""
 
     def __init__(self) -> None:
         super().__init__(logging.getLogger("aiohttp.server"), {})
@@ -266,6 +268,8 @@ class RequestLog(logging.LoggerAdapter):
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         error = kwargs.get("exc_info")
+        if isinstance(error, ConnectionError):  # the client went (or was closed for its limits): no line
+            return
         if level > logging.DEBUG and _clients_fault(error):
             kind = type(error).__name__
             if kind not in self._kinds and len(self._kinds) < 32:
