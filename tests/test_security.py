@@ -692,3 +692,129 @@ def test_systemd_unit_exposure():
     exposure = float(found.group(1))
     report(f"systemd unit exposure {exposure}")
     assert exposure <= 2.5
+
+
+# --- files the device reads, and running out of descriptors (issue 20, findings 4 and 1) ------------
+
+
+def _returns(call, timeout: float = 10.0):
+    """``call()``'s result, failing if it blocks (a FIFO opened for reading waits for a writer for ever)."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = call()
+        except Exception as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "blocked: the file was opened without being checked"
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def test_a_fifo_or_a_huge_file_in_place_of_runtime_json_config_or_password_is_one_line(tmp_path, caplog):
+    """Finding 4: a FIFO at runtime.json hung the start for ever with no line; a 200 MB one took
+    VmHWM to 465 MB. Each file is stat-ed first: one line, the config's values, nothing read."""
+    import os
+    import tracemalloc
+
+    from edgeknn import config
+    from edgeknn.device.runtime import RuntimeSettings
+    from edgeknn.web.auth import AuthError, Passwords
+
+    runtime = tmp_path / "runtime.json"
+    os.mkfifo(runtime)
+    settings = _returns(lambda: RuntimeSettings.load(tmp_path, {"threshold": None}))
+    assert settings.get("threshold", 0.25) == 0.25
+    assert "is a FIFO" in caplog.text and caplog.text.count("runtime.json") == 1
+    runtime.unlink()
+    with open(runtime, "wb") as f:
+        f.truncate(200 << 20)
+    tracemalloc.start()
+    settings = RuntimeSettings.load(tmp_path, {"threshold": None})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    report(f"a 200 MB runtime.json: refused, {peak / 1e6:.2f} MB allocated at the peak")
+    assert peak < 1e6 and "larger than" in caplog.text
+    fifo = tmp_path / "password"
+    os.mkfifo(fifo)
+    web = config.from_dict({"web": {"password_file": str(fifo)}}).web
+    with pytest.raises(AuthError, match="is a FIFO"):
+        _returns(lambda: Passwords(web, tmp_path).current())
+    with pytest.raises(config.ConfigError, match="is a FIFO"):
+        _returns(lambda: config.load(fifo))
+
+
+def test_a_picture_file_is_checked_before_it_is_read(tmp_path, caplog):
+    """Finding 4: a FIFO in place of a picture blocked the page's thread; a 50 MB file was read whole
+    (+47 MB) before its size was checked. Now: that picture is gone (one line each), nothing read."""
+    import os
+    import tracemalloc
+    import zlib
+
+    from edgeknn.store.pictures import Pictures, picture_path
+
+    jpeg = b"\xff\xd8" + bytes(15_000)
+    folder = tmp_path / "store.npz.pictures"
+    folder.mkdir()
+    known = {
+        1: (len(jpeg), zlib.crc32(jpeg)),
+        2: (len(jpeg), zlib.crc32(jpeg)),
+        3: (len(jpeg), zlib.crc32(jpeg)),
+    }
+    pictures = Pictures(folder, dict(known))
+    os.mkfifo(picture_path(folder, 1))
+    with open(picture_path(folder, 2), "wb") as f:
+        f.truncate(50 << 20)
+    picture_path(folder, 3).write_bytes(jpeg)
+    assert _returns(lambda: pictures.get(1)) is None
+    tracemalloc.start()
+    assert pictures.get(2) is None
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    report(f"a 50 MB file in place of a picture: refused, {peak / 1e6:.2f} MB allocated at the peak")
+    assert peak < 1e6
+    assert pictures.get(3) == jpeg
+    assert "is a FIFO" in caplog.text and "larger than" in caplog.text
+
+
+def test_out_of_descriptors_is_a_passing_fault_for_the_replay_and_the_pictures(tmp_path):
+    """Finding 1: with every descriptor taken, the replay said each image was unreadable, dropped it,
+    then "no readable images" (a SourceError: exit 78). Now running out is an OSError the camera
+    thread retries (EMFILE), no image is dropped, and a picture is not lost for it either."""
+    import errno
+    import os
+    import resource
+    import zlib
+
+    from edgeknn.camera.sources import ReplaySource
+    from edgeknn.store.pictures import Pictures, picture_path
+
+    replay = ReplaySource(photo_folders(tmp_path)["1"], fps=0, loop=True, size=(224, 224))
+    jpeg = b"\xff\xd8" + bytes(1000)
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    picture_path(folder, 7).write_bytes(jpeg)
+    pictures = Pictures(folder, {7: (len(jpeg), zlib.crc32(jpeg))})
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        for _ in range(6):  # more than the folder's 3 images: each would have been dropped
+            with pytest.raises(OSError) as raised:
+                replay.read()
+            assert raised.value.errno == errno.EMFILE
+        assert pictures.get(7) is None
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert replay.read().shape[2] == 3, "every image still there"
+    assert pictures.get(7) == jpeg, "the picture was not dropped"
