@@ -93,7 +93,7 @@ def closed_by_server(s: socket.socket, timeout: float) -> bytes | None:
     return got
 
 
-HALF_HEAD = b"POST /api/login HTTP/1.1\r\nHost: device\r\nContent-Type: application/json\r\n"
+HALF_HEAD = b"POST /api/login HTTP/1.1\r\nHost: d\r\nConnection: close\r\nContent-Type: application/json\r\n"
 
 
 @pytest.fixture
