@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from aiohttp import web
 
+from edgeknn.config import WebConfig
 from edgeknn.throttle import Throttle
 from edgeknn.web.actions import json_response, request_json
 from edgeknn.web.auth import AuthError, LoginLimiter, Passwords
@@ -27,7 +29,7 @@ class Access:
     """The password, the login limit and the sessions of one page; ``start`` makes the password (at a
     first start) and opens the sessions (AuthError, OSError: the page is off)."""
 
-    def __init__(self, cfg, state_dir) -> None:
+    def __init__(self, cfg: WebConfig, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.passwords = Passwords(cfg, state_dir)
         self.limiter = LoginLimiter()
