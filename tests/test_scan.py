@@ -114,17 +114,74 @@ def test_a_calibrated_store_says_unknown_for_untaught_digits(digits):
 
 def test_the_threshold_follows_the_store_and_a_number_overrides_it(digits):
     store = taught(digits, ["0"])
-    assert store.effective_threshold == 0.0, "one class: nothing to tell it from"
+    one = store.effective_threshold
+    assert store._index.calibration == "own class", "one class: calibrated from its own examples"
     for views in digits["1"][0]:
         store.add("1", views)
     two = store.effective_threshold
-    assert two > 0.0
-    store.add("2", digits["2"][0][0])
+    assert two != one, "recalibrated after a change"
+    store.delete_example(int(store.example_ids()[0]))  # one of "0"
     assert store.effective_threshold != two, "recalibrated after a change"
     store.threshold = 0.75
     assert store.effective_threshold == 0.75
     assert store.classify(asked(digits, ["0"])[0]).similarity < 0.75
     assert store.classify(asked(digits, ["0"])[0]).label == UNKNOWN
+
+
+def test_one_class_of_one_example_is_never_calibrated(digits):
+    """Nothing to measure how close a photo of the class comes: 0, and the fallbacks say why."""
+    store = KnnStore(256, "a" * 64, StoreSettings())
+    store.add("0", digits["0"][0][0])
+    assert store.effective_threshold == 0.0 and store._index.calibration == "none"
+    store.add("1", digits["1"][0][0])
+    store.effective_threshold
+    assert store._index.calibration == "near misses"
+
+
+def seen_only(digits, names, frames: int, threshold=None) -> KnnStore:
+    """A store taught ``names`` (TAUGHT examples each) that has seen nothing but ``frames`` frames of
+    the taught digits' taught photos, cycled: a device just taught, on a fast or a slow machine."""
+    store = KnnStore(256, "a" * 64, StoreSettings(threshold=threshold))
+    pool = np.concatenate([digits[name][0][:, 0] for name in names])
+    for i in range(frames):
+        store.observe(pool[i % len(pool)])
+    for name in names:
+        for views in digits[name][0]:
+            store.add(name, views)
+    return store
+
+
+@pytest.mark.parametrize("taught_names", [["3"], ["3", "7"]])
+def test_one_or_two_taught_classes_answer_unrecognized_for_the_others(digits, taught_names):
+    """Issue 22: with one or two classes taught the threshold stayed 0 (nothing to calibrate
+    against) and no other digit was ever unrecognized. Now a good share is, whatever the device
+    has seen, and most photos of the taught digits are still answered with their class."""
+    others = [d for d in digits if d not in taught_names]
+    for frames in (len(taught_names) * TAUGHT, 500):
+        store = seen_only(digits, taught_names, frames)
+        untaught = [store.classify(q).label == UNKNOWN for q in asked(digits, others)]
+        right = [store.classify(q).label == name for name in taught_names for q in asked(digits, [name])]
+        assert np.mean(untaught) >= 0.3, (frames, np.mean(untaught))
+        assert np.mean(right) >= 0.7, (frames, np.mean(right))
+
+
+def test_the_unknown_answer_does_not_hang_on_how_many_frames_went_by(digits):
+    """Issue 22, finding 5: the device's centre is the running mean of the frames it saw, so the
+    old threshold (near misses between classes) came out near 0 or not by how many frames of the
+    taught digits a machine got through while being taught. Calibrated from each class's own
+    examples in the same space, the untaught digits are unrecognized far more often than with
+    threshold 0 after few frames and after many."""
+    names, others = ["0", "1", "2", "3", "4"], ["5", "6", "7", "8", "9"]
+    shares = []
+    for frames in (5, 40, 900):
+        auto = seen_only(digits, names, frames)
+        zero = seen_only(digits, names, frames, threshold=0.0)
+        share = [
+            np.mean([s.classify(q).label == UNKNOWN for q in asked(digits, others)]) for s in (auto, zero)
+        ]
+        assert share[0] >= 0.3 and share[0] > share[1] + 0.2, (frames, share)
+        shares.append(share[0])
+    assert max(shares) - min(shares) <= 0.3, shares
 
 
 def test_a_taught_device_answers_unrecognized_for_untaught_digits(tmp_path):
