@@ -261,6 +261,12 @@ class KnnStore:
     def effective_threshold(self) -> float:
         return self._matcher.effective_threshold(self._rows, self.classes)
 
+    @property
+    def threshold_calibration(self) -> str:
+        """What the threshold applied now comes from (``Matcher.calibration``): set, own class, near
+        misses or none."""
+        return self._matcher.calibration(self._rows, self.classes)
+
     def fit(self) -> None:
         self._matcher.fit(self._rows, self.classes)
 

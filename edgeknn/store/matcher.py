@@ -97,7 +97,8 @@ class Matcher:
 
     def effective_threshold(self, rows: Rows, classes: list[str]) -> float:
         """The threshold applied now: ``threshold`` when it is set, else the one calibrated from the
-        examples (``scan.ExampleIndex.threshold``; 0.0 until two classes have examples). ``tfjs`` and
+        examples (``scan.ExampleIndex.threshold``; 0.0 until a class has two examples, or two classes
+        one each). ``tfjs`` and
         ``nearest`` (kept to compare with TensorFlow.js, which has no unknown answer) are not
         calibrated: 0.0, a raw cosine, never unknown. From the thread that classifies: it may calibrate."""
         if self.store.threshold is not None:
@@ -107,6 +108,15 @@ class Matcher:
         if self.head.stale:
             self.fit(rows, classes)
         return self.index.threshold(rows.labels, rows.get, len(classes), self.store.k)
+
+    def calibration(self, rows: Rows, classes: list[str]) -> str:
+        """What ``effective_threshold`` comes from now: ``set`` (a number), ``own class`` (each
+        example's similarity to the others of its class), ``near misses`` (to other classes) or
+        ``none`` (0.0: too few examples, or a rule that is not calibrated)."""
+        if self.store.threshold is not None:
+            return "set"
+        self.effective_threshold(rows, classes)
+        return self.index.calibration if len(rows) and self.rule in VIEW_RULES else "none"
 
     def fit(self, rows: Rows, classes: list[str]) -> None:
         """Fit the rule's head now if it is due (else the next classify does it).
