@@ -10,7 +10,7 @@ from conftest import DIGITS, TINY
 from edgeknn.imagefiles import find_images, load_rgb
 from edgeknn.model.embedder import Embedder
 from edgeknn.store import scan
-from edgeknn.store.knn import KnnStore, StoreSettings
+from edgeknn.store.knn import KnnStore, StoreSettings, threshold_calibration
 from edgeknn.store.names import UNKNOWN
 
 TAUGHT, ASKED = 8, 10  # photos per digit: taught (as the six views an example stores), then asked
@@ -115,7 +115,7 @@ def test_a_calibrated_store_says_unknown_for_untaught_digits(digits):
 def test_the_threshold_follows_the_store_and_a_number_overrides_it(digits):
     store = taught(digits, ["0"])
     one = store.effective_threshold
-    assert store._index.calibration == "own class", "one class: calibrated from its own examples"
+    assert threshold_calibration(store) == "own class", "one class: calibrated from its own examples"
     for views in digits["1"][0]:
         store.add("1", views)
     two = store.effective_threshold
@@ -132,10 +132,11 @@ def test_one_class_of_one_example_is_never_calibrated(digits):
     """Nothing to measure how close a photo of the class comes: 0, and the fallbacks say why."""
     store = KnnStore(256, "a" * 64, StoreSettings())
     store.add("0", digits["0"][0][0])
-    assert store.effective_threshold == 0.0 and store._index.calibration == "none"
+    assert store.effective_threshold == 0.0 and threshold_calibration(store) == "none"
     store.add("1", digits["1"][0][0])
-    store.effective_threshold
-    assert store._index.calibration == "near misses"
+    assert store.effective_threshold >= 0.0 and threshold_calibration(store) == "near misses"
+    store.threshold = 0.5
+    assert threshold_calibration(store) == "set"
 
 
 def watched(digits, names, frames: int, threshold=None) -> KnnStore:
@@ -163,7 +164,7 @@ def test_one_taught_class_answers_unrecognized_for_the_others(digits):
     shares = []
     for frames in (80, 900):
         store = watched(digits, ["3"], frames)
-        assert store.effective_threshold > 0.0 and store._index.calibration == "own class"
+        assert store.effective_threshold > 0.0 and threshold_calibration(store) == "own class"
         shares.append(np.mean([store.classify(q).label == UNKNOWN for q in asked(digits, others)]))
         right = np.mean([store.classify(q).label == "3" for q in asked(digits, ["3"])])
         assert shares[-1] >= 0.2 and right >= 0.8, (frames, shares[-1], right)

@@ -224,7 +224,7 @@ def eval_command(args) -> int:
         shots = [int(s) for s in args.shots.split(",")]
     except ValueError:
         raise UsageError(f"--shots: expected comma-separated integers, got {args.shots!r}") from None
-    if min(shots) < 1 or args.seeds < 1 or args.seen < 0:
+    if min(shots) < 1 or args.seeds < 1 or (args.seen is not None and args.seen < 0):
         raise UsageError("--shots and --seeds: expected integers >= 1; --seen: >= 0")
     rules = [args.rule] if args.rule else ["softmax", "tfjs"]
     start = time.perf_counter()
@@ -237,7 +237,8 @@ def eval_command(args) -> int:
         if len(data.classes) < 2:
             raise UsageError("--classes: expected at least 2 classes")
     smallest = min(int((data.labels == c).sum()) for c in range(len(data.classes)))
-    if max(shots) + args.seen >= smallest:
+    seen = min(SEEN, (smallest - max(shots)) // 2) if args.seen is None else args.seen
+    if max(shots) + seen >= smallest:
         raise UsageError(
             f"--shots/--seen: the smallest class has {smallest} photos; shots + seen must leave queries"
         )
@@ -250,7 +251,7 @@ def eval_command(args) -> int:
             k=args.k,
             open_set=args.open_set,
             protocol=args.protocol,
-            seen=args.seen,
+            seen=seen,
             seen_from=args.seen_from,
             progress=progress,
         )

@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         "examples nor queries; queries: the old evaluation, centred on the queries themselves",
     )
     p.add_argument(
-        "--seen", type=int, default=SEEN, help=f"photos per class the device sees before the queries ({SEEN})"
+        "--seen",
+        type=int,
+        help=f"photos per class the device sees before the queries (default {SEEN}, fewer in a small set)",
     )
     p.add_argument(
         "--seen-from",

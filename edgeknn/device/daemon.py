@@ -53,7 +53,7 @@ from edgeknn.model.inference import InferenceThread
 from edgeknn.outputs import Output, Reading
 from edgeknn.store import lock as storelock
 from edgeknn.store.head import VIEW_RULES
-from edgeknn.store.knn import KnnStore
+from edgeknn.store.knn import KnnStore, threshold_calibration
 from edgeknn.store.names import UNKNOWN
 from edgeknn.throttle import Throttle
 
@@ -229,7 +229,7 @@ class Daemon:
             "rule": self.store.rule,
             "threshold": self.store.threshold,
             "effective_threshold": round(self.store.effective_threshold, 4),  # applied now (None above: auto)
-            "threshold_calibration": getattr(self.store, "threshold_calibration", "set"),  # what from
+            "threshold_calibration": "set" if self.classifier else threshold_calibration(self.store),
             "training_class": self.settings.training_class,
             "storage": self.store.storage,
             "version": __version__,
