@@ -15,14 +15,16 @@ redoes what depends on it, at the next classify after the change, never on every
 ``ExampleIndex.threshold``: how close a new photo of a taught class usually comes, measured on the
 taught examples themselves. Each example in turn is left out and compared with the others of its
 class (the mean similarity of its k nearest there: what the frame's ``similarity`` would be for a
-photo of that class the store had not seen); the threshold is the ``_OWN_QUANTILE`` of those, less
-an allowance of ``_ALLOWANCE`` / (the examples it was measured on) that shrinks as the examples grow
-(a few examples say less about their class than many). So it works from the first class on, as
-soon as one class has two examples. Until then, with two classes of one example each, it falls
-back on near misses: the ``_QUANTILE`` of each example's mean similarity to its k nearest examples
-of other classes. Calibrated on at most ``_CALIBRATION`` examples, again only when the examples or
-the centre changed (past that size, when 1/16 of them did). Chosen on sign digits 0-4, reported on
-5-9 (docs/classifying.md).
+photo of that class the store had not seen); the threshold is the ``_OWN_QUANTILE`` of those,
+less an allowance of ``_ALLOWANCE`` / (the examples it was measured on) that shrinks as the
+examples grow (a few examples say less about their class than many). So it works from the first
+class on, as soon as one class has two examples. With two classes or more it is never below the
+near misses: the ``_QUANTILE`` of each example's mean similarity to its k nearest examples of other
+classes (how close the taught classes come to each other: a frame no closer than that to what it
+resembles most is not one of them); that alone (at least 0) while no class has two examples.
+Calibrated on at most ``_CALIBRATION`` examples, again only when the examples or the centre changed
+(past that size, when 1/16 of them did). Chosen on sign digits 0-4, reported on 5-9
+(docs/classifying.md).
 """
 
 from __future__ import annotations
@@ -215,9 +217,12 @@ class ExampleIndex:
             if len(measured):
                 value = float(np.quantile(measured, _OWN_QUANTILE)) - _ALLOWANCE / len(measured)
                 self.calibration = "own class"
-            elif len(np.unique(own)) >= 2:
-                value = max(0.0, float(np.quantile(_mean_top(np.where(same, -np.inf, sims), k), _QUANTILE)))
-                self.calibration = "near misses"
+            if len(np.unique(own)) >= 2:  # never below how close the taught classes come to each other
+                near_miss = float(np.quantile(_mean_top(np.where(same, -np.inf, sims), k), _QUANTILE))
+                if not len(measured):
+                    value, self.calibration = max(0.0, near_miss), "near misses"
+                elif near_miss > value:
+                    value, self.calibration = near_miss, "near misses"
         self._threshold, self._calibrated_on, self._calibrated_k, self._changes = value, e, k, 0
         return value
 
