@@ -83,7 +83,8 @@ def teach(
         for i in d.support[c]:
             if device:
                 store.observe(data.vectors[i])  # the device classifies the frame it adds an example from
-            store.add(data.classes[c], data.views[i] if rule in VIEW_RULES else data.vectors[i])
+            rows = data.views[i] if rule in VIEW_RULES else data.vectors[i]
+            store.add(data.classes[c], rows, added=60.0 * len(store.examples()))  # each a moment of its own
     if not device:
         taught_photos = np.concatenate([d.support[c] for c in range(len(data.classes))])
         for i in np.setdiff1d(np.arange(len(data.labels)), taught_photos):

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edgeknn.store.examples import ExampleBook
 from edgeknn.store.head import VIEW_RULES, Head, fit_sample
 from edgeknn.store.names import UNKNOWN
 from edgeknn.store.rows import Rows
@@ -39,6 +40,7 @@ class Tuning(Protocol):
     """What a matcher reads off its store at each call (``KnnStore``'s attributes)."""
 
     k: int
+    _book: ExampleBook  # each example's time of adding: the threshold's moments (``scan.py``)
     threshold: float | None  # None: calibrated from the examples (``effective_threshold``)
     full_scan: bool  # True: no index (the bench measures the index's answers against it)
 
@@ -107,7 +109,12 @@ class Matcher:
             return 0.0
         if self.head.stale:
             self.fit(rows, classes)
-        return self.index.threshold(rows.labels, rows.get, len(classes), self.store.k)
+        book = self.store._book
+
+        def added(positions: np.ndarray) -> np.ndarray:
+            return np.array([book.added(int(i)) for i in rows.examples[positions]], np.float64)
+
+        return self.index.threshold(rows.labels, rows.get, len(classes), self.store.k, added)
 
     def calibration(self, rows: Rows, classes: list[str]) -> str:
         """What ``effective_threshold`` comes from now: ``set`` (a number), ``own class`` (each

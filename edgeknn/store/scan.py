@@ -14,14 +14,16 @@ redoes what depends on it, at the next classify after the change, never on every
 
 ``ExampleIndex.threshold``: how close a new photo of a taught class usually comes, measured on the
 taught examples themselves. Each example in turn is left out and compared with the others of its
-class (the mean similarity of its k nearest there: what the frame's ``similarity`` would be for a
-photo of that class the store had not seen); the threshold is the ``_OWN_QUANTILE`` of those,
-less an allowance of ``_ALLOWANCE`` / (the examples it was measured on) that shrinks as the
-examples grow (a few examples say less about their class than many). So it works from the first
-class on, as soon as one class has two examples. With two classes or more it is never below the
-near misses: the ``_QUANTILE`` of each example's mean similarity to its k nearest examples of other
-classes (how close the taught classes come to each other: a frame no closer than that to what it
-resembles most is not one of them); that alone (at least 0) while no class has two examples.
+class taught at another moment (the mean similarity of its k nearest there: what the frame's
+``similarity`` would be for a photo of that class the store had not seen; the frames of one held
+button are near copies of each other and would make it far too strict). The threshold is the
+``_OWN_QUANTILE`` of those, less an allowance of ``_ALLOWANCE`` / (the examples it was measured on)
+that shrinks as the examples grow (a few examples say less about their class than many). So it
+works from the first class on, as soon as one class has examples from two moments. With two
+classes or more it is never below the near misses: the ``_QUANTILE`` of each example's mean
+similarity to its k nearest examples of other classes (how close the taught classes come to each
+other: a frame no closer than that to what it resembles most is not one of them); that alone (at
+least 0) while no class has examples from two moments.
 Calibrated on at most ``_CALIBRATION`` examples, again only when the examples or the centre changed
 (past that size, when 1/16 of them did). Chosen on sign digits 0-4, reported on 5-9
 (docs/classifying.md).
@@ -43,6 +45,7 @@ _BASIS_SAMPLE = 1024  # examples the sketch's directions are computed from, at m
 _OWN_QUANTILE = 0.2  # of the examples' leave-one-out similarity to their own class
 _ALLOWANCE = 0.5  # taken off it, divided by the examples it was measured on
 _QUANTILE = 0.55  # of the examples' near misses: while no class has two examples
+_MOMENT_S = 5.0  # examples of a class added closer together than this are one moment (a held button)
 
 Rows = Callable[[np.ndarray], np.ndarray]  # float32 copies of the stored rows at some positions
 
@@ -188,11 +191,15 @@ class ExampleIndex:
         top = top[np.argsort(-sims[top], kind="stable")]
         return candidates[top], sims[top].astype(np.float32)
 
-    def threshold(self, labels: np.ndarray, rows: Rows, classes: int, k: int) -> float:
+    def threshold(
+        self, labels: np.ndarray, rows: Rows, classes: int, k: int, added: Rows | None = None
+    ) -> float:
         """The calibrated threshold for the mean similarity of a frame to its ``k`` nearest
         examples (the module's docstring): from each example's similarity to the others of its
         class, else from near misses between classes, else 0.0; cached until it is due.
-        ``calibration`` then says which (``own class``, ``near misses`` or ``none``)."""
+        ``calibration`` then says which (``own class``, ``near misses`` or ``none``). ``added``: the
+        time each example (by its first row's position) was added, for its moment (``moments``);
+        None: every example a moment of its own."""
         e = len(self.first)
         if (
             self._threshold is not None
@@ -212,7 +219,9 @@ class ExampleIndex:
             sims = t @ t.T
             np.fill_diagonal(sims, -np.inf)  # an example is never its own neighbour
             same = own[:, None] == own[None, :]
-            alike = _mean_top(np.where(same, sims, -np.inf), k)  # NaN: alone in its class
+            moment = moments(own, added(self.first[pick])) if added is not None else np.arange(len(own))
+            apart = same & (moment[:, None] != moment[None, :])  # its class, at another moment
+            alike = _mean_top(np.where(apart, sims, -np.inf), k)  # NaN: no other moment of its class
             measured = alike[np.isfinite(alike)]
             if len(measured):
                 value = float(np.quantile(measured, _OWN_QUANTILE)) - _ALLOWANCE / len(measured)
@@ -225,6 +234,17 @@ class ExampleIndex:
                     value, self.calibration = near_miss, "near misses"
         self._threshold, self._calibrated_on, self._calibrated_k, self._changes = value, e, k, 0
         return value
+
+
+def moments(labels: np.ndarray, added: np.ndarray) -> np.ndarray:
+    """Each example's moment: the examples of a class added less than ``_MOMENT_S`` after the one
+    before (a held button, one burst) are one moment; numbered over all classes."""
+    order = np.lexsort((added, labels))
+    gap = np.diff(added[order]) > _MOMENT_S
+    new = np.concatenate([[True], gap | (np.diff(labels[order]) != 0)])
+    moment = np.empty(len(labels), np.intp)
+    moment[order] = np.cumsum(new)
+    return moment
 
 
 def _mean_top(sims: np.ndarray, k: int) -> np.ndarray:
