@@ -39,13 +39,13 @@ def test_a_background_class_is_answered_as_no_class(tmp_path, factory: MockFacto
         scene.shown = "Background"
         assert run.classified(3)
         start = run.recorder.frames
-        assert run.classified(10, timeout=60)
+        assert run.classified(20, timeout=60)
         shown = run.recorder.readings[start:]
-        assert all(r.label == UNKNOWN and (r.candidate or UNKNOWN) == UNKNOWN for r in shown), [
-            (r.label, r.candidate) for r in shown
-        ]
-        assert all("Background" in r.scores for r in shown), "its score is still shown (the page's bars)"
-        assert not any(factory.pin(p).state for p in LEDS), "no LED for no class"
+        won = [r for r in shown if r.scores and max(r.scores, key=r.scores.__getitem__) == "Background"]
+        assert len(won) >= len(shown) // 2, "the background photos: mostly its class on top"
+        assert all(r.label != "Background" and r.candidate != "Background" for r in shown)
+        assert wait_for(lambda: run.daemon.stabilizer.label == UNKNOWN, 60)
+        assert wait_for(lambda: not any(factory.pin(p).state for p in LEDS), 30), "no LED for no class"
         scene.shown = "1"
         assert wait_for(lambda: run.daemon.stabilizer.label == "1", 60), "a taught class is still answered"
     finally:
