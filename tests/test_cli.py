@@ -33,6 +33,7 @@ def hermetic(tmp_path, monkeypatch):
     """No /etc/edgeknn/edgeknn.toml and no ~/.local/state: every default points into tmp_path."""
     monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "no-such-config.toml")
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # eval's embeddings
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -103,22 +104,38 @@ def test_eval_json(capsys, dataset):
     assert "open_set" not in result
 
 
-def test_eval_open_set_reports_the_unknown_answer(capsys, dataset):
-    argv = ["eval", dataset, "--model", TINY, "--shots", "1,2", "--seeds", "2", "--open-set", "--json"]
-    rc, out, _ = run(capsys, *argv)
+def test_eval_open_set_reports_the_unknown_answer(capsys, dataset, tmp_path):
+    """1, 2 and half the classes taught (4 classes: half is 2, reported once), per scenario and shot
+    count each figure's mean and spread over the seeds; the embeddings are cached for the next run."""
+    cache = tmp_path / "cache"
+    argv = ["eval", dataset, "--model", TINY, "--shots", "1,2", "--seeds", "2", "--seen", "1"]
+    rc, out, _ = run(capsys, *argv, "--open-set", "--json", "--cache", str(cache))
     assert rc == 0
     result = json.loads(out)
-    assert set(result["rules"]) == {"softmax", "tfjs"}
+    assert result["protocol"] == "device" and result["taught"] == {"1": 1, "2": 2}
     assert set(result["open_set"]) == {"softmax", "tfjs"}
-    for per_shot in result["open_set"].values():
-        assert set(per_shot) == {"1", "2"}
-        for cell in per_shot.values():
-            shares = {k: v for k, v in cell.items() if k.startswith(("unseen_", "taught_", "auroc"))}
-            assert len(shares) == 7 and all(0.0 <= v <= 1.0 for v in shares.values())
-            assert cell["unseen_unknown_closed"] == 0.0, "no rejection: never unknown"
-            assert cell["taught_right_auto"] <= cell["taught_right_closed"]
-    rc, out, _ = run(capsys, *argv[:-1])  # the table
-    assert rc == 0 and "AUROC" in out and "untaught->unknown" in out
+    for scenarios in result["open_set"].values():
+        assert set(scenarios) == {"1", "2"}
+        for per_shot in scenarios.values():
+            assert set(per_shot) == {"1", "2"}
+            for cell in per_shot.values():
+                assert set(cell) == {"auroc", "rejected", "right", "right_closed", "kept", "threshold"}
+                for key in ("auroc", "rejected", "right", "right_closed"):
+                    assert 0.0 <= cell[key]["mean"] <= 1.0 and cell[key]["std"] >= 0.0
+                assert cell["right"]["mean"] <= cell["right_closed"]["mean"]
+    assert len(list(cache.iterdir())) == 1, "one cache file: these photos, this model"
+    rc, out, _ = run(capsys, *argv, "--open-set", "--cache", str(cache))  # the table, from the cache
+    assert rc == 0 and "AUROC" in out and "rejected" in out and "kept" in out
+
+
+def test_eval_old_protocol_and_a_class_subset(capsys, dataset, tmp_path):
+    argv = ["eval", dataset, "--model", TINY, "--shots", "1", "--seeds", "1", "--json"]
+    rc, out, _ = run(capsys, *argv, "--protocol", "queries", "--classes", "0,3", "--no-cache")
+    assert rc == 0
+    result = json.loads(out)
+    assert result["protocol"] == "queries" and result["classes"] == ["0", "3"]
+    rc, _, err = run(capsys, *argv, "--classes", "0,nine", "--no-cache")
+    assert rc != 0 and "nine" in err and "Traceback" not in err
 
 
 def test_eval_one_rule(capsys, dataset):

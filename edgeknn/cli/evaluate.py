@@ -1,16 +1,23 @@
-"""Few-shot evaluation on a folder of labelled photos, with the same Embedder and KnnStore the daemon uses.
+"""Few-shot evaluation on a folder of labelled photos, as a device would meet them.
 
-Per seed, N examples per class are drawn at random into a store and every other photo is
-classified. Each photo is embedded once and reused across shots, seeds and rules. Before
-classifying, the store observes every query's embedding, as the device observes every frame it
-sees (the default rule centres its features on that running mean).
+Per seed, each class's photos are shuffled into the ``shots`` it is taught with, ``seen`` photos
+the device sees around that teaching, and the queries (the rest). The store is taught as the
+device is: for each taught class it observes that class's seen photos, then each example's frame
+as the example is added, so its centre (the running mean of the frames seen, ``head.py``) is what
+a just-taught device holds; the queries are then classified with that centre and never observed
+(a device cannot know its next frames). ``protocol="queries"`` is the old evaluation, kept to
+compare with: the store observed every photo it was not taught with, queries included.
 
-``eval_command`` is `edgeknn eval`: it checks the arguments, runs the evaluation and prints its table
-(or one JSON object); ``main`` builds the parser and maps its errors to exit codes.
+Closed set: every class taught, the classifier's own answer (never unknown). Open set
+(``open_set``): 1, 2 and half the classes taught, the others never; per seed, the AUROC of the
+unknown score, the share of untaught photos answered ``UNKNOWN`` and of taught ones answered right
+with the calibrated threshold, beside the closed-set answer. Photos are embedded once
+(``photoset.py``) and reused for every shot count, seed, rule and scenario.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,145 +27,172 @@ import numpy as np
 
 from edgeknn.cli.errors import UsageError
 from edgeknn.cli.options import load_config, model_path, print_json
+from edgeknn.cli.photoset import Dataset, load_dataset, only
 from edgeknn.cli.progress import Progress
-from edgeknn.imagefiles import ImageError, find_images, load_rgb
 from edgeknn.model.embedder import Embedder
 from edgeknn.store.head import VIEW_RULES
 from edgeknn.store.knn import KnnStore, StoreSettings
 from edgeknn.store.names import UNKNOWN
 
-
-@dataclass
-class Dataset:
-    classes: list[str]
-    files: list[Path]
-    labels: np.ndarray
-    vectors: np.ndarray
+PROTOCOLS = ("device", "queries")
+SEEN_FROM = ("all", "taught")
+SEEN = 10  # photos of each taught class the device sees while it is taught (about a second of frames)
+OPEN_METRICS = ("auroc", "rejected", "right", "right_closed", "kept", "threshold")
 
 
-def load_dataset(
-    root: Path, embedder: Embedder, progress: Callable[[int, int], None] | None = None
-) -> Dataset:
-    """Embed every photo of ``root/<class>/<image>`` once."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ImageError(f"{root}: not a folder of <class>/<image> folders")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if len(classes) < 2:
-        raise ImageError(f"{root}: expected at least 2 class folders, found {len(classes)}")
-    files, labels = [], []
-    for i, name in enumerate(classes):
-        found = find_images([root / name])
-        files += found
-        labels += [i] * len(found)
-    max_side = 2 * max(embedder.model.input_size)
-    vectors = np.zeros((len(files), embedder.dim), np.float32)
-    for j, path in enumerate(files):
-        vectors[j] = embedder.embed(load_rgb(path, max_side=max_side))
-        if progress:
-            progress(j + 1, len(files))
-    return Dataset(classes, files, np.array(labels), vectors)
+@dataclass(frozen=True)
+class Draw:
+    """One seed's photos (indices into the dataset): per class, its examples and the photos the
+    device sees meanwhile; the queries of every class."""
+
+    support: dict[int, np.ndarray]
+    seen: dict[int, np.ndarray]
+    query: np.ndarray
+
+
+def draw(labels: np.ndarray, classes: int, shots: int, seen: int, rng: np.random.Generator) -> Draw:
+    support, around, query = {}, {}, []
+    for c in range(classes):
+        mine = rng.permutation(np.flatnonzero(labels == c))
+        support[c], around[c] = mine[:shots], mine[shots : shots + seen]
+        query.append(mine[shots + seen :])
+    return Draw(support, around, np.sort(np.concatenate(query)))
+
+
+def teach(
+    data: Dataset,
+    d: Draw,
+    taught: list[int],
+    rule: str,
+    k: int,
+    protocol: str = "device",
+    seen_from: str = "all",
+) -> KnnStore:
+    """A store taught the classes ``taught`` of the draw ``d``, having observed what the protocol
+    says: ``device``, the seen photos of every class (``seen_from="all"``: the room it works in,
+    untaught things included, never the queries) or of the taught classes only (``"taught"``: a
+    device that has seen nothing but what it was taught), then each example's frame as it is added;
+    ``queries`` (the old evaluation), every photo it was not taught with, the queries included."""
+    store = KnnStore(data.vectors.shape[1], "eval", StoreSettings(k=k, rule=rule))
+    device = protocol == "device"
+    if device:
+        for c in range(len(data.classes)) if seen_from == "all" else taught:
+            for i in d.seen[c]:
+                store.observe(data.vectors[i])
+    for c in taught:
+        for i in d.support[c]:
+            if device:
+                store.observe(data.vectors[i])  # the device classifies the frame it adds an example from
+            rows = data.views[i] if rule in VIEW_RULES else data.vectors[i]
+            store.add(data.classes[c], rows, added=60.0 * len(store.examples()))  # each a moment of its own
+    if not device:
+        taught_photos = np.concatenate([d.support[c] for c in range(len(data.classes))])
+        for i in np.setdiff1d(np.arange(len(data.labels)), taught_photos):
+            store.observe(data.vectors[i])
+    return store
+
+
+def answers(store: KnnStore, data: Dataset, query: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query, as the store answers it with its threshold: the label, the label it would give
+    with no unknown answer (its scores' best), and the unknown score (``similarity``)."""
+    labels, closed, similarity = [], [], []
+    for i in query:
+        p = store.classify(data.vectors[i])
+        labels.append(p.label)
+        # the rule's own answer; under an unknown answer, its scores' best (the same but for a tie)
+        closed.append(
+            p.label if p.label != UNKNOWN or not p.scores else max(p.scores, key=p.scores.__getitem__)
+        )
+        similarity.append(p.similarity)
+    return np.array(labels), np.array(closed), np.array(similarity)
+
+
+def open_set_run(store: KnnStore, data: Dataset, query: np.ndarray, taught: list[int]) -> dict[str, float]:
+    """One taught store against the queries of taught and untaught classes: the AUROC of the
+    unknown score (taught against untaught), ``rejected`` (untaught answered ``UNKNOWN``),
+    ``right`` (taught answered with their class), ``right_closed`` (the same with no unknown answer),
+    ``kept`` (right / right_closed) and the calibrated ``threshold``."""
+    label, closed, similarity = answers(store, data, query)
+    truth = np.array(data.classes)[data.labels[query]]
+    is_taught = np.isin(data.labels[query], taught)
+    right = float((label == truth)[is_taught].mean())
+    right_closed = float((closed == truth)[is_taught].mean())
+    return {
+        "auroc": auroc(similarity, is_taught),
+        "rejected": float((label == UNKNOWN)[~is_taught].mean()),
+        "right": right,
+        "right_closed": right_closed,
+        "kept": right / max(right_closed, 1e-12),
+        "threshold": store.effective_threshold,
+    }
+
+
+def taught_counts(classes: int) -> dict[str, int]:
+    """The open-set scenarios: 1, 2 and half the classes (rounded up) taught; a count that leaves no
+    class untaught, or repeats an earlier one, is left out."""
+    counts: dict[str, int] = {}
+    for name, n in (("1", 1), ("2", 2), ("half", (classes + 1) // 2)):
+        if n < classes and n not in counts.values():
+            counts[name] = n
+    return counts
 
 
 def evaluate(
     data: Dataset,
-    embedder: Embedder,
     rules: list[str],
     shots: list[int],
     seeds: int,
     k: int = 3,
     open_set: bool = False,
+    protocol: str = "device",
+    seen: int = SEEN,
+    seen_from: str = "all",
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Mean and std accuracy per rule and shot count; with ``open_set``, per rule and shot count
-    also what ``open_set_run`` measures (means over the seeds), under "open_set".
+    """Closed-set accuracy per rule and shot count (mean, std, per seed); with ``open_set``, per
+    rule, scenario (``taught_counts``) and shot count the mean and std over seeds of ``open_set_run``.
 
-    Accuracy is the classifier's own answer, never rejected as unknown (so it stays comparable
-    between models and with the open-set figures). ``progress(done, total)`` is called after each
-    of the shots x rules x seeds runs.
+    Seed i draws the same photos for every rule, model and scenario; the taught classes of a
+    scenario are drawn from their own generator, so they too are the same for every rule and model.
     """
-    views: dict[int, np.ndarray] = {}
-    max_side = 2 * max(embedder.model.input_size)
-
-    def views_of(i: int) -> np.ndarray:
-        if i not in views:
-            views[i] = embedder.embed_views(load_rgb(data.files[i], max_side=max_side))
-        return views[i]
-
-    results: dict[str, dict[str, dict[str, float | list[float]]]] = {rule: {} for rule in rules}
-    opens: dict[str, dict[str, dict[str, float]]] = {rule: {} for rule in rules}
     n_classes = len(data.classes)
-    runs, done = len(shots) * len(rules) * seeds, 0
+    scenarios = taught_counts(n_classes) if open_set else {}
+    runs, done = len(shots) * len(rules) * seeds * (1 + len(scenarios)), 0
+    closed: dict[str, dict[str, dict]] = {rule: {} for rule in rules}
+    opens: dict[str, dict[str, dict[str, dict]]] = {rule: {name: {} for name in scenarios} for rule in rules}
     for n in shots:
+        draws = [draw(data.labels, n_classes, n, seen, np.random.default_rng(seed)) for seed in range(seeds)]
         for rule in rules:
-            accs, runs_open = [], []
-            for seed in range(seeds):
-                rng = np.random.default_rng(seed)
-                picks = [
-                    rng.choice(np.flatnonzero(data.labels == c), n, replace=False) for c in range(n_classes)
-                ]
-                train = np.concatenate(picks)
-                test = np.setdiff1d(np.arange(len(data.labels)), train)
-                known = np.arange(n_classes) if not open_set else rng.permutation(n_classes)[: n_classes // 2]
-                store = KnnStore(embedder.dim, embedder.identity, StoreSettings(k=k, rule=rule))
-                for i in train:
-                    if data.labels[i] in known:
-                        store.add(
-                            data.classes[data.labels[i]],
-                            views_of(i) if rule in VIEW_RULES else data.vectors[i],
-                        )
-                for i in test:
-                    store.observe(data.vectors[i])
-                store.threshold = float("-inf")  # the classifier's own answer, never unknown
-                preds = [store.classify(data.vectors[i]) for i in test]
-                is_known = np.isin(data.labels[test], known)
-                right = [p.label == data.classes[c] for p, c in zip(preds, data.labels[test], strict=True)]
-                accs.append(float(np.mean(np.array(right)[is_known])))
-                if open_set:
-                    truth = [data.classes[c] for c in data.labels[test]]
-                    runs_open.append(open_set_run(store, data.vectors[test], truth, is_known))
+            accs = []
+            per_scenario: dict[str, list[dict[str, float]]] = {name: [] for name in scenarios}
+            for seed, d in enumerate(draws):
+                store = teach(data, d, list(range(n_classes)), rule, k, protocol, seen_from)
+                _, answer, _ = answers(store, data, d.query)
+                accs.append(float(np.mean(answer == np.array(data.classes)[data.labels[d.query]])))
                 done += 1
+                for name, count in scenarios.items():
+                    chosen = np.random.default_rng([seed, count]).permutation(n_classes)[:count]
+                    taught = sorted(int(c) for c in chosen)
+                    store = teach(data, d, taught, rule, k, protocol, seen_from)
+                    per_scenario[name].append(open_set_run(store, data, d.query, taught))
+                    done += 1
                 if progress:
                     progress(done, runs)
-            results[rule][str(n)] = {
+            closed[rule][str(n)] = {
                 "mean": float(np.mean(accs)),
                 "std": float(np.std(accs)),
                 "per_seed": [round(a, 4) for a in accs],  # seed i draws the same photos for any model
             }
-            if open_set:
-                opens[rule][str(n)] = {
-                    key: float(np.mean([r[key] for r in runs_open])) for key in runs_open[0]
+            for name, results in per_scenario.items():
+                opens[rule][name][str(n)] = {
+                    key: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v))}
+                    for key in OPEN_METRICS
+                    for v in [[r[key] for r in results]]
                 }
-    out: dict[str, dict] = {"rules": results}
+    out: dict = {"protocol": protocol, "seen": seen, "seen_from": seen_from, "rules": closed}
     if open_set:
+        out["taught"] = scenarios
         out["open_set"] = opens
-    return out
-
-
-def open_set_run(
-    store: KnnStore, vectors: np.ndarray, truth: list[str], taught: np.ndarray
-) -> dict[str, float]:
-    """One store against photos of taught and untaught classes (``taught`` says which).
-
-    ``auroc``: of the unknown score (``Prediction.similarity``: high = taught); then, with the
-    calibrated threshold (``store.threshold`` None, the default), with ``store.threshold = 0`` and
-    with no rejection at all (the closed-set answer): the share of untaught photos answered
-    ``UNKNOWN`` and of taught ones answered right. ``kept``: the calibrated right / the closed-set
-    right. ``threshold``: the calibrated one. The store's threshold is left at None.
-    """
-    taught = np.asarray(taught, bool)
-    out: dict[str, float] = {}
-    for name, threshold in (("closed", float("-inf")), ("zero", 0.0), ("auto", None)):
-        store.threshold = threshold
-        preds = [store.classify(v) for v in vectors]
-        unknown = np.array([p.label == UNKNOWN for p in preds])
-        right = np.array([p.label == t for p, t in zip(preds, truth, strict=True)])
-        out[f"unseen_unknown_{name}"] = float(unknown[~taught].mean())
-        out[f"taught_right_{name}"] = float(right[taught].mean())
-        if name == "auto":
-            out["auroc"] = auroc(np.array([p.similarity for p in preds]), taught)
-    out["kept"] = out["taught_right_auto"] / max(out["taught_right_closed"], 1e-12)
-    out["threshold"] = store.effective_threshold
     return out
 
 
@@ -184,53 +218,88 @@ def timed(fn: Callable, *args, **kwargs):
 
 
 def eval_command(args) -> int:
+    """`edgeknn eval`: check the arguments, embed the photos (or read them from the cache), run
+    ``evaluate`` and print its tables, or one JSON object."""
     cfg = load_config(args)
     try:
         shots = [int(s) for s in args.shots.split(",")]
     except ValueError:
         raise UsageError(f"--shots: expected comma-separated integers, got {args.shots!r}") from None
-    if min(shots) < 1 or args.seeds < 1:
-        raise UsageError("--shots and --seeds: expected integers >= 1")
+    if min(shots) < 1 or args.seeds < 1 or (args.seen is not None and args.seen < 0):
+        raise UsageError("--shots and --seeds: expected integers >= 1; --seen: >= 0")
     rules = [args.rule] if args.rule else ["softmax", "tfjs"]
     start = time.perf_counter()
     embedder = Embedder(model_path(args, cfg), cfg.model.threads)
+    cache = None if args.no_cache else args.cache or default_cache()
     with Progress("eval: embedding photos", 0) as progress:
-        data = load_dataset(args.dataset, embedder, progress)
+        data = load_dataset(args.dataset, embedder, progress, cache=cache)
+    if args.classes:
+        data = only(data, [c.strip() for c in args.classes.split(",") if c.strip()])
+        if len(data.classes) < 2:
+            raise UsageError("--classes: expected at least 2 classes")
     smallest = min(int((data.labels == c).sum()) for c in range(len(data.classes)))
-    if max(shots) >= smallest:
-        raise UsageError(f"--shots: the smallest class has {smallest} photos; use fewer than that")
+    seen = min(SEEN, (smallest - max(shots)) // 2) if args.seen is None else args.seen
+    if max(shots) + seen >= smallest:
+        raise UsageError(
+            f"--shots/--seen: the smallest class has {smallest} photos; shots + seen must leave queries"
+        )
     with Progress("eval: shots x rules x seeds", 0) as progress:
         result = evaluate(
-            data, embedder, rules, shots, args.seeds, k=args.k, open_set=args.open_set, progress=progress
+            data,
+            rules,
+            shots,
+            args.seeds,
+            k=args.k,
+            open_set=args.open_set,
+            protocol=args.protocol,
+            seen=seen,
+            seen_from=args.seen_from,
+            progress=progress,
         )
     seconds = time.perf_counter() - start
     result = {
         "model": str(model_path(args, cfg)),
         "default_rule": "softmax",
+        "classes": data.classes,
+        "seeds": args.seeds,
         **result,
         "seconds": round(seconds, 1),
     }
     if args.json:
         print_json(result)
         return 0
-    print(
-        f"{args.dataset}: {len(data.files)} photos, {len(data.classes)} classes, "
-        f"{args.seeds} seeds, k={args.k}"
-    )
-    header = "".join(f"{n:>4} shot{'s' if n > 1 else ' '}" + " " * 5 for n in shots)
-    print("rule        " + header)
-    for rule, per_shot in result["rules"].items():
-        cells = "".join(f"{v['mean']:.3f} ± {v['std']:.3f}  " for v in per_shot.values())
-        print(f"{rule:<12}{cells}")
-    for rule, per_shot in result.get("open_set", {}).items():
-        print(f"open set ({rule}): half the classes untaught; unknown = {UNKNOWN!r}")
-        print("  shots  AUROC  threshold  untaught->unknown (auto / 0)  taught right (auto / 0 / none)  kept")
-        for n, r in per_shot.items():
-            print(
-                f"  {n:>5}  {r['auroc']:.3f}  {r['threshold']:9.3f}  "
-                f"{r['unseen_unknown_auto']:.3f} / {r['unseen_unknown_zero']:.3f}{'':15}"
-                f"{r['taught_right_auto']:.3f} / {r['taught_right_zero']:.3f} / "
-                f"{r['taught_right_closed']:.3f}{'':9}{r['kept']:.3f}"
-            )
+    print_tables(result, args.dataset, len(data.files), shots)
     print(f"took {seconds:.1f} s")
     return 0
+
+
+def print_tables(result: dict, dataset: Path, photos: int, shots: list[int]) -> None:
+    """The closed-set table, then per rule the open-set one: mean ± spread (std) over the seeds."""
+    seen = (
+        "the queries"
+        if result["protocol"] == "queries"
+        else f"{result['seen']} photos of {result['seen_from']} classes"
+    )
+    print(
+        f"{dataset}: {photos} photos, {len(result['classes'])} classes, {result['seeds']} seeds; "
+        f"the centre: {seen}"
+    )
+    print("rule        " + "".join(f"{n:>4} shot{'s' if n > 1 else ' '}" + " " * 9 for n in shots))
+    for rule, per_shot in result["rules"].items():
+        print(f"{rule:<12}" + "".join(f"{v['mean']:.3f} ± {v['std']:.3f}    " for v in per_shot.values()))
+    for rule, scenarios in result.get("open_set", {}).items():
+        print(f"open set ({rule}), threshold auto; untaught answered {UNKNOWN!r}, taught answered right:")
+        print("  taught  shots  AUROC          threshold       rejected        right (closed)   kept")
+        for name, per_shot in scenarios.items():
+            for n, r in per_shot.items():
+                cell = {key: f"{r[key]['mean']:.3f} ± {r[key]['std']:.3f}" for key in OPEN_METRICS}
+                print(
+                    f"  {name:<6}  {n:>5}  {cell['auroc']}  {cell['threshold']}  {cell['rejected']}  "
+                    f"{r['right']['mean']:.3f} ({r['right_closed']['mean']:.3f})    {cell['kept']}"
+                )
+
+
+def default_cache() -> Path:
+    """Where embedded photos are kept between runs: $XDG_CACHE_HOME/edgeknn/eval (~/.cache/…)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "edgeknn" / "eval"

@@ -24,7 +24,7 @@ from edgeknn.cli import model as modelcli
 from edgeknn.cli import store as storecli
 from edgeknn.cli import web as webcli
 from edgeknn.cli.errors import InputError, UsageError
-from edgeknn.cli.evaluate import eval_command
+from edgeknn.cli.evaluate import PROTOCOLS, SEEN, SEEN_FROM, eval_command
 from edgeknn.cli.options import load_config
 from edgeknn.imagefiles import ImageError
 from edgeknn.model.registry import MODELS
@@ -150,9 +150,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--open-set",
         action="store_true",
-        help="leave half the classes untaught: AUROC of the unknown score, and how often untaught "
-        "photos are answered unknown and taught ones right",
+        help="also teach 1, 2 and half of the classes, the others never: AUROC of the unknown score, "
+        "untaught photos answered unrecognized, taught ones answered right",
     )
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="device",
+        help="device (default): the centre is what a device holds, from photos that are neither "
+        "examples nor queries; queries: the old evaluation, centred on the queries themselves",
+    )
+    p.add_argument(
+        "--seen",
+        type=int,
+        help=f"photos per class the device sees before the queries (default {SEEN}, fewer in a small set)",
+    )
+    p.add_argument(
+        "--seen-from",
+        choices=SEEN_FROM,
+        default="all",
+        help="all (default): of every class, as a device that has seen its room; taught: the taught only",
+    )
+    p.add_argument(
+        "--classes", help="only these class folders, comma-separated (tune on some, report on others)"
+    )
+    p.add_argument(
+        "--cache", type=Path, help="where embedded photos are kept (default ~/.cache/edgeknn/eval)"
+    )
+    p.add_argument("--no-cache", action="store_true", help="embed every photo again, keep nothing")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("bench", _bench, "measure the pipeline, the k-NN and the footprint")

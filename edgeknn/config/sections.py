@@ -69,6 +69,11 @@ class StoreConfig:
     storage: str = key("float32", _str(STORAGES), "row storage; uint8 = 4x less memory")
     autosave_s: float = key(5.0, number(0.0, 86400.0), "save this long after the last change; 0 = at once")
     max_classes: int = key(10, integer(1, 1000), "the most classes a store keeps (add_class refuses more)")
+    background: list = key(
+        ["background", "nothing"],
+        _str_list,
+        "classes answered as no class (unrecognized), as Teachable Machine's Background; any case",
+    )
 
     def settings(self) -> StoreSettings:
         """What a KnnStore takes of this section (the one place that copies it)."""

@@ -9,6 +9,7 @@ that work overlaps the model's invoke instead of adding to it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -52,7 +53,7 @@ from edgeknn.model.inference import InferenceThread
 from edgeknn.outputs import Output, Reading
 from edgeknn.store import lock as storelock
 from edgeknn.store.head import VIEW_RULES
-from edgeknn.store.knn import KnnStore
+from edgeknn.store.knn import KnnStore, threshold_calibration
 from edgeknn.store.names import UNKNOWN
 from edgeknn.throttle import Throttle
 
@@ -123,6 +124,7 @@ class Daemon:
         self.commands = CommandQueue(self._handlers, log)
         self._event_logs: dict[str, Throttle] = {}
         self.stabilizer = Stabilizer(cfg.stabilizer.mode, cfg.stabilizer.frames)
+        self._background = {name.casefold() for name in cfg.store.background}  # store.background
         self._stop = threading.Event()
         self._frame: Frame | None = None
         self._inference = InferenceThread(embedder, side.scores if side else None)
@@ -227,6 +229,7 @@ class Daemon:
             "rule": self.store.rule,
             "threshold": self.store.threshold,
             "effective_threshold": round(self.store.effective_threshold, 4),  # applied now (None above: auto)
+            "threshold_calibration": "set" if self.classifier else threshold_calibration(self.store),
             "training_class": self.settings.training_class,
             "storage": self.store.storage,
             "version": __version__,
@@ -279,6 +282,8 @@ class Daemon:
             self.teacher.add_pending(views, pictures.encode(frame.image))
         self.store.observe(vector)
         prediction = self.store.classify(vector)
+        if prediction.label.casefold() in self._background:  # taught as "nothing here": no class
+            prediction = dataclasses.replace(prediction, label=UNKNOWN)
         changed = self.stabilizer.update(prediction.label)
         stable = self.stabilizer.label
         now = time.time()

@@ -323,3 +323,10 @@ class KnnStore:
         store._examples = {name: int(c) for name, c in zip(store.classes, per_class, strict=True) if c}
         store._head.center, store._head.seen = arrays["center"].astype(np.float32), int(arrays["seen"])
         return store
+
+
+def threshold_calibration(store: KnnStore) -> str:
+    """What ``store.effective_threshold`` comes from now (``Matcher.calibration``): ``set``, ``own
+    class``, ``near misses`` or ``none``; the state publishes it beside the threshold. Outside the
+    class, which is at its size limit."""
+    return store._matcher.calibration(store._rows, store.classes)

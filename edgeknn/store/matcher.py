@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edgeknn.store.examples import ExampleBook
 from edgeknn.store.head import VIEW_RULES, Head, fit_sample
 from edgeknn.store.names import UNKNOWN
 from edgeknn.store.rows import Rows
@@ -39,6 +40,7 @@ class Tuning(Protocol):
     """What a matcher reads off its store at each call (``KnnStore``'s attributes)."""
 
     k: int
+    _book: ExampleBook  # each example's time of adding: the threshold's moments (``scan.py``)
     threshold: float | None  # None: calibrated from the examples (``effective_threshold``)
     full_scan: bool  # True: no index (the bench measures the index's answers against it)
 
@@ -97,7 +99,8 @@ class Matcher:
 
     def effective_threshold(self, rows: Rows, classes: list[str]) -> float:
         """The threshold applied now: ``threshold`` when it is set, else the one calibrated from the
-        examples (``scan.ExampleIndex.threshold``; 0.0 until two classes have examples). ``tfjs`` and
+        examples (``scan.ExampleIndex.threshold``; 0.0 until a class has two examples, or two classes
+        one each). ``tfjs`` and
         ``nearest`` (kept to compare with TensorFlow.js, which has no unknown answer) are not
         calibrated: 0.0, a raw cosine, never unknown. From the thread that classifies: it may calibrate."""
         if self.store.threshold is not None:
@@ -106,7 +109,21 @@ class Matcher:
             return 0.0
         if self.head.stale:
             self.fit(rows, classes)
-        return self.index.threshold(rows.labels, rows.get, len(classes), self.store.k)
+        book = self.store._book
+
+        def added(positions: np.ndarray) -> np.ndarray:
+            return np.array([book.added(int(i)) for i in rows.examples[positions]], np.float64)
+
+        return self.index.threshold(rows.labels, rows.get, len(classes), self.store.k, added)
+
+    def calibration(self, rows: Rows, classes: list[str]) -> str:
+        """What ``effective_threshold`` comes from now: ``set`` (a number), ``own class`` (each
+        example's similarity to the others of its class), ``near misses`` (to other classes) or
+        ``none`` (0.0: too few examples, or a rule that is not calibrated)."""
+        if self.store.threshold is not None:
+            return "set"
+        self.effective_threshold(rows, classes)
+        return self.index.calibration if len(rows) and self.rule in VIEW_RULES else "none"
 
     def fit(self, rows: Rows, classes: list[str]) -> None:
         """Fit the rule's head now if it is due (else the next classify does it).

@@ -12,11 +12,21 @@ for the six views), then scores the ``_CANDIDATES`` best exactly from the stored
 examples are sketched when first seen; a removal rebuilds the index and a move of the centre
 redoes what depends on it, at the next classify after the change, never on every frame.
 
-``ExampleIndex.threshold``: a frame is unrecognized when its k nearest examples are on average less
-similar to it than, for a little over half the examples (``_QUANTILE``), their k nearest examples
-of other classes are to them: what the store itself shows a near miss to look like. Calibrated on
-at most ``_CALIBRATION`` examples, again only when the examples or the centre changed (past that
-size, when 1/16 of them did).
+``ExampleIndex.threshold``: how close a new photo of a taught class usually comes, measured on the
+taught examples themselves. Each example in turn is left out and compared with the others of its
+class taught at another moment (the mean similarity of its k nearest there: what the frame's
+``similarity`` would be for a photo of that class the store had not seen; the frames of one held
+button are near copies of each other and would make it far too strict). The threshold is the
+``_OWN_QUANTILE`` of those, less an allowance of ``_ALLOWANCE`` / (the examples it was measured on)
+that shrinks as the examples grow (a few examples say less about their class than many). So it
+works from the first class on, as soon as one class has examples from two moments. With two
+classes or more it is never below the near misses: the ``_QUANTILE`` of each example's mean
+similarity to its k nearest examples of other classes (how close the taught classes come to each
+other: a frame no closer than that to what it resembles most is not one of them); that alone (at
+least 0) while no class has examples from two moments.
+Calibrated on at most ``_CALIBRATION`` examples, again only when the examples or the centre changed
+(past that size, when 1/16 of them did). Chosen on sign digits 0-4, reported on 5-9
+(docs/classifying.md).
 """
 
 from __future__ import annotations
@@ -32,7 +42,10 @@ _RANK = 64  # sketch dimensions
 _CANDIDATES = 32  # examples scored exactly per frame
 _CALIBRATION = 512  # examples the threshold is calibrated on, at most
 _BASIS_SAMPLE = 1024  # examples the sketch's directions are computed from, at most
-_QUANTILE = 0.55  # of the examples' near misses (README: the median rejected less for about as many kept)
+_OWN_QUANTILE = 0.2  # of the examples' leave-one-out similarity to their own class
+_ALLOWANCE = 0.5  # taken off it, divided by the examples it was measured on
+_QUANTILE = 0.55  # of the examples' near misses: while no class has two examples
+_MOMENT_S = 5.0  # examples of a class added closer together than this are one moment (a held button)
 
 Rows = Callable[[np.ndarray], np.ndarray]  # float32 copies of the stored rows at some positions
 
@@ -85,6 +98,7 @@ class ExampleIndex:
         self._t_c: np.ndarray | None = None  # each example's sketched t.c (for the coarse ranking)
         self._replaced: set[int] = set()  # examples (index into first) overwritten since the last sync
         self._threshold: float | None = None
+        self.calibration = "none"  # what the threshold was calibrated from (``threshold``)
         self._calibrated_on, self._calibrated_k = 0, 0  # examples and k at the last calibration
         self._changes = 0  # examples added or replaced since
 
@@ -177,10 +191,15 @@ class ExampleIndex:
         top = top[np.argsort(-sims[top], kind="stable")]
         return candidates[top], sims[top].astype(np.float32)
 
-    def threshold(self, labels: np.ndarray, rows: Rows, classes: int, k: int) -> float:
+    def threshold(
+        self, labels: np.ndarray, rows: Rows, classes: int, k: int, added: Rows | None = None
+    ) -> float:
         """The calibrated threshold for the mean similarity of a frame to its ``k`` nearest
-        examples: the ``_QUANTILE`` over examples of their mean similarity to their ``k`` nearest
-        examples of other classes (0.0 until two classes have examples); cached until it is due."""
+        examples (the module's docstring): from each example's similarity to the others of its
+        class, else from near misses between classes, else 0.0; cached until it is due.
+        ``calibration`` then says which (``own class``, ``near misses`` or ``none``). ``added``: the
+        time each example (by its first row's position) was added, for its moment (``moments``);
+        None: every example a moment of its own."""
         e = len(self.first)
         if (
             self._threshold is not None
@@ -191,17 +210,46 @@ class ExampleIndex:
         own = labels[self.first]
         pick = fit_sample(own, np.arange(e), classes, limit=_CALIBRATION)
         own = own[pick]
-        value = 0.0
-        if len(np.unique(own)) >= 2:
+        value, self.calibration = 0.0, "none"
+        if len(own) >= 2:
             t = self.space.features(rows(self.first[pick]))
             if self.space.center is not None:
                 t -= self.space.center
                 unit_rows(t)
             sims = t @ t.T
-            sims[own[:, None] == own[None, :]] = -np.inf
-            top = -np.sort(-sims, axis=1)[:, :k]  # the k nearest of other classes (-inf: fewer)
-            found = np.isfinite(top)
-            near_miss = np.where(found, top, 0.0).sum(axis=1) / found.sum(axis=1)
-            value = max(0.0, float(np.quantile(near_miss, _QUANTILE)))
+            np.fill_diagonal(sims, -np.inf)  # an example is never its own neighbour
+            same = own[:, None] == own[None, :]
+            moment = moments(own, added(self.first[pick])) if added is not None else np.arange(len(own))
+            apart = same & (moment[:, None] != moment[None, :])  # its class, at another moment
+            alike = _mean_top(np.where(apart, sims, -np.inf), k)  # NaN: no other moment of its class
+            measured = alike[np.isfinite(alike)]
+            if len(measured):
+                value = float(np.quantile(measured, _OWN_QUANTILE)) - _ALLOWANCE / len(measured)
+                self.calibration = "own class"
+            if len(np.unique(own)) >= 2:  # never below how close the taught classes come to each other
+                near_miss = float(np.quantile(_mean_top(np.where(same, -np.inf, sims), k), _QUANTILE))
+                if not len(measured):
+                    value, self.calibration = max(0.0, near_miss), "near misses"
+                elif near_miss > value:
+                    value, self.calibration = near_miss, "near misses"
         self._threshold, self._calibrated_on, self._calibrated_k, self._changes = value, e, k, 0
         return value
+
+
+def moments(labels: np.ndarray, added: np.ndarray) -> np.ndarray:
+    """Each example's moment: the examples of a class added less than ``_MOMENT_S`` after the one
+    before (a held button, one burst) are one moment; numbered over all classes."""
+    order = np.lexsort((added, labels))
+    gap = np.diff(added[order]) > _MOMENT_S
+    new = np.concatenate([[True], gap | (np.diff(labels[order]) != 0)])
+    moment = np.empty(len(labels), np.intp)
+    moment[order] = np.cumsum(new)
+    return moment
+
+
+def _mean_top(sims: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the mean of its ``k`` largest finite values (fewer when it has fewer; NaN: none)."""
+    top = -np.sort(-sims, axis=1)[:, :k]
+    found = np.isfinite(top)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(found, top, 0.0).sum(axis=1) / found.sum(axis=1)
