@@ -29,12 +29,15 @@ class Frame:
     one, and read-only (a frame may be shared by several readers); ``ts`` is ``time.time()`` when
     it was read; ``number`` counts frames within one Capture, from 1. ``full`` is the frame as the
     source gave it, kept (not copied) where ``prepare`` cropped or resized it: the web page shows it.
+    ``mono`` is ``time.monotonic()`` at the same moment: ages and latencies are measured from it, so a
+    step of the wall clock (NTP at boot, a manual ``date``) never shows as a latency.
     """
 
     image: np.ndarray
     ts: float
     number: int
     full: np.ndarray | None = None  # the frame before ``prepare``, where that changed it (read only)
+    mono: float = 0.0  # time.monotonic() when it was read (0: unknown)
 
 
 def check_frame(image: object, what: str = "the source") -> np.ndarray:
@@ -208,18 +211,20 @@ class Capture:
             self._source = source
         while not self._stop.is_set():
             image = check_frame(source.read())
-            ts = time.time()
+            ts, mono = time.time(), time.monotonic()
             full = None
             if self._prepare is not None:
                 prepared = check_frame(self._prepare(image), "prepare")
                 full, image = (image if prepared.shape != image.shape else None), prepared
-            self._publish(image, ts, full)
+            self._publish(image, ts, full, mono)
 
-    def _publish(self, image: np.ndarray, ts: float, full: np.ndarray | None = None) -> None:
+    def _publish(
+        self, image: np.ndarray, ts: float, full: np.ndarray | None = None, mono: float | None = None
+    ) -> None:
         image.setflags(write=False)
         with self._new_frame:
             self._count += 1
-            self._frame = Frame(image, ts, self._count, full)
+            self._frame = Frame(image, ts, self._count, full, time.monotonic() if mono is None else mono)
             self._last_good = time.monotonic()
             recovered = bool(self._error)
             self._ok, self._error = True, ""

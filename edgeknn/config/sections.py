@@ -163,7 +163,10 @@ class MqttConfig:
         0, integer(0, 1001), "a classifier model's labels per prediction; 0 = all if < 100, else 3"
     )
     snapshot_interval_s: float = key(
-        0.0, number(0.0, 86400.0), "publish a snapshot to <base>/snapshot this often; 0 = only on request"
+        10.0,
+        number(0.0, 86400.0),
+        "publish the newest frame to <base>/snapshot this often (kept in memory, never written); "
+        "0 = only on request",
     )
 
 

@@ -313,8 +313,13 @@ def mqtt_link(cfg: config.Config, classes: list[str], submit: Callable[[Command]
     """The MQTT output for this config (not yet started; ``online`` waits for its first state); a bad
     MQTT setting is Fatal."""
     from edgeknn.mqtt.client import MqttError
+    from edgeknn.mqtt.homeassistant import Page
     from edgeknn.mqtt.link import MqttLink
 
+    page = None  # the device page's "Visit" link in Home Assistant: the web page, when it is on
+    if cfg.web.enabled:
+        listen = cfg.web.listen if cfg.web.listen not in ("", "0.0.0.0", "::") else ""
+        page = Page("https" if cfg.web.tls_cert else "http", cfg.web.port, listen)
     try:
         return MqttLink(
             cfg.mqtt,
@@ -324,6 +329,7 @@ def mqtt_link(cfg: config.Config, classes: list[str], submit: Callable[[Command]
             submit=submit,
             version=__version__,
             wait_for_state=True,  # online only after the first state (the loop's, or the wait's)
+            page=page,
         )
     except MqttError as e:
         raise Fatal(str(e)) from None

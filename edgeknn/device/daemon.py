@@ -97,6 +97,22 @@ class Stabilizer:
         self._run = 0
         self._window.clear()
 
+    def relabel(self, old: str, new: str | None) -> bool:
+        """A class was renamed (``new``) or removed (None): the frames seen so far follow it, so the
+        stable label never names a class that is gone. True if the stable label changed."""
+        if new is None:
+            if old not in (self.label, self._run_label, *self._window):
+                return False
+            before = self.label
+            self.reset()
+            return self.label != before
+        self._window = deque((new if label == old else label for label in self._window), self._window.maxlen)
+        self._run_label = new if self._run_label == old else self._run_label
+        if self.label == old:
+            self.label = new
+            return True
+        return False
+
 
 class Daemon:
     """Owns the store; runs commands from one queue between frames; feeds the outputs."""
@@ -125,6 +141,7 @@ class Daemon:
         self._event_logs: dict[str, Throttle] = {}
         self.stabilizer = Stabilizer(cfg.stabilizer.mode, cfg.stabilizer.frames)
         self._background = {name.casefold() for name in cfg.store.background}  # store.background
+        self._relabelled = False  # a rename or removal changed the stable label: the next reading says so
         self._stop = threading.Event()
         self._frame: Frame | None = None
         self._inference = InferenceThread(embedder, side.scores if side else None)
@@ -133,20 +150,24 @@ class Daemon:
         self.saver = Saver(store, self.store_path, cfg.store.autosave_s, self._event)
         # JPEGs made off the loop: the snapshot command's file, and (its ``publish``) MQTT's image topic
         interval = cfg.mqtt.snapshot_interval_s if cfg.mqtt.enabled else 0.0
-        self.snapshots = Snapshotter(self.store_path.parent / "snapshots", interval)
+        # The snapshot command's files go to <state_dir>/snapshots (not beside a --store elsewhere); the
+        # periodic ones are never written (an SD card is not worn by a picture every few seconds).
+        self.snapshots = Snapshotter(cfg.resolved_state_dir() / "snapshots", interval)
         self._started = time.monotonic()
         self._inference_ms = 0.0
         self.rate = FrameRate()
         self._state = StatePublisher(self.outputs, self.notifier, _guard)
         self.teacher = Teacher(store, self._changed, self._event, self.commands.reply)
         publish = partial(self._publish_state, force=True)
-        self.settings = SettingCommands(cfg, store, publish, self.teacher.rename_class)
+        self.settings = SettingCommands(
+            cfg, store, publish, self.teacher.rename_class, self.teacher.remove_class
+        )
         self._handlers |= {  # in place: the queue routes every command by this one dict
             AddExample: self.teacher.queue_examples,
             ForgetClass: self.teacher.forget_class,
             RenameClass: self.settings.rename_class,
             AddClass: self.teacher.add_class,
-            RemoveClass: self.teacher.remove_class,
+            RemoveClass: self.settings.remove_class,
             DeleteExample: self.teacher.delete_example,
             ListExamples: self.teacher.list_examples,
             Reset: self.teacher.reset,
@@ -203,6 +224,8 @@ class Daemon:
         return None
 
     def _event(self, event: dict, command: Command | None = None) -> None:
+        if event.get("event") in ("class_renamed", "class_removed"):  # the stable label follows its class
+            self._relabelled |= self.stabilizer.relabel(event["class"], event.get("new_name"))
         if command is not None:
             event = {**event, "source": command.source}
         name = str(event.get("event"))
@@ -284,9 +307,9 @@ class Daemon:
         prediction = self.store.classify(vector)
         if prediction.label.casefold() in self._background:  # taught as "nothing here": no class
             prediction = dataclasses.replace(prediction, label=UNKNOWN)
-        changed = self.stabilizer.update(prediction.label)
+        changed = self.stabilizer.update(prediction.label) or self._relabelled
+        self._relabelled = False
         stable = self.stabilizer.label
-        now = time.time()
         reading = Reading(
             label=stable,
             confidence=prediction.scores.get(stable, 0.0),
@@ -294,7 +317,7 @@ class Daemon:
             similarity=prediction.similarity,
             frame=frame.number,
             ts=frame.ts,
-            latency_ms=(now - frame.ts) * 1000,
+            latency_ms=(time.monotonic() - frame.mono) * 1000,  # never across a wall-clock step
             changed=changed,
             inference_ms=self._inference_ms,
             candidate=prediction.label if prediction.label != stable else "",  # why scores may disagree

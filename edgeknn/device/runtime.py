@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeknn import smallfiles
-from edgeknn.commands import RenameClass, Result, SelectClass, SetThreshold
+from edgeknn.commands import RemoveClass, RenameClass, Result, SelectClass, SetThreshold
 from edgeknn.smallfiles import read_small
 
 if TYPE_CHECKING:
@@ -127,7 +127,8 @@ class RuntimeSettings:
 
 class SettingCommands:
     """Runs the commands that set a runtime setting of one store (threshold, training class) and keeps
-    what they set; ``publish`` sends the new state, ``rename`` renames a class (the teacher's)."""
+    what they set; ``publish`` sends the new state, ``rename`` and ``remove`` change a class (the
+    teacher's)."""
 
     def __init__(
         self,
@@ -135,8 +136,10 @@ class SettingCommands:
         store: KnnStore,
         publish: Callable[[], None],
         rename: Callable[[RenameClass], Result],
+        remove: Callable[[RemoveClass], Result],
     ):
-        self.cfg, self.store, self._publish, self._rename = cfg, store, publish, rename
+        self.cfg, self.store, self._publish = cfg, store, publish
+        self._rename, self._remove = rename, remove
         # What commands set and a restart keeps: it wins over the config's value until that is edited.
         self.kept = RuntimeSettings.load(
             cfg.resolved_state_dir(), {"threshold": cfg.store.threshold, "training_class": None}
@@ -184,6 +187,17 @@ class SettingCommands:
         result = self._rename(command)
         if follows and not result.ok:
             self.kept.keep("training_class", command.class_name)
+        return result
+
+    def remove_class(self, command: RemoveClass) -> Result:
+        """Remove; a removed training class gives way to the one Home Assistant shows next (the first
+        class left), kept at once: runtime.json never names a class that is gone, so a new class of
+        the same name is not selected behind anyone's back."""
+        selected = self.kept.get("training_class")
+        result = self._remove(command)
+        if result.ok and selected == command.class_name:
+            self.kept.keep("training_class", self.training_class)  # the first class left, or ""
+            self._publish()
         return result
 
 

@@ -37,6 +37,12 @@ def os_reason(e: OSError, path: Path) -> str:
     return f"{reason}: {culprit}" if culprit and str(culprit) != str(path) else reason
 
 
+def examples_in(store: KnnStore) -> int:
+    """How many examples the store holds (what "saved N examples" counts): not its rows, of which an
+    example has one per view (six with the view rules)."""
+    return sum(store.counts().values())
+
+
 class _Write:
     """One save of a snapshot on its own thread; ``error`` is set (or not) once ``done``."""
 
@@ -115,7 +121,7 @@ class Saver:
         ``final``: the process is about to exit, and its caller says a failure (not this)."""
         self.wait()
         self.attempts += 1
-        generation, examples = self._generation, len(self.store)
+        generation, examples = self._generation, examples_in(self.store)
         pictures = self.store.pictures_to_write(self.path)
         try:
             storefile.write(self.path, self.store.contents(), pictures)
@@ -138,7 +144,7 @@ class Saver:
         self.attempts += 1
         pictures = self.store.pictures_to_write(self.path)
         self._write = _Write(
-            self.path, self.store.contents(snapshot=True), pictures, self._generation, len(self.store)
+            self.path, self.store.contents(snapshot=True), pictures, self._generation, examples_in(self.store)
         )
 
     def wait(self) -> None:

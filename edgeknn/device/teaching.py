@@ -134,6 +134,9 @@ class Teacher:
         if command.class_name not in self.store.classes:
             return self._unknown(command.class_name)
         removed = self.store.remove_class(command.class_name)
+        # Examples still waiting for frames go with their class: a new class of the same name, added
+        # before those frames come, must not receive them.
+        self._refuse_pending_of(command.class_name, f"class: {command.class_name!r} was removed")
         self._changed()
         detail = {"class": command.class_name, "removed": removed}
         self._event({"event": "class_removed", **detail}, command)
@@ -172,9 +175,15 @@ class Teacher:
         self._event({"event": "examples_imported", "added": added}, command)
         return Result(True, detail=detail)
 
+    def _refuse_pending_of(self, name: str, why: str) -> None:
+        """Answer (refused: ``why``) and drop the AddExamples still waiting for frames for ``name``."""
+        for item in [item for item in self.pending if item[0].class_name == name]:
+            self.pending.remove(item)
+            self._reply(item[0], Result(False, why))
+
     def reset(self, command: Reset) -> Result:
         self.store.reset()
-        self.pending.clear()
+        self.refuse_pending("reset: every example was forgotten before these were added")
         self._changed()
         self._event({"event": "reset"}, command)
         return Result(True)

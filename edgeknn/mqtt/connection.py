@@ -179,6 +179,16 @@ class Connection:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def local_address(self) -> str | None:
+        """This end's IP address of the broker connection (the interface the broker's network sees),
+        or None while there is none."""
+        sock: Any = self._client.socket()
+        try:
+            return str(sock.getsockname()[0]) if sock is not None else None
+        except (OSError, AttributeError):
+            return None
+
     def start(self) -> None:
         """Connect in the background; returns at once, even with the broker down."""
         if self._started or self._closed:

@@ -4,12 +4,22 @@ Each function returns one entity's config dict; ``discovery_configs`` puts them 
 with the shared ``device``, ``origin`` and ``availability`` blocks, and ``homeassistant`` publishes
 them, retained. What a user sees on the device page:
 
-- primary: Prediction (an ``enum`` sensor: the classes and ``store.UNKNOWN``), Examples (per-class
-  counts as attributes), Training class (select), Add example, Snapshot (button) and the Snapshot image;
-- config: Threshold (number) and Automatic threshold (switch), Forget class, and Reset (disabled
-  until a person enables it: one press forgets every example);
+- primary: Prediction (an ``enum`` sensor: the classes and ``store.UNKNOWN``), one binary sensor per
+  class (on while it is the stable prediction), Events (``prediction_changed``, ``example_added``),
+  Examples (per-class counts as attributes), Training class (select), Take snapshot (button) and the
+  Snapshot image;
+- config: Add example, Forget class (buttons: acting on the selected class, never from a "press every
+  button"), New class and Rename training class (text), Threshold (number), Automatic threshold
+  (switch), and Reset (disabled until a person enables it: one press forgets every example);
 - diagnostic: Broker (connectivity, from the availability topic), Camera (problem), Error, Frame rate,
-  Inference time.
+  Inference time. Broker and Camera carry no icon of their own: their device class gives Home
+  Assistant's icon for each state (connected / disconnected, ok / problem).
+
+Entities whose config names the classes (Prediction, Training class, Rename, the per-class sensors)
+read their state from topics under ``ha/<tag>/``, ``tag`` a digest of the class list: a new class
+list is a new topic, whose retained state is published *before* the config, so Home Assistant, which
+applies a discovery update in a task of its own after the message, subscribes anew only once the new
+options are in place and gets the right state then (never a state checked against the old options).
 
 Home Assistant marks every entity of the device unavailable when the device's last will says
 ``offline`` and, by itself, when its own broker connection is down; the Broker entity alone has no
@@ -18,20 +28,40 @@ availability, so it reads "Disconnected" instead of "unavailable" when the devic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
 
 from edgeknn.config import MqttConfig
-from edgeknn.store.names import UNKNOWN
+from edgeknn.store.names import CLASS_NAME_RE, UNKNOWN
 
 SUPPORT_URL = "https://github.com/edgeknn/edgeknn"
-SELECT_STATE = "ha/class"  # under the base topic: the selected training class (retained)
+SELECT_STATE = "ha/{tag}/class"  # under the base topic: the selected training class (retained)
+PREDICTION = "ha/{tag}/prediction"  # the prediction again, retained, for the entities that read it
+TAGGED = (SELECT_STATE, PREDICTION)  # the retained topics of one class list
 SELECT_SET = "ha/class/set"  # Home Assistant selects a class here
 PRESS = "ha/press"  # Home Assistant's buttons publish their command name here
 AUTO_SET = "ha/threshold_auto/set"  # the Automatic threshold switch: ON / OFF
+NEW_CLASS = "ha/add_class"  # the New class text: a name to add
+RENAME = "ha/rename_class"  # the Rename training class text: the selected class's new name
+EVENTS = "ha/event"  # the event entity's topic: {"event_type": ..., ...}, not retained
+EVENT_TYPES = ("prediction_changed", "example_added")
 SNAPSHOT = "snapshot"  # the newest snapshot's JPEG (retained): the image entity's image_topic
 PRESS_CLASS = ("add_example", "forget_class")  # presses that act on the selected class
+
+
+def tag(classes: list[str]) -> str:
+    """The class list's digest: names the topics its entities read (a new list, new topics)."""
+    return hashlib.sha256("\n".join(classes).encode()).hexdigest()[:8]
+
+
+def class_object_id(name: str) -> str:
+    """A class's binary sensor's object id: the name where it is safe, else made safe plus a digest
+    (two names that differ only in unsafe characters never share one)."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    return f"class_{safe}" if safe == name else f"class_{safe}_{digest}"
 
 
 def node_id(device_id: str) -> str:
@@ -44,25 +74,110 @@ def node_id(device_id: str) -> str:
 Entity = tuple[str, str, dict[str, Any]]
 
 
-def prediction(base: str, classes: list[str], heartbeat_s: float) -> Entity:
+def prediction(base: str, classes: list[str], tag_: str, extra: tuple[str, ...] = ()) -> Entity:
     """The stable label as an enum sensor; attributes are confidence and similarity to 0.01, not the
-    per-message ``seq``/``ts``/``frame`` (each would make every heartbeat a new state in the recorder)."""
+    per-message ``seq``/``ts``/``frame`` (each would make every heartbeat a new state in the recorder).
+
+    No ``expire_after``: Home Assistant sets an expiring sensor unavailable on *every* discovery update
+    (``_setup_from_config``), so each class change would show ``unavailable``. The device's own word
+    stands in: the sensor is unavailable while the state says the camera is not ``ok`` (no frames, no
+    predictions) and, like every entity, when the device is offline. ``extra``: a label Home
+    Assistant may still hold from before a rename or removal, kept valid until it has the new one.
+    """
     config: dict[str, Any] = {
         "name": "Prediction",
-        "state_topic": f"{base}/prediction",
+        "state_topic": f"{base}/{PREDICTION.format(tag=tag_)}",
         "value_template": "{{ value_json.label }}",
         "device_class": "enum",
-        "options": [*dict.fromkeys([*classes, UNKNOWN])],
-        "json_attributes_topic": f"{base}/prediction",
+        "options": [*dict.fromkeys([*classes, UNKNOWN, *extra])],
+        "json_attributes_topic": f"{base}/{PREDICTION.format(tag=tag_)}",
         "json_attributes_template": (
             "{{ {'confidence': value_json.confidence | round(2),"
             " 'similarity': value_json.similarity | round(2)} | tojson }}"
         ),
+        **classifying(base),
         "icon": "mdi:eye",
     }
-    if heartbeat_s > 0:  # no prediction for two heartbeats: the device is not classifying
-        config["expire_after"] = int(heartbeat_s * 2) + 5
     return "sensor", "prediction", config
+
+
+def classifying(base: str) -> dict[str, Any]:
+    """Available while the device is online and its state says the camera is ``ok``: what the
+    prediction's entities need to mean anything (without ``expire_after``, see ``prediction``)."""
+    return {
+        "availability": [
+            {"topic": f"{base}/availability"},
+            {
+                "topic": f"{base}/state",
+                "value_template": "{{ 'online' if value_json.camera == 'ok' else 'offline' }}",
+            },
+        ],
+        "availability_mode": "all",
+    }
+
+
+def class_present(base: str, name: str, tag_: str) -> Entity:
+    """On while ``name`` is the stable prediction ("cat present"): an automation's plain trigger."""
+    return (
+        "binary_sensor",
+        class_object_id(name),
+        {
+            "name": name,
+            "state_topic": f"{base}/{PREDICTION.format(tag=tag_)}",
+            "value_template": f"{{{{ 'ON' if value_json.label == '{name}' else 'OFF' }}}}",
+            "device_class": "occupancy",
+            **classifying(base),
+        },
+    )
+
+
+def events(base: str) -> Entity:
+    """The stable prediction changed, an example was added: for automations and the logbook."""
+    return (
+        "event",
+        "events",
+        {
+            "name": "Events",
+            "state_topic": f"{base}/{EVENTS}",
+            "event_types": list(EVENT_TYPES),
+            "icon": "mdi:bell-ring-outline",
+        },
+    )
+
+
+def new_class(base: str) -> Entity:
+    """Type a name: a new empty class (``add_class``); it shows the last name typed."""
+    return (
+        "text",
+        "new_class",
+        {
+            "name": "New class",
+            "command_topic": f"{base}/{NEW_CLASS}",
+            "min": 1,
+            "max": 32,
+            "pattern": CLASS_NAME_RE.pattern,
+            "entity_category": "config",
+            "icon": "mdi:shape-plus",
+        },
+    )
+
+
+def rename_class(base: str, tag_: str) -> Entity:
+    """The training class's name: edit it to rename that class (``rename_class``)."""
+    return (
+        "text",
+        "rename_class",
+        {
+            "name": "Rename training class",
+            "command_topic": f"{base}/{RENAME}",
+            "state_topic": f"{base}/{SELECT_STATE.format(tag=tag_)}",
+            "min": 1,
+            "max": 32,
+            "pattern": CLASS_NAME_RE.pattern,
+            "entity_category": "config",
+            "icon": "mdi:rename",
+        },
+    )
 
 
 def examples(base: str) -> Entity:
@@ -82,14 +197,14 @@ def examples(base: str) -> Entity:
     )
 
 
-def training_class(base: str, classes: list[str]) -> Entity:
+def training_class(base: str, classes: list[str], tag_: str) -> Entity:
     return (
         "select",
         "training_class",
         {
             "name": "Training class",
             "command_topic": f"{base}/{SELECT_SET}",
-            "state_topic": f"{base}/{SELECT_STATE}",
+            "state_topic": f"{base}/{SELECT_STATE.format(tag=tag_)}",
             "options": list(classes),
             "icon": "mdi:school",
         },
@@ -97,7 +212,9 @@ def training_class(base: str, classes: list[str]) -> Entity:
 
 
 BUTTONS: dict[str, dict[str, Any]] = {  # command name -> what is particular to its button
-    "add_example": {"name": "Add example", "icon": "mdi:plus-box"},
+    # config: off the default dashboard and out of "press every button"; teach from the page, or a card
+    # with the Training class and this button (docs/homeassistant.md)
+    "add_example": {"name": "Add example", "icon": "mdi:plus-box", "entity_category": "config"},
     "snapshot": {"name": "Take snapshot", "icon": "mdi:camera"},
     "forget_class": {"name": "Forget class", "icon": "mdi:eraser", "entity_category": "config"},
     "reset": {
@@ -126,7 +243,13 @@ def snapshot_image(base: str) -> Entity:
     )
 
 
-THRESHOLD_TEMPLATE = "{{ value_json.effective_threshold }}"  # applied now: the calibrated one while automatic
+# applied now (the calibrated one while automatic), to the step's precision
+THRESHOLD_TEMPLATE = "{{ value_json.effective_threshold | round(2) }}"
+THRESHOLD_HELP = (
+    "Similarity (-1..1) a frame needs to its nearest example to be named; below it the answer is "
+    f"'{UNKNOWN}'. Higher: stricter (fewer wrong names, more '{UNKNOWN}'). Setting it turns Automatic "
+    "threshold off."
+)
 
 
 def threshold(base: str) -> Entity:
@@ -140,6 +263,8 @@ def threshold(base: str) -> Entity:
             "command_template": '{"value": {{ value }}}',
             "state_topic": f"{base}/state",
             "value_template": THRESHOLD_TEMPLATE,
+            "json_attributes_topic": f"{base}/state",  # the explanation, as an attribute
+            "json_attributes_template": json.dumps({"help": THRESHOLD_HELP}),
             "min": -1.0,
             "max": 1.0,
             "step": 0.01,
@@ -176,9 +301,8 @@ def broker(base: str) -> Entity:
             "state_topic": f"{base}/availability",
             "payload_on": "online",
             "payload_off": "offline",
-            "device_class": "connectivity",
+            "device_class": "connectivity",  # its icon follows the state: lan-connect / lan-disconnect
             "entity_category": "diagnostic",
-            "icon": "mdi:lan-connect",
         },
     )
 
@@ -194,9 +318,8 @@ def camera(base: str) -> Entity:
             "value_template": "{{ 'ON' if value_json.camera == 'down' else 'OFF' }}",
             "json_attributes_topic": f"{base}/state",
             "json_attributes_template": "{{ {'error': value_json.camera_error} | tojson }}",
-            "device_class": "problem",
+            "device_class": "problem",  # its icon follows the state: check-circle / alert-circle
             "entity_category": "diagnostic",
-            "icon": "mdi:camera-off",
         },
     )
 
@@ -253,16 +376,27 @@ def inference_ms(base: str) -> Entity:
 
 
 def discovery_configs(
-    config: MqttConfig, *, base_topic: str, device_id: str, classes: list[str], version: str
+    config: MqttConfig,
+    *,
+    base_topic: str,
+    device_id: str,
+    classes: list[str],
+    version: str,
+    extra_labels: tuple[str, ...] = (),
+    page_url: str = "",
 ) -> dict[str, dict[str, Any]]:
-    """Home Assistant discovery configs by topic, for this config and these classes."""
-    node, base = node_id(device_id), base_topic
+    """Home Assistant discovery configs by topic, for this config and these classes. ``extra_labels``:
+    labels the Prediction may still show (see ``prediction``); ``page_url``: the web page, the device
+    page's "Visit" link (``configuration_url``), none when the page is off."""
+    node, base, tag_ = node_id(device_id), base_topic, tag(classes)
 
     def allowed(command: str) -> bool:
         return config.commands and (not config.allowed_commands or command in config.allowed_commands)
 
     entities = [
-        prediction(base, classes, config.heartbeat_s),
+        prediction(base, classes, tag_, extra_labels),
+        *(class_present(base, name, tag_) for name in classes),
+        events(base),
         examples(base),
         broker(base),
         camera(base),
@@ -271,22 +405,29 @@ def discovery_configs(
         inference_ms(base),
     ]
     if classes and (allowed("add_example") or allowed("forget_class")):
-        entities.append(training_class(base, classes))
+        entities.append(training_class(base, classes, tag_))
     entities += [
         button(base, name) for name in BUTTONS if allowed(name) and (classes or name not in PRESS_CLASS)
     ]
+    if allowed("add_class"):
+        entities.append(new_class(base))
+    if classes and allowed("rename_class"):
+        entities.append(rename_class(base, tag_))
     if allowed("snapshot") or config.snapshot_interval_s > 0:
         entities.append(snapshot_image(base))
     if allowed("set_threshold"):
         entities += [threshold(base), threshold_auto(base)]
+    device: dict[str, Any] = {
+        "identifiers": [node],
+        "name": f"edgeknn {device_id}",
+        "model": "edgeknn teachable classifier",
+        "manufacturer": "edgeknn",
+        "sw_version": version,
+    }
+    if page_url:
+        device["configuration_url"] = page_url
     shared = {
-        "device": {
-            "identifiers": [node],
-            "name": f"edgeknn {device_id}",
-            "model": "edgeknn teachable classifier",
-            "manufacturer": "edgeknn",
-            "sw_version": version,
-        },
+        "device": device,
         "origin": {"name": "edgeknn", "sw_version": version, "support_url": SUPPORT_URL},
     }
     availability = [{"topic": f"{base}/availability"}]
@@ -294,7 +435,7 @@ def discovery_configs(
     for component, object_id, entity in entities:
         entity = {**entity, "unique_id": f"{node}_{object_id}", **shared}
         if component != "binary_sensor" or object_id != "broker":  # it shows the availability itself
-            entity["availability"] = availability
+            entity.setdefault("availability", availability)
         configs[f"{config.discovery_prefix}/{component}/{node}/{object_id}/config"] = entity
     return configs
 

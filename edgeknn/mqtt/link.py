@@ -30,7 +30,7 @@ from edgeknn.config import MqttConfig
 from edgeknn.mqtt import discovery
 from edgeknn.mqtt.commands import CommandError, parse_command, reply_topic, result_body, show
 from edgeknn.mqtt.connection import Connection
-from edgeknn.mqtt.homeassistant import HomeAssistant
+from edgeknn.mqtt.homeassistant import HomeAssistant, Page
 from edgeknn.mqtt.prediction import Predictions
 from edgeknn.outputs import Output, Reading
 from edgeknn.throttle import Throttle
@@ -59,6 +59,15 @@ def _plain(v: Any) -> Any:
     return v.tolist() if hasattr(v, "tolist") else str(v)
 
 
+HA_COMMANDS = (  # Home Assistant's entities' command topics
+    discovery.SELECT_SET,
+    discovery.PRESS,
+    discovery.AUTO_SET,
+    discovery.NEW_CLASS,
+    discovery.RENAME,
+)
+
+
 def subscriptions(config: MqttConfig, base: str) -> list[tuple[str, SubscribeOptions]]:
     """What the link listens to: commands and Home Assistant's entities (live messages only, not our
     own), and Home Assistant's status (it came back: publish discovery again)."""
@@ -70,7 +79,7 @@ def subscriptions(config: MqttConfig, base: str) -> list[tuple[str, SubscribeOpt
             retainAsPublished=True,
             retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND,
         )
-        commands = ("cmd/+", discovery.SELECT_SET, discovery.PRESS, discovery.AUTO_SET)
+        commands = ("cmd/+", *HA_COMMANDS)
         topics += [(f"{base}/{t}", no_echo) for t in commands]
     if config.discovery:
         topics.append((f"{config.discovery_prefix}/status", SubscribeOptions(qos=1)))
@@ -96,6 +105,7 @@ class MqttLink(Output):
         submit: Callable[[Command], None],
         version: str,
         wait_for_state: bool = False,
+        page: Page | None = None,
     ):
         self._config = config
         self._base = base_topic.rstrip("/")
@@ -125,6 +135,7 @@ class MqttLink(Output):
             device_id=device_id,
             classes=self._classes,
             version=version,
+            page=page,
         )
 
     def _topic(self, name: str) -> str:
@@ -151,10 +162,12 @@ class MqttLink(Output):
         if body is None:
             return
         self._publish_json(self._topic("prediction"), body, ts=reading.ts)
+        self._home.prediction(body)
 
     def event(self, event: dict) -> None:
         """Publish a one-off event (queued by paho while the broker is away, if QoS > 0)."""
         self._publish_json(self._topic("event"), dict(event))
+        self._home.event(event)
 
     def state(self, state: dict) -> None:
         """Publish the retained state; it is re-published on every connect, so only the latest counts.
@@ -167,7 +180,7 @@ class MqttLink(Output):
             self._connection.owner_ready()  # the first state: a connect that waited for it announces now
             return
         if changed and self._config.discovery:
-            self._home.publish_discovery(self._classes)
+            self._discovered()
         self._publish_json(self._topic("state"), dict(self._last_state), retain=True)
         self._home.publish_selected()
 
@@ -215,10 +228,16 @@ class MqttLink(Output):
     def _on_connected(self) -> None:
         self._predictions.force = True
 
+    def _discovered(self, force: bool = False) -> None:
+        """Discovery for the classes now; after a change, the prediction goes out again, after the
+        configs (the next frame's, whatever it is)."""
+        if self._home.publish_discovery(self._classes, force=force) or force:
+            self._predictions.force = True
+
     def _announce(self) -> None:
         """Our part of what a connect publishes: discovery and the retained state (``online`` follows)."""
         if self._config.discovery:
-            self._home.publish_discovery(self._classes)
+            self._discovered(force=True)
         if self._last_state is not None:
             if "broker" in self._last_state:  # kept while we were away: it said "down"
                 self._last_state["broker"] = "ok"
@@ -281,8 +300,7 @@ class MqttLink(Output):
         topic, cmd_prefix = msg.topic, self._topic("cmd/")
         if topic == f"{self._config.discovery_prefix}/status":
             if msg.payload.strip() == b"online":
-                self._home.publish_discovery(self._classes)
-                self._predictions.force = True
+                self._discovered(force=True)
         elif topic.startswith(cmd_prefix):
             name = topic[len(cmd_prefix) :]
             if name != "result":  # our own output
@@ -294,6 +312,13 @@ class MqttLink(Output):
         elif topic == self._topic(discovery.PRESS):
             name = msg.payload.decode("utf-8", "replace")
             self._command(name, discovery.press_payload(name, self._home.selected), msg.properties)
+        elif topic == self._topic(discovery.NEW_CLASS):
+            text = msg.payload.decode("utf-8", "replace")
+            self._command("add_class", json.dumps({"class": text}).encode(), msg.properties)
+        elif topic == self._topic(discovery.RENAME):
+            text = msg.payload.decode("utf-8", "replace")
+            body = {"class": self._home.selected, "new_name": text}
+            self._command("rename_class", json.dumps(body).encode(), msg.properties)
 
     def _answer(self, name: str, properties: Any) -> Callable[[Result], None]:
         """How to reply to a request: on ``cmd/result`` and to its MQTT 5 response topic if any."""
