@@ -16,6 +16,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgeknn.bench.broker import Certs
 
@@ -74,8 +75,10 @@ class Subscriber:
         client_id: str = "",
         session_expiry: int = 0,
         host: str = "127.0.0.1",
+        retain_as_published: bool = False,
     ):
         self.topics = topics
+        self._options = SubscribeOptions(qos=1, retainAsPublished=retain_as_published)
         self.messages: list[Message] = []
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
@@ -94,7 +97,7 @@ class Subscriber:
 
     def _on_connect(self, client, userdata, flags, reason, properties) -> None:
         if not reason.is_failure:
-            client.subscribe([(t, 1) for t in self.topics])
+            client.subscribe([(t, self._options) for t in self.topics])
 
     def _on_message(self, client, userdata, msg) -> None:
         with self._cond:

@@ -82,6 +82,22 @@ DOCUMENTED_KEYS: dict[str, set[str]] = {
         "image_encoding", "image_topic", "json_attributes_template", "json_attributes_topic", "name",
         "object_id", "unique_id", "url_template", "url_topic",
     },
+    # pages "MQTT Event" and "MQTT Text" (and homeassistant/components/mqtt/event.py, text.py: their
+    # schemas are MQTT_RO_SCHEMA / MQTT_RW_SCHEMA plus these, and MQTT_ENTITY_COMMON_SCHEMA)
+    "event": {
+        "availability", "availability_mode", "availability_template", "availability_topic", "device",
+        "device_class", "enabled_by_default", "encoding", "entity_category", "entity_picture", "event_types",
+        "icon", "json_attributes_template", "json_attributes_topic", "name", "object_id",
+        "payload_available", "payload_not_available", "platform", "qos", "state_topic", "unique_id",
+        "value_template",
+    },
+    "text": {
+        "availability", "availability_mode", "availability_template", "availability_topic",
+        "command_template", "command_topic", "device", "enabled_by_default", "encoding", "entity_category",
+        "entity_picture", "icon", "json_attributes_template", "json_attributes_topic", "max", "min", "mode",
+        "name", "object_id", "optimistic", "pattern", "payload_available", "payload_not_available",
+        "platform", "qos", "retain", "state_topic", "unique_id", "value_template",
+    },
 }  # fmt: skip
 REQUIRED_KEYS = {  # "required: true" on the same pages (image: image_topic or url_topic, exclusive)
     "sensor": {"state_topic"},
@@ -91,6 +107,8 @@ REQUIRED_KEYS = {  # "required: true" on the same pages (image: image_topic or u
     "number": {"command_topic"},
     "switch": {"command_topic"},
     "image": {"image_topic"},
+    "event": {"state_topic", "event_types"},
+    "text": {"command_topic"},
 }
 DEVICE_KEYS = {  # the `device` map, same pages
     "configuration_url", "connections", "hw_version", "identifiers", "manufacturer", "model", "model_id",
@@ -101,17 +119,28 @@ ORIGIN_KEYS = {"name", "sw_version", "support_url"}  # page "MQTT", "Discovery p
 # developers.home-assistant.io/docs/core/entity#generic-properties: entity_category is "config" or
 # "diagnostic"; the sensor pages: "When set, the entity category must be `diagnostic` for sensors."
 READ_ONLY = ("sensor", "binary_sensor")
+# Device classes whose icon Home Assistant picks by state (binary_sensor/icons.json): given no icon
+STATE_ICONS = {
+    ("binary_sensor", "connectivity"),
+    ("binary_sensor", "problem"),
+    ("binary_sensor", "occupancy"),
+}
 
 BASE = "edgeknn/dev1"
 NODE = "homeassistant/{}/edgeknn_dev1/{}/config"
 # What a person finds where: no category = the device page's main card (and the default dashboard).
 EXPECTED = {
     ("sensor", "prediction"): None,
+    ("binary_sensor", "class_cup"): None,
+    ("binary_sensor", "class_pen"): None,
+    ("event", "events"): None,
     ("sensor", "examples"): None,
     ("select", "training_class"): None,
-    ("button", "add_example"): None,
     ("button", "snapshot"): None,
     ("image", "snapshot_image"): None,
+    ("button", "add_example"): "config",  # not on the default dashboard, nor pressed by "press every button"
+    ("text", "new_class"): "config",
+    ("text", "rename_class"): "config",
     ("button", "forget_class"): "config",
     ("button", "reset"): "config",
     ("number", "threshold"): "config",
@@ -124,9 +153,14 @@ EXPECTED = {
 }
 
 
-def configs_for(classes: list[str], **fields) -> dict[str, dict]:
+def configs_for(classes: list[str], page_url: str = "", **fields) -> dict[str, dict]:
     return discovery.discovery_configs(
-        MqttConfig(**fields), base_topic=BASE, device_id="dev1", classes=classes, version="0.1.0"
+        MqttConfig(**fields),
+        base_topic=BASE,
+        device_id="dev1",
+        classes=classes,
+        version="0.1.0",
+        page_url=page_url,
     )
 
 
@@ -157,12 +191,35 @@ def test_discovery_payloads_use_only_documented_keys_and_categories():
             assert set(item) <= AVAILABILITY_KEYS
         if component in READ_ONLY and "entity_category" in entity:
             assert entity["entity_category"] == "diagnostic", where
-        assert re.fullmatch(r"mdi:[a-z0-9-]+", entity["icon"]), where
+        if (component, entity.get("device_class")) in STATE_ICONS:  # HA's icon follows the state
+            assert "icon" not in entity, where
+        else:
+            assert re.fullmatch(r"mdi:[a-z0-9-]+", entity["icon"]), where
         assert entity["unique_id"] == f"edgeknn_dev1_{object_id}"
     assert len({e["unique_id"] for e in entities.values()}) == len(entities)
 
     prediction = entities[("sensor", "prediction")]
     assert prediction["device_class"] == "enum" and prediction["options"] == ["cup", "pen", UNKNOWN]
+    # no expire_after: Home Assistant makes an expiring sensor unavailable on every discovery update
+    assert "expire_after" not in prediction
+    tagged = f"{BASE}/ha/{discovery.tag(['cup', 'pen'])}"
+    assert prediction["state_topic"] == f"{tagged}/prediction"
+    assert entities[("select", "training_class")]["state_topic"] == f"{tagged}/class"
+    cup = entities[("binary_sensor", "class_cup")]
+    assert cup["name"] == "cup" and cup["state_topic"] == f"{tagged}/prediction"
+    assert cup["value_template"] == "{{ 'ON' if value_json.label == 'cup' else 'OFF' }}"
+    assert entities[("event", "events")]["event_types"] == ["prediction_changed", "example_added"]
+    for text in ("new_class", "rename_class"):
+        pattern = re.compile(entities[("text", text)]["pattern"])
+        assert pattern.match("cup 2") and not pattern.match("cup/2") and not pattern.match(" cup")
+    assert entities[("text", "rename_class")]["state_topic"] == f"{tagged}/class"
+    classifying = [
+        {"topic": f"{BASE}/availability"},
+        {
+            "topic": f"{BASE}/state",
+            "value_template": "{{ 'online' if value_json.camera == 'ok' else 'offline' }}",
+        },
+    ]
     assert "state_class" not in prediction and "unit_of_measurement" not in prediction  # not with options
     for noise in ("seq", "ts", "frame"):  # HA stores attributes: nothing that changes with every message
         assert noise not in prediction["json_attributes_template"]
@@ -171,6 +228,7 @@ def test_discovery_payloads_use_only_documented_keys_and_categories():
     assert all(e.get("enabled_by_default", True) for k, e in entities.items() if k != ("button", "reset"))
     number = entities[("number", "threshold")]
     assert number["min"] < number["max"] and number["step"] >= 0.001  # "Smallest value 0.001"
+    assert "round(2)" in number["value_template"] and "stricter" in number["json_attributes_template"]
     assert number["command_topic"] == f"{BASE}/cmd/set_threshold"
     image = entities[("image", "snapshot_image")]
     assert image["image_topic"] == f"{BASE}/snapshot" and image["content_type"] == "image/jpeg"
@@ -179,15 +237,25 @@ def test_discovery_payloads_use_only_documented_keys_and_categories():
     assert broker["state_topic"] == f"{BASE}/availability" and "availability" not in broker
     assert broker["device_class"] == "connectivity"
     assert entities[("binary_sensor", "camera")]["device_class"] == "problem"
-    assert all(
-        e["availability"] == [{"topic": f"{BASE}/availability"}] for e in entities.values() if e is not broker
-    )
+    for key, e in entities.items():
+        if e is not broker:
+            reads_prediction = key == ("sensor", "prediction") or key[1].startswith("class_")
+            expected = classifying if reads_prediction else [{"topic": f"{BASE}/availability"}]
+            assert e["availability"] == expected, key
+    assert all("configuration_url" not in e["device"] for e in entities.values())  # no page: no link
+    device = by_entity(configs_for(["cup"], page_url="http://192.0.2.7:8080/"))[("sensor", "prediction")][
+        "device"
+    ]
+    assert device["configuration_url"] == "http://192.0.2.7:8080/"
 
 
 def test_discovery_offers_only_the_commands_allowed():
-    entities = by_entity(configs_for(["cup"], allowed_commands=["add_example"]))
-    controls = {k for k in entities if k[0] in ("button", "number", "switch", "select", "image")}
+    entities = by_entity(configs_for(["cup"], allowed_commands=["add_example"], snapshot_interval_s=0))
+    controls = {k for k in entities if k[0] in ("button", "number", "switch", "select", "image", "text")}
     assert controls == {("select", "training_class"), ("button", "add_example")}
+    entities = by_entity(configs_for(["cup"], allowed_commands=["add_class", "rename_class"]))
+    assert {k for k in entities if k[0] == "text"} == {("text", "new_class"), ("text", "rename_class")}
+    assert ("image", "snapshot_image") in entities  # every 10 s by default, with no button
     entities = by_entity(configs_for(["cup"], commands=False, snapshot_interval_s=5.0))
     assert {k for k in entities if k[0] in ("button", "number", "switch", "select")} == set()
     assert ("image", "snapshot_image") in entities  # published every 5 s, with no button
@@ -229,14 +297,19 @@ def test_enum_options_and_training_class_follow_the_classes(broker, subscriber, 
     assert config_of(sub, "sensor", "prediction")["options"] == ["cup", "pen", UNKNOWN]
 
     made.state({"classes": {"cup": 2, "pen": 1}, "training_class": "pen"})
-    sub.wait_for(lambda m: m.topic == f"{BASE}/ha/class" and m.text == "pen")  # the daemon's choice
+    selected = f"{BASE}/ha/{discovery.tag(['cup', 'pen'])}/class"
+    sub.wait_for(lambda m: m.topic == selected and m.text == "pen")  # the daemon's choice
 
     mark = len(sub.messages)  # "pen" renamed "mug" (its slot), and the training class follows it
     made.state({"classes": {"cup": 2, "mug": 1}, "training_class": "mug"})
     assert config_of(sub, "sensor", "prediction", mark)["options"] == ["cup", "mug", UNKNOWN]
     assert config_of(sub, "select", "training_class", mark)["options"] == ["cup", "mug"]
     sub.wait_for(
-        lambda m: m.topic == f"{BASE}/ha/class" and m.text == "mug" and sub.messages.index(m) >= mark
+        lambda m: (
+            m.topic == f"{BASE}/ha/{discovery.tag(['cup', 'mug'])}/class"
+            and m.text == "mug"
+            and sub.messages.index(m) >= mark
+        )
     )
 
     mark = len(sub.messages)  # a class added
@@ -381,7 +454,8 @@ def test_training_class_and_threshold_set_from_home_assistant_survive_a_restart(
         # every template reads keys the daemon's payloads really have
         state = json.loads(sub.on(f"{BASE}/state")[-1].payload)
         prediction = json.loads(sub.wait_for(lambda m: m.topic == f"{BASE}/prediction", 20).payload)
-        payloads = {f"{BASE}/state": state, f"{BASE}/prediction": prediction}
+        tagged = f"{BASE}/ha/{discovery.tag(['1', '2'])}/prediction"  # Home Assistant's copy: the same body
+        payloads = {f"{BASE}/state": state, f"{BASE}/prediction": prediction, tagged: prediction}
         checked = 0
         for topic, message in {m.topic: m for m in sub.messages if m.topic.endswith("/config")}.items():
             entity = json.loads(message.payload)
@@ -389,16 +463,19 @@ def test_training_class_and_threshold_set_from_home_assistant_survive_a_restart(
             if source is not None:
                 assert template_keys(entity) <= set(source), (topic, template_keys(entity) - set(source))
                 checked += 1
-        assert checked == 8, "prediction, examples, camera, error, fps, inference time, threshold, auto"
+        assert checked == 10, (
+            "prediction, 2 classes, examples, camera, error, fps, inference, threshold, auto"
+        )
     finally:
         run.stop()
-    sub.publish(f"{BASE}/ha/class", "", retain=True)  # forget the retained choice: the next run must say it
+    selected = f"{BASE}/ha/{discovery.tag(['1', '2'])}/class"
+    sub.publish(selected, "", retain=True)  # forget the retained choice: the next run must say it
 
     mark = len(sub.messages)
     run = Running(build(daemon_config(tmp_path, broker.port), opener=scene.opener))
     try:
         sub.wait_for(
-            lambda m: m.topic == f"{BASE}/ha/class" and m.text == "2" and sub.messages.index(m) >= mark,
+            lambda m: m.topic == selected and m.text == "2" and sub.messages.index(m) >= mark,
             30,
             "the training class kept across the restart",
         )

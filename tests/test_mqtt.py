@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from hashlib import sha256
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from edgeknn.commands import (
     Snapshot,
 )
 from edgeknn.config import MqttConfig
+from edgeknn.mqtt import discovery
 from edgeknn.mqtt.client import MqttError
 from edgeknn.mqtt.commands import CommandError, parse_command
 from edgeknn.mqtt.link import MqttLink
@@ -551,17 +553,23 @@ def test_discovery_configs_and_training_controls(broker, subscriber, make_link):
         node.format("binary_sensor", "broker"),
         node.format("binary_sensor", "camera"),
         node.format("sensor", "error"),
+        node.format("event", "events"),
+        node.format("text", "new_class"),
+        node.format("text", "rename_class"),
+        *(node.format("binary_sensor", discovery.class_object_id(name)) for name in CLASSES),
     }
     assert set(configs) == expected
+    assert node.format("binary_sensor", "class_two_words_" + sha256(b"two words").hexdigest()[:6]) in configs
     assert len({c["unique_id"] for c in configs.values()}) == len(configs)
     for config in configs.values():
         assert (
             config["device"]["identifiers"] == ["edgeknn_dev1"] and config["device"]["sw_version"] == "0.1.0"
         )
-        assert config.get("availability", [{"topic": AVAIL}]) == [{"topic": AVAIL}]
+        assert config.get("availability", [{"topic": AVAIL}])[0] == {"topic": AVAIL}
     prediction = configs[node.format("sensor", "prediction")]
-    assert prediction["state_topic"] == PREDICTION == prediction["json_attributes_topic"]
-    assert prediction["value_template"] == "{{ value_json.label }}" and prediction["expire_after"] == 65
+    tagged = f"{BASE}/ha/{discovery.tag(CLASSES)}"
+    assert prediction["state_topic"] == f"{tagged}/prediction" == prediction["json_attributes_topic"]
+    assert prediction["value_template"] == "{{ value_json.label }}" and "expire_after" not in prediction
     assert configs[node.format("sensor", "fps")]["entity_category"] == "diagnostic"
     assert configs[node.format("sensor", "fps")]["state_topic"] == STATE
     select = configs[node.format("select", "training_class")]
@@ -582,7 +590,8 @@ def test_discovery_configs_and_training_controls(broker, subscriber, make_link):
     assert json.loads(new.payload)["options"] == [*CLASSES, "mug"]
 
     sub.publish(f"{BASE}/ha/class/set", "mug")
-    sub.wait_for(lambda m: m.topic == f"{BASE}/ha/class" and m.text == "mug")
+    selected = f"{BASE}/ha/{discovery.tag([*CLASSES, 'mug'])}/class"
+    sub.wait_for(lambda m: m.topic == selected and m.text == "mug")
     assert submitted.get(timeout=5) == SelectClass(class_name="mug", source="mqtt")  # the daemon keeps it
     sub.publish(f"{BASE}/ha/press", "add_example")
     assert submitted.get(timeout=5) == AddExample(class_name="mug", count=1, source="mqtt")
@@ -590,7 +599,7 @@ def test_discovery_configs_and_training_controls(broker, subscriber, make_link):
     assert submitted.get(timeout=5) == Reset(source="mqtt")
     sub.clear()
     sub.publish(f"{BASE}/ha/class/set", "ghost")  # not a class: the selection stays
-    sub.wait_for(lambda m: m.topic == f"{BASE}/ha/class" and m.text == "mug")
+    sub.wait_for(lambda m: m.topic == selected and m.text == "mug")
     assert submitted.empty()
 
 

@@ -15,11 +15,8 @@ them, retained. What a user sees on the device page:
   Inference time. Broker and Camera carry no icon of their own: their device class gives Home
   Assistant's icon for each state (connected / disconnected, ok / problem).
 
-Entities whose config names the classes (Prediction, Training class, Rename, the per-class sensors)
-read their state from topics under ``ha/<tag>/``, ``tag`` a digest of the class list: a new class
-list is a new topic, whose retained state is published *before* the config, so Home Assistant, which
-applies a discovery update in a task of its own after the message, subscribes anew only once the new
-options are in place and gets the right state then (never a state checked against the old options).
+Entities whose config names the classes read their state under ``ha/<tag>/`` (``tag``: a digest of
+the class list); ``homeassistant`` says why.
 
 Home Assistant marks every entity of the device unavailable when the device's last will says
 ``offline`` and, by itself, when its own broker connection is down; the Broker entity alone has no
@@ -47,6 +44,7 @@ NEW_CLASS = "ha/add_class"  # the New class text: a name to add
 RENAME = "ha/rename_class"  # the Rename training class text: the selected class's new name
 EVENTS = "ha/event"  # the event entity's topic: {"event_type": ..., ...}, not retained
 EVENT_TYPES = ("prediction_changed", "example_added")
+NAME_PATTERN = f"^{CLASS_NAME_RE.pattern}$"  # Home Assistant's text uses re.match: anchored, it is the rule
 SNAPSHOT = "snapshot"  # the newest snapshot's JPEG (retained): the image entity's image_topic
 PRESS_CLASS = ("add_example", "forget_class")  # presses that act on the selected class
 
@@ -155,7 +153,7 @@ def new_class(base: str) -> Entity:
             "command_topic": f"{base}/{NEW_CLASS}",
             "min": 1,
             "max": 32,
-            "pattern": CLASS_NAME_RE.pattern,
+            "pattern": NAME_PATTERN,
             "entity_category": "config",
             "icon": "mdi:shape-plus",
         },
@@ -173,7 +171,7 @@ def rename_class(base: str, tag_: str) -> Entity:
             "state_topic": f"{base}/{SELECT_STATE.format(tag=tag_)}",
             "min": 1,
             "max": 32,
-            "pattern": CLASS_NAME_RE.pattern,
+            "pattern": NAME_PATTERN,
             "entity_category": "config",
             "icon": "mdi:rename",
         },
@@ -197,7 +195,8 @@ def examples(base: str) -> Entity:
     )
 
 
-def training_class(base: str, classes: list[str], tag_: str) -> Entity:
+def training_class(base: str, classes: list[str], tag_: str, extra: tuple[str, ...] = ()) -> Entity:
+    """The class the buttons act on; ``extra``: the one Home Assistant may still show (a rename)."""
     return (
         "select",
         "training_class",
@@ -205,7 +204,7 @@ def training_class(base: str, classes: list[str], tag_: str) -> Entity:
             "name": "Training class",
             "command_topic": f"{base}/{SELECT_SET}",
             "state_topic": f"{base}/{SELECT_STATE.format(tag=tag_)}",
-            "options": list(classes),
+            "options": [*dict.fromkeys([*classes, *extra])],
             "icon": "mdi:school",
         },
     )
@@ -382,19 +381,21 @@ def discovery_configs(
     device_id: str,
     classes: list[str],
     version: str,
-    extra_labels: tuple[str, ...] = (),
+    extra: dict[str, tuple[str, ...]] | None = None,
     page_url: str = "",
 ) -> dict[str, dict[str, Any]]:
-    """Home Assistant discovery configs by topic, for this config and these classes. ``extra_labels``:
-    labels the Prediction may still show (see ``prediction``); ``page_url``: the web page, the device
-    page's "Visit" link (``configuration_url``), none when the page is off."""
+    """Home Assistant discovery configs by topic, for this config and these classes. ``extra``: the
+    label the Prediction and the class the select may still show ("labels", "selected"; see
+    ``prediction``); ``page_url``: the web page, the device page's "Visit" link
+    (``configuration_url``), none when the page is off."""
+    extra = extra or {}
     node, base, tag_ = node_id(device_id), base_topic, tag(classes)
 
     def allowed(command: str) -> bool:
         return config.commands and (not config.allowed_commands or command in config.allowed_commands)
 
     entities = [
-        prediction(base, classes, tag_, extra_labels),
+        prediction(base, classes, tag_, extra.get("labels", ())),
         *(class_present(base, name, tag_) for name in classes),
         events(base),
         examples(base),
@@ -405,7 +406,7 @@ def discovery_configs(
         inference_ms(base),
     ]
     if classes and (allowed("add_example") or allowed("forget_class")):
-        entities.append(training_class(base, classes, tag_))
+        entities.append(training_class(base, classes, tag_, extra.get("selected", ())))
     entities += [
         button(base, name) for name in BUTTONS if allowed(name) and (classes or name not in PRESS_CLASS)
     ]

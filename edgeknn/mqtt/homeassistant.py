@@ -90,7 +90,9 @@ class HomeAssistant:
         self._tags: list[str] = []  # the tags published in this run, oldest first
         self._prediction: dict | None = None  # the newest prediction body (without seq/ts)
         self._shown = ""  # the label Home Assistant was last given
-        self._extra: tuple[str, ...] = ()  # a label kept valid while Home Assistant may still show it
+        # A label and a selected class kept among the options while Home Assistant may still show them
+        # (a rename, a removal): it applies new options before it reads the new topic's state.
+        self._extra: dict[str, tuple[str, ...]] = {}
         self._extra_since = 0.0
 
     @property
@@ -126,7 +128,7 @@ class HomeAssistant:
             device_id=self._device_id,
             classes=self._classes,
             version=self._version,
-            extra_labels=self._extra,
+            extra=self._extra,
             page_url=self._page.url(self._connection.local_address) if self._page else "",
         )
         for topic in self._discovered - set(configs):
@@ -143,20 +145,17 @@ class HomeAssistant:
         if self.tag in self._tags:
             self._tags.remove(self.tag)
         self._tags.append(self.tag)
+        gone = {"labels": self._shown, "selected": self._selected_sent}
+        gone = {k: v for k, v in gone.items() if v and v not in (*self._classes, UNKNOWN)}
+        if gone:
+            self._extra = {k: (v,) for k, v in gone.items()}
+            self._extra_since = time.monotonic()
         self.publish_selected(force=True)
         if self._prediction is not None:
             label = self._prediction["label"]
             label = renamed(before, self._classes).get(label, label)
-            if label not in self._classes:
-                label = UNKNOWN
-            self._prediction["label"] = label
-            if self._shown and self._shown not in (*self._classes, UNKNOWN):
-                # Home Assistant applies the new options before the new topic's state comes: the
-                # label it shows until then stays valid (an enum refuses a state not in its options)
-                self._extra, self._extra_since = (self._shown,), time.monotonic()
+            self._prediction["label"] = label if label in self._classes else UNKNOWN
             self._publish_prediction()
-        elif force:
-            self._extra = ()
 
     def _clear_old_tags(self) -> None:
         while len(self._tags) > KEEP_TAGS:
@@ -202,7 +201,7 @@ class HomeAssistant:
                 {k: fresh[k] for k in ("label", "confidence", "similarity") if k in fresh},
             )
         if self._extra and time.monotonic() - self._extra_since >= SETTLE_S:
-            self._extra = ()  # Home Assistant has long had the new label: the old one goes
+            self._extra = {}  # Home Assistant has long had the new ones: the old ones go
             self.publish_discovery(self._classes)
 
     def event(self, event: dict) -> None:
