@@ -22,6 +22,7 @@ from edgeknn import config
 from edgeknn.commands import AddExample, RenameClass, Result
 from edgeknn.device.build import build
 from edgeknn.device.runtime import RuntimeSettings
+from edgeknn.store.names import UNKNOWN
 
 BASE = "edgeknn/test"
 REPLY = "test/reply"
@@ -369,3 +370,59 @@ def test_examples_waiting_for_frames_follow_a_rename():
         teacher.add_pending(np.ones((1, 4), np.float32))
     assert store.counts() == {"mug": 2}
     assert replies and all(r.ok for r in replies), replies
+
+
+def test_examples_waiting_for_frames_never_land_in_a_new_class_of_the_same_name():
+    """`add_example cup` (3 to come), `remove_class cup`, `add_class cup`: the new cup stays empty and
+    the request is answered (refused) at once; a reset answers the ones still waiting too."""
+    from edgeknn.commands import AddClass, RemoveClass, Reset
+    from edgeknn.device.teaching import Teacher
+    from edgeknn.store.knn import KnnStore
+
+    store = KnnStore(4, "test")
+    store.add_class("cup")
+    store.add_class("pen")
+    replies: list[Result] = []
+    teacher = Teacher(store, lambda: None, lambda e, c: None, lambda c, r: replies.append(r))
+    assert teacher.queue_examples(AddExample(class_name="cup", count=3)) is None
+    assert teacher.remove_class(RemoveClass(class_name="cup")).ok
+    assert [r.error for r in replies] == ["class: 'cup' was removed"]
+    assert teacher.add_class(AddClass(class_name="cup")).ok
+    for _ in range(3):
+        teacher.add_pending(np.ones((1, 4), np.float32))
+    assert store.counts() == {"pen": 0, "cup": 0}
+
+    assert teacher.queue_examples(AddExample(class_name="pen", count=5)) is None
+    assert teacher.reset(Reset()).ok
+    assert not teacher.pending and not replies[-1].ok and replies[-1].error.startswith("reset:")
+
+
+def test_saved_counts_examples_not_their_rows(tmp_path, caplog):
+    """A view rule stores six rows per example: "saved N examples" says N examples all the same."""
+    from edgeknn.device.saving import Saver
+    from edgeknn.store.knn import KnnStore
+
+    store = KnnStore(4, "test")
+    store.add_class("cup")
+    for _ in range(2):
+        store.add("cup", np.ones((6, 4), np.float32))  # one example: its six views
+    assert len(store) == 12
+    with caplog.at_level(logging.INFO, logger="edgeknn.device.saving"):
+        saver = Saver(store, tmp_path / "store.npz", 5.0, lambda event: None)
+        saver.changed()
+        assert saver.save()
+    assert f"saved 2 examples to {tmp_path / 'store.npz'}" in caplog.messages
+
+
+def test_the_stable_label_follows_a_renamed_or_removed_class():
+    from edgeknn.device.daemon import Stabilizer
+
+    for mode in ("consecutive", "window"):
+        s = Stabilizer(mode, 3)
+        for _ in range(3):
+            s.update("cup")
+        assert s.label == "cup"
+        assert s.relabel("cup", "mug") and s.label == "mug"
+        assert not s.update("mug")  # the frames before the rename count for the new name
+        assert not s.relabel("pen", None) and s.label == "mug"
+        assert s.relabel("mug", None) and s.label == UNKNOWN

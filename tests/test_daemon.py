@@ -269,3 +269,32 @@ def test_run_as_a_newcomer_would_then_sigterm(tmp_path):
 def _model_id(store: Path) -> str:
     with np.load(store) as f:
         return str(f["model_id"])
+
+
+class _SteppedClock:
+    """The time module as the camera thread sees it after the wall clock stepped a year ahead (NTP at
+    boot, a manual ``date``); its monotonic clock, as the kernel's, did not move."""
+
+    STEP_S = 365 * 24 * 3600.0
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def time(self) -> float:
+        return time.time() + self.STEP_S
+
+
+def test_latency_is_measured_on_a_monotonic_clock(tmp_path, monkeypatch):
+    """A frame read just before a step of the wall clock: its latency is still milliseconds (it was
+    -3.15e10 ms, from capture ts to now on the wall clock)."""
+    from edgeknn.camera import capture
+
+    monkeypatch.setattr(capture, "time", _SteppedClock())
+    cfg = rig_config(tmp_path, **{"panel.kind": "none"})
+    run = Running(build(cfg, opener=Scene(digit_folders()).opener))
+    try:
+        assert run.classified(5, 30)
+        latencies = [r.latency_ms for r in list(run.recorder.readings)]
+        assert all(0 <= ms < 60_000 for ms in latencies), latencies[:5]
+    finally:
+        run.stop()

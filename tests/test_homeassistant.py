@@ -8,6 +8,7 @@ import io
 import json
 import queue
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,13 @@ from PIL import Image
 from rig import Running, Scene, needs_mosquitto, wait_for
 
 from edgeknn import config
-from edgeknn.commands import SelectClass
+from edgeknn.commands import AddClass, RenameClass, SelectClass
 from edgeknn.config import MqttConfig
 from edgeknn.device.build import build
 from edgeknn.mqtt import discovery
+from edgeknn.mqtt.homeassistant import Page
 from edgeknn.mqtt.link import MqttLink
+from edgeknn.outputs import Reading
 from edgeknn.store.names import UNKNOWN
 
 # --- what Home Assistant's documentation allows ------------------------------------------------------
@@ -332,6 +335,54 @@ def test_enum_options_and_training_class_follow_the_classes(broker, subscriber, 
     assert sub.wait_for(lambda m: m.topic == select and sub.messages.index(m) >= mark).payload == b""
 
 
+@needs_mosquitto
+def test_text_event_and_class_entities_and_the_page_link(broker, subscriber):
+    submitted: queue.Queue = queue.Queue()
+    made = MqttLink(
+        MqttConfig(host="127.0.0.1", port=broker.port),
+        base_topic=BASE,
+        device_id="dev1",
+        classes=["cup", "pen"],
+        submit=submitted.put,
+        version="0.1.0",
+        page=Page("http", 8080),
+    )
+    made.start()
+    try:
+        sub = subscriber(broker.port, ["homeassistant/#", f"{BASE}/#"])
+        sub.wait_for(lambda m: m.topic == f"{BASE}/availability" and m.text == "online", 10)
+        device = config_of(sub, "sensor", "prediction")["device"]
+        assert device["configuration_url"] == "http://127.0.0.1:8080/"  # where the broker sees us from
+        made.state({"classes": {"cup": 1, "pen": 0}, "training_class": "pen", "camera": "ok"})
+
+        sub.publish(f"{BASE}/{discovery.NEW_CLASS}", "mug")  # the New class text
+        assert submitted.get(timeout=10) == AddClass(class_name="mug", source="mqtt")
+        sub.publish(f"{BASE}/{discovery.RENAME}", "pencil")  # Rename training class: the selected one
+        assert submitted.get(timeout=10) == RenameClass(class_name="pen", new_name="pencil", source="mqtt")
+        sub.publish(f"{BASE}/{discovery.RENAME}", "no/slash")  # refused like the command, nothing queued
+        refused = sub.wait_for(lambda m: m.topic == f"{BASE}/cmd/result" and b"new_name" in m.payload, 10)
+        assert not json.loads(refused.payload)["ok"] and submitted.empty()
+
+        def reading(label: str, changed: bool) -> Reading:
+            return Reading(label, 0.9, {label: 0.9}, 0.8, 1, time.time(), 5.0, changed)
+
+        made.show(reading("cup", True))
+        made.show(reading("pen", True))  # the stable label changed: the event entity fires
+        made.event({"event": "example_added", "class": "pen", "count": 2, "source": "button"})
+        events = f"{BASE}/{discovery.EVENTS}"
+        changed = sub.wait_for(lambda m: m.topic == events and b"prediction_changed" in m.payload, 10)
+        assert json.loads(changed.payload)["label"] == "pen" and not changed.retain
+        added_msg = sub.wait_for(lambda m: m.topic == events and b"example_added" in m.payload)
+        added = json.loads(added_msg.payload)
+        assert added["event_type"] == "example_added" and added["class"] == "pen" and added["count"] == 2
+        assert set(discovery.EVENT_TYPES) >= {json.loads(m.payload)["event_type"] for m in sub.on(events)}
+        # Home Assistant's copy of the prediction is retained: an entity made later reads it at once
+        late = subscriber(broker.port, [f"{BASE}/ha/{discovery.tag(['cup', 'pen'])}/prediction"])
+        assert json.loads(late.wait_for(lambda m: m.retain, 10).payload)["label"] == "pen"
+    finally:
+        made.close()
+
+
 # --- the daemon in-process ----------------------------------------------------------------------------
 
 
@@ -376,7 +427,9 @@ def state_says(sub: Subscriber, key: str, value, after: int) -> bool:
 def test_snapshots_reach_home_assistant_as_an_image(tmp_path, broker, subscriber):
     sub = subscriber(broker.port, ["homeassistant/#", f"{BASE}/#", "test/reply"])
     scene = Scene({"2": DIGITS / "2"}, fps=20)
-    run = Running(build(daemon_config(tmp_path, broker.port, snapshot_interval_s=0.5), opener=scene.opener))
+    cfg = daemon_config(tmp_path, broker.port, snapshot_interval_s=0.5)
+    elsewhere = tmp_path / "elsewhere" / "store.npz"  # --store: the snapshots stay in <state_dir>/snapshots
+    run = Running(build(config.replace(cfg, **{"store.path": str(elsewhere)}), opener=scene.opener))
     try:
         sub.wait_for(lambda m: m.topic == f"{BASE}/availability" and m.text == "online", 30)
         assert run.classified()
@@ -402,6 +455,8 @@ def test_snapshots_reach_home_assistant_as_an_image(tmp_path, broker, subscriber
         )
         assert json.loads(result.payload)["topic"] == f"{BASE}/snapshot"
         assert len(list((tmp_path / "snapshots").glob("*.jpg"))) == 2
+        assert Path(reply["file"]).parent == tmp_path / "snapshots"
+        assert not (elsewhere.parent / "snapshots").exists()
     finally:
         run.stop()
 
