@@ -23,7 +23,7 @@ from edgeknn import config
 from edgeknn.commands import AddClass, RenameClass, SelectClass
 from edgeknn.config import MqttConfig
 from edgeknn.device.build import build
-from edgeknn.mqtt import discovery
+from edgeknn.mqtt import discovery, homeassistant
 from edgeknn.mqtt.homeassistant import Page
 from edgeknn.mqtt.link import MqttLink
 from edgeknn.outputs import Reading
@@ -293,7 +293,7 @@ def config_of(sub: Subscriber, component: str, object_id: str, after: int = 0) -
 
 
 @needs_mosquitto
-def test_enum_options_and_training_class_follow_the_classes(broker, subscriber, link):
+def test_enum_options_and_training_class_follow_the_classes(broker, subscriber, link, monkeypatch):
     made, submitted = link
     sub = subscriber(broker.port, ["homeassistant/#", f"{BASE}/#"])
     sub.wait_for(lambda m: m.topic == f"{BASE}/availability" and m.text == "online")
@@ -306,7 +306,9 @@ def test_enum_options_and_training_class_follow_the_classes(broker, subscriber, 
     mark = len(sub.messages)  # "pen" renamed "mug" (its slot), and the training class follows it
     made.state({"classes": {"cup": 2, "mug": 1}, "training_class": "mug"})
     assert config_of(sub, "sensor", "prediction", mark)["options"] == ["cup", "mug", UNKNOWN]
-    assert config_of(sub, "select", "training_class", mark)["options"] == ["cup", "mug"]
+    # "pen" stays an option while Home Assistant may still show it: it applies the new options before
+    # it reads the new topic's "mug" (a current option not among the options is shown as unknown)
+    assert config_of(sub, "select", "training_class", mark)["options"] == ["cup", "mug", "pen"]
     sub.wait_for(
         lambda m: (
             m.topic == f"{BASE}/ha/{discovery.tag(['cup', 'mug'])}/class"
@@ -314,10 +316,15 @@ def test_enum_options_and_training_class_follow_the_classes(broker, subscriber, 
             and sub.messages.index(m) >= mark
         )
     )
+    monkeypatch.setattr(homeassistant, "SETTLE_S", 0.0)  # settled: the next prediction drops "pen"
+    mark = len(sub.messages)
+    made.show(Reading("mug", 0.9, {"mug": 0.9}, 0.8, 1, time.time(), 5.0, True))
+    assert config_of(sub, "select", "training_class", mark)["options"] == ["cup", "mug"]
 
     mark = len(sub.messages)  # a class added
     made.state({"classes": {"cup": 2, "mug": 1, "fist": 0}, "training_class": "mug"})
     assert config_of(sub, "sensor", "prediction", mark)["options"] == ["cup", "mug", "fist", UNKNOWN]
+    assert config_of(sub, "select", "training_class", mark)["options"] == ["cup", "mug", "fist"]
 
     sub.publish(f"{BASE}/ha/class/set", "fist")  # Home Assistant's select: the daemon is asked to keep it
     command = submitted.get(timeout=10)
@@ -330,7 +337,10 @@ def test_enum_options_and_training_class_follow_the_classes(broker, subscriber, 
 
     mark = len(sub.messages)  # every class removed: no select to offer, so Home Assistant is told to drop it
     made.state({"classes": {}, "training_class": ""})
-    assert config_of(sub, "sensor", "prediction", mark)["options"] == [UNKNOWN]
+    # "mug", the label Home Assistant shows, stays valid until it has the new one (the label it is sent)
+    assert config_of(sub, "sensor", "prediction", mark)["options"] == [UNKNOWN, "mug"]
+    ha_prediction = f"{BASE}/ha/{discovery.tag([])}/prediction"
+    assert json.loads(sub.wait_for(lambda m: m.topic == ha_prediction).payload)["label"] == UNKNOWN
     select = NODE.format("select", "training_class")
     assert sub.wait_for(lambda m: m.topic == select and sub.messages.index(m) >= mark).payload == b""
 

@@ -6,6 +6,8 @@ Its CONNECT announces an MQTT 5 Maximum Packet Size, so the broker drops a publi
 
 from __future__ import annotations
 
+from typing import Any
+
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -77,3 +79,13 @@ def make_client(config: MqttConfig, *, client_id: str, will_topic: str) -> mqtt.
         except (OSError, ValueError) as e:
             raise MqttError(f"mqtt.tls: cannot use the TLS files ({e})") from None
     return client
+
+
+def local_address(client: mqtt.Client) -> str | None:
+    """This end's IP address of ``client``'s broker connection (the interface the broker's network
+    sees: the address Home Assistant's network reaches this device at), or None while there is none."""
+    sock: Any = client.socket()
+    try:
+        return str(sock.getsockname()[0]) if sock is not None else None
+    except (OSError, AttributeError):
+        return None

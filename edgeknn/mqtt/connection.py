@@ -153,7 +153,8 @@ class Connection:
         self._closed = False
         self._owner_ready = not wait_for_owner  # the owner has what a connect publishes
         self._announce_due = False  # a connect waits for the owner to be ready
-        self._client = client = make_client(config, client_id=client_id, will_topic=availability)
+        client = make_client(config, client_id=client_id, will_topic=availability)
+        self._client = self.client = client  # ``client``: read-only use by the owner (its address)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -178,16 +179,6 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self._closed
-
-    @property
-    def local_address(self) -> str | None:
-        """This end's IP address of the broker connection (the interface the broker's network sees),
-        or None while there is none."""
-        sock: Any = self._client.socket()
-        try:
-            return str(sock.getsockname()[0]) if sock is not None else None
-        except (OSError, AttributeError):
-            return None
 
     def start(self) -> None:
         """Connect in the background; returns at once, even with the broker down."""

@@ -26,6 +26,7 @@ from typing import Any
 
 from edgeknn.config import MqttConfig
 from edgeknn.mqtt import discovery
+from edgeknn.mqtt.client import local_address
 from edgeknn.mqtt.commands import show
 from edgeknn.mqtt.connection import Connection
 from edgeknn.store.names import UNKNOWN
@@ -129,7 +130,7 @@ class HomeAssistant:
             classes=self._classes,
             version=self._version,
             extra=self._extra,
-            page_url=self._page.url(self._connection.local_address) if self._page else "",
+            page_url=self._page.url(local_address(self._connection.client)) if self._page else "",
         )
         for topic in self._discovered - set(configs):
             self._connection.publish(topic, "", retain=True, qos=1)
@@ -183,6 +184,16 @@ class HomeAssistant:
         self.selected = choice
         self.publish_selected()
         return True
+
+    def text_command(self, topic: str, payload: bytes | bytearray) -> tuple[str, bytes] | None:
+        """A text entity's input (``topic`` under the base) as the command it asks for: New class is
+        ``add_class``, Rename training class is ``rename_class`` of the selected class; else None."""
+        text = payload.decode("utf-8", "replace")
+        if topic == discovery.NEW_CLASS:
+            return "add_class", json.dumps({"class": text}).encode()
+        if topic == discovery.RENAME:
+            return "rename_class", json.dumps({"class": self.selected, "new_name": text}).encode()
+        return None
 
     # -- what the entities read besides the state
 

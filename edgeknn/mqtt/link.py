@@ -312,13 +312,8 @@ class MqttLink(Output):
         elif topic == self._topic(discovery.PRESS):
             name = msg.payload.decode("utf-8", "replace")
             self._command(name, discovery.press_payload(name, self._home.selected), msg.properties)
-        elif topic == self._topic(discovery.NEW_CLASS):
-            text = msg.payload.decode("utf-8", "replace")
-            self._command("add_class", json.dumps({"class": text}).encode(), msg.properties)
-        elif topic == self._topic(discovery.RENAME):
-            text = msg.payload.decode("utf-8", "replace")
-            body = {"class": self._home.selected, "new_name": text}
-            self._command("rename_class", json.dumps(body).encode(), msg.properties)
+        elif request := self._home.text_command(topic[len(self._base) + 1 :], msg.payload):
+            self._command(*request, msg.properties)
 
     def _answer(self, name: str, properties: Any) -> Callable[[Result], None]:
         """How to reply to a request: on ``cmd/result`` and to its MQTT 5 response topic if any."""
