@@ -246,6 +246,8 @@ def test_discovery_payloads_use_only_documented_keys_and_categories():
             expected = classifying if reads_prediction else [{"topic": f"{BASE}/availability"}]
             assert e["availability"] == expected, key
     assert all("configuration_url" not in e["device"] for e in entities.values())  # no page: no link
+    labels = [f"label{i}" for i in range(discovery.MAX_CLASS_SENSORS + 1)]  # a classifier model's
+    assert not any(k[1].startswith("class_") for k in by_entity(configs_for(labels)))
     device = by_entity(configs_for(["cup"], page_url="http://192.0.2.7:8080/"))[("sensor", "prediction")][
         "device"
     ]

@@ -1,26 +1,16 @@
 """Home Assistant MQTT discovery as plain payload functions (the way mqtt-io's home_assistant.py does it).
 
 Each function returns one entity's config dict; ``discovery_configs`` puts them under their topics
-with the shared ``device``, ``origin`` and ``availability`` blocks, and ``homeassistant`` publishes
-them, retained. What a user sees on the device page:
-
-- primary: Prediction (an ``enum`` sensor: the classes and ``store.UNKNOWN``), one binary sensor per
-  class (on while it is the stable prediction), Events (``prediction_changed``, ``example_added``),
-  Examples (per-class counts as attributes), Training class (select), Take snapshot (button) and the
-  Snapshot image;
-- config: Add example, Forget class (buttons: acting on the selected class, never from a "press every
-  button"), New class and Rename training class (text), Threshold (number), Automatic threshold
-  (switch), and Reset (disabled until a person enables it: one press forgets every example);
-- diagnostic: Broker (connectivity, from the availability topic), Camera (problem), Error, Frame rate,
-  Inference time. Broker and Camera carry no icon of their own: their device class gives Home
-  Assistant's icon for each state (connected / disconnected, ok / problem).
-
-Entities whose config names the classes read their state under ``ha/<tag>/`` (``tag``: a digest of
-the class list); ``homeassistant`` says why.
-
-Home Assistant marks every entity of the device unavailable when the device's last will says
-``offline`` and, by itself, when its own broker connection is down; the Broker entity alone has no
-availability, so it reads "Disconnected" instead of "unavailable" when the device dropped off the broker.
+with the shared ``device``, ``origin`` and ``availability`` blocks; ``homeassistant`` publishes them.
+- primary: Prediction (``enum``: the classes and ``store.UNKNOWN``), a binary sensor per class (on
+  while it is the stable prediction), Events, Examples, Training class (select), Take snapshot, Snapshot;
+- config: Add example and Forget class (acting on the selected class; never from "press every
+  button"), New class and Rename training class (text), Threshold, Automatic threshold, Reset (disabled
+  until a person enables it);
+- diagnostic: Broker (connectivity), Camera (problem): no icon of their own, Home Assistant's follows
+  the state; Error, Frame rate, Inference time.
+Every entity is unavailable when the device's last will says ``offline``; Broker alone has no
+availability: it reads "Disconnected" then.
 """
 
 from __future__ import annotations
@@ -34,8 +24,10 @@ from edgeknn.config import MqttConfig
 from edgeknn.store.names import CLASS_NAME_RE, UNKNOWN
 
 SUPPORT_URL = "https://github.com/edgeknn/edgeknn"
-SELECT_STATE = "ha/{tag}/class"  # under the base topic: the selected training class (retained)
-PREDICTION = "ha/{tag}/prediction"  # the prediction again, retained, for the entities that read it
+# Entities whose config names the classes read under ha/<tag>/ (``tag``: the class list's digest; the
+# homeassistant module says why): the selected training class, the prediction again (both retained)
+SELECT_STATE = "ha/{tag}/class"
+PREDICTION = "ha/{tag}/prediction"
 TAGGED = (SELECT_STATE, PREDICTION)  # the retained topics of one class list
 SELECT_SET = "ha/class/set"  # Home Assistant selects a class here
 PRESS = "ha/press"  # Home Assistant's buttons publish their command name here
@@ -44,6 +36,7 @@ NEW_CLASS = "ha/add_class"  # the New class text: a name to add
 RENAME = "ha/rename_class"  # the Rename training class text: the selected class's new name
 EVENTS = "ha/event"  # the event entity's topic: {"event_type": ..., ...}, not retained
 EVENT_TYPES = ("prediction_changed", "example_added")
+MAX_CLASS_SENSORS = 32  # one binary sensor per class up to this many (a classifier model has ~1000 labels)
 NAME_PATTERN = f"^{CLASS_NAME_RE.pattern}$"  # Home Assistant's text uses re.match: anchored, it is the rule
 SNAPSHOT = "snapshot"  # the newest snapshot's JPEG (retained): the image entity's image_topic
 PRESS_CLASS = ("add_example", "forget_class")  # presses that act on the selected class
@@ -396,7 +389,7 @@ def discovery_configs(
 
     entities = [
         prediction(base, classes, tag_, extra.get("labels", ())),
-        *(class_present(base, name, tag_) for name in classes),
+        *(class_present(base, name, tag_) for name in classes if len(classes) <= MAX_CLASS_SENSORS),
         events(base),
         examples(base),
         broker(base),

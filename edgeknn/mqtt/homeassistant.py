@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,9 @@ class HomeAssistant:
         # (a rename, a removal): it applies new options before it reads the new topic's state.
         self._extra: dict[str, tuple[str, ...]] = {}
         self._extra_since = 0.0
+        # The loop's thread (state, predictions) and paho's (a connect, Home Assistant's status) both
+        # publish: one sequence of retained states and configs at a time, never two interleaved.
+        self._lock = threading.RLock()
 
     @property
     def tag(self) -> str:
@@ -119,10 +123,14 @@ class HomeAssistant:
         since (the select once no class is left, a removed class's sensor) gets the empty config that
         removes it from Home Assistant. ``force``: a connect, or Home Assistant came back. True if the
         class list changed (the caller re-sends the prediction after the configs)."""
+        with self._lock:
+            return self._publish_discovery(classes, force)
+
+    def _publish_discovery(self, classes: list[str], force: bool) -> bool:
         before, changed = self._classes, classes != self._classes
         self._classes = list(classes)
         if changed or force or not self._tags:
-            self._before_configs(before, force)
+            self._before_configs(before)
         configs = discovery.discovery_configs(
             self._config,
             base_topic=self._base,
@@ -140,7 +148,7 @@ class HomeAssistant:
         self._clear_old_tags()
         return changed
 
-    def _before_configs(self, before: list[str], force: bool) -> None:
+    def _before_configs(self, before: list[str]) -> None:
         """The new tag's retained states: the selected class, and the newest prediction with its label
         as it reads now (renamed with its class, ``UNKNOWN`` once its class is gone)."""
         if self.tag in self._tags:
@@ -171,9 +179,11 @@ class HomeAssistant:
             self._connection.connected and self._config.discovery and self._config.commands and self.selected
         ):
             return
-        if self._stated and (force or self.selected != self._selected_sent):
-            self._selected_sent = self.selected
-            self._connection.publish(self._topic(discovery.SELECT_STATE), self.selected, retain=True, qos=1)
+        with self._lock:
+            if self._stated and (force or self.selected != self._selected_sent):
+                self._selected_sent = self.selected
+                topic = self._topic(discovery.SELECT_STATE)
+                self._connection.publish(topic, self.selected, retain=True, qos=1)
 
     def choose(self, choice: str, classes: list[str]) -> bool:
         """Home Assistant chose a training class: True if it is one (then it is selected at once)."""
@@ -200,8 +210,11 @@ class HomeAssistant:
     def prediction(self, body: dict) -> None:
         """A prediction went out on ``<base>/prediction``: Home Assistant's retained copy (a new entity,
         or one that subscribes anew, gets the current label at once), and the event when it changed."""
-        if not self._config.discovery:
-            return
+        if self._config.discovery:
+            with self._lock:
+                self._new_prediction(body)
+
+    def _new_prediction(self, body: dict) -> None:
         fresh = {k: v for k, v in body.items() if k not in ("seq", "ts")}
         changed = self._prediction is not None and fresh["label"] != self._prediction["label"]
         self._prediction = fresh
