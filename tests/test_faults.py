@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import DIGITS, TINY
 from rig import Running, Scene, make_config, photo_folders, stable_on, wait_for
@@ -254,3 +255,26 @@ def test_the_published_prediction_names_the_candidate_only_while_settling():
     assert sent[0]["label"] == UNKNOWN and sent[0]["confidence"] == 0.0 and sent[0]["candidate"] == "1"
     assert sent[1]["label"] == "1" and sent[1]["confidence"] == 1.0 and "candidate" not in sent[1]
     link.close()
+
+
+def test_a_snapshot_shows_the_camera_frame_shrunk_to_at_most_640_px(tmp_path):
+    """A camera frame bigger than the model's input (the page's "Full frame") is what a snapshot shows,
+    its longer side cut to MAX_SIDE: Home Assistant's image is not the model's 192-224 px square."""
+    import io
+
+    from PIL import Image
+
+    from edgeknn.camera.capture import Frame
+    from edgeknn.device.daemon import _picture
+
+    full = np.zeros((1080, 1920, 3), np.uint8)
+    frame = Frame(np.zeros((224, 224, 3), np.uint8), time.time(), 1, full)
+    assert _picture(frame) is full
+    assert _picture(Frame(frame.image, frame.ts, 2)).shape == (224, 224, 3)  # no bigger one: the model's
+    results: list[Result] = []
+    shooter = snapshots.Snapshotter(tmp_path / "snapshots")
+    shooter.take(_picture(frame), results.append)
+    shooter.close()
+    assert results[0].ok, results
+    picture = Image.open(io.BytesIO(Path(results[0].detail["file"]).read_bytes()))
+    assert picture.size == (snapshots.MAX_SIDE, 360)

@@ -220,7 +220,7 @@ class Daemon:
         """The newest frame to a file and MQTT's image topic, encoded on the snapshot thread (it replies)."""
         if self._frame is None:
             return Result(False, "snapshot: no frame yet")
-        self.snapshots.take(self._frame.image, lambda result: self.commands.reply(command, result))
+        self.snapshots.take(_picture(self._frame), lambda result: self.commands.reply(command, result))
         return None
 
     def _event(self, event: dict, command: Command | None = None) -> None:
@@ -327,7 +327,7 @@ class Daemon:
             log.info("prediction: %s (%.2f, similarity %.2f)", stable, reading.confidence, reading.similarity)
         for output in self.outputs:
             _guard(output.show, reading)
-        self.snapshots.tick(frame.image)
+        self.snapshots.tick(_picture(frame))
         self.rate.tick()
         self._publish_state()
         self.saver.autosave()
@@ -383,6 +383,12 @@ class Daemon:
             _guard(output.close)
         self.capture.close()
         return saved
+
+
+def _picture(frame: Frame) -> np.ndarray:
+    """What a snapshot shows: the camera's own frame where the crop to the model's input changed it (as
+    the page's "Full frame"), else the frame as the model sees it."""
+    return frame.full if frame.full is not None else frame.image
 
 
 def _guard(method: Callable, *args) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from edgeknn import jpeg as pictures
 from edgeknn.commands import Result
@@ -30,6 +31,7 @@ from edgeknn.commands import Result
 log = logging.getLogger(__name__)
 
 KEEP = 100  # snapshots kept in the folder; the oldest go first
+MAX_SIDE = 640  # a snapshot's longer side, at most (the camera's own frame, shrunk: as the live view)
 QUALITY = 90  # JPEG quality
 NAME = re.compile(r"\d{8}-\d{6}(-\d{6})?(-\d+)?\.jpg")  # also the one-second names of earlier versions
 MAX_WAITING = 200  # snapshot requests waiting for the encoder; past that one is answered "busy"
@@ -142,6 +144,10 @@ class Snapshotter:
 
     def _make(self, image: np.ndarray, save: bool) -> Result:
         detail: dict[str, str] = {}
+        if max(image.shape[:2]) > MAX_SIDE:
+            picture = Image.fromarray(np.asarray(image))
+            picture.thumbnail((MAX_SIDE, MAX_SIDE))
+            image = np.asarray(picture)
         try:
             jpeg = pictures.jpeg(image, QUALITY)
             if save:
