@@ -271,6 +271,8 @@ def test_a_snapshot_shows_the_camera_frame_shrunk_to_at_most_640_px(tmp_path):
     frame = Frame(np.zeros((224, 224, 3), np.uint8), time.time(), 1, full)
     assert _picture(frame) is full
     assert _picture(Frame(frame.image, frame.ts, 2)).shape == (224, 224, 3)  # no bigger one: the model's
+    small = Frame(frame.image, frame.ts, 3, np.zeros((100, 100, 3), np.uint8))  # a 100 px photo, upscaled
+    assert _picture(small) is small.image
     results: list[Result] = []
     shooter = snapshots.Snapshotter(tmp_path / "snapshots")
     shooter.take(_picture(frame), results.append)

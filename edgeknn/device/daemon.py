@@ -386,9 +386,10 @@ class Daemon:
 
 
 def _picture(frame: Frame) -> np.ndarray:
-    """What a snapshot shows: the camera's own frame where the crop to the model's input changed it (as
-    the page's "Full frame"), else the frame as the model sees it."""
-    return frame.full if frame.full is not None else frame.image
+    """What a snapshot shows: the camera's own frame where it is bigger than the model's input (the
+    page's "Full frame"), else the frame as the model sees it."""
+    full = frame.full
+    return full if full is not None and max(full.shape[:2]) > max(frame.image.shape[:2]) else frame.image
 
 
 def _guard(method: Callable, *args) -> None:
