@@ -7,6 +7,7 @@ result, which is how an MQTT request gets its answer on ``<base>/cmd/result``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,8 +114,39 @@ class SetThreshold(Command):
     value: float | None
 
 
+class Claim:
+    """Who settles a command that is slow to come: the loop, by running it (``take``), or the asker, by
+    giving up first (``abandon``); whichever comes second is told no. So an import the page stopped
+    waiting for never lands later, and one the loop took is always answered with its outcome."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by: str | None = None
+
+    def _settle(self, by: str) -> bool:
+        with self._lock:
+            self._by = self._by or by
+            return self._by == by
+
+    def take(self) -> bool:
+        return self._settle("loop")
+
+    def abandon(self) -> bool:
+        return self._settle("asker")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ImportExamples(Command):
-    """Add the examples of an export (``importing.parse_export`` read it): the web page's upload."""
+    """Import an archive's examples (``exchange.read_import`` read and checked them off the loop): the
+    page's upload. ``mode``: ``add`` (those the store does not have) or ``replace`` (the store's classes
+    and examples become the archive's); refused, changing nothing, when it would evict any example."""
 
-    export: Any  # importing.Export
+    export: Any  # exchange.Bundle
+    mode: str = "add"
+    claim: Claim = field(default_factory=Claim, compare=False, repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LendExamples(Command):
+    """The store's examples for the page's download (``knn.lend``): the reply's detail holds ``lent``
+    and ``give_back``, to be called once the download is over (from any thread)."""

@@ -29,10 +29,16 @@ from edgeknn.cli.options import load_config
 from edgeknn.imagefiles import ImageError
 from edgeknn.model.registry import MODELS
 from edgeknn.model.tflite import ModelError
+from edgeknn.store.archive import DTYPES
+from edgeknn.store.exchange import MODES
 from edgeknn.store.file import StoreError
 from edgeknn.store.head import RULES
 
 EX_CONFIG = os.EX_CONFIG
+IMPORT_MODES = (
+    "add (default): the examples the store does not have yet (same time and picture: already there); "
+    "replace: the store's classes and examples become the archive's"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     store_sub = p.add_subparsers(metavar="ACTION")
     for name, func, help, extra in (
         ("info", storecli.store_info, "classes, counts, model and size", []),
-        ("export", storecli.store_export, "write the examples as portable JSON", ["output"]),
-        ("import", storecli.store_import, "add the examples of an exported JSON file", ["input"]),
+        ("export", storecli.store_export, "write the examples, rows and pictures as an archive", ["output"]),
+        ("import", storecli.store_import, "add (or --mode replace) the examples of an archive", ["input"]),
         ("forget", storecli.store_forget, "forget every example of a class", ["class_name"]),
         ("rename", storecli.store_rename, "rename a class", ["class_name", "new_name"]),
         ("examples", storecli.store_examples, "list the examples: id, class, time, picture", []),
@@ -134,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(arg)
         if name == "examples":
             sp.add_argument("--class", dest="class_name", help="only the examples of this class")
+        if name == "export":
+            sp.add_argument("--rows", choices=DTYPES, help="row type (default: the store's own, exact)")
+        if name == "import":
+            sp.add_argument("--mode", choices=MODES, default="add", help=IMPORT_MODES)
         sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config")
         sp.add_argument("--model", type=Path, help="the store's model (default: model.path)")
         sp.set_defaults(func=func)

@@ -9,7 +9,7 @@ refuse the store of a running device; info and export only read it and work whil
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from pathlib import Path
 
@@ -21,7 +21,6 @@ from edgeknn.model.tflite import Model
 from edgeknn.store import exchange
 from edgeknn.store import file as storefile
 from edgeknn.store import lock as storelock
-from edgeknn.store.exchange import export_data
 from edgeknn.store.knn import KnnStore
 from edgeknn.store.names import class_name_error
 
@@ -68,12 +67,25 @@ def store_examples(args) -> int:
 
 
 def store_export(args) -> int:
+    """The store's examples as an archive (``store/archive.py``): rows in the store's own dtype (or
+    ``--rows float16``), pictures as they are; written beside the output and renamed into place."""
     store = _open(args)
-    data = export_data(store)
-    Path(args.output).write_text(json.dumps(data))
+    output = Path(args.output)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            manifest = exchange.export_store(store, f, getattr(args, "rows", None))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    except exchange.ArchiveError as e:
+        raise InputError(f"{args.store}: cannot export: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    pictures = sum(e.picture is not None for e in manifest.examples)
     print(
-        f"{args.output}: {len(data['examples'])} rows of {len(store.classes)} classes, "
-        f"{len(data['pictures'])} of {len(data['added'])} examples with their picture"
+        f"{args.output}: {len(manifest.examples)} examples of {len(manifest.classes)} classes "
+        f"({manifest.dtype} rows), {pictures} with their picture, {output.stat().st_size} bytes"
     )
     return 0
 
@@ -84,24 +96,31 @@ def store_import(args) -> int:
 
 
 def _import(args) -> int:
-    """Add an export's examples (and classes, pictures, times) to the store, or make it; all or nothing."""
-    try:
-        export = exchange.parse_export(Path(args.input).read_bytes())
-    except ValueError as e:
-        raise InputError(f"{args.input}: not an edgeknn export: {e}") from None
+    """An archive's (or an old JSON export's) examples into the store, or a new store made of them:
+    ``--mode add`` (the default) adds those the store does not have, ``replace`` makes the store's
+    classes and examples the archive's. All or nothing, and never an example of the store evicted."""
     settings = config.load(args.config).store.settings()
-    if Path(args.store).exists():
-        store = KnnStore.load(args.store, storefile.model_id_of(args.store), settings)
-    else:
-        dim = export.examples[0].views.shape[1] if export.examples else 1
-        store = KnnStore(dim, export.model_id, settings)
+    exists = Path(args.store).exists()
+    store = KnnStore.load(args.store, storefile.model_id_of(args.store), settings) if exists else None
     try:
-        exchange.add_examples(store, export)
+        bundle = exchange.read_import(Path(args.input), dim=store.dim if store else None)
+    except (exchange.ArchiveError, OSError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise InputError(f"{args.input}: not an edgeknn export: {reason}") from None
+    if store is None:
+        store = KnnStore(bundle.manifest.dim, bundle.manifest.model_id, settings)
+    try:
+        detail = exchange.apply(store, bundle, args.mode)
     except ValueError as e:
         raise InputError(f"{args.store}: cannot import {args.input}: {e}") from None
     store.save(args.store)
-    with_pictures = sum(e.picture is not None for e in export.examples)
-    print(f"{args.store}: imported {len(export.examples)} examples, {with_pictures} with their picture")
+    with_pictures = sum(e.picture is not None for e in bundle.examples)
+    skipped = f", {detail['skipped']} already there" if detail["skipped"] else ""
+    removed = f", {detail['removed']} removed (replace)" if detail["removed"] else ""
+    print(
+        f"{args.store}: imported {detail['added']} examples, {with_pictures} with their picture"
+        f"{skipped}{removed}"
+    )
     return 0
 
 

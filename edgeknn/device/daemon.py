@@ -30,6 +30,7 @@ from edgeknn.commands import (
     DeleteExample,
     ForgetClass,
     ImportExamples,
+    LendExamples,
     ListExamples,
     RemoveClass,
     RenameClass,
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 
 # What a classifier model refuses: it has no examples to add, forget or save.
 TEACHING = (AddExample, ForgetClass, RenameClass, AddClass, RemoveClass, DeleteExample, Reset, Save)
-TEACHING_ALSO = (ImportExamples,)  # the web page's upload
+TEACHING_ALSO = (ImportExamples, LendExamples)  # the web page's upload and download
 
 
 class Stabilizer:
@@ -176,6 +177,7 @@ class Daemon:
             SelectClass: self.settings.select_class,
             Snapshot: self._snapshot,
             ImportExamples: self.teacher.import_examples,
+            LendExamples: self.teacher.lend_examples,
         }
         self.classifier = isinstance(store, ModelClasses)  # a classifier model: its own labels, untaught
         self._said_untaught = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 
 import numpy as np
 
@@ -24,13 +25,14 @@ from edgeknn.commands import (
     DeleteExample,
     ForgetClass,
     ImportExamples,
+    LendExamples,
     ListExamples,
     RemoveClass,
     RenameClass,
     Reset,
     Result,
 )
-from edgeknn.store.knn import KnnStore
+from edgeknn.store.knn import KnnStore, give_back, lend
 from edgeknn.store.names import class_name_error
 
 MAX_PENDING_EXAMPLES = 2 * MAX_EXAMPLES_PER_COMMAND  # examples waiting for frames, all commands together
@@ -163,16 +165,19 @@ class Teacher:
         return Result(True, detail={"examples": examples})
 
     def import_examples(self, command: ImportExamples) -> Result:
-        """The web page's upload: every example of the export, or (one line why) none."""
-        from edgeknn.store.exchange import add_examples
+        """The page's upload: the archive's examples added (or replacing the store's), all or none (one
+        line why); never an example of the store evicted. Nothing when the page stopped waiting."""
+        from edgeknn.store import exchange
 
+        if not command.claim.take():
+            return Result(False, "import: the page stopped waiting for it; nothing was imported")
         try:
-            added = add_examples(self.store, command.export)
+            detail = exchange.apply(self.store, command.export, command.mode)
         except ValueError as e:
             return Result(False, f"import: {e}")
         self._changed()
-        detail = {"added": added, "classes": self.store.counts()}
-        self._event({"event": "examples_imported", "added": added}, command)
+        event = {k: detail[k] for k in ("mode", "added", "skipped", "removed")}
+        self._event({"event": "examples_imported", **event}, command)
         return Result(True, detail=detail)
 
     def _refuse_pending_of(self, name: str, why: str) -> None:
@@ -180,6 +185,11 @@ class Teacher:
         for item in [item for item in self.pending if item[0].class_name == name]:
             self.pending.remove(item)
             self._reply(item[0], Result(False, why))
+
+    def lend_examples(self, command: LendExamples) -> Result:
+        """The store's examples for the page's download, written on its thread (``knn.lend``)."""
+        lent = lend(self.store)
+        return Result(True, detail={"lent": lent, "give_back": partial(give_back, self.store, lent)})
 
     def reset(self, command: Reset) -> Result:
         self.store.reset()

@@ -6,11 +6,22 @@ delete, a save and a re-embedding (which keeps each example's id and time).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+MAX_TIME = 253_402_300_799.0  # 9999-12-31 23:59:59 UTC: the last second a date can name (datetime's)
+
+
+def time_error(value: object) -> str | None:
+    """Why ``value`` is not a time of adding (epoch seconds, finite, 1970..9999), or None: a time out of
+    that range cannot be shown as a date, and would break every listing of the examples."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"expected a time in seconds, got {str(value)[:40]!r}"
+    if not (0 <= value <= MAX_TIME):  # NaN compares False (and a huge int is no float to convert)
+        return f"expected a time in seconds from 1970 to 9999, got {value!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -40,8 +51,9 @@ class ExampleBook:
         """ValueError when a new example cannot have this id or time (before the store changes anything)."""
         if example_id is not None and example_id < self.next_id:
             raise ValueError(f"example id {example_id} is taken (the next is {self.next_id})")
-        if added is not None and not math.isfinite(added):
-            raise ValueError(f"added: expected a time in seconds, got {added}")
+        problem = None if added is None else time_error(added)
+        if problem:
+            raise ValueError(f"added: {problem}")
 
     def add(self, example_id: int, added: float | None = None) -> None:
         """Record a new example (``next_id`` or a later id, added now unless given: ``check`` them first)."""

@@ -330,3 +330,54 @@ def threshold_calibration(store: KnnStore) -> str:
     class``, ``near misses`` or ``none``; the state publishes it beside the threshold. Outside the
     class, which is at its size limit."""
     return store._matcher.calibration(store._rows, store.classes)
+
+
+@dataclass(frozen=True)
+class Lent:
+    """A store's examples as they were when ``lend`` took them, for an export on another thread: the
+    stored rows themselves (no copy: a change that would rewrite them copies them first), each
+    example's rows (``order[start : start + count]``), times and pictures. ``give_back`` ends it."""
+
+    model_id: str
+    dim: int
+    storage: str
+    classes: list[str]
+    examples: list[ExampleInfo]  # in id order
+    rows: dict[str, np.ndarray]  # Rows.arrays(): rows, scale, labels, example
+    order: np.ndarray  # the stored rows' indices, grouped by example in id order
+    starts: np.ndarray
+    counts: np.ndarray
+    pictures: storepictures.PictureLoan
+    token: int
+
+
+def lend(store: KnnStore) -> Lent:
+    """``store``'s examples for an export (on the loop thread: a few ms at 3 000 examples)."""
+    token, arrays = store._rows.lend()
+    order = np.argsort(arrays["example"], kind="stable")
+    _, starts, counts = np.unique(arrays["example"][order], return_index=True, return_counts=True)
+    pictures = store._pictures.lend()
+    examples = store.examples()
+    return Lent(
+        store.model_id, store.dim, store.storage, list(store.classes), examples, arrays,
+        order, starts, counts, pictures, token,
+    )  # fmt: skip
+
+
+def give_back(store: KnnStore, lent: Lent) -> None:
+    """The export of ``lent`` is over (from any thread)."""
+    store._rows.give_back(lent.token)
+
+
+def next_example_id(store: KnnStore) -> int:
+    """The id the store's next example gets (ids only grow)."""
+    return store._book.next_id
+
+
+def picture_keys(store: KnnStore) -> dict[int, tuple[int, int] | None]:
+    """Each example's picture as (size, crc32), None when it has none: what tells one JPEG from another
+    without reading it (an import's de-duplication)."""
+    ids = [e.id for e in store.examples()]
+    arrays = store._pictures.arrays(ids)
+    pairs = zip(arrays["picture_size"].tolist(), arrays["picture_crc"].tolist(), strict=True)
+    return {i: (size, crc) if size else None for i, (size, crc) in zip(ids, pairs, strict=True)}

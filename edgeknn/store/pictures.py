@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 import zlib
 from pathlib import Path
@@ -209,6 +210,12 @@ class Pictures:
             "picture_crc": np.array([crc for _, crc in known], np.uint32),
         }
 
+    def lend(self) -> PictureLoan:
+        """What an export on another thread reads: each picture's (size, crc32) now, the bytes of those
+        not saved yet and the folder of the others (their files stay until a later save drops them)."""
+        with self._lock:
+            return PictureLoan(dict(self._known), dict(self._unsaved), self._folder)
+
     def _drop_lost(self) -> None:
         """Drop the pictures whose file is missing or of the wrong size (one log line for all):
         a lost picture loses nothing else. The checksum is checked when one is read."""
@@ -226,3 +233,25 @@ class Pictures:
                 len(lost) + len(self._known),
                 ", ".join(map(str, lost[:10])) + (", ..." if len(lost) > 10 else ""),
             )
+
+
+class PictureLoan:
+    """The pictures as ``Pictures.lend`` found them; ``get`` from any thread."""
+
+    def __init__(self, known: dict[int, tuple[int, int]], unsaved: dict[int, bytes], folder: Path | None):
+        self.known, self._unsaved, self._folder = known, unsaved, folder
+
+    def get(self, example_id: int) -> bytes | None:
+        """The picture of ``example_id`` as lent; None when it had none, or its file is gone or changed
+        since (the example was deleted and the store saved meanwhile)."""
+        known = self.known.get(example_id)
+        data = self._unsaved.get(example_id)
+        if known is None or data is not None or self._folder is None:
+            return data
+        try:  # never blocks on a FIFO put in its place: opened without waiting, read only if regular
+            fd = os.open(picture_path(self._folder, example_id), os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                data = f.read(known[0] + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        except OSError:
+            return None
+        return data if (len(data), zlib.crc32(data)) == known else None

@@ -24,6 +24,7 @@ class Rows:
         self.label = np.zeros(64, np.int32)
         self.example = np.zeros(64, np.int64)  # which added example a row belongs to (views share it)
         self.shared = False  # a save on another thread reads the stored rows: copy them before a rewrite
+        self._loans, self._epoch = 0, 0  # exports reading them (``lend``); the arrays' generation
         self._widened: np.ndarray | None = None  # uint8 storage: float32 scratch rows for similarities
 
     @classmethod
@@ -67,7 +68,10 @@ class Rows:
         """``views`` as rows of this storage, and their scales (None for float32): ValueError before
         anything changes when they cannot be stored."""
         if self.storage == "float32":
-            return views / np.maximum(np.linalg.norm(views, axis=1, keepdims=True), 1e-12), None
+            norms = np.linalg.norm(views, axis=1, keepdims=True)
+            if np.all(np.abs(norms - 1) < 1e-6):  # unit already (an imported row): kept bit for bit
+                return views.copy(), None
+            return views / np.maximum(norms, 1e-12), None
         return to_uint8(views)
 
     def put(
@@ -159,11 +163,22 @@ class Rows:
         }
 
     def unshare(self) -> None:
-        """Before rewriting stored rows: give a save in flight its own copy of them."""
-        if self.shared:
+        """Before rewriting stored rows: give a save or an export in flight its own copy of them."""
+        if self.shared or self._loans > 0:
             self.matrix, self.scale = self.matrix.copy(), self.scale.copy()
             self.label, self.example = self.label.copy(), self.example.copy()
-            self.shared = False
+            self.shared, self._loans, self._epoch = False, 0, self._epoch + 1
+
+    def lend(self) -> tuple[int, dict[str, np.ndarray]]:
+        """The stored rows for a reader on another thread (an export), until ``give_back(token)``: views,
+        which a change that would rewrite them in place copies first (as for a save's snapshot)."""
+        self._loans += 1
+        return self._epoch, self.arrays()
+
+    def give_back(self, token: int) -> None:
+        """The export of ``lend``'s token is over (any thread: at worst a later change copies once more)."""
+        if token == self._epoch and self._loans > 0:
+            self._loans -= 1
 
 
 def with_room(rows: int) -> int:
