@@ -6,6 +6,7 @@ Screenshots of a phone-sized viewport (390x844) go to /tmp/web-shots/.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import socket
@@ -15,10 +16,13 @@ import urllib.request
 from http.cookiejar import CookieJar
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rig import CLASSES, Running, Scene, make_config, photo_folders, stable_on, teach, wait_for
 
 from edgeknn.device.build import build
+from edgeknn.store import archive, exchange
+from edgeknn.store.knn import KnnStore
 from edgeknn.web.server import WebOutput
 
 PASSWORD = "correct horse battery"
@@ -118,7 +122,24 @@ def test_access_needs_the_session_and_changes_need_the_csrf_token(daemon):
     assert client("/api/session")[0] == 401, "logged out"
 
 
-def test_download_and_upload_of_the_store_in_the_export_format(daemon):
+def upload_to(client: Client, data: bytes, token: str | None, mode: str | None = None) -> tuple[int, dict]:
+    """POST an archive to the page as the upload button does: (status, the JSON answer)."""
+    query = "" if mode is None else f"?mode={mode}"
+    request = urllib.request.Request(
+        client.base + "/api/examples.tar" + query,
+        data=data,
+        headers={"Content-Type": "application/x-tar", **({"X-CSRF-Token": token} if token else {})},
+    )
+    try:
+        with client.opener.open(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_download_and_upload_of_the_examples_as_an_archive(daemon, tmp_path):
+    """Finding 10: uploading the page's own download back doubled every class; it adds nothing now, and
+    says so. Replace brings the device back to the archive; a refused upload changes nothing."""
     run, scene, port = daemon
     client = Client(port)
     csrf = client.login()
@@ -126,34 +147,40 @@ def test_download_and_upload_of_the_store_in_the_export_format(daemon):
     for name in ("1", "2"):
         status, body = client("/api/add-example", {"class": name}, {"X-CSRF-Token": csrf})
         assert status == 200, body
-    status, export = client("/api/store.json")
-    assert status == 200 and export["format"] == "edgeknn-examples"
-    assert export["classes"] == CLASSES and len(export["pictures"]) == 2
-    raw = json.dumps(export).encode()
+    status, data = client("/api/examples.tar")
+    assert status == 200 and isinstance(data, bytes)
+    manifest = archive.Reader(io.BytesIO(data)).manifest
+    assert manifest.classes == CLASSES and sum(e.picture is not None for e in manifest.examples) == 2
+    assert client("/api/store.json")[1] == data, "the page's old link gives the same archive"
 
-    def upload(data: bytes, token: str | None = csrf):
-        request = urllib.request.Request(
-            client.base + "/api/store.json",
-            data=data,
-            headers={"Content-Type": "application/json", **({"X-CSRF-Token": token} if token else {})},
-        )
-        try:
-            with client.opener.open(request, timeout=30) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+    assert upload_to(client, data, token=None)[0] == 403, "an upload needs the CSRF token too"
+    status, body = upload_to(client, data, csrf)
+    assert status == 200 and body["added"] == 0 and body["skipped"] == 2 and body["mode"] == "add", body
+    assert run.daemon.store.counts() == {"1": 1, "2": 1, "5": 0}, "its own download adds nothing"
 
-    assert upload(raw, token=None)[0] == 403, "an upload needs the CSRF token too"
-    status, body = upload(raw)
-    assert status == 200 and body["added"] == 2, body
-    assert run.daemon.store.counts() == {"1": 2, "2": 2, "5": 0}
+    status, body = client("/api/add-example", {"class": "5"}, {"X-CSRF-Token": csrf})
+    assert status == 200, body
+    status, body = upload_to(client, data, csrf, mode="replace")
+    assert status == 200 and body["removed"] == 3 and body["added"] == 2, body
+    assert run.daemon.store.counts() == {"1": 1, "2": 1, "5": 0}, "replace: the device is the archive"
     assert all(e.has_picture for e in run.daemon.store.examples()), "pictures came along"
-    status, body = upload(b"{ not json")
-    assert status == 400 and body["error"].startswith("import: not JSON") and "\n" not in body["error"]
-    other = json.dumps({**export, "model_id": "0" * 64}).encode()
-    status, body = upload(other)
+
+    for bad, error in (
+        (b"{ not json", "import: not JSON"),
+        (b"\x00" * 4096, "import: not an edgeknn archive"),
+        (data[: len(data) // 2], "import: cut short"),
+    ):
+        status, body = upload_to(client, bad, csrf)
+        assert status == 400 and body["error"].startswith(error) and "\n" not in body["error"], body
+    status, body = upload_to(client, data, csrf, mode="merge")
+    assert status == 400 and body["error"].startswith("mode:"), body
+    other = KnnStore(run.daemon.store.dim, "0" * 64)
+    other.add("1", np.ones((1, other.dim), np.float32), added=1.7e9)
+    buffer = io.BytesIO()
+    exchange.export_store(other, buffer)
+    status, body = upload_to(client, buffer.getvalue(), csrf)
     assert status == 400 and "another model" in body["error"], body
-    assert run.daemon.store.counts() == {"1": 2, "2": 2, "5": 0}, "a refused upload changes nothing"
+    assert run.daemon.store.counts() == {"1": 1, "2": 1, "5": 0}, "a refused upload changes nothing"
 
 
 def first_jpeg(client: Client, path: str) -> bytes:
@@ -229,7 +256,7 @@ def test_hostile_bodies_get_one_line_not_a_traceback(daemon, caplog):
     csrf = client.login()
     cookie = next(c for c in client.jar if c.name == "edgeknn_session")
     headers = {"X-CSRF-Token": csrf, "Cookie": f"edgeknn_session={cookie.value}"}
-    status, body = post_raw(port, "/api/store.json", b"[" * 200_000 + b"]" * 200_000, headers)
+    status, body = post_raw(port, "/api/store.json", b'{"a":' * 200_000 + b"1" + b"}" * 200_000, headers)
     assert status == 400 and "nested too deeply" in body["error"], (status, body)
     assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
 
@@ -642,18 +669,20 @@ def test_the_page_in_chromium(tmp_path, browser):
         assert wait_for(lambda: "ok" in find(By.CSS_SELECTOR, '#health dd[data-key="camera"]').text)
         shot(driver, "6-health")
 
-        # the examples downloaded (as the link does), then uploaded through the page: they are added again
+        # the examples downloaded (as the link does), then uploaded through the page: all already there
+        # (finding 10: they were added again, doubling every class)
         client = Client(port)
         client.login()
-        status, export = client("/api/store.json")
+        status, export = client("/api/examples.tar")
         assert status == 200, export
-        exported = tmp_path / "examples.json"
-        exported.write_text(json.dumps(export))
+        exported = tmp_path / "examples.tar"
+        exported.write_bytes(export)
         before = sum(run.daemon.store.counts().values())
         find(By.ID, "upload-file").send_keys(str(exported))
         find(By.CSS_SELECTOR, "#upload button").click()
-        assert wait_for(lambda: find(By.ID, "message").text == f"Added {before} examples.")
-        assert sum(run.daemon.store.counts().values()) == 2 * before
+        message = f"Added 0 examples ({before} were already here)."
+        assert wait_for(lambda: find(By.ID, "message").text == message), find(By.ID, "message").text
+        assert sum(run.daemon.store.counts().values()) == before
 
         # the device reloads (its page closes, the next daemon's opens on the same port): the open page
         # comes back by itself, its login still valid

@@ -30,7 +30,7 @@ import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 
@@ -49,6 +49,12 @@ MAX_DIM = 16_384
 MAX_CLASSES = 1000  # config's bound of store.max_classes
 MAX_ID = (1 << 53) - 1  # an id JSON carries exactly
 _JPEG = b"\xff\xd8"
+
+
+class Sink(Protocol):
+    """Where an archive is written: a binary file, a socket's writer, an MQTT pack's chunker."""
+
+    def write(self, data: bytes, /) -> int | None: ...
 
 
 class ArchiveError(ValueError):
@@ -152,13 +158,13 @@ def decode_rows(data: bytes, entry: Entry, dim: int, dtype: str) -> tuple[np.nda
 # --- writing -------------------------------------------------------------------------------------------
 
 
-def write(out: IO[bytes], manifest: Manifest, payloads: Iterable[tuple[bytes, bytes | None]]) -> None:
+def write(out: Sink, manifest: Manifest, payloads: Iterable[tuple[bytes, bytes | None]]) -> None:
     """Write the archive of ``manifest`` to ``out`` as a stream: ``payloads`` gives, in the manifest's
     order, each example's ``.rows`` bytes (``encode_rows``) and its JPEG (None when it has none).
 
     Memory: one example at a time, and tarfile's 10 KB buffer. ArchiveError (the stream is then cut
     short, which a reader refuses) when a payload is not what the manifest says."""
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
         _add(tar, MANIFEST, manifest.to_json())
         count = 0
         for entry, (rows, picture) in zip(manifest.examples, payloads, strict=False):
@@ -264,6 +270,8 @@ class Reader:
     def _member(self, name: str, size: int, exact: bool = False) -> bytes:
         """The next member, which must be ``name`` of at most (``exact``: exactly) ``size`` bytes."""
         info = _guard(lambda: next(self._members, None))
+        if info is None and name == MANIFEST:
+            raise ArchiveError(f"not an edgeknn archive (no {MANIFEST})")
         if info is None:
             raise ArchiveError(f"cut short: {name} is missing")
         if info.name != name:

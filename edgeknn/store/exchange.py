@@ -68,7 +68,7 @@ def manifest_of(lent: Lent, dtype: str | None = None) -> Manifest:
     return Manifest(lent.model_id, lent.dim, dtype, list(lent.classes), entries)
 
 
-def write_lent(out: IO[bytes], lent: Lent, dtype: str | None = None) -> Manifest:
+def write_lent(out: archive.Sink, lent: Lent, dtype: str | None = None) -> Manifest:
     """Stream the archive of ``lent`` to ``out``, one example at a time (ArchiveError: an example's
     picture went meanwhile, the stream is cut short and a reader refuses it)."""
     manifest = manifest_of(lent, dtype)
@@ -205,7 +205,7 @@ def apply(store: KnnStore, bundle: Bundle, mode: str) -> dict:
     }
 
 
-def export_store(store: KnnStore, out: IO[bytes], dtype: str | None = None) -> Manifest:
+def export_store(store: KnnStore, out: archive.Sink, dtype: str | None = None) -> Manifest:
     """Write ``store``'s archive to ``out`` on this thread (`edgeknn store export`)."""
     from edgeknn.store.knn import give_back, lend
 

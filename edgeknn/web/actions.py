@@ -1,6 +1,6 @@
 """What the page changes and reads through the daemon: every change is a command on its queue (as a
 panel button's or an MQTT message is) and the handler waits for the reply; the examples' pictures are
-read with ``store.picture`` (safe from another thread), the store's download from its file after a save.
+read with ``store.picture`` (safe from another thread); the examples' download and upload: ``transfer.py``.
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ from edgeknn.commands import (
     AddExample,
     Command,
     DeleteExample,
-    ImportExamples,
     ListExamples,
     RemoveClass,
     RenameClass,
     Result,
-    Save,
     SetThreshold,
 )
-from edgeknn.store import file as storefile
+from edgeknn.web.transfer import Transfers
 
 REPLY_TIMEOUT_S = 30.0  # a command's reply (an added example waits for the next frame)
 
@@ -37,16 +35,20 @@ class Actions:
     """The request handlers that go through the daemon's queue (``submit``)."""
 
     def __init__(
-        self, submit: Callable[[Command], None], picture: Callable[[int], bytes | None], store_path: Path
+        self,
+        submit: Callable[[Command], None],
+        picture: Callable[[int], bytes | None],
+        store_path: Path,
+        headers: dict[str, str] | None = None,
     ):
         self._submit, self._picture, self.store_path = submit, picture, Path(store_path)
+        # the download and upload of the examples (an archive beside the store's file while it comes)
+        self.transfers = Transfers(self._run, submit, self.store_path.parent, headers or {})
 
     def routes(self) -> list[web.RouteDef]:
-        return [
+        return self.transfers.routes() + [
             web.get("/api/examples", self.examples),
             web.get(r"/api/pictures/{id:\d+}.jpg", self.picture),
-            web.get("/api/store.json", self.download),
-            web.post("/api/store.json", self.upload),
             web.post("/api/add-example", self.add_example),
             web.post("/api/delete-example", self.delete_example),
             web.post("/api/add-class", self.add_class),
@@ -66,34 +68,6 @@ class Actions:
     async def examples(self, request: web.Request) -> web.Response:
         name = request.query.get("class")
         return await self._command(ListExamples(class_name=name, source="web", reply=None))
-
-    async def download(self, request: web.Request) -> web.Response:
-        """The store in `edgeknn store export`'s format, read from its file right after a save."""
-        saved = await self._run(Save(source="web"))
-        if not saved.ok:
-            return json_response({"ok": False, "error": saved.error}, 503)
-        data = await asyncio.get_running_loop().run_in_executor(None, self._export)
-        response = web.Response(body=data, content_type="application/json")
-        response.headers["Content-Disposition"] = 'attachment; filename="edgeknn-examples.json"'
-        return response
-
-    async def upload(self, request: web.Request) -> web.Response:
-        """An export (`edgeknn store export`'s JSON) added to the store, read here, added by the loop."""
-        from edgeknn.store.exchange import parse_export
-
-        raw = await request.read()
-        try:
-            export = await asyncio.get_running_loop().run_in_executor(None, parse_export, raw)
-        except ValueError as e:
-            return json_response({"ok": False, "error": f"import: {e}"}, 400)
-        return await self._command(ImportExamples(export=export, source="web"))
-
-    def _export(self) -> bytes:
-        from edgeknn.store.exchange import export_data
-        from edgeknn.store.knn import KnnStore
-
-        store = KnnStore.load(self.store_path, storefile.model_id_of(self.store_path))
-        return json.dumps(export_data(store)).encode()
 
     # --- what the page changes: commands on the daemon's queue ----------------------------------------
 

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 10.0
 MAX_TLS_FILE = 1 << 20  # a certificate chain or key: a few KB
-MAX_UPLOAD = 32 * 1024 * 1024  # an export of ~3 000 examples (rows as JSON text); checked after the login
+MAX_UPLOAD = 32 * 1024 * 1024  # a request body read whole; the examples' upload streams (transfer.py)
 BOUNDARY = "edgeknnframe"
 HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -95,7 +95,7 @@ class WebOutput(Output):
     ):
         self.cfg, self.state_dir = cfg, Path(state_dir)
         self.teachable = teachable  # False: a classifier model (its own labels): bars only, no teaching
-        self.actions = Actions(submit, picture, store_path)
+        self.actions = Actions(submit, picture, store_path, HEADERS)
         self.frames = LiveFrames(latest_frame)
         self.feed = Feed()
         self.access = Access(cfg, self.state_dir)
@@ -212,6 +212,7 @@ class WebOutput(Output):
         return True
 
     async def _shutdown(self) -> None:
+        await self.actions.transfers.close()  # a download or upload in flight is answered first
         for task in list(self._streams):
             task.cancel()
         if self._server is not None:

@@ -215,7 +215,9 @@ function showTop(scores) {
 function onEvent(event) {
   const name = event.class;
   if (name && cards.has(name)) refreshThumbs(name, 400);
-  if (event.event === "reset") for (const n of cards.keys()) refreshThumbs(n, 0);
+  if (event.event === "reset" || event.event === "examples_imported") {
+    for (const n of cards.keys()) refreshThumbs(n, 0);
+  }
 }
 
 // --- the classes ---------------------------------------------------------------------------------
@@ -360,24 +362,30 @@ $("#threshold-auto").addEventListener("click", async () => {
   say(result.ok ? "" : result.error);
 });
 
+// The upload's mode (POST /api/examples.tar?mode=add|replace): "add" adds the examples the device does
+// not have yet; "replace" makes the device's classes and examples the file's. Neither ever evicts one.
 $("#upload").addEventListener("submit", async (e) => {
   e.preventDefault();
   const file = $("#upload-file").files[0];
   if (!file) return;
+  const mode = ($("#upload-mode") && $("#upload-mode").value) || "add";
   let result;
   try {
-    const response = await fetch("/api/store.json", {
+    const response = await fetch("/api/examples.tar?mode=" + encodeURIComponent(mode), {
       method: "POST",
       credentials: "same-origin",
-      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
-      body: await file.text(),
+      headers: { "Content-Type": "application/x-tar", "X-CSRF-Token": csrf },
+      body: file,
     });
     result = await response.json();
   } catch (err) {
     result = { ok: false, error: "the upload failed: " + err };
   }
-  say(result.ok ? `Added ${result.added} examples.` : result.error, result.ok);
+  const already = result.skipped ? ` (${result.skipped} were already here)` : "";
+  const removed = result.removed ? `, ${result.removed} removed` : "";
+  say(result.ok ? `Added ${result.added} examples${already}${removed}.` : result.error, result.ok);
   if (result.ok) $("#upload").reset();
+  for (const n of cards.keys()) refreshThumbs(n, 0);
 });
 
 start();
