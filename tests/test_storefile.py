@@ -142,12 +142,29 @@ def edited(tmp_path: Path, **changes) -> Path:
         ({"classes": lambda a: np.array(["cup", "cup"])}, "twice"),
         ({"labels": lambda a: a.astype(np.float32)}, "labels is float32"),
         ({"rows": lambda a: a.astype(np.float64)}, "rows are float64"),
+        # finding 13: names from a file with a valid checksum were not checked against the naming rule
+        ({"classes": lambda a: np.array(["cup/+", *a[1:]])}, "class 'cup/+' breaks the naming rule"),
+        ({"classes": lambda a: np.array(["Unknown", *a[1:]])}, "class 'Unknown' breaks the naming rule"),
     ],
 )
 def test_contents_a_recomputed_checksum_cannot_vouch_for(tmp_path, changes, said):
     """Each passes the zip and the checksum (anyone can recompute a sha256), and is damaged all the same."""
     path = edited(tmp_path, **changes)
     assert said in str(damaged(path))
+
+
+def test_times_out_of_range_in_a_store_file_become_the_files_time(tmp_path, caplog):
+    """Finding 13: an import took `"added": 1e300`, saved it, and every listing of the examples failed
+    for good (`timestamp out of range`), across restarts. Such a store loads with the file's time."""
+    from edgeknn.commands import ListExamples
+    from edgeknn.device.teaching import Teacher
+
+    path = edited(tmp_path, added=lambda a: np.where(np.arange(len(a)) == 0, 1e300, a))
+    store = KnnStore.load(path, MODEL)
+    first = store.examples()[0]
+    assert first.added == os.stat(path).st_mtime and "out of range" in caplog.text
+    listed = Teacher(store, lambda: None, lambda *a: None, lambda *a: None).list_examples(ListExamples())
+    assert listed.ok and len(listed.detail["examples"]) == len(store.examples())
 
 
 def test_a_compressed_member_is_refused(tmp_path):

@@ -21,6 +21,7 @@ import contextlib
 import glob
 import hashlib
 import io
+import logging
 import math
 import os
 import stat
@@ -31,6 +32,8 @@ from typing import IO
 
 import numpy as np
 
+from edgeknn.store.examples import MAX_TIME
+from edgeknn.store.names import class_name_error
 from edgeknn.store.pictures import pictures_dir, remove_pictures_except, write_pictures
 
 FORMAT_VERSION = 2
@@ -58,6 +61,7 @@ _KINDS = {
     "picture_size": ("iu", 1),
     "picture_crc": ("iu", 1),
 }
+log = logging.getLogger(__name__)
 _FINITE_CHUNK = 4096  # rows checked for NaN/inf at a time (a small temporary, not one of all rows)
 
 
@@ -200,6 +204,7 @@ def _read_archive(
         )
     if version == 1:
         arrays.update(_examples_of_v1(arrays["example"], os.stat(path).st_mtime))
+    _repair_times(path, arrays)
     _check_contents(arrays, dim)
     return arrays, matrix
 
@@ -275,6 +280,16 @@ def _read_rows(
     return matrix
 
 
+def _repair_times(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Times of adding outside 1970..9999 (an import before they were checked took ``1e300``, which
+    broke every listing of the examples) become the file's time: one warning, and no example lost."""
+    added = arrays["added"]
+    bad = ~((added >= 0) & (added <= MAX_TIME))  # (NaN compares False: bad too)
+    if bad.any():
+        log.warning("%s: %d examples had a time of adding out of range; now the file's", path, bad.sum())
+        arrays["added"] = np.where(bad, os.stat(path).st_mtime, added)
+
+
 def _check_contents(arrays: dict[str, np.ndarray], dim: int | None) -> None:
     """What a checksum cannot vouch for: widths, label indices, counts and finite values."""
     rows, classes, labels, example = arrays["rows"], arrays["classes"], arrays["labels"], arrays["example"]
@@ -282,6 +297,10 @@ def _check_contents(arrays: dict[str, np.ndarray], dim: int | None) -> None:
         raise _Damaged(f"rows of {rows.shape[1]} values, the model makes {dim}")
     if len(set(classes.tolist())) != len(classes):
         raise _Damaged("a class name is in the class list twice")
+    for name in classes.tolist():  # a checksum anyone can recompute vouches for no name
+        problem = class_name_error(name)
+        if problem:
+            raise _Damaged(f"class {name[:40]!r} breaks the naming rule ({problem})")
     if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
         raise _Damaged(f"a label index past the class list ({len(classes)} classes)")
     if len(example) and example.min() < 0:
@@ -297,8 +316,6 @@ def _check_contents(arrays: dict[str, np.ndarray], dim: int | None) -> None:
     crc = arrays["picture_crc"]
     if len(size) and (size.min() < 0 or crc.min() < 0 or crc.max() >= 1 << 32):
         raise _Damaged("a negative picture size or a picture checksum out of range")
-    if not np.isfinite(arrays["added"]).all():
-        raise _Damaged("a time of adding that is not a finite number")
     finite = np.isfinite(arrays["scale"]).all() and np.isfinite(arrays["center"]).all()
     if rows.dtype.kind == "f":
         finite = finite and all(

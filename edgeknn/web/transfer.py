@@ -110,7 +110,8 @@ class Transfers:
             try:
                 await self._thread("edgeknn-download", write)
             except (Stopped, ConnectionError, archive.ArchiveError, asyncio.CancelledError) as e:
-                self._failures.log(logging.WARNING, "web: a download of the examples was cut short: %s", e)
+                why = str(e) or "the device is stopping or reloading, or the client went away"
+                self._failures.log(logging.WARNING, "web: a download of the examples was cut short: %s", why)
                 if request.transport is not None:
                     request.transport.close()  # short of its Content-Length: the client sees an error
                 return response
@@ -126,7 +127,7 @@ class Transfers:
         if mode not in exchange.MODES:
             return _json({"ok": False, "error": f"mode: expected add or replace, got {mode[:20]!r}"}, 400)
         if request.content_length is not None and request.content_length > MAX_UPLOAD_BYTES:
-            return _json({"ok": False, "error": _too_big()}, 413)
+            return await _closed(request, _json({"ok": False, "error": _too_big()}, 413), self.headers)
         task = asyncio.current_task()
         assert task is not None
         self._busy.add(task)
@@ -134,7 +135,7 @@ class Transfers:
             with tempfile.TemporaryFile(dir=self.state_dir, prefix=".upload-") as file:  # unnamed
                 return await self._upload(request, file, mode)
         except Stopped:
-            return _json({"ok": False, "error": CLOSING}, 503)
+            return await _closed(request, _json({"ok": False, "error": CLOSING}, 503), self.headers)
         except OSError as e:
             return _json({"ok": False, "error": f"import: cannot keep the upload ({e.strerror or e})"}, 507)
         finally:
@@ -145,7 +146,7 @@ class Transfers:
         while chunk := await self._or_closing(request.content.read(PIECE)):
             size += len(chunk)
             if size > MAX_UPLOAD_BYTES:
-                return _json({"ok": False, "error": _too_big()}, 413)
+                return await _closed(request, _json({"ok": False, "error": _too_big()}, 413), self.headers)
             file.write(chunk)
         file.seek(0)
         try:
@@ -232,6 +233,13 @@ class Transfers:
             return await self._or_closing(asyncio.shield(future))
         finally:
             stop.set()
+            future.add_done_callback(_retrieved)  # its outcome may come after nobody waits for it
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Take a finished future's exception (asyncio would log it with a traceback as never retrieved)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _Sender(io.RawIOBase):
@@ -292,6 +300,19 @@ class _Until(io.RawIOBase):
 
 def _read(file: Any, stop: threading.Event) -> exchange.Bundle:
     return exchange.read_import(_Until(file, stop))  # type: ignore[arg-type]
+
+
+async def _closed(request: web.Request, response: web.Response, headers: dict[str, str]) -> web.Response:
+    """An answer before the whole body came: sent, then the connection closes without reading the rest
+    (aiohttp would read it for 10 s more, its "lingering close", holding a stop or reload that long)."""
+    response.headers.update(headers)
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    protocol = getattr(request, "protocol", None)
+    if protocol is not None and hasattr(protocol, "force_close"):
+        protocol.force_close()  # (the answer is in the transport's buffer: it goes out before it closes)
+    return response
 
 
 def _too_big() -> str:
