@@ -22,6 +22,7 @@ from edgeknn.cli.main import main
 from edgeknn.imagefiles import find_images
 from edgeknn.model.registry import DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256
 from edgeknn.model.tflite import sha256_of
+from edgeknn.store import archive
 from edgeknn.store.knn import KnnStore
 
 CLASSES = ("0", "3", "5", "7")
@@ -341,12 +342,16 @@ def test_store_rename_refused(capsys, store_copy, old, new, culprit):
 
 
 def test_store_export_and_import(capsys, taught, tmp_path):
-    exported = tmp_path / "examples.json"
+    exported = tmp_path / "examples.tar"
     rc, out, _ = run(capsys, "store", "export", taught, exported)
-    assert rc == 0 and out == f"{exported}: 36 rows of 2 classes, 6 of 6 examples with their picture\n"
-    data = json.loads(exported.read_text())
-    assert data["format"] == "edgeknn-examples" and data["model_id"] == sha256_of(TINY)
-    assert len(data["examples"]) == 36 and len(data["examples"][0]["vector"]) == 256
+    size = exported.stat().st_size
+    assert (
+        rc == 0
+        and out == f"{exported}: 6 examples of 2 classes (float32 rows), 6 with their picture, {size} bytes\n"
+    )
+    manifest = archive.Reader(exported.open("rb")).manifest
+    assert manifest.model_id == sha256_of(TINY) and manifest.dim == 256 and len(manifest.examples) == 6
+    assert size < 6 * (6 * 256 * 4 + 20_000), "rows and pictures as bytes, not JSON text"
     target = tmp_path / "imported.npz"
     rc, out, _ = run(capsys, "store", "import", target, exported)
     assert rc == 0 and out == f"{target}: imported 6 examples, 6 with their picture\n"
@@ -355,7 +360,9 @@ def test_store_export_and_import(capsys, taught, tmp_path):
     assert [imported.picture(e.id) for e in imported.examples()] == [
         original.picture(e.id) for e in original.examples()
     ]
-    np.testing.assert_allclose(imported.rows(), original.rows(), atol=1e-5)
+    assert np.array_equal(imported.rows(), original.rows())
+    rc, out, _ = run(capsys, "store", "export", taught, tmp_path / "half.tar", "--rows", "float16")
+    assert rc == 0 and "float16 rows" in out and (tmp_path / "half.tar").stat().st_size < size
 
 
 def test_store_import_of_something_else(capsys, tmp_path):

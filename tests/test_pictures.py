@@ -275,25 +275,38 @@ def test_pictures_can_be_read_from_another_thread_while_the_store_changes_and_sa
 
 
 def test_export_and_import_carry_the_pictures(tmp_path, frames, capsys):
-    path, copy, export = tmp_path / "store.npz", tmp_path / "copy.npz", tmp_path / "backup.json"
+    path, copy, export = tmp_path / "store.npz", tmp_path / "copy.npz", tmp_path / "backup.tar"
     store = taught(frames[:4])
     store.add_class("fist")  # no examples: still in the export
     store.add("two", np.ones(16, np.float32))  # no picture
     store.save(path)
     assert main(["store", "export", str(path), str(export)]) == 0
-    assert "4 of 5 examples with their picture" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "5 examples of 4 classes (float32 rows), 4 with their picture" in out, out
     assert main(["store", "import", str(copy), str(export)]) == 0
     assert "imported 5 examples, 4 with their picture" in capsys.readouterr().out
     back = KnnStore.load(copy, MODEL)
     assert back.classes == ["zero", "one", "two", "fist"]
-    assert [(e.class_name, e.has_picture, e.added) for e in back.examples()] == [
-        (e.class_name, e.has_picture, e.added) for e in store.examples()
-    ]
+    assert [(e.id, e.class_name, e.has_picture, e.added) for e in back.examples()] == [
+        (e.id, e.class_name, e.has_picture, e.added) for e in store.examples()
+    ], "into a new store: the same ids too"
     for mine, theirs in zip(back.examples(), store.examples(), strict=True):
         assert back.picture(mine.id) == store.picture(theirs.id)
-    np.testing.assert_allclose(back.rows(), store.rows(), atol=1e-6)
-    old_style = json.loads(export.read_text())  # an export made before pictures were kept
-    del old_style["pictures"], old_style["added"]
+    assert np.array_equal(back.rows(), store.rows()), "the store's own float32 rows: exact"
+    assert main(["store", "import", str(copy), str(export)]) == 0
+    assert "imported 0 examples, 4 with their picture, 5 already there" in capsys.readouterr().out
+    assert main(["store", "import", str(copy), str(export), "--mode", "replace"]) == 0
+    assert "5 removed (replace)" in capsys.readouterr().out
+    assert KnnStore.load(copy, MODEL).counts() == back.counts()
+    old_style = {  # an export made before the archive, and before pictures were kept: still read
+        "format": "edgeknn-examples",
+        "model_id": MODEL,
+        "classes": store.classes,
+        "examples": [
+            {"class": store.classes[int(label)], "example": int(ex), "vector": row.tolist()}
+            for row, label, ex in zip(store.rows(), store.labels(), store.example_ids(), strict=True)
+        ],
+    }
     export.write_text(json.dumps(old_style))
     assert main(["store", "import", str(tmp_path / "old.npz"), str(export)]) == 0
     assert [e.has_picture for e in KnnStore.load(tmp_path / "old.npz", MODEL).examples()] == [False] * 5
