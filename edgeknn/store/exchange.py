@@ -23,7 +23,7 @@ from typing import IO
 
 from edgeknn.store import archive
 from edgeknn.store.archive import ArchiveError, Entry, Manifest
-from edgeknn.store.knn import KnnStore, Lent, next_example_id, picture_keys
+from edgeknn.store.knn import KnnStore, Lent, next_example_id, picture_keys, reserve
 
 MODES = ("add", "replace")
 LEGACY_MAX_BYTES = 64 << 20  # an old JSON export is read whole: at most this much
@@ -179,8 +179,12 @@ def _keyed(store: KnnStore):
 
 def apply(store: KnnStore, bundle: Bundle, mode: str) -> dict:
     """Import ``bundle`` into ``store`` (``plan`` first: ValueError changes nothing); the reply's detail:
-    mode, added, skipped (already there), removed (replace: the store's examples that went), classes."""
+    mode, added, skipped (already there), removed (replace: the store's examples that went), classes.
+    The bundle is used up: its examples are let go as they are stored, so memory holds each once."""
     p = plan(store, bundle, mode)
+    adding, p.adding = p.adding[::-1], []  # the bundle is used up: each example goes once it is stored
+    bundle.examples.clear()
+    count = len(adding)
     if p.mode == "replace":
         store.reset()
         for name in list(store.classes):
@@ -188,7 +192,9 @@ def apply(store: KnnStore, bundle: Bundle, mode: str) -> dict:
     for name in p.classes:
         if name not in store.classes:
             store.add_class(name)
-    for e in p.adding:
+    reserve(store, sum(len(e.values) for e in adding))
+    while adding:
+        e = adding.pop()
         store.add(
             e.entry.class_name,
             e.vectors(),
@@ -198,7 +204,7 @@ def apply(store: KnnStore, bundle: Bundle, mode: str) -> dict:
         )
     return {
         "mode": p.mode,
-        "added": len(p.adding),
+        "added": count,
         "skipped": p.skipped,
         "removed": p.removed,
         "classes": store.counts(),

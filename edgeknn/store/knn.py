@@ -381,3 +381,8 @@ def picture_keys(store: KnnStore) -> dict[int, tuple[int, int] | None]:
     arrays = store._pictures.arrays(ids)
     pairs = zip(arrays["picture_size"].tolist(), arrays["picture_crc"].tolist(), strict=True)
     return {i: (size, crc) if size else None for i, (size, crc) in zip(ids, pairs, strict=True)}
+
+
+def reserve(store: KnnStore, rows: int) -> None:
+    """Room for ``rows`` more rows in one allocation (an import: not a copy of the matrix per growth)."""
+    store._rows._grow(len(store) + rows)

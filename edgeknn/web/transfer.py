@@ -22,6 +22,7 @@ import io
 import logging
 import tempfile
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -149,10 +150,18 @@ class Transfers:
                 return await _closed(request, _json({"ok": False, "error": _too_big()}, 413), self.headers)
             file.write(chunk)
         file.seek(0)
+        start = time.monotonic()
         try:
             bundle = await self._thread("edgeknn-upload", lambda stop: _read(file, stop))
         except archive.ArchiveError as e:
             return _json({"ok": False, "error": f"import: {e}"}, 400)
+        took = time.monotonic() - start
+        log.info(
+            "web: an upload of %d examples (%d bytes) read and checked in %.1f s",
+            len(bundle.examples),
+            size,
+            took,
+        )
         command = ImportExamples(export=bundle, mode=mode, source="web")
         result = await self._settled(command)
         later = result.error.startswith(("busy:", "stopping", "reloading"))  # try again: nothing changed
