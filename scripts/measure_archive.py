@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import http.cookiejar
-import io
 import json
 import os
 import signal
@@ -56,7 +55,8 @@ def build_store(path: Path, examples: int) -> None:
     rng = np.random.default_rng(0)
     for i in range(examples):
         rows = np.abs(rng.standard_normal((6, dim), dtype=np.float32))
-        store.add(classes[i % 10], rows / np.linalg.norm(rows, axis=1, keepdims=True), pictures[i % len(pictures)])
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        store.add(classes[i % 10], rows, pictures[i % len(pictures)])
     store.save(path)
 
 
@@ -112,10 +112,9 @@ class Device:
         )
         self.log = tmp / f"{name}.log"
         env = {**os.environ, "PYTHONPATH": str(code)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeknn", "run", "--config", str(config)],
-            stderr=open(self.log, "w"), cwd=code, env=env,
-        )  # fmt: skip
+        with open(self.log, "w") as log:
+            command = [sys.executable, "-m", "edgeknn", "run", "--config", str(config)]
+            self.proc = subprocess.Popen(command, stderr=log, cwd=code, env=env)
         self.base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while "running:" not in self.log.read_text():
@@ -167,7 +166,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--examples", type=int, default=3000)
     parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parent.parent)
-    parser.add_argument("--path", default="/api/examples.tar", help="the download's path (main: /api/store.json)")
+    parser.add_argument("--path", default="/api/examples.tar", help="download path (main's: /api/store.json)")
     parser.add_argument("--skip-roundtrip", action="store_true")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="archive-"))
@@ -185,7 +184,7 @@ def main() -> int:
     data = device.call(args.path)
     rows.append(("download_s", f"{time.monotonic() - start:.1f}"))
     rows.append(("download_bytes", str(len(data))))
-    rows.append(("download_hwm_mb", f"{(hwm_kb(device.proc.pid) - base) / 1024:.1f} (from {base / 1024:.0f})"))
+    rows.append(("download_hwm_mb", _grew(device.proc.pid, base)))
     code, took = device.stop()
     rows.append(("sigterm_after_download_s", f"{took:.1f} (exit {code})"))
     if not args.skip_roundtrip and args.path.endswith(".tar"):
@@ -195,14 +194,18 @@ def main() -> int:
         start = time.monotonic()
         reply = json.loads(empty.call("/api/examples.tar?mode=replace", data, "application/x-tar"))
         rows.append(("upload_s", f"{time.monotonic() - start:.1f}"))
-        rows.append(("upload_hwm_mb", f"{(hwm_kb(empty.proc.pid) - base) / 1024:.1f} (from {base / 1024:.0f})"))
-        rows.append(("upload_reply", f"ok={reply['ok']} added={reply.get('added')} removed={reply.get('removed')}"))
+        rows.append(("upload_hwm_mb", _grew(empty.proc.pid, base)))
+        rows.append(("upload_reply", " ".join(f"{k}={reply.get(k)}" for k in ("ok", "added", "removed"))))
         code, took = empty.stop()
         rows.append(("roundtrip", _compare(store_path, empty.state / "store.npz")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _grew(pid: int, base: int) -> str:
+    return f"{(hwm_kb(pid) - base) / 1024:.1f} (from {base / 1024:.0f})"
 
 
 def _compare(original: Path, restored: Path) -> str:
