@@ -109,12 +109,12 @@ def _import(args) -> int:
         raise InputError(f"{args.input}: not an edgeknn export: {reason}") from None
     if store is None:
         store = KnnStore(bundle.manifest.dim, bundle.manifest.model_id, settings)
+    with_pictures = sum(e.picture is not None for e in bundle.examples)
     try:
-        detail = exchange.apply(store, bundle, args.mode)
+        detail = exchange.apply(store, bundle, args.mode)  # (uses the bundle up)
     except ValueError as e:
         raise InputError(f"{args.store}: cannot import {args.input}: {e}") from None
     store.save(args.store)
-    with_pictures = sum(e.picture is not None for e in bundle.examples)
     skipped = f", {detail['skipped']} already there" if detail["skipped"] else ""
     removed = f", {detail['removed']} removed (replace)" if detail["removed"] else ""
     print(

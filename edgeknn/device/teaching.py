@@ -164,7 +164,7 @@ class Teacher:
         ]
         return Result(True, detail={"examples": examples})
 
-    def import_examples(self, command: ImportExamples) -> Result:
+    def import_examples(self, command: ImportExamples) -> Result | None:
         """The page's upload: the archive's examples added (or replacing the store's), all or none (one
         line why); never an example of the store evicted. Nothing when the page stopped waiting."""
         from edgeknn.store import exchange
@@ -175,10 +175,13 @@ class Teacher:
             detail = exchange.apply(self.store, command.export, command.mode)
         except ValueError as e:
             return Result(False, f"import: {e}")
+        # answered before the state is published: that refits the head on the new rows (seconds at
+        # thousands of examples, still on this thread: issue 20, finding 3): the reply need not wait
+        self._reply(command, Result(True, detail=detail))
         self._changed()
         event = {k: detail[k] for k in ("mode", "added", "skipped", "removed")}
         self._event({"event": "examples_imported", **event}, command)
-        return Result(True, detail=detail)
+        return None
 
     def _refuse_pending_of(self, name: str, why: str) -> None:
         """Answer (refused: ``why``) and drop the AddExamples still waiting for frames for ``name``."""

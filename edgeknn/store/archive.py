@@ -287,19 +287,21 @@ class Reader:
 
 
 def _open(stream: Any) -> tarfile.TarFile:
-    return _guard(lambda: tarfile.open(fileobj=stream, mode="r|", tarinfo=_Strict))  # type: ignore[call-overload]
+    return _guard(lambda: tarfile.open(fileobj=stream, mode="r|", tarinfo=_Strict), opening=True)  # type: ignore[call-overload]
 
 
-def _guard(call: Any) -> Any:
+def _guard(call: Any, opening: bool = False) -> Any:
     """``call()`` with tarfile's and the stream's errors as one-line ArchiveErrors."""
     try:
         return call()
     except ArchiveError:
         raise
     except tarfile.ReadError as e:
-        raise ArchiveError(f"not an edgeknn archive (not a tar stream: {e})") from None
+        if opening:
+            raise ArchiveError(f"not an edgeknn archive (not a tar stream: {e})") from None
+        raise ArchiveError(f"cut short or damaged ({e})") from None
     except (tarfile.TarError, EOFError) as e:
-        raise ArchiveError(f"damaged or cut short ({type(e).__name__}: {e})") from None
+        raise ArchiveError(f"cut short or damaged ({type(e).__name__}: {e})") from None
 
 
 def parse_manifest(data: bytes, dim: int | None = None, max_examples: int = MAX_EXAMPLES) -> Manifest:

@@ -274,8 +274,7 @@ class _Sender(io.RawIOBase):
             return
         sent = asyncio.run_coroutine_threadsafe(self._response.write(piece), self._loop)
         while True:
-            if self._stop.is_set():
-                sent.cancel()
+            if self._stop.is_set():  # (not cancelled from here: its loop may be gone, and say so loudly)
                 raise Stopped("the device is stopping or reloading")
             try:
                 sent.result(0.5)
