@@ -179,3 +179,53 @@ def test_sigterm_right_after_a_download_exits_within_20_s(tmp_path):
         assert "Traceback" not in device.log
     finally:
         device.close()
+
+
+@pytest.mark.slow
+def test_sighup_during_an_upload_answers_it_and_leaves_nothing_behind(tmp_path):
+    """Finding 12 as it was seen: `edgeknn run`, an upload in flight, SIGHUP. The upload is answered
+    (503: upload again), the page comes back, and no socket or temporary file stays behind."""
+    port = free_port()
+    web = {"enabled": True, "listen": "127.0.0.1", "port": port, "password": PASSWORD}
+    device = Device(tmp_path, web=web)
+    try:
+        client = Client(port)
+        csrf = client.login()
+        store = KnnStore(1024, Embedder(Path(make_config(tmp_path).model.path)).identity)
+        data = archive_for(store, {"1": 50})
+        fds = len(list(Path(f"/proc/{device.proc.pid}/fd").iterdir()))
+        cookie = next(c for c in client.jar if c.name == "edgeknn_session")
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        head = (
+            f"POST /api/examples.tar HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+            f"X-CSRF-Token: {csrf}\r\nCookie: edgeknn_session={cookie.value}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + data[: len(data) // 2])
+        time.sleep(1.0)
+        device.signal(signal.SIGHUP)
+        started, answer = time.monotonic(), b""
+        while not answer.rstrip().endswith(b"}"):
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            answer += piece
+        took = time.monotonic() - started
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 503") and transfer.CLOSING.encode() in answer, answer
+        assert took < 10, took
+        assert device.wait_log("configuration reloaded") or device.wait_log("running:", 2), device.log[-2000:]
+        client = Client(port)
+        assert wait_for(lambda: _logs_in(client), 30), "the page is back after the reload"
+        assert wait_for(lambda: len(list(Path(f"/proc/{device.proc.pid}/fd").iterdir())) <= fds + 2, 20)
+        assert not list(device.state.glob(".upload-*")) and "Traceback" not in device.log
+        assert device.stop() == 0
+    finally:
+        device.close()
+
+
+def _logs_in(client: Client) -> bool:
+    try:
+        client.login()
+    except (AssertionError, OSError):
+        return False
+    return True
