@@ -264,6 +264,9 @@ def test_replace_makes_the_archives_classes_and_keeps_ids_only_when_free(photos,
     exchange.apply(store, bundle_of(data, tmp_path), "replace")
     assert store.classes == ["a", "b", "c"] and sum(store.counts().values()) == 12
     assert [e.id for e in store.examples()] == list(range(1, 13)), "id 0 was this device's: new ids"
+    store.reset()  # no examples, but ids 0..12 were used: replace gives new ones, never one used before
+    exchange.apply(store, bundle_of(data, tmp_path), "replace")
+    assert [e.id for e in store.examples()] == list(range(13, 25))
 
 
 def test_an_import_for_another_model_or_too_many_classes_changes_nothing(photos, tmp_path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -50,7 +50,6 @@ class Plan:
     removed: int
     keep_ids: bool
     classes: list[str]  # the store's classes afterwards, in slot order
-    detail: dict = field(default_factory=dict)
 
 
 # --- out --------------------------------------------------------------------------------------------
@@ -166,7 +165,7 @@ def plan(store: KnnStore, bundle: Bundle, mode: str) -> Plan:
             "nothing was imported (delete some examples, raise store.capacity, or import with mode replace)"
         )
     ids = [e.entry.id for e in adding]
-    start = 0 if mode == "replace" and not len(store) else next_example_id(store)
+    start = next_example_id(store)  # (ids only grow: one a deleted example had is never given again)
     keep_ids = bundle.source == "archive" and ids == sorted(ids) and (not ids or ids[0] >= start)
     return Plan(mode, adding, skipped, removed, keep_ids, classes)
 
