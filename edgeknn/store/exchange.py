@@ -10,6 +10,13 @@ store does not have yet; ``replace``: the store's classes and examples become th
 it, changing nothing, when it would evict any of the store's examples or pass a limit; ``apply`` then
 carries the plan out, all of it. The same example twice is the same time of adding and the same picture
 (size and CRC-32): ids are per device, and a device's own download brought back adds nothing.
+
+A fleet's pack (issue 25) is the same: the ``LendExamples`` command lends the store on the loop;
+``archive.size(manifest_of(lent, dtype))`` is the pack's exact size before a byte is written (how many
+chunks); ``write_lent(sink, lent, dtype)`` on another thread writes it into any ``archive.Sink`` (one
+that publishes fixed-size chunks), ``float16`` rows for half the bytes; then ``give_back``. A follower
+writes the chunks in order to a temporary file, ``read_import``s it off the loop and sends
+``ImportExamples(export=bundle, mode=...)``: the same checks and the same answers as the page's upload.
 """
 
 from __future__ import annotations
