@@ -41,6 +41,7 @@ from edgeknn.web.limits import (
     loop_errors,
 )
 from edgeknn.web.live import LIVE_FPS, READINGS_PER_S, Feed, Listener, LiveFrames, sse
+from edgeknn.web.transfer import MAX_UPLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,8 @@ class WebOutput(Output):
         await self._runner.setup()
         assert self._runner.server is not None
         # Our own listening socket (not a TCPSite): every connection goes through Connections' limits.
-        self.connections = Connections(self._runner.server, MAX_UPLOAD, connection_limit())
+        # bodies timed for the largest: an upload of the examples (a slow link gets its time per KB)
+        self.connections = Connections(self._runner.server, MAX_UPLOAD_BYTES, connection_limit())
         where = f"{self.cfg.listen or '*'}:{self.cfg.port}"
         try:
             self._server = await asyncio.get_running_loop().create_server(
