@@ -171,10 +171,14 @@ class Teacher:
 
         if not command.claim.take():
             return Result(False, "import: the page stopped waiting for it; nothing was imported")
+        before = list(self.store.classes)
         try:
             detail = exchange.apply(self.store, command.export, command.mode)
         except ValueError as e:
             return Result(False, f"import: {e}")
+        if command.mode == "replace":  # examples waiting for frames never land in a class made anew
+            for name in before:
+                self._refuse_pending_of(name, f"class: {name!r} was replaced by an import")
         # answered before the state is published: that refits the head on the new rows (seconds at
         # thousands of examples, still on this thread: issue 20, finding 3): the reply need not wait
         self._reply(command, Result(True, detail=detail))
