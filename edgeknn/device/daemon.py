@@ -137,6 +137,7 @@ class Daemon:
         self.notifier = notifier or Notifier({})
         self.outputs: list[Output] = []
         self.broker_status: Callable[[], str] = lambda: "disabled"
+        self.fleet_status: Callable[[], dict | None] = lambda: None  # a fleet leader's or follower's
         self._handlers: Handlers = {}  # a command's type → its handler, filled below
         self.commands = CommandQueue(self._handlers, log)
         self._event_logs: dict[str, Throttle] = {}
@@ -181,6 +182,7 @@ class Daemon:
         }
         self.classifier = isinstance(store, ModelClasses)  # a classifier model: its own labels, untaught
         self._said_untaught = False
+        self._refusals = Throttle(log)
         if self.classifier:
             self._handlers.update(dict.fromkeys(TEACHING + TEACHING_ALSO, self._refuse_teaching))
             self._handlers[SetThreshold] = self.settings.set_min_confidence
@@ -205,6 +207,30 @@ class Daemon:
     def _save_now(self, command: Save) -> Result:
         ok = self.saver.save()
         return Result(ok, "" if ok else f"save failed: {self.saver.error}")
+
+    def follow(self, refusal: str) -> None:
+        """A fleet follower: its examples come from its leader's pack (an import from ``fleet``); every
+        other teaching command is answered with ``refusal``, which names the leader."""
+
+        def refuse(command: Command) -> Result | None:
+            if isinstance(command, ImportExamples) and command.source == "fleet":
+                return self.teacher.import_examples(command)
+            self._refusals.log(
+                logging.INFO, "%s from %s refused: %s", type(command).__name__, command.source, refusal
+            )
+            return Result(False, f"teaching: {refusal}")
+
+        teaching = (
+            AddExample,
+            ForgetClass,
+            RenameClass,
+            AddClass,
+            RemoveClass,
+            DeleteExample,
+            Reset,
+            ImportExamples,
+        )
+        self._handlers.update(dict.fromkeys(teaching, refuse))
 
     def _refuse_teaching(self, command: Command) -> None:
         """A classifier model cannot be taught: answer every teaching command so, log it once."""
@@ -266,6 +292,7 @@ class Daemon:
             "broker": self.broker_status(),
             "error": self.saver.error,
             "busy_refusals": self.commands.busy_refusals,
+            "fleet": self.fleet_status(),
         }
 
     def _publish_state(self, force: bool = False) -> None:
