@@ -20,7 +20,17 @@ from edgeknn import __version__, config
 from edgeknn.camera.capture import Capture
 from edgeknn.camera.sources import SourceError
 from edgeknn.camera.uri import check_source, source_opener
-from edgeknn.commands import Command
+from edgeknn.commands import (
+    AddClass,
+    AddExample,
+    Command,
+    DeleteExample,
+    ForgetClass,
+    ImportExamples,
+    RemoveClass,
+    RenameClass,
+    Reset,
+)
 from edgeknn.device.daemon import Daemon
 from edgeknn.device.systemd import Notifier
 from edgeknn.model import reembed
@@ -300,7 +310,17 @@ def fleet_output(cfg: config.Config, daemon: Daemon) -> Output:
         embedder=lambda: Embedder(model_path, threads=1),
         folder=folder,
     )
-    daemon.follow(follower.refusal())
+    teaching = (
+        AddExample,
+        ForgetClass,
+        RenameClass,
+        AddClass,
+        RemoveClass,
+        DeleteExample,
+        Reset,
+        ImportExamples,
+    )
+    daemon.route(teaching, follower.teaching(daemon.teacher.import_examples))
     daemon.fleet_status = follower.status
     return follower
 

@@ -182,7 +182,6 @@ class Daemon:
         }
         self.classifier = isinstance(store, ModelClasses)  # a classifier model: its own labels, untaught
         self._said_untaught = False
-        self._refusals = Throttle(log)
         if self.classifier:
             self._handlers.update(dict.fromkeys(TEACHING + TEACHING_ALSO, self._refuse_teaching))
             self._handlers[SetThreshold] = self.settings.set_min_confidence
@@ -208,29 +207,9 @@ class Daemon:
         ok = self.saver.save()
         return Result(ok, "" if ok else f"save failed: {self.saver.error}")
 
-    def follow(self, refusal: str) -> None:
-        """A fleet follower: its examples come from its leader's pack (an import from ``fleet``); every
-        other teaching command is answered with ``refusal``, which names the leader."""
-
-        def refuse(command: Command) -> Result | None:
-            if isinstance(command, ImportExamples) and command.source == "fleet":
-                return self.teacher.import_examples(command)
-            self._refusals.log(
-                logging.INFO, "%s from %s refused: %s", type(command).__name__, command.source, refusal
-            )
-            return Result(False, f"teaching: {refusal}")
-
-        teaching = (
-            AddExample,
-            ForgetClass,
-            RenameClass,
-            AddClass,
-            RemoveClass,
-            DeleteExample,
-            Reset,
-            ImportExamples,
-        )
-        self._handlers.update(dict.fromkeys(teaching, refuse))
+    def route(self, kinds: tuple[type[Command], ...], handler: Callable[[Command], Result | None]) -> None:
+        """Send these commands to ``handler`` (a fleet follower refuses teaching, naming its leader)."""
+        self._handlers.update(dict.fromkeys(kinds, handler))
 
     def _refuse_teaching(self, command: Command) -> None:
         """A classifier model cannot be taught: answer every teaching command so, log it once."""

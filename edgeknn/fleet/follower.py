@@ -53,6 +53,7 @@ class Follower(Output):
         self._ready: queue.Queue[pack.Assembly | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="fleet-follower", daemon=True)
         self._throttle = Throttle(log)
+        self._refusals = Throttle(log)
         self.leader_online: bool | None = None
         self.last_error = ""
 
@@ -83,6 +84,21 @@ class Follower(Output):
     def refusal(self) -> str:
         """Why a teaching command is refused here: one line naming the leader."""
         return f"this device follows {self.leader}: teach {self.leader} instead (fleet.follow)"
+
+    def teaching(
+        self, apply: Callable[[ImportExamples], Result | None]
+    ) -> Callable[[Command], Result | None]:
+        """The daemon's handler of teaching commands on a follower: the pack's own import is applied
+        (``apply``: the teacher's import), every other teaching command refused naming the leader."""
+
+        def handle(command: Command) -> Result | None:
+            if isinstance(command, ImportExamples) and command.source == "fleet":
+                return apply(command)
+            self._refusals.log(logging.INFO, "%s from %s refused: %s", type(command).__name__,
+                               command.source, self.refusal())  # fmt: skip
+            return Result(False, f"teaching: {self.refusal()}")
+
+        return handle
 
     # --- the network thread ---------------------------------------------------------------------
 
