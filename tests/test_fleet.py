@@ -26,6 +26,7 @@ from rig import (
     wait_for,
 )
 
+from edgeknn.cli.main import main
 from edgeknn.commands import AddExample, RenameClass, Result
 from edgeknn.device.build import build
 from edgeknn.fleet import pack
@@ -118,7 +119,7 @@ def test_a_manifest_signed_with_another_key_or_altered_is_refused():
 
 
 @needs_mosquitto
-def test_followers_learn_what_the_leader_is_taught_and_refuse_teaching(tmp_path, broker):
+def test_followers_learn_what_the_leader_is_taught_and_refuse_teaching(tmp_path, broker, capsys):
     photos = photo_folders(tmp_path)
     scene = Scene(photos)
     leader = Running(build(fleet_config(tmp_path, broker, "kitchen", publish=True), opener=scene.opener))
@@ -155,6 +156,13 @@ def test_followers_learn_what_the_leader_is_taught_and_refuse_teaching(tmp_path,
         state = followers["same"].daemon.state()["fleet"]
         assert state["following"] == "kitchen" and state["pack"] and state["error"] == ""
         assert wait_for(lambda: sorted(leader.daemon.state()["fleet"]["followers"]) == ["hall", "porch"], 30)
+        # `edgeknn devices` sees the three, who follows whom, from the broker's retained messages
+        capsys.readouterr()
+        assert main(["devices", "--broker", f"127.0.0.1:{broker.port}", "--json", "--wait", "1.5"]) == 0
+        seen = {d["device"]: d for d in map(json.loads, capsys.readouterr().out.splitlines())}
+        assert sorted(seen) == ["hall", "kitchen", "porch"], seen
+        assert seen["hall"]["following"] == "kitchen" and seen["kitchen"]["followers"] == ["hall", "porch"]
+        assert all(d["online"] and d["classes"] == ["1", "2", "fist"] for d in seen.values()), seen
     finally:
         for run in [leader, *followers.values()]:
             run.stop()

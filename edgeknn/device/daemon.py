@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -263,6 +264,7 @@ class Daemon:
             "training_class": self.settings.training_class,
             "storage": self.store.storage,
             "version": __version__,
+            "host": socket.gethostname(),
             "uptime_s": round(time.monotonic() - self._started, 1),
             "fps": round(self.rate.fps, 1),
             "inference_ms": round(self._inference_ms, 2),
