@@ -20,6 +20,7 @@ from pathlib import Path
 
 from edgeknn import __version__, config
 from edgeknn.cli import classify as classifycli
+from edgeknn.cli import devices as devicescli
 from edgeknn.cli import model as modelcli
 from edgeknn.cli import store as storecli
 from edgeknn.cli import web as webcli
@@ -204,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", type=Path, help="photo folder to replay (default ../shared/data/sign_language_digits)"
     )
+
+    p = command("devices", devicescli.devices, "the devices on a broker: id, host, model, classes, fleet")
+    p.add_argument(
+        "--broker", metavar="HOST[:PORT]", help="the broker (default: the config's mqtt.host/port)"
+    )
+    p.add_argument("--wait", type=float, default=2.0, help="seconds to listen for retained messages (2)")
+    p.add_argument("--json", action="store_true", help="one JSON object per device, one per line")
 
     p = command("web", None, "the web page: show or reset its password")
     web_sub = p.add_subparsers(metavar="ACTION")

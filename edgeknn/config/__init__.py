@@ -29,6 +29,7 @@ from edgeknn import smallfiles
 from edgeknn.config.checks import _class_names, _str, integer, key, number
 from edgeknn.config.sections import (
     CameraConfig,
+    FleetConfig,
     ModelConfig,
     MqttConfig,
     PanelConfig,
@@ -50,6 +51,7 @@ __all__ = [
     "PanelConfig",
     "StabilizerConfig",
     "StoreConfig",
+    "FleetConfig",
     "WebConfig",
     "default_device_id",
     "from_dict",
@@ -92,6 +94,7 @@ class Config:
     panel: PanelConfig = field(default_factory=PanelConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
     def resolved_state_dir(self) -> Path:
         """``state_dir``, else systemd's $STATE_DIRECTORY, else ~/.local/state/edgeknn."""
@@ -216,6 +219,15 @@ def _cross_check(config: Config) -> list[str]:
         errors.append("web.tls_key: expected both web.tls_cert and web.tls_key, or neither")
     if "+" in config.mqtt.base_topic or "#" in config.mqtt.base_topic:
         errors.append(f'mqtt.base_topic: expected no MQTT wildcards (+, #), got "{config.mqtt.base_topic}"')
+    fleet = config.fleet
+    if (fleet.publish or fleet.follow) and not config.mqtt.enabled:
+        errors.append("fleet: expected mqtt.enabled = true (a fleet shares its packs through the broker)")
+    if fleet.follow and fleet.follow == config.resolved_device_id():
+        errors.append(
+            f"fleet.follow: expected another device's id, got this device's own (\"{fleet.follow}\")"
+        )
+    if fleet.follow and fleet.publish:
+        errors.append("fleet.publish: a follower does not publish a pack of its own (its leader does)")
     return errors
 
 

@@ -181,3 +181,19 @@ class WebConfig:
     )
     tls_cert: str = key("", _str(), "certificate (PEM) to serve HTTPS; empty = plain HTTP")
     tls_key: str = key("", _str(), "private key (PEM) of tls_cert")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    publish: bool = key(
+        False, _bool, "keep a retained pack of this device's examples on the broker for followers"
+    )
+    follow: str = key(
+        "",
+        _mqtt_id(r"[A-Za-z0-9_-]{1,48}", "a device id: 1..48 letters, digits, - or _"),
+        "device id whose pack this device loads and follows; empty = none (teach it yourself)",
+    )
+    debounce_s: float = key(2.0, number(0.0, 3600.0), "publish a changed pack once changes pause this long")
+    max_pack_mb: int = key(256, integer(1, 4096), "a followed pack larger than this is refused")
+    # last: below this line the field's name would hide the key() helper
+    key: str = key("", _max_len(4096), "shared secret: packs are signed (HMAC-SHA256) and checked with it")

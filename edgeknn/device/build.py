@@ -20,13 +20,24 @@ from edgeknn import __version__, config
 from edgeknn.camera.capture import Capture
 from edgeknn.camera.sources import SourceError
 from edgeknn.camera.uri import check_source, source_opener
-from edgeknn.commands import Command
+from edgeknn.commands import (
+    AddClass,
+    AddExample,
+    Command,
+    DeleteExample,
+    ForgetClass,
+    ImportExamples,
+    RemoveClass,
+    RenameClass,
+    Reset,
+)
 from edgeknn.device.daemon import Daemon
 from edgeknn.device.systemd import Notifier
 from edgeknn.model import reembed
 from edgeknn.model.classifier import ModelClasses, ScoreReader, SideHead, led_labels, open_model
 from edgeknn.model.embedder import Embedder
 from edgeknn.model.tflite import ModelError
+from edgeknn.outputs import Output
 from edgeknn.panel.gpio import GpioPanel, PanelError, Submit
 from edgeknn.panel.keyboard import KeyboardPanel
 from edgeknn.store import file as storefile
@@ -245,6 +256,12 @@ def build_core(cfg: config.Config, *, opener=None, notifier: Notifier | None = N
         daemon.outputs.append(link)
         daemon.broker_status = lambda: link.status
         daemon.snapshots.publish = link.publish_image  # snapshots also go to <base>/snapshot
+    if cfg.fleet.publish or cfg.fleet.follow:
+        try:
+            daemon.outputs.append(fleet_output(cfg, daemon))
+        except Fatal:
+            close_unstarted(daemon)
+            raise
     if cfg.web.enabled:  # aiohttp is imported only when the page is on
         from edgeknn.web.server import WebError, web_output
 
@@ -254,6 +271,58 @@ def build_core(cfg: config.Config, *, opener=None, notifier: Notifier | None = N
             close_unstarted(daemon)
             raise Fatal(str(e)) from None
     return daemon
+
+
+def fleet_output(cfg: config.Config, daemon: Daemon) -> Output:
+    """The fleet's output: a leader that publishes this device's pack, or a follower that loads another's
+    (``[fleet]``); a follower's daemon refuses teaching, naming its leader."""
+    from edgeknn.fleet.client import FleetClient
+    from edgeknn.fleet.follower import Follower
+    from edgeknn.fleet.leader import Leader
+    from edgeknn.mqtt.client import MqttError
+
+    if isinstance(daemon.store, ModelClasses):
+        raise Fatal("fleet: a classifier model has its own labels: there is no pack to publish or follow")
+    device, fleet = cfg.resolved_device_id(), cfg.fleet
+    folder = cfg.resolved_state_dir()
+    try:
+        client = FleetClient(
+            cfg.mqtt, client_id=cfg.mqtt.client_id or f"edgeknn-{device}", base=cfg.resolved_base_topic()
+        )
+    except MqttError as e:
+        raise Fatal(str(e)) from None
+    if fleet.publish:
+        leader = Leader(
+            client, daemon.submit, device=device, key=fleet.key, debounce_s=fleet.debounce_s, folder=folder
+        )
+        daemon.fleet_status = leader.status
+        return leader
+    model_path = daemon.embedder.model.path
+    follower = Follower(
+        client,
+        daemon.submit,
+        leader=fleet.follow,
+        leader_base=cfg.mqtt.base_topic.replace("{device_id}", fleet.follow),
+        key=fleet.key,
+        max_bytes=fleet.max_pack_mb << 20,
+        model_id=daemon.store.model_id,
+        dim=daemon.store.dim,
+        embedder=lambda: Embedder(model_path, threads=1),
+        folder=folder,
+    )
+    teaching = (
+        AddExample,
+        ForgetClass,
+        RenameClass,
+        AddClass,
+        RemoveClass,
+        DeleteExample,
+        Reset,
+        ImportExamples,
+    )
+    daemon.route(teaching, follower.teaching(daemon.teacher.import_examples))
+    daemon.fleet_status = follower.status
+    return follower
 
 
 def attach_panel(daemon: Daemon, pin_factory=None) -> None:

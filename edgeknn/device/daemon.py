@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -137,6 +138,7 @@ class Daemon:
         self.notifier = notifier or Notifier({})
         self.outputs: list[Output] = []
         self.broker_status: Callable[[], str] = lambda: "disabled"
+        self.fleet_status: Callable[[], dict | None] = lambda: None  # a fleet leader's or follower's
         self._handlers: Handlers = {}  # a command's type → its handler, filled below
         self.commands = CommandQueue(self._handlers, log)
         self._event_logs: dict[str, Throttle] = {}
@@ -206,6 +208,10 @@ class Daemon:
         ok = self.saver.save()
         return Result(ok, "" if ok else f"save failed: {self.saver.error}")
 
+    def route(self, kinds: tuple[type[Command], ...], handler: Callable[[Command], Result | None]) -> None:
+        """Send these commands to ``handler`` (a fleet follower refuses teaching, naming its leader)."""
+        self._handlers.update(dict.fromkeys(kinds, handler))
+
     def _refuse_teaching(self, command: Command) -> None:
         """A classifier model cannot be taught: answer every teaching command so, log it once."""
         error = (
@@ -258,6 +264,7 @@ class Daemon:
             "training_class": self.settings.training_class,
             "storage": self.store.storage,
             "version": __version__,
+            "host": socket.gethostname(),
             "uptime_s": round(time.monotonic() - self._started, 1),
             "fps": round(self.rate.fps, 1),
             "inference_ms": round(self._inference_ms, 2),
@@ -266,6 +273,7 @@ class Daemon:
             "broker": self.broker_status(),
             "error": self.saver.error,
             "busy_refusals": self.commands.busy_refusals,
+            "fleet": self.fleet_status(),
         }
 
     def _publish_state(self, force: bool = False) -> None:

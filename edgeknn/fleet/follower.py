@@ -1,0 +1,248 @@
+"""Following another device (``[fleet] follow = "<device id>"``): its pack loaded at start and at every new
+version, so this device recognises the same classes, in the same slots (its own buttons and LEDs map to
+them as on the leader).
+
+The chunks go to a temporary file as they arrive (never the whole pack in memory), each checked against
+the manifest; a complete pack is read and checked off the loop, re-embedded from its pictures on this
+output's thread when the leader's model is not this device's (the device keeps predicting with what it
+has meanwhile), then applied by the loop in one command (``ImportExamples``, mode ``replace``: all or
+nothing). Anything wrong — a damaged or half-published pack, a bad HMAC, a pack too big, rows of another
+width without pictures — refuses the whole pack with one line, and the last good one stays. A leader that
+disappears leaves the follower with what it has (saved like any store).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edgeknn.commands import Command, ImportExamples, Result
+from edgeknn.fleet import pack
+from edgeknn.fleet.client import FleetClient
+from edgeknn.jpeg import PictureError, decode
+from edgeknn.outputs import Output
+from edgeknn.store import archive, exchange
+from edgeknn.throttle import Throttle
+
+log = logging.getLogger(__name__)
+
+APPLY_WAIT_S = 300.0  # the loop applies a queued import between frames
+
+
+class Follower(Output):
+    """Loads ``leader``'s pack whenever its manifest names a new version."""
+
+    def __init__(self, client: FleetClient, submit: Callable[[Command], None], *, leader: str,
+                 leader_base: str, key: str, max_bytes: int, model_id: str, dim: int,
+                 embedder: Callable[[], object], folder: Path):  # fmt: skip
+        self.client, self._submit, self.leader, self._key = client, submit, leader, key
+        self._leader_base, self._max_bytes, self._folder = leader_base, max_bytes, folder
+        self._model_id, self._dim, self._make_embedder = model_id, dim, embedder
+        self._state_file = folder / "fleet-follow.json"
+        self.loaded: str | None = self._read_loaded()  # sha256 of the pack the store holds
+        self._assembly: pack.Assembly | None = None
+        self._lock = threading.Lock()
+        self._ready: queue.Queue[pack.Assembly | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="fleet-follower", daemon=True)
+        self._throttle = Throttle(log)
+        self._refusals = Throttle(log)
+        self.leader_online: bool | None = None
+        self.last_error = ""
+
+    # --- Output ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.client.subscribe(f"{self._leader_base}/fleet/manifest", self._on_manifest)
+        self.client.subscribe(f"{self._leader_base}/fleet/online", self._on_leader_online)
+        self.client.start()
+        self._thread.start()
+
+    def close(self) -> None:
+        self._ready.put(None)
+        self._thread.join(timeout=5.0)
+        with self._lock:
+            if self._assembly is not None:
+                self._assembly.close()
+        self.client.close()
+
+    def status(self) -> dict:
+        return {
+            "following": self.leader,
+            "pack": self.loaded[:16] if self.loaded else None,
+            "leader_online": self.leader_online,
+            "error": self.last_error,
+        }
+
+    def refusal(self) -> str:
+        """Why a teaching command is refused here: one line naming the leader."""
+        return f"this device follows {self.leader}: teach {self.leader} instead (fleet.follow)"
+
+    def teaching(
+        self, apply: Callable[[ImportExamples], Result | None]
+    ) -> Callable[[Command], Result | None]:
+        """The daemon's handler of teaching commands on a follower: the pack's own import is applied
+        (``apply``: the teacher's import), every other teaching command refused naming the leader."""
+
+        def handle(command: Command) -> Result | None:
+            if isinstance(command, ImportExamples) and command.source == "fleet":
+                return apply(command)
+            self._refusals.log(logging.INFO, "%s from %s refused: %s", type(command).__name__,
+                               command.source, self.refusal())  # fmt: skip
+            return Result(False, f"teaching: {self.refusal()}")
+
+        return handle
+
+    # --- the network thread ---------------------------------------------------------------------
+
+    def _on_leader_online(self, topic: str, payload: bytes) -> None:
+        self.leader_online = payload == b"online"
+
+    def _on_manifest(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # the leader's pack was cleared: keep what we have
+        try:
+            manifest = pack.parse(payload, self._key, self._max_bytes)
+        except pack.PackError as e:
+            self._refuse(f"{e}")
+            return
+        with self._lock:
+            current = self._assembly
+            if manifest.sha256 == self.loaded or (current and current.manifest.sha256 == manifest.sha256):
+                return
+            if current is not None:
+                self.client.unsubscribe(self._chunks(current.manifest))
+                current.close()
+            self._assembly = pack.Assembly(manifest, self._folder)
+        log.info("fleet: %s published pack %s (%d examples): loading it", self.leader, manifest.version,
+                 manifest.examples)  # fmt: skip
+        self.client.subscribe(self._chunks(manifest), self._on_chunk)
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        parts = topic.rsplit("/", 2)
+        with self._lock:
+            assembly = self._assembly
+            if assembly is None or parts[-2] != assembly.manifest.version or not parts[-1].isdigit():
+                return
+            if not payload:  # the leader cleared this version: a newer manifest is coming
+                return
+            try:
+                assembly.put(int(parts[-1]), payload)
+            except pack.PackError as e:
+                self._drop(assembly)
+                self._refuse(f"pack {assembly.manifest.version}: {e}")
+                return
+            if not assembly.complete:
+                return
+            self._assembly = None
+        self.client.unsubscribe(self._chunks(assembly.manifest))
+        self._ready.put(assembly)
+
+    def _drop(self, assembly: pack.Assembly) -> None:
+        self.client.unsubscribe(self._chunks(assembly.manifest))
+        assembly.close()
+        self._assembly = None
+
+    def _chunks(self, manifest: pack.Manifest) -> str:
+        return f"{self._leader_base}/fleet/pack/{manifest.version}/+"
+
+    # --- this output's thread: check, re-embed, hand to the loop --------------------------------
+
+    def _run(self) -> None:
+        while (assembly := self._ready.get()) is not None:
+            try:
+                self._load(assembly)
+            except (pack.PackError, archive.ArchiveError, OSError, ValueError, RuntimeError) as e:
+                self._refuse(f"pack {assembly.manifest.version}: {e}")
+            finally:
+                assembly.close()
+
+    def _load(self, assembly: pack.Assembly) -> None:
+        manifest = assembly.manifest
+        bundle = exchange.read_import(assembly.file(), max_examples=archive.MAX_EXAMPLES)
+        if bundle.manifest.model_id != self._model_id or bundle.manifest.dim != self._dim:
+            bundle = self._reembedded(bundle)
+        done, box = threading.Event(), {}
+
+        def reply(result: Result) -> None:
+            box["result"] = result
+            done.set()
+
+        self._submit(ImportExamples(export=bundle, mode="replace", source="fleet", reply=reply))
+        if not done.wait(APPLY_WAIT_S):
+            raise RuntimeError("the loop did not apply it in time")
+        result: Result = box["result"]
+        if not result.ok:
+            raise RuntimeError(result.error)
+        self.loaded, self.last_error = manifest.sha256, ""
+        self._write_loaded(manifest)
+        self.client.publish(
+            f"{self.client.base}/fleet/following",
+            json.dumps({"leader": self.leader, "pack": manifest.version}),
+            timeout=10.0,
+        )
+        log.info(
+            "fleet: loaded pack %s of %s: %s", manifest.version, self.leader, result.detail.get("classes")
+        )
+
+    def _reembedded(self, bundle: exchange.Bundle) -> exchange.Bundle:
+        """The bundle's examples embedded by this device's model from their pictures."""
+        missing = [e.entry.id for e in bundle.examples if e.picture is None]
+        if missing:
+            raise pack.PackError(
+                f"made with another model ({bundle.manifest.dim} values per row) and {len(missing)} "
+                "examples have no picture to re-embed: refused"
+            )
+        embedder = self._make_embedder()
+        log.info("fleet: re-embedding %d examples of %s's pack for this device's model", len(bundle.examples),
+                 self.leader)  # fmt: skip
+        examples = []
+        for e in bundle.examples:
+            try:
+                image = decode(e.picture or b"")
+            except PictureError as error:
+                raise pack.PackError(f"example {e.entry.id}: {error}") from None
+            rows = np.asarray(embedder.embed_views(image), dtype=np.float32)  # type: ignore[attr-defined]
+            entry = dataclasses.replace(e.entry, views=len(rows))
+            examples.append(archive.Example(entry, rows, None, e.picture))
+        manifest = dataclasses.replace(
+            bundle.manifest,
+            model_id=self._model_id,
+            dim=self._dim,
+            dtype="float32",
+            examples=[e.entry for e in examples],
+        )
+        nonnegative = all(bool((e.values >= 0).all()) for e in examples)
+        return exchange.Bundle(manifest, examples, nonnegative)
+
+    def _refuse(self, why: str) -> None:
+        self.last_error = f"fleet: {why}; keeping the last good pack"
+        self._throttle.log(logging.WARNING, "%s", self.last_error)
+
+    def _read_loaded(self) -> str | None:
+        try:
+            if self._state_file.is_file() and self._state_file.stat().st_size < 4096:
+                body = json.loads(self._state_file.read_text())
+                if body.get("leader") == self.leader and isinstance(body.get("sha256"), str):
+                    return body["sha256"]
+        except (OSError, ValueError, AttributeError):
+            pass
+        return None
+
+    def _write_loaded(self, manifest: pack.Manifest) -> None:
+        tmp = self._state_file.with_suffix(".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"leader": self.leader, "sha256": manifest.sha256}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(self._state_file)
+        except OSError as e:
+            log.warning("fleet: cannot keep which pack is loaded in %s (%s)", self._state_file, e.strerror)

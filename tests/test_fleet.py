@@ -1,0 +1,234 @@
+"""A fleet on one broker: a leader's pack (``fleet/pack.py``) published retained in chunks, followers that
+load it, and every way a pack can be wrong (half published, damaged, signed with another key, of another
+width without pictures, a leader that vanishes). Real daemons on replayed sign digits, a real Mosquitto.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import SHARED
+from paho.mqtt.enums import CallbackAPIVersion
+from rig import (
+    CLASSES,
+    Running,
+    Scene,
+    make_config,
+    needs_mosquitto,
+    photo_folders,
+    stable_on,
+    teach,
+    wait_for,
+)
+
+from edgeknn.cli.main import main
+from edgeknn.commands import AddExample, RenameClass, Result
+from edgeknn.device.build import build
+from edgeknn.fleet import pack
+from edgeknn.store import archive
+
+OTHER_MODEL = SHARED / "models" / "mobilenet_v1_0.75_192_quant.tflite"
+
+
+def fleet_config(tmp_path, broker, device: str, model=None, **fleet):
+    folder = tmp_path / device
+    folder.mkdir()
+    extra = {"model": {"path": str(model), "threads": 2}} if model else {}
+    return make_config(
+        folder,
+        **extra,
+        panel={"kind": "none"},
+        mqtt={
+            "enabled": True,
+            "host": "127.0.0.1",
+            "port": broker.port,
+            "device_id": device,
+            "discovery": False,
+        },
+        fleet={"debounce_s": 0.2, **fleet},
+    )
+
+
+def submit(run: Running, command_of) -> Result:
+    results: list[Result] = []
+    run.daemon.submit(command_of(results.append))
+    assert wait_for(lambda: results, 60), "no result"
+    return results[0]
+
+
+def raw_client(port: int) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def publish(client: mqtt.Client, topic: str, payload: bytes) -> None:
+    client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
+
+
+def a_pack(chunk_bytes: int = 1024) -> tuple[bytes, pack.Manifest]:
+    data = np.random.default_rng(0).bytes(5000)
+    return data, pack.make("kitchen", io.BytesIO(data), "0" * 64, ["a"], 1, chunk_bytes)
+
+
+# --- the pack itself ----------------------------------------------------------------------------
+
+
+def test_a_pack_assembles_from_chunks_in_any_order_and_checks_every_one(tmp_path):
+    data, manifest = a_pack()
+    assert len(manifest.chunks) == 5 and manifest.size == 5000
+    parsed = pack.parse(manifest.to_json())
+    assert parsed == manifest
+    assembly = pack.Assembly(parsed, tmp_path)
+    pieces = [data[i : i + 1024] for i in range(0, 5000, 1024)]
+    for i in (4, 0, 2, 1):
+        assembly.put(i, pieces[i])
+    assert not assembly.complete  # half a pack is never used
+    with pytest.raises(pack.PackError, match="chunk 3: not the chunk"):
+        assembly.put(3, pieces[2][: len(pieces[3])])
+    assembly.put(3, pieces[3])
+    assert assembly.complete and assembly.file().read() == data
+    assembly.close()
+
+
+def test_a_manifest_signed_with_another_key_or_altered_is_refused():
+    _, manifest = a_pack()
+    signed = manifest.to_json("secret")
+    assert pack.parse(signed, "secret") == manifest
+    with pytest.raises(pack.PackError, match="HMAC"):
+        pack.parse(signed, "another")
+    with pytest.raises(pack.PackError, match="HMAC"):
+        pack.parse(manifest.to_json(), "secret")  # unsigned, where a key is set
+    altered = json.loads(signed)
+    altered["examples"] = 2
+    with pytest.raises(pack.PackError, match="HMAC"):
+        pack.parse(json.dumps(altered).encode(), "secret")
+    with pytest.raises(pack.PackError, match="size expected"):
+        pack.parse(manifest.to_json(), max_bytes=4000)  # fleet.max_pack_mb
+    with pytest.raises(pack.PackError, match="not JSON"):
+        pack.parse(b"\xff{")
+
+
+# --- real daemons ---------------------------------------------------------------------------------
+
+
+@needs_mosquitto
+def test_followers_learn_what_the_leader_is_taught_and_refuse_teaching(tmp_path, broker, capsys):
+    photos = photo_folders(tmp_path)
+    scene = Scene(photos)
+    leader = Running(build(fleet_config(tmp_path, broker, "kitchen", publish=True), opener=scene.opener))
+    scenes = {"same": Scene(photos), "other": Scene(photos)}
+    same = fleet_config(tmp_path, broker, "hall", follow="kitchen")
+    other = fleet_config(tmp_path, broker, "porch", model=OTHER_MODEL, follow="kitchen")
+    followers = {
+        "same": Running(build(same, opener=scenes["same"].opener)),
+        "other": Running(build(other, opener=scenes["other"].opener)),
+    }
+    try:
+        teach(leader, scene, per_class=5)
+        want = leader.daemon.store.counts()
+        for name, run in followers.items():
+            assert wait_for(lambda r=run: r.daemon.store.counts() == want, 90), (
+                name,
+                run.daemon.store.counts(),
+            )
+        # the same classes, predicted alike on the same photos
+        for name, run in followers.items():
+            for shown in CLASSES:
+                scenes[name].shown = shown
+                assert stable_on(run, shown, 30), (name, shown, run.recorder.readings[-1].label)
+        # teaching a follower is refused, naming its leader
+        refused = submit(followers["same"], lambda r: AddExample(class_name="1", source="test", reply=r))
+        assert not refused.ok and "teach kitchen instead" in refused.error
+        # a change on the leader reaches the followers
+        renamed = submit(
+            leader, lambda r: RenameClass(class_name="5", new_name="fist", source="test", reply=r)
+        )
+        assert renamed.ok, renamed
+        for run in followers.values():
+            assert wait_for(lambda r=run: "fist" in r.daemon.store.classes, 30), run.daemon.store.classes
+        state = followers["same"].daemon.state()["fleet"]
+        assert state["following"] == "kitchen" and state["pack"] and state["error"] == ""
+        assert wait_for(lambda: sorted(leader.daemon.state()["fleet"]["followers"]) == ["hall", "porch"], 30)
+        # `edgeknn devices` sees the three, who follows whom, from the broker's retained messages
+        capsys.readouterr()
+        assert main(["devices", "--broker", f"127.0.0.1:{broker.port}", "--json", "--wait", "1.5"]) == 0
+        seen = {d["device"]: d for d in map(json.loads, capsys.readouterr().out.splitlines())}
+        assert sorted(seen) == ["hall", "kitchen", "porch"], seen
+        assert seen["hall"]["following"] == "kitchen" and seen["kitchen"]["followers"] == ["hall", "porch"]
+        assert all(d["online"] and d["classes"] == ["1", "2", "fist"] for d in seen.values()), seen
+    finally:
+        for run in [leader, *followers.values()]:
+            run.stop()
+
+
+@needs_mosquitto
+def test_a_follower_keeps_its_last_good_pack_whatever_comes_next(tmp_path, broker, caplog):
+    photos = photo_folders(tmp_path)
+    scene = Scene(photos)
+    leader = Running(build(fleet_config(tmp_path, broker, "kitchen", publish=True), opener=scene.opener))
+    follower = Running(
+        build(fleet_config(tmp_path, broker, "hall", follow="kitchen"), opener=Scene(photos).opener)
+    )
+    raw = raw_client(broker.port)
+    try:
+        teach(leader, scene, per_class=3)
+        want = leader.daemon.store.counts()
+        assert wait_for(lambda: follower.daemon.store.counts() == want, 90)
+        leader.stop()  # the leader vanishes: the follower keeps working with what it has
+        assert wait_for(lambda: follower.daemon.state()["fleet"]["leader_online"] is False, 30)
+        assert follower.daemon.store.counts() == want
+        base = "edgeknn/kitchen/fleet"
+
+        def refused(why: str) -> bool:
+            return wait_for(lambda: why in follower.daemon.state()["fleet"]["error"], 30)
+
+        # half a pack: a manifest whose chunks never all come
+        data, manifest = a_pack()
+        publish(raw, f"{base}/pack/{manifest.version}/0", data[:1024])
+        publish(raw, f"{base}/manifest", manifest.to_json())
+        time.sleep(2)
+        assert follower.daemon.store.counts() == want and follower.daemon.state()["fleet"]["error"] == ""
+        # a damaged chunk
+        publish(raw, f"{base}/pack/{manifest.version}/1", data[:1024])
+        assert refused("chunk 1: not the chunk")
+        # a pack of another width without pictures: refused whole
+        rows = archive.Example(
+            archive.Entry(1, "ghost", 1e9, 1, None), np.ones((1, 8), np.float32), None, None
+        )
+        out = io.BytesIO()
+        archive.write(out, archive.Manifest("f" * 64, 8, "float32", ["ghost"], [rows.entry]),
+                      [(rows.values.astype("<f4").tobytes(), None)])  # fmt: skip
+        ghost = pack.make("kitchen", io.BytesIO(out.getvalue()), "f" * 64, ["ghost"], 1)
+        for index, chunk in pack.chunks_of(io.BytesIO(out.getvalue()), ghost):
+            publish(raw, f"{base}/pack/{ghost.version}/{index}", chunk)
+        publish(raw, f"{base}/manifest", ghost.to_json())
+        assert refused("no picture to re-embed")
+        assert follower.daemon.store.counts() == want
+    finally:
+        raw.loop_stop()
+        follower.stop()
+        if leader.thread.is_alive():
+            leader.stop()
+
+
+@needs_mosquitto
+def test_a_follower_with_a_key_refuses_an_unsigned_pack(tmp_path, broker):
+    photos = photo_folders(tmp_path)
+    scene = Scene(photos)
+    leader = Running(build(fleet_config(tmp_path, broker, "kitchen", publish=True), opener=scene.opener))
+    cfg = fleet_config(tmp_path, broker, "hall", follow="kitchen", key="shared secret")
+    follower = Running(build(cfg, opener=Scene(photos).opener))
+    try:
+        teach(leader, scene, per_class=2)
+        assert wait_for(lambda: "HMAC" in follower.daemon.state()["fleet"]["error"], 60)
+        assert sum(follower.daemon.store.counts().values()) == 0
+    finally:
+        follower.stop()
+        leader.stop()
