@@ -20,6 +20,7 @@ from edgeknn.commands import (
     AddExample,
     Command,
     DeleteExample,
+    ForgetClass,
     ListExamples,
     RemoveClass,
     RenameClass,
@@ -54,6 +55,7 @@ class Actions:
             web.post("/api/add-class", self.add_class),
             web.post("/api/rename-class", self.rename_class),
             web.post("/api/remove-class", self.remove_class),
+            web.post("/api/forget-class", self.forget_class),
             web.post("/api/threshold", self.threshold),
         ]
 
@@ -66,8 +68,17 @@ class Actions:
         return response
 
     async def examples(self, request: web.Request) -> web.Response:
+        """Every example (of ``class``), oldest first; with ``limit`` one page of them, newest first."""
         name = request.query.get("class")
-        return await self._command(ListExamples(class_name=name, source="web", reply=None))
+        if "limit" not in request.query:
+            return await self._command(ListExamples(class_name=name, source="web", reply=None))
+        page = _page_of(request.query)
+        if isinstance(page, str):
+            return json_response({"ok": False, "error": page}, 400)
+        result = await self._run(ListExamples(class_name=name, source="web"))
+        if not result.ok:
+            return self._answer(result)
+        return json_response({"ok": True, **examples_page(result.detail["examples"], *page)})
 
     # --- what the page changes: commands on the daemon's queue ----------------------------------------
 
@@ -104,6 +115,11 @@ class Actions:
         body = await request_json(request)
         return await self._command(RemoveClass(class_name=_text(body, "class"), source="web"))
 
+    async def forget_class(self, request: web.Request) -> web.Response:
+        """Clear a class: its examples go, the class keeps its name and slot (button and LED)."""
+        body = await request_json(request)
+        return await self._command(ForgetClass(class_name=_text(body, "class"), source="web"))
+
     async def threshold(self, request: web.Request) -> web.Response:
         body = await request_json(request)
         value = body.get("value")
@@ -136,7 +152,9 @@ class Actions:
             return Result(False, f"no reply from the device within {REPLY_TIMEOUT_S:g} s")
 
     async def _command(self, command: Command) -> web.Response:
-        result = await self._run(command)
+        return self._answer(await self._run(command))
+
+    def _answer(self, result: Result) -> web.Response:
         status = 200 if result.ok else 503 if result.error.startswith(("busy:", "no reply")) else 400
         return json_response({"ok": result.ok, "error": result.error, **result.detail}, status)
 
@@ -159,6 +177,27 @@ async def request_json(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise BadRequest("expected a JSON object")
     return body
+
+
+MAX_PAGE = 200  # examples per page of the page's example browser, at most
+
+
+def _page_of(query: Any) -> tuple[int, int] | str:
+    """(offset, limit) from a query's ``offset`` and ``limit``, or why they are wrong (one line)."""
+    try:
+        offset, limit = int(query.get("offset", "0")), int(query["limit"])
+    except ValueError:
+        return f"offset, limit: expected integers (limit 1..{MAX_PAGE})"
+    if offset < 0 or not 1 <= limit <= MAX_PAGE:
+        return f"offset, limit: expected offset >= 0 and limit 1..{MAX_PAGE}"
+    return offset, limit
+
+
+def examples_page(examples: list[dict], offset: int, limit: int) -> dict:
+    """One page of ``examples`` (oldest first as listed), newest first: the page's example browser
+    shows the newest on its first page, and ``total`` says how many pages there are."""
+    newest = examples[::-1]
+    return {"examples": newest[offset : offset + limit], "total": len(examples), "offset": offset}
 
 
 def _text(body: dict, key: str) -> Any:

@@ -41,8 +41,10 @@ class LiveFrames:
         self.encoded = 0  # frames encoded so far (the bench and tests read it)
 
     def has_full(self) -> bool:
+        """Whether the source's own frame is worth offering: bigger than the model's on some side.
+        A frame smaller than the model's (upscaled by ``prepare``) would only show less."""
         frame = self._latest()
-        return frame is not None and frame.full is not None
+        return frame is not None and frame.full is not None and _bigger(frame.full, frame.image)
 
     def jpeg(self, full: bool = False) -> tuple[int, bytes] | None:
         """(frame number, JPEG) of the newest frame, or None before the first one."""
@@ -62,6 +64,11 @@ class LiveFrames:
             self._cache[full] = (frame.number, jpeg)
             self.encoded += 1
         return frame.number, jpeg
+
+
+def _bigger(full: np.ndarray, image: np.ndarray) -> bool:
+    """``full`` has more pixels than ``image`` along its width or its height."""
+    return full.shape[0] > image.shape[0] or full.shape[1] > image.shape[1]
 
 
 class Listener:

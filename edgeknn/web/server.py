@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -93,8 +94,10 @@ class WebOutput(Output):
         picture: Callable[[int], bytes | None],
         store_path: Path,
         teachable: bool = True,
+        device: dict | None = None,
     ):
         self.cfg, self.state_dir = cfg, Path(state_dir)
+        self.device = device or {}  # the page's header: {"name": the device id, "host": the host name}
         self.teachable = teachable  # False: a classifier model (its own labels): bars only, no teaching
         self.actions = Actions(submit, picture, store_path, HEADERS)
         self.frames = LiveFrames(latest_frame)
@@ -265,6 +268,7 @@ class WebOutput(Output):
                 "version": __version__,
                 "full_frame": self.frames.has_full(),
                 "teachable": self.teachable,
+                "device": self.device,
                 "state": self.feed.state,
             }
         )
@@ -344,4 +348,13 @@ def web_output(cfg: WebConfig, state_dir: Path, daemon: Any) -> WebOutput:
         daemon.store.picture,
         daemon.store_path,
         teachable=not getattr(daemon, "classifier", False),
+        device=device_names(daemon),
     )
+
+
+def device_names(daemon: Any) -> dict:
+    """What the page's header names: the device (its MQTT device id, as Home Assistant shows it) and
+    the host it runs on (which a person types in the address bar, or finds in the router's list)."""
+    cfg = getattr(daemon, "cfg", None)
+    name = cfg.resolved_device_id() if cfg is not None else ""
+    return {"name": name, "host": socket.gethostname()}
