@@ -4,8 +4,15 @@
 "use strict";
 
 const $ = (selector, root = document) => root.querySelector(selector);
-const THUMBS = 12; // newest thumbnails shown per class
-const RECORD_INTERVAL_MS = 200; // "Hold to record": an example every 200 ms at most (5 a second)
+const THUMBS = 12; // newest thumbnails shown in a class's card
+const PAGE = 24; // examples per page of the example browser
+const RECORD_PER_S = 5; // "Hold to record": examples asked for per second, whatever the answers take
+const RECORD_MAX_S = 10; // ... and for at most this long per hold (a lost release never records on)
+const RECORD_IN_FLIGHT = 2; // requests open at once; the ticks between wait and go in the next one
+const RECORD_BATCH = RECORD_PER_S; // examples one request asks for, at most (a second's worth)
+const SMOOTH_S = 0.35; // the bars' time constant: they follow the camera without jumping each frame
+const SMOOTH_MAX = 0.5; // ... and never move more than half-way to a new score in one update
+const NOTE_MS = 6000; // a success note stays this long; an error stays until the next action
 
 let csrf = "";
 let UNKNOWN = "unknown";
@@ -17,6 +24,8 @@ const TOP = 5; // the bars a classifier model shows
 let full = false; // the live view shows the source's full frame instead of the model's
 const cards = new Map(); // class name -> its card element
 const thumbTimers = new Map();
+const notesAfterBuild = new Map(); // class name -> a note to show once its (new) card exists
+let lastReadingAt = 0;
 
 async function api(path, body) {
   const options = { credentials: "same-origin", headers: {} };
@@ -25,6 +34,10 @@ async function api(path, body) {
     options.headers = { "Content-Type": "application/json", "X-CSRF-Token": csrf };
     options.body = JSON.stringify(body);
   }
+  return answerOf(path, options);
+}
+
+async function answerOf(path, options) {
   let response;
   try {
     response = await fetch(path, options);
@@ -35,16 +48,68 @@ async function api(path, body) {
   try {
     data = await response.json();
   } catch (e) {
-    data = { ok: response.ok, error: response.statusText };
+    data = { ok: response.ok, error: response.status === 413 ? "too large" : response.statusText };
   }
   if (response.status === 401 && path !== "/api/login") showLogin();
   return data;
 }
 
-function say(text, good = false) {
-  $("#message").textContent = text || "";
-  $("#message").className = good ? "note" : "error";
+// --- feedback, next to the control that caused it, in a person's words -----------------------------
+
+// The device answers in a developer's words ("new_name: expected a name that is not reserved (…)"),
+// the same as MQTT's: here each becomes what a person can act on. The original stays in the title.
+const PLAIN = [
+  [/not reserved/, () => `The device uses that word itself (“${UNKNOWN}”, “unknown”, “unavailable”, “none”): choose another name.`],
+  [/expected 1-32 characters|expected a string/, () => "Use 1 to 32 letters, digits, spaces, “-”, “_” or “.”, starting with a letter or digit."],
+  [/class '(.*)' already exists/, (m) => `There is already a class called “${m[1]}”.`],
+  [/already (\d+) classes, the most/, (m) => `The device keeps at most ${m[1]} classes: remove one first.`],
+  [/unknown class|cannot rename: '/, () => "That class is no longer on the device (renamed or removed elsewhere)."],
+  [/^busy:/, () => "The device is still adding the earlier examples: try again in a moment."],
+  [/^no reply from the device/, () => "The device did not answer in time: it may be very busy."],
+  [/does not answer/, () => "No answer from the device: is it on, and is this phone on its network?"],
+  [/no example \d+/, () => "That example was already deleted."],
+  [/another model/, () => "That file was made with another model than this device's, so its examples cannot be used here."],
+  [/store\.max_classes \((\d+)\)/, (m) => `That file has more new classes than the device can keep (${m[1]} in all).`],
+  [/not JSON|not an edgeknn export|expected vectors|base64|invalid class name/, () => "That is not a file of examples from an edgeknn device (what “Download the examples” gives)."],
+  [/too large|at most \d+ bytes/, () => "That file is too big for the device."],
+  [/not logged in/, () => "Your login has ended: log in again."],
+  [/CSRF/, () => "This page is out of date: reload it."],
+  [/^value: expected/, () => "Choose a value on the scale, or Automatic."],
+];
+
+function plain(error) {
+  const text = String(error || "something went wrong");
+  for (const [pattern, words] of PLAIN) {
+    const match = text.match(pattern);
+    if (match) return words(match);
+  }
+  const rest = text.replace(/^[a-z_]+: /, ""); // a field's name is for developers
+  return rest.charAt(0).toUpperCase() + rest.slice(1);
 }
+
+const noteTimers = new WeakMap();
+
+function tell(where, text, good = false) {
+  // ``where``: the feedback line (.feedback) of the card or form the control is in
+  if (!where) return;
+  clearTimeout(noteTimers.get(where));
+  where.textContent = text || "";
+  where.classList.toggle("note", Boolean(text) && good);
+  where.classList.toggle("error", Boolean(text) && !good);
+  if (good && text) noteTimers.set(where, setTimeout(() => tell(where, ""), NOTE_MS));
+}
+
+function answer(where, result, success = "") {
+  // show a request's result next to its control: a plain error, or the success note (if any)
+  if (result.ok) tell(where, success, true);
+  else {
+    tell(where, plain(result.error));
+    where.title = result.error || "";
+  }
+  return result.ok;
+}
+
+const feedbackOf = (element) => $(".feedback", element.closest(".card, dialog"));
 
 // --- logging in -------------------------------------------------------------------------------
 
@@ -62,6 +127,7 @@ async function start() {
   csrf = session.csrf;
   UNKNOWN = session.unknown;
   teachable = session.teachable;
+  showDevice(session.device || {}, session.version);
   document.body.classList.toggle("classifier", !teachable);
   $("#login-view").hidden = true;
   $("#main-view").hidden = false;
@@ -69,6 +135,14 @@ async function start() {
   if (session.state) showState(session.state);
   $("#full").hidden = !session.full_frame;
   startWatching();
+}
+
+function showDevice(device, version) {
+  const name = device.name || "edgeknn";
+  $("#device-name").textContent = name;
+  const host = device.host && device.host !== name ? `on ${device.host} · ` : "";
+  $("#device-host").textContent = `${host}edgeknn ${version || ""}`.trim();
+  document.title = `${name} · edgeknn`;
 }
 
 $("#login").addEventListener("submit", async (e) => {
@@ -129,9 +203,34 @@ function stopWatching() {
 }
 
 document.addEventListener("visibilitychange", () => {
-  if (document.hidden) stopWatching();
-  else if (!$("#main-view").hidden) startWatching();
+  if (document.hidden) {
+    stopRecording("hidden");
+    stopWatching();
+  } else if (!$("#main-view").hidden) startWatching();
 });
+
+// The live view keeps one <img> (one stream): once its card is mostly scrolled away, the image and the
+// prediction move into the bar fixed at the top, and back when the card shows again. The card keeps
+// its size meanwhile, so nothing below it moves.
+function followScroll() {
+  const box = $("#live-box");
+  const observer = new IntersectionObserver(
+    ([entry]) => {
+      const away = !entry.isIntersecting || entry.intersectionRatio < 0.35;
+      const bar = $("#live-bar");
+      const slot = $("#live-slot");
+      if (away && box.parentElement !== bar) {
+        if (slot.offsetHeight) slot.style.minHeight = `${slot.offsetHeight}px`;
+        bar.append(box);
+      }
+      else if (!away && box.parentElement === bar) $("#live-slot").append(box);
+      bar.hidden = !away || $("#main-view").hidden;
+      document.body.classList.toggle("live-up", away);
+    },
+    { threshold: [0, 0.35, 0.6, 1] },
+  );
+  observer.observe($("#live-slot"));
+}
 
 // --- what the device says ------------------------------------------------------------------------
 
@@ -144,13 +243,17 @@ function showState(s) {
   }
   for (const [name, count] of Object.entries(s.classes || {})) {
     const card = cards.get(name);
-    if (card) $(".count", card).textContent = count;
+    if (!card) continue;
+    $(".count", card).textContent = count;
+    const browse = $(".browse", card);
+    browse.hidden = count === 0;
+    browse.textContent = `See all ${count} example${count === 1 ? "" : "s"}`;
+    card.recorder?.update();
   }
-  const auto = s.threshold === null || s.threshold === undefined;
-  const applied = s.effective_threshold ?? s.threshold;
-  $("#threshold-now").textContent =
-    (auto ? "automatic" : Number(s.threshold).toFixed(2)) +
-    (auto && typeof applied === "number" ? ` (${applied.toFixed(2)} now)` : "");
+  // the first-run guide: until the device has its first example
+  $("#guide").hidden = !teachable || s.examples > 0;
+  $("#guide").classList.toggle("no-classes", names.length === 0);
+  showThreshold(s);
   showHealth(s);
 }
 
@@ -186,12 +289,21 @@ function showReading(r) {
   prediction.classList.toggle("unknown", unknown);
   prediction.dataset.label = r.label;
   $("#candidate").textContent = r.candidate ? `settling: ${r.candidate === UNKNOWN ? "not recognised" : r.candidate}` : "";
-  if (!teachable) showTop(r.scores);
+  if (!teachable) return showTop(r.scores);
+  // The bars ease toward each reading's scores (a time constant, and at most half-way per reading),
+  // so one odd frame nudges a bar instead of throwing it from 77 % to 100 % and back.
+  const now = performance.now();
+  const dt = lastReadingAt ? (now - lastReadingAt) / 1000 : 1;
+  lastReadingAt = now;
+  const step = Math.min(SMOOTH_MAX, 1 - Math.exp(-dt / SMOOTH_S));
   for (const [name, card] of cards) {
     const score = r.scores[name] || 0;
-    $(".fill", card).style.width = `${(score * 100).toFixed(1)}%`;
-    $(".pct", card).textContent = `${Math.round(score * 100)}%`;
+    const before = Number(card.dataset.shown || 0);
+    const shown = before + step * (score - before);
+    $(".fill", card).style.width = `${(shown * 100).toFixed(1)}%`;
+    $(".pct", card).textContent = `${Math.round(shown * 100)}%`;
     card.dataset.score = score;
+    card.dataset.shown = shown.toFixed(4);
     card.classList.toggle("stable", name === r.label);
   }
 }
@@ -205,7 +317,7 @@ function showTop(scores) {
     const row = $("#class-template").content.firstElementChild.cloneNode(true);
     row.dataset.class = name;
     $(".name", row).textContent = name;
-    for (const selector of [".count", ".rename", ".remove", ".buttons", ".thumbs"]) $(selector, row).remove();
+    for (const selector of [".count", ".menu", ".buttons", ".thumbs", ".browse", ".feedback"]) $(selector, row).remove();
     $(".fill", row).style.width = `${(score * 100).toFixed(1)}%`;
     $(".pct", row).textContent = `${Math.round(score * 100)}%`;
     list.append(row);
@@ -215,8 +327,9 @@ function showTop(scores) {
 function onEvent(event) {
   const name = event.class;
   if (name && cards.has(name)) refreshThumbs(name, 400);
-  if (event.event === "reset" || event.event === "examples_imported") {
-    for (const n of cards.keys()) refreshThumbs(n, 0);
+  if (["reset", "examples_imported"].includes(event.event)) for (const n of cards.keys()) refreshThumbs(n, 0);
+  if (browser.name && (name === browser.name || ["reset", "examples_imported"].includes(event.event))) {
+    browser.reload(400);
   }
 }
 
@@ -224,6 +337,7 @@ function onEvent(event) {
 
 function buildClasses() {
   const list = $("#classes");
+  for (const card of cards.values()) card.recorder?.stop("rebuilt");
   list.replaceChildren();
   cards.clear();
   for (const name of classes) {
@@ -234,158 +348,349 @@ function buildClasses() {
     list.append(card);
     cards.set(name, card);
     refreshThumbs(name, 0);
+    if (notesAfterBuild.has(name)) tell($(".feedback", card), notesAfterBuild.get(name), true);
   }
+  notesAfterBuild.clear();
+}
+
+function countOf(name) {
+  return Number((state && state.classes && state.classes[name]) || 0);
 }
 
 function wireClass(card, name) {
-  $(".add-one", card).addEventListener("click", () => addExample(name));
-  const record = $(".record", card);
-  let recording = false;
-  const stop = () => {
-    recording = false;
-    record.classList.remove("on");
-    record.textContent = "Hold to record";
-  };
-  record.addEventListener("pointerdown", async (e) => {
-    e.preventDefault();
-    if (recording) return;
-    record.setPointerCapture?.(e.pointerId);
-    recording = true;
-    record.classList.add("on");
-    record.textContent = "Recording…";
-    record.dataset.busy = "1"; // until the last request has its answer
-    while (recording) {
-      const began = performance.now();
-      const ok = await addExample(name);
-      if (!ok) break;
-      const left = RECORD_INTERVAL_MS - (performance.now() - began);
-      if (left > 0) await new Promise((resolve) => setTimeout(resolve, left));
-    }
-    stop();
-    delete record.dataset.busy;
+  const feedback = $(".feedback", card);
+  $(".add-one", card).addEventListener("click", async () => {
+    const result = await api("/api/add-example", { class: name, count: 1 });
+    answer(feedback, result, "Added one example.");
   });
-  for (const type of ["pointerup", "pointercancel", "lostpointercapture"]) record.addEventListener(type, stop);
-  record.addEventListener("contextmenu", (e) => e.preventDefault()); // a long press is not a menu
+  card.recorder = new Recorder(card, name);
 
+  const menu = $(".menu", card);
   const form = $(".rename-form", card);
   $(".rename", card).addEventListener("click", () => {
+    menu.open = false;
     form.hidden = false;
     $(".rename-input", card).value = name;
     $(".rename-input", card).focus();
   });
-  $(".rename-cancel", card).addEventListener("click", () => (form.hidden = true));
+  $(".rename-cancel", card).addEventListener("click", () => {
+    form.hidden = true;
+    tell($(".says", form), "");
+  });
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
-    const result = await api("/api/rename-class", { class: name, new_name: $(".rename-input", card).value });
-    say(result.ok ? "" : result.error);
-    if (result.ok) form.hidden = true;
+    const newName = $(".rename-input", card).value.trim();
+    const result = await api("/api/rename-class", { class: name, new_name: newName });
+    if (result.ok) notesAfterBuild.set(newName, `Renamed from “${name}”.`);
+    if (answer($(".says", form), result)) form.hidden = true;
+  });
+  $(".clear", card).addEventListener("click", async () => {
+    menu.open = false;
+    const n = countOf(name);
+    if (!confirm(`Forget the ${n} example${n === 1 ? "" : "s"} of “${name}”? The class stays, empty.`)) return;
+    const result = await api("/api/forget-class", { class: name });
+    answer(feedback, result, `Cleared: ${result.removed} example${result.removed === 1 ? "" : "s"} forgotten.`);
   });
   $(".remove", card).addEventListener("click", async () => {
+    menu.open = false;
     if (!confirm(`Remove the class “${name}” and all its examples?`)) return;
     const result = await api("/api/remove-class", { class: name });
-    say(result.ok ? "" : result.error);
+    answer(feedback, result);
   });
+  $(".browse", card).addEventListener("click", () => browser.open(name));
 }
 
-async function addExample(name) {
-  const result = await api("/api/add-example", { class: name, count: 1 });
-  say(result.ok ? "" : result.error);
-  return result.ok;
+// "Hold to record": while held, examples are asked for at a steady RECORD_PER_S (the ticks that come
+// while RECORD_IN_FLIGHT requests are open go together in the next one), so a slow answer never slows
+// the recording; the count shown is the class's, as the device's state says. It stops on release, when
+// the pointer leaves the button or is cancelled, when the page is hidden, and after RECORD_MAX_S.
+const recorders = new Set();
+
+function stopRecording(why) {
+  for (const recorder of recorders) recorder.stop(why);
+}
+
+class Recorder {
+  constructor(card, name) {
+    this.card = card;
+    this.name = name;
+    this.button = $(".record", card);
+    this.feedback = $(".feedback", card);
+    this.run = null;
+    const button = this.button;
+    button.addEventListener("pointerdown", (e) => {
+      if (e.button !== 0) return;
+      e.preventDefault();
+      // a touch captures the pointer to the button: release it, so moving off the button stops
+      if (button.hasPointerCapture?.(e.pointerId)) button.releasePointerCapture(e.pointerId);
+      this.start();
+    });
+    for (const type of ["pointerup", "pointercancel"]) button.addEventListener(type, () => this.stop(type));
+    button.addEventListener("pointerleave", (e) => {
+      // only a pointer that is really off the button: a repaint may send a leave where it stands
+      const r = button.getBoundingClientRect();
+      if (e.clientX < r.left || e.clientX > r.right || e.clientY < r.top || e.clientY > r.bottom) {
+        this.stop("pointerleave");
+      }
+    });
+    button.addEventListener("keydown", (e) => {
+      if ((e.key === " " || e.key === "Enter") && !e.repeat) {
+        e.preventDefault();
+        this.start();
+      }
+    });
+    button.addEventListener("keyup", (e) => (e.key === " " || e.key === "Enter") && this.stop("keyup"));
+    button.addEventListener("blur", () => this.stop("blur"));
+    button.addEventListener("contextmenu", (e) => e.preventDefault()); // a long press is not a menu
+  }
+
+  start() {
+    if (this.run) return;
+    const run = { began: performance.now(), base: countOf(this.name), reached: 0, owed: 0, open: 0, asked: 0, error: "", why: "" };
+    this.run = run;
+    recorders.add(this);
+    this.button.classList.add("on");
+    this.button.dataset.recording = "1";
+    this.button.dataset.busy = "1"; // until the last request has its answer
+    $(".record-time", this.card).hidden = false;
+    tell(this.feedback, "");
+    run.timer = setInterval(() => this.tick(run), 1000 / RECORD_PER_S);
+    this.tick(run);
+  }
+
+  tick(run) {
+    const elapsed = (performance.now() - run.began) / 1000;
+    if (elapsed >= RECORD_MAX_S) return this.stop("cap");
+    $(".record-fill", this.card).style.width = `${Math.min(100, (elapsed / RECORD_MAX_S) * 100)}%`;
+    run.owed = Math.min(RECORD_BATCH, run.owed + 1);
+    if (run.open < RECORD_IN_FLIGHT) this.send(run);
+    this.update();
+  }
+
+  async send(run) {
+    const count = run.owed;
+    run.owed = 0;
+    run.open += 1;
+    run.asked += count;
+    const result = await api("/api/add-example", { class: this.name, count });
+    run.open -= 1;
+    if (result.ok) run.reached = Math.max(run.reached, result.count);
+    if (!result.ok && !run.error) {
+      run.error = result.error;
+      this.stop("error");
+    }
+    if (this.run !== run) this.finish(run);
+    else this.update();
+  }
+
+  recorded(run) {
+    // the class's count now (the state), or the count the last answer gave if that came first
+    return Math.max(0, countOf(this.name) - run.base, run.reached - run.base);
+  }
+
+  update() {
+    const run = this.run;
+    if (run) this.button.textContent = `Recording… ${this.recorded(run)}`;
+  }
+
+  stop(why) {
+    const run = this.run;
+    if (!run) return;
+    run.why = why;
+    this.button.dataset.stopped = why; // what ended the last hold (release, leave, hidden, cap, error)
+    clearInterval(run.timer);
+    this.run = null;
+    recorders.delete(this);
+    this.button.classList.remove("on");
+    delete this.button.dataset.recording;
+    this.button.textContent = "Hold to record";
+    $(".record-time", this.card).hidden = true;
+    this.finish(run);
+  }
+
+  finish(run) {
+    if (run.open > 0 || run.done) return; // the answers still to come finish it
+    run.done = true;
+    if (!this.run) delete this.button.dataset.busy;
+    const n = this.recorded(run);
+    const examples = `${n} example${n === 1 ? "" : "s"}`;
+    if (run.error) tell(this.feedback, `${plain(run.error)} (${examples} recorded)`);
+    else if (run.why === "cap") tell(this.feedback, `Recorded ${examples}: a hold stops after ${RECORD_MAX_S} s. Hold again for more.`, true);
+    else if (run.why === "hidden") tell(this.feedback, `Stopped when the page was hidden: ${examples} recorded.`, true);
+    else tell(this.feedback, `Recorded ${examples}.`, true);
+    this.feedback.dataset.recorded = n;
+  }
 }
 
 function refreshThumbs(name, delay) {
+  // at most one reload per ``delay`` (a recording's examples come faster than that), the first at once
+  if (delay > 0 && thumbTimers.has(name)) return;
   clearTimeout(thumbTimers.get(name));
-  thumbTimers.set(name, setTimeout(() => loadThumbs(name), delay));
+  thumbTimers.set(
+    name,
+    setTimeout(() => {
+      thumbTimers.delete(name);
+      loadThumbs(name);
+    }, delay),
+  );
 }
 
 async function loadThumbs(name) {
-  const result = await api("/api/examples?class=" + encodeURIComponent(name));
+  const result = await api(`/api/examples?class=${encodeURIComponent(name)}&limit=${THUMBS}`);
   const card = cards.get(name);
   if (!card || !result.ok) return;
-  const examples = result.examples || [];
   const box = $(".thumbs", card);
-  box.replaceChildren();
-  for (const example of examples.slice(-THUMBS).reverse()) {
-    const thumb = document.createElement("div");
-    thumb.className = "thumb";
-    thumb.dataset.id = example.id;
-    if (example.picture) {
-      const img = document.createElement("img");
-      img.src = `/api/pictures/${example.id}.jpg`;
-      img.alt = `example ${example.id} of ${name}`;
-      img.loading = "lazy";
-      thumb.append(img);
-    } else {
-      thumb.classList.add("nopic");
-      thumb.title = "no picture kept";
-    }
-    const del = document.createElement("button");
-    del.className = "delete";
-    del.textContent = "×";
-    del.setAttribute("aria-label", `delete example ${example.id}`);
-    del.addEventListener("click", async () => {
-      const r = await api("/api/delete-example", { id: example.id });
-      say(r.ok ? "" : r.error);
-      if (r.ok) refreshThumbs(name, 0);
-    });
-    thumb.append(del);
-    box.append(thumb);
-  }
-  if (examples.length > THUMBS) {
-    const more = document.createElement("span");
-    more.className = "more";
-    more.textContent = `+${examples.length - THUMBS} more`;
-    box.append(more);
-  }
+  box.replaceChildren(...result.examples.map((example) => thumbnail(example, name, $(".feedback", card))));
 }
 
-// --- adding a class, the threshold ---------------------------------------------------------------
+function thumbnail(example, name, feedback) {
+  // one example: its picture (or a grey square where none was kept) and × to delete it
+  const thumb = document.createElement("div");
+  thumb.className = "thumb";
+  thumb.dataset.id = example.id;
+  if (example.picture) {
+    const img = document.createElement("img");
+    img.src = `/api/pictures/${example.id}.jpg`;
+    img.alt = `example ${example.id} of ${name}`;
+    img.loading = "lazy";
+    thumb.append(img);
+  } else thumb.classList.add("nopic");
+  const when = `added ${new Date(example.added).toLocaleString()}`;
+  thumb.title = example.picture ? when : `no picture kept, ${when}`;
+  const del = document.createElement("button");
+  del.className = "delete";
+  del.textContent = "×";
+  del.setAttribute("aria-label", `delete example ${example.id}`);
+  del.addEventListener("click", async () => {
+    del.disabled = true;
+    const r = await api("/api/delete-example", { id: example.id });
+    if (answer(feedback, r, "Deleted one example.")) thumb.remove();
+    else del.disabled = false;
+  });
+  thumb.append(del);
+  return thumb;
+}
+
+// --- the example browser: every example of a class, a page at a time, newest first ------------------
+
+const browser = {
+  name: "",
+  offset: 0,
+  timer: 0,
+  open(name) {
+    this.name = name;
+    this.offset = 0;
+    $("#browser-title").textContent = `Examples of “${name}”`;
+    tell($(".feedback", $("#browser")), "");
+    $("#browser-grid").replaceChildren();
+    $("#browser").showModal();
+    this.load();
+  },
+  reload(delay) {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.load(), delay);
+  },
+  async load() {
+    const name = this.name;
+    if (!name) return;
+    const path = `/api/examples?class=${encodeURIComponent(name)}&limit=${PAGE}&offset=${this.offset}`;
+    const result = await api(path);
+    const feedback = $(".feedback", $("#browser"));
+    if (name !== this.name) return;
+    if (!result.ok) return answer(feedback, result);
+    if (result.total > 0 && this.offset >= result.total) {
+      this.offset = Math.max(0, Math.floor((result.total - 1) / PAGE) * PAGE); // the last page emptied
+      return this.load();
+    }
+    $("#browser-grid").replaceChildren(...result.examples.map((example) => thumbnail(example, name, feedback)));
+    const last = Math.min(this.offset + PAGE, result.total);
+    $("#browser-where").textContent = result.total ? `${this.offset + 1}–${last} of ${result.total}` : "no examples";
+    $("#browser-prev").disabled = this.offset === 0;
+    $("#browser-next").disabled = last >= result.total;
+  },
+  close() {
+    this.name = "";
+    if ($("#browser").open) $("#browser").close();
+  },
+};
+
+$("#browser-prev").addEventListener("click", () => {
+  browser.offset = Math.max(0, browser.offset - PAGE);
+  browser.load();
+});
+$("#browser-next").addEventListener("click", () => {
+  browser.offset += PAGE;
+  browser.load();
+});
+$("#browser-close").addEventListener("click", () => browser.close());
+$("#browser").addEventListener("close", () => (browser.name = ""));
+
+// --- adding a class, the threshold, download and upload ----------------------------------------------
 
 $("#add-class").addEventListener("submit", async (e) => {
   e.preventDefault();
-  const result = await api("/api/add-class", { class: $("#new-class").value.trim() });
-  say(result.ok ? "" : result.error);
-  if (result.ok) $("#new-class").value = "";
+  const name = $("#new-class").value.trim();
+  const result = await api("/api/add-class", { class: name });
+  if (answer(feedbackOf($("#new-class")), result, `Added “${name}”: now hold “Hold to record” on its card.`)) {
+    $("#new-class").value = "";
+  }
 });
 
-$("#threshold").addEventListener("submit", async (e) => {
-  e.preventDefault();
-  const text = $("#threshold-value").value.trim();
-  if (!text) return say("Enter a similarity from -1 to 1, or choose Automatic.");
-  const value = Number(text);
+let thresholdTouched = false; // the person is moving the slider: the state does not move it meanwhile
+
+function showThreshold(s) {
+  const auto = s.threshold === null || s.threshold === undefined;
+  const applied = auto ? s.effective_threshold : s.threshold;
+  const value = typeof applied === "number" ? applied : null;
+  $("#threshold-now").textContent = auto
+    ? `automatic${value === null ? "" : ` (${value.toFixed(2)})`}`
+    : `${Number(s.threshold).toFixed(2)}, set by hand`;
+  if (!thresholdTouched && value !== null) $("#threshold-range").value = String(value);
+}
+
+$("#threshold-range").addEventListener("input", () => (thresholdTouched = true));
+$("#threshold-range").addEventListener("change", async () => {
+  const value = Number($("#threshold-range").value);
   const result = await api("/api/threshold", { value });
-  say(result.ok ? "" : result.error);
+  thresholdTouched = false;
+  const before = state && typeof state.effective_threshold === "number" ? state.effective_threshold : null;
+  const way = before === null || value === before ? "" : value > before ? "Stricter" : "Looser";
+  answer(feedbackOf($("#threshold-range")), result, `${way ? way + ": " : ""}set to ${value.toFixed(2)}.`);
 });
 
 $("#threshold-auto").addEventListener("click", async () => {
   const result = await api("/api/threshold", { value: null });
-  say(result.ok ? "" : result.error);
+  thresholdTouched = false;
+  answer(feedbackOf($("#threshold-auto")), result, "Automatic: calibrated from the examples.");
 });
 
-// The upload's mode (POST /api/examples.tar?mode=add|replace): "add" adds the examples the device does
-// not have yet; "replace" makes the device's classes and examples the file's. Neither ever evicts one.
+$("#upload-file").addEventListener("change", () => {
+  const file = $("#upload-file").files[0];
+  $("#upload-name").textContent = file ? file.name : "No file chosen";
+  $("#upload-send").disabled = !file;
+  tell(feedbackOf($("#upload-file")), "");
+});
+
 $("#upload").addEventListener("submit", async (e) => {
   e.preventDefault();
   const file = $("#upload-file").files[0];
-  if (!file) return;
-  const mode = ($("#upload-mode") && $("#upload-mode").value) || "add";
-  let result;
-  try {
-    const response = await fetch("/api/examples.tar?mode=" + encodeURIComponent(mode), {
-      method: "POST",
-      credentials: "same-origin",
-      headers: { "Content-Type": "application/x-tar", "X-CSRF-Token": csrf },
-      body: file,
-    });
-    result = await response.json();
-  } catch (err) {
-    result = { ok: false, error: "the upload failed: " + err };
-  }
-  const already = result.skipped ? ` (${result.skipped} were already here)` : "";
-  const removed = result.removed ? `, ${result.removed} removed` : "";
-  say(result.ok ? `Added ${result.added} examples${already}${removed}.` : result.error, result.ok);
-  if (result.ok) $("#upload").reset();
-  for (const n of cards.keys()) refreshThumbs(n, 0);
+  const feedback = feedbackOf($("#upload-file"));
+  if (!file) return tell(feedback, "Choose a file first.");
+  $("#upload-send").disabled = true;
+  tell(feedback, "Uploading…", true);
+  const result = await answerOf("/api/store.json", {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
+    body: file,
+  });
+  const added = result.added;
+  if (answer(feedback, result, `Added ${added} example${added === 1 ? "" : "s"}.`)) {
+    $("#upload").reset();
+    $("#upload-name").textContent = "No file chosen";
+    for (const name of cards.keys()) refreshThumbs(name, 0);
+  } else $("#upload-send").disabled = false;
 });
 
+followScroll();
 start();
