@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from rig import CLASSES, Running, Scene, make_config, photo_folders, stable_on, teach, wait_for
+from rig import CLASSES, Running, make_config, photo_folders, stable_on, teach, wait_for
 from test_web import (
     CHROMEDRIVER,
     CHROMIUM,
@@ -390,3 +390,236 @@ def test_errors_show_beside_their_control_in_plain_words(taught, browser, tmp_pa
     said = find(By.CSS_SELECTOR, "#upload .feedback")
     assert wait_for(lambda: said.text.startswith("That is not a file of examples")), said.text
     assert sum(run.daemon.store.counts().values()) == 2 * len(CLASSES), "nothing changed"
+
+
+# --- 11: clear a class, browse and delete every example --------------------------------------------
+
+
+def test_clearing_a_class_forgets_its_examples_and_keeps_its_slot(taught, browser):
+    run, scene, port = taught
+    driver = browser
+    logged_in(driver, port)
+    name = CLASSES[1]
+    menu_item(driver, name, "clear").click()
+    alert = driver.switch_to.alert
+    assert "2 examples" in alert.text and name in alert.text
+    alert.accept()
+    assert wait_for(lambda: run.daemon.store.counts()[name] == 0)
+    assert run.daemon.store.classes == CLASSES, "the class keeps its name and its slot (button, LED)"
+    assert run.daemon.store.counts() == {CLASSES[0]: 2, name: 0, CLASSES[2]: 2}
+    assert wait_for(lambda: count_of(driver, name) == 0)
+    assert wait_for(lambda: feedback(driver, name) == "Cleared: 2 examples forgotten.")
+    assert wait_for(lambda: not_stale(lambda: not card(driver, name).find_elements("css selector", ".thumb")))
+
+
+def test_examples_are_listed_a_page_at_a_time_newest_first(taught):
+    """The API under the browser: ``limit`` and ``offset`` page the newest first, with the total."""
+    run, scene, port = taught
+    client = Client(port)
+    csrf = {"X-CSRF-Token": client.login()}
+    name = CLASSES[0]
+    status, body = client("/api/add-example", {"class": name, "count": 5}, csrf)
+    assert status == 200, body
+    every = [e.id for e in run.daemon.store.examples(name)]
+    status, first = client(f"/api/examples?class={name}&limit=3")
+    assert status == 200 and first["total"] == len(every) == 7, first
+    assert [e["id"] for e in first["examples"]] == every[::-1][:3], "the newest first"
+    status, last = client(f"/api/examples?class={name}&limit=3&offset=6")
+    assert [e["id"] for e in last["examples"]] == every[:1] and last["offset"] == 6
+    status, whole = client(f"/api/examples?class={name}")
+    assert [e["id"] for e in whole["examples"]] == every and "total" not in whole, "no limit: as before"
+    for query in ("limit=0", "limit=x", "limit=3&offset=-1", "limit=100000"):
+        status, body = client(f"/api/examples?class={name}&{query}")
+        assert status == 400 and body["error"].startswith("offset, limit: expected"), (query, body)
+    status, body = client("/api/examples?class=nope&limit=3")
+    assert status == 400 and "unknown class" in body["error"]
+
+
+def test_the_example_browser_reaches_and_deletes_every_example(taught, browser):
+    """Finding 11: only the newest 12 could be deleted ("+50 more" unreachable). The browser pages
+    through all of them and deletes the oldest."""
+    from selenium.webdriver.common.by import By
+
+    run, scene, port = taught
+    name = CLASSES[0]
+    client = Client(port)
+    status, body = client("/api/add-example", {"class": name, "count": 30}, {"X-CSRF-Token": client.login()})
+    assert status == 200, body
+    total = run.daemon.store.counts()[name]
+    page_size = int(constant("PAGE"))
+    assert total > page_size
+    driver = browser
+    logged_in(driver, port)
+    find = driver.find_element
+    browse = in_card(driver, name, ".browse")
+    center(driver, browse)
+    assert wait_for(lambda: browse.text == f"See all {total} examples")
+    browse.click()
+    where = find(By.ID, "browser-where")
+    assert wait_for(lambda: where.text == f"1–{page_size} of {total}")
+
+    def shown_ids() -> list[int]:
+        return [
+            int(t.get_attribute("data-id"))
+            for t in find(By.ID, "browser-grid").find_elements(By.CSS_SELECTOR, ".thumb")
+        ]
+
+    every = [e.id for e in run.daemon.store.examples(name)][::-1]  # the newest first
+    assert wait_for(lambda: not_stale(lambda: shown_ids() == every[:page_size]))
+    assert wait_for(
+        lambda: not_stale(
+            lambda: len(find(By.ID, "browser-grid").find_elements(By.CSS_SELECTOR, "img")) == page_size
+        )
+    )
+    shot(driver, "5-example-browser")
+    find(By.ID, "browser-next").click()
+    assert wait_for(lambda: where.text == f"{page_size + 1}–{total} of {total}")
+    assert wait_for(lambda: not_stale(lambda: shown_ids() == every[page_size:]))
+    assert not find(By.ID, "browser-next").is_enabled() and find(By.ID, "browser-prev").is_enabled()
+
+    oldest = every[-1]
+    thumb = find(By.CSS_SELECTOR, f'#browser-grid .thumb[data-id="{oldest}"]')
+    center(driver, thumb)
+    thumb.find_element(By.CSS_SELECTOR, ".delete").click()
+    assert wait_for(lambda: oldest not in [e.id for e in run.daemon.store.examples(name)])
+    assert wait_for(lambda: where.text == f"{page_size + 1}–{total - 1} of {total - 1}")
+    assert wait_for(lambda: not_stale(lambda: oldest not in shown_ids()))
+    assert find(By.CSS_SELECTOR, "#browser .feedback").text == "Deleted one example."
+    find(By.ID, "browser-close").click()
+    assert wait_for(lambda: not find(By.ID, "browser").is_displayed())
+    assert wait_for(lambda: count_of(driver, name) == total - 1)
+
+
+# --- 12: the threshold as stricter / looser -------------------------------------------------------
+
+
+def test_the_threshold_is_stricter_or_looser_and_automatic_moves_the_slider(taught, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    run, scene, port = taught
+    driver = browser
+    logged_in(driver, port)
+    find = driver.find_element
+    scale = find(By.ID, "threshold-range")
+    center(driver, scale)
+    card_text = find(By.ID, "threshold-card").text
+    assert "Stricter" in card_text and "Looser" in card_text and "not recognised" in card_text
+    automatic = round(run.daemon.store.effective_threshold, 2)
+    assert wait_for(lambda: abs(float(scale.get_attribute("value")) - automatic) < 0.006)
+    assert find(By.ID, "threshold-now").text == f"automatic ({automatic:.2f})"
+
+    scale.send_keys(Keys.END)  # the strictest
+    assert wait_for(lambda: run.daemon.store.threshold == 1.0)
+    says = find(By.CSS_SELECTOR, "#threshold-card .feedback")
+    assert wait_for(lambda: says.text == "Stricter: set to 1.00.")
+    assert wait_for(lambda: find(By.ID, "threshold-now").text == "1.00, set by hand")
+
+    find(By.ID, "threshold-auto").click()
+    assert wait_for(lambda: run.daemon.store.threshold is None)
+    assert wait_for(lambda: find(By.ID, "threshold-now").text.startswith("automatic"))
+    assert wait_for(lambda: abs(float(scale.get_attribute("value")) - automatic) < 0.006), (
+        "finding 12: the slider follows Automatic (the old box kept the number typed)"
+    )
+    assert says.text == "Automatic: calibrated from the examples."
+
+
+# --- 13: smoothed bars, Full frame, the upload's buttons and refreshed thumbnails -------------------
+
+
+def test_the_bars_ease_toward_a_new_answer_instead_of_jumping(taught, browser):
+    """Finding 13: the bars jumped with each frame's scores (77 -> 100 %). A bar now moves at most
+    SMOOTH_MAX of the way to each reading's score, so a change of class is a glide over readings."""
+    from selenium.webdriver.common.by import By
+
+    run, scene, port = taught
+    driver = browser
+    logged_in(driver, port)
+    name = CLASSES[1]
+    prediction = driver.find_element(By.ID, "prediction")
+    assert wait_for(lambda: prediction.get_attribute("data-label") == CLASSES[0])
+    start = driver.execute_script(
+        """window.seen = [];
+        const card = document.querySelector(`article.class[data-class="${arguments[0]}"]`);
+        new MutationObserver(() => seen.push([Number(card.dataset.score), Number(card.dataset.shown),
+            card.querySelector(".pct").textContent]))
+          .observe(card, {attributes: true, attributeFilter: ["data-shown"]});
+        return Number(card.dataset.shown || 0);""",
+        name,
+    )
+    scene.shown = name
+    assert wait_for(lambda: prediction.get_attribute("data-label") == name)
+    assert wait_for(lambda: driver.execute_script("return seen.length") >= 10)
+    most = constant("SMOOTH_MAX")
+    before, jumps = start, []
+    for score, shown, text in driver.execute_script("return seen"):
+        jumps.append(abs(score - before))
+        assert abs(shown - before) <= most * abs(score - before) + 0.001, (before, score, shown)
+        assert text == f"{round(shown * 100)}%", "the number is the bar's"
+        before = shown
+    assert max(jumps) > 0.25, f"the scores did change ({max(jumps):.2f}), and the bar eased after them"
+    assert "stable" in card(driver, name).get_attribute("class"), "green: the stable answer"
+
+
+def test_full_frame_is_offered_only_where_the_camera_gives_more_than_the_model(tmp_path):
+    """Finding 13: the 100x100 sign photos (smaller than the model's 224x224) offered "Full frame"."""
+    import io
+
+    from conftest import PHOTOS
+    from PIL import Image
+    from test_web import first_jpeg
+
+    for folder, offered in ((photo_folders(tmp_path)["1"], False), (PHOTOS, True)):
+        port = free_port()
+        cfg = make_config(
+            tmp_path / folder.name,
+            web={"enabled": True, "listen": "127.0.0.1", "port": port, "password": PASSWORD},
+            panel={"kind": "none"},
+            camera={"source": f"replay:{folder}?fps=20"},
+        )
+        run = Running(build(cfg))
+        try:
+            assert run.classified()
+            client = Client(port)
+            client.login()
+            assert client("/api/session")[1]["full_frame"] is offered, folder
+            if offered:
+                side = max(Image.open(io.BytesIO(first_jpeg(client, "/api/live.mjpg?full=1"))).size)
+                assert side > 224, "the camera's own frame, bigger than the model's"
+        finally:
+            run.stop()
+
+
+def test_upload_from_proper_buttons_refreshes_the_thumbnails(taught, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    run, scene, port = taught
+    client = Client(port)
+    csrf = {"X-CSRF-Token": client.login()}
+    status, export = client("/api/store.json")
+    assert status == 200
+    exported = tmp_path / "examples.json"
+    exported.write_text(json.dumps(export))
+    name = CLASSES[2]
+    assert client("/api/forget-class", {"class": name}, csrf)[0] == 200
+    driver = browser
+    logged_in(driver, port)
+    find = driver.find_element
+    assert wait_for(
+        lambda: not_stale(lambda: not card(driver, name).find_elements(By.CSS_SELECTOR, ".thumb"))
+    )
+    download = find(By.ID, "download")
+    assert download.tag_name == "a" and "button" in download.get_attribute("class")
+    choose = find(By.CSS_SELECTOR, "label.file-button")
+    assert choose.is_displayed() and find(By.ID, "upload-file").size["width"] <= 1, "no bare Choose File"
+    assert not find(By.ID, "upload-send").is_enabled(), "nothing to send before a file is chosen"
+    find(By.ID, "upload-file").send_keys(str(exported))
+    assert wait_for(lambda: find(By.ID, "upload-name").text == "examples.json")
+    center(driver, find(By.ID, "upload-send"))
+    find(By.ID, "upload-send").click()
+    says = find(By.CSS_SELECTOR, "#upload .feedback")
+    assert wait_for(lambda: says.text == f"Added {2 * len(CLASSES)} examples."), says.text
+    assert run.daemon.store.counts()[name] == 2
+    assert wait_for(
+        lambda: not_stale(lambda: len(card(driver, name).find_elements(By.CSS_SELECTOR, ".thumb img")) == 2)
+    ), "the cleared class's thumbnails are back without a reload"

@@ -215,7 +215,7 @@ def test_the_live_view_shows_the_model_sized_or_the_full_frame(tmp_path):
         assert page.frames.encoded == 0
         client = Client(port)
         client.login()
-        assert client("/api/session")[1]["full_frame"] is True
+        assert client("/api/session")[1]["full_frame"] is False, "smaller than the model's: not offered"
         assert Image.open(io.BytesIO(first_jpeg(client, "/api/live.mjpg"))).size == (224, 224)
         assert Image.open(io.BytesIO(first_jpeg(client, "/api/live.mjpg?full=1"))).size == (100, 100)
     finally:
@@ -540,6 +540,7 @@ def test_the_page_in_chromium(tmp_path, browser):
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     if SHOTS.exists():
         shutil.rmtree(SHOTS)
@@ -633,6 +634,7 @@ def test_the_page_in_chromium(tmp_path, browser):
         c5 = card(driver, "5")
         driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", c5)
         assert not c5.find_element(By.CSS_SELECTOR, ".rename-form").is_displayed()
+        c5.find_element(By.CSS_SELECTOR, ".menu summary").click()
         c5.find_element(By.CSS_SELECTOR, ".rename").click()
         field = c5.find_element(By.CSS_SELECTOR, ".rename-input")
         field.clear()
@@ -649,18 +651,18 @@ def test_the_page_in_chromium(tmp_path, browser):
         find(By.CSS_SELECTOR, "#add-class button").click()
         assert wait_for(lambda: run.daemon.store.classes[-1] == "seven")
         assert wait_for(lambda: count_of(driver, "seven") == 0), "a card for the new class"
+        card(driver, "seven").find_element(By.CSS_SELECTOR, ".menu summary").click()
         card(driver, "seven").find_element(By.CSS_SELECTOR, ".remove").click()
         driver.switch_to.alert.accept()
         assert wait_for(lambda: "seven" not in run.daemon.store.classes)
         assert wait_for(lambda: not driver.find_elements(By.CSS_SELECTOR, 'article[data-class="seven"]'))
 
-        # the threshold: a number, then automatic again
-        field = find(By.ID, "threshold-value")
-        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", field)
-        field.send_keys("0.25")
-        find(By.CSS_SELECTOR, "#threshold button[type=submit]").click()
-        assert wait_for(lambda: run.daemon.store.threshold == 0.25)
-        assert wait_for(lambda: find(By.ID, "threshold-now").text == "0.25")
+        # the threshold: the strictest, then automatic again (tests/test_page.py has the rest)
+        scale = find(By.ID, "threshold-range")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", scale)
+        scale.send_keys(Keys.END)
+        assert wait_for(lambda: run.daemon.store.threshold == 1.0)
+        assert wait_for(lambda: find(By.ID, "threshold-now").text == "1.00, set by hand")
         find(By.ID, "threshold-auto").click()
         assert wait_for(lambda: run.daemon.store.threshold is None)
         assert wait_for(lambda: find(By.ID, "threshold-now").text.startswith("automatic"))
@@ -680,8 +682,9 @@ def test_the_page_in_chromium(tmp_path, browser):
         before = sum(run.daemon.store.counts().values())
         find(By.ID, "upload-file").send_keys(str(exported))
         find(By.CSS_SELECTOR, "#upload button").click()
-        message = f"Added 0 examples ({before} were already here)."
-        assert wait_for(lambda: find(By.ID, "message").text == message), find(By.ID, "message").text
+        says = find(By.CSS_SELECTOR, "#upload .feedback")
+        message = f"Added 0 examples; {before} were already here."
+        assert wait_for(lambda: says.text == message), says.text
         assert sum(run.daemon.store.counts().values()) == before
 
         # the device reloads (its page closes, the next daemon's opens on the same port): the open page
