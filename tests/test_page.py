@@ -199,6 +199,11 @@ def test_the_camera_stays_in_sight_while_teaching_the_third_class(taught, browse
     assert wait_for(lambda: driver.execute_script("return arguments[0].naturalWidth", live) > 0)
     assert wait_for(lambda: visible_in_viewport(driver, live))
     assert find(By.ID, "live-bar").get_attribute("hidden") is not None, "the big view at the top"
+    assert wait_for(lambda: find(By.ID, "prediction").get_attribute("data-label") == CLASSES[0])
+    assert wait_for(
+        lambda: not_stale(lambda: float(card(driver, CLASSES[0]).get_attribute("data-shown")) > 0.6)
+    )
+    shot(driver, "0-taught-device")
 
     third = CLASSES[2]
     scene.shown = third

@@ -12,7 +12,6 @@ const RECORD_IN_FLIGHT = 2; // requests open at once; the ticks between wait and
 const RECORD_BATCH = RECORD_PER_S; // examples one request asks for, at most (a second's worth)
 const SMOOTH_S = 0.35; // the bars' time constant: they follow the camera without jumping each frame
 const SMOOTH_MAX = 0.5; // ... and never move more than half-way to a new score in one update
-const NOTE_MS = 6000; // a success note stays this long; an error stays until the next action
 
 let csrf = "";
 let UNKNOWN = "unknown";
@@ -87,16 +86,13 @@ function plain(error) {
   return rest.charAt(0).toUpperCase() + rest.slice(1);
 }
 
-const noteTimers = new WeakMap();
-
 function tell(where, text, good = false) {
-  // ``where``: the feedback line (.feedback) of the card or form the control is in
+  // ``where``: the feedback line (.feedback) of the card or form the control is in; it stays until
+  // the next answer there (a line that vanished by itself would move the page under a finger)
   if (!where) return;
-  clearTimeout(noteTimers.get(where));
   where.textContent = text || "";
   where.classList.toggle("note", Boolean(text) && good);
   where.classList.toggle("error", Boolean(text) && !good);
-  if (good && text) noteTimers.set(where, setTimeout(() => tell(where, ""), NOTE_MS));
 }
 
 function answer(where, result, success = "") {
@@ -202,6 +198,7 @@ function stopWatching() {
   $("#live").removeAttribute("src"); // closes the stream: no frame is encoded for nobody
 }
 
+window.addEventListener("pagehide", () => stopRecording("hidden"));
 document.addEventListener("visibilitychange", () => {
   if (document.hidden) {
     stopRecording("hidden");
@@ -418,16 +415,18 @@ class Recorder {
     this.feedback = $(".feedback", card);
     this.run = null;
     const button = this.button;
+    // The pointer is captured: a held button keeps its pointer while the page moves under it (a note
+    // or a thumbnail appearing above); only the pointer itself moving off the button ends the hold.
     button.addEventListener("pointerdown", (e) => {
       if (e.button !== 0) return;
       e.preventDefault();
-      // a touch captures the pointer to the button: release it, so moving off the button stops
-      if (button.hasPointerCapture?.(e.pointerId)) button.releasePointerCapture(e.pointerId);
+      button.setPointerCapture?.(e.pointerId);
       this.start();
     });
-    for (const type of ["pointerup", "pointercancel"]) button.addEventListener(type, () => this.stop(type));
-    button.addEventListener("pointerleave", (e) => {
-      // only a pointer that is really off the button: a repaint may send a leave where it stands
+    for (const type of ["pointerup", "pointercancel", "lostpointercapture"]) {
+      button.addEventListener(type, () => this.stop(type));
+    }
+    button.addEventListener("pointermove", (e) => {
       const r = button.getBoundingClientRect();
       if (e.clientX < r.left || e.clientX > r.right || e.clientY < r.top || e.clientY > r.bottom) {
         this.stop("pointerleave");
