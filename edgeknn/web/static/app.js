@@ -98,10 +98,8 @@ function tell(where, text, good = false) {
 function answer(where, result, success = "") {
   // show a request's result next to its control: a plain error, or the success note (if any)
   if (result.ok) tell(where, success, true);
-  else {
-    tell(where, plain(result.error));
-    where.title = result.error || "";
-  }
+  else tell(where, plain(result.error));
+  where.title = result.ok ? "" : result.error || ""; // the device's own words, for whoever debugs
   return result.ok;
 }
 
