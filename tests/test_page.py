@@ -9,7 +9,6 @@ Every test waits for an event or a count (``wait_for``), never for a time. Scree
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -595,16 +594,18 @@ def test_full_frame_is_offered_only_where_the_camera_gives_more_than_the_model(t
             run.stop()
 
 
-def test_upload_from_proper_buttons_refreshes_the_thumbnails(taught, browser, tmp_path):
+def test_upload_adds_or_replaces_from_proper_buttons_and_refreshes_the_thumbnails(taught, browser, tmp_path):
+    """The download and upload are buttons (not a bare link and the browser's Choose File); the upload
+    offers the endpoint's add and replace; the thumbnails follow without a reload."""
     from selenium.webdriver.common.by import By
 
     run, scene, port = taught
     client = Client(port)
     csrf = {"X-CSRF-Token": client.login()}
-    status, export = client("/api/store.json")
-    assert status == 200
-    exported = tmp_path / "examples.json"
-    exported.write_text(json.dumps(export))
+    status, archive = client("/api/examples.tar")
+    assert status == 200 and isinstance(archive, bytes)
+    exported = tmp_path / "examples.tar"
+    exported.write_bytes(archive)
     name = CLASSES[2]
     assert client("/api/forget-class", {"class": name}, csrf)[0] == 200
     driver = browser
@@ -615,16 +616,42 @@ def test_upload_from_proper_buttons_refreshes_the_thumbnails(taught, browser, tm
     )
     download = find(By.ID, "download")
     assert download.tag_name == "a" and "button" in download.get_attribute("class")
+    assert download.get_attribute("href").endswith("/api/examples.tar")
     choose = find(By.CSS_SELECTOR, "label.file-button")
     assert choose.is_displayed() and find(By.ID, "upload-file").size["width"] <= 1, "no bare Choose File"
     assert not find(By.ID, "upload-send").is_enabled(), "nothing to send before a file is chosen"
+    says = find(By.CSS_SELECTOR, "#upload .feedback")
+
+    # add (chosen first): the cleared class's examples come back, the others were already here
+    assert find(By.CSS_SELECTOR, '#upload-mode input[value="add"]').is_selected()
     find(By.ID, "upload-file").send_keys(str(exported))
-    assert wait_for(lambda: find(By.ID, "upload-name").text == "examples.json")
+    assert wait_for(lambda: find(By.ID, "upload-name").text == "examples.tar")
     center(driver, find(By.ID, "upload-send"))
     find(By.ID, "upload-send").click()
-    says = find(By.CSS_SELECTOR, "#upload .feedback")
-    assert wait_for(lambda: says.text == f"Added {2 * len(CLASSES)} examples."), says.text
+    others = 2 * (len(CLASSES) - 1)
+    assert wait_for(lambda: says.text == f"Added 2 examples; {others} were already here."), says.text
     assert run.daemon.store.counts()[name] == 2
     assert wait_for(
         lambda: not_stale(lambda: len(card(driver, name).find_elements(By.CSS_SELECTOR, ".thumb img")) == 2)
     ), "the cleared class's thumbnails are back without a reload"
+
+    # replace (after a confirmation): the device becomes the file, an example taught since goes
+    assert client("/api/add-example", {"class": CLASSES[0]}, csrf)[0] == 200
+    assert wait_for(lambda: count_of(driver, CLASSES[0]) == 3)
+    find(By.CSS_SELECTOR, '#upload-mode input[value="replace"]').click()
+    find(By.ID, "upload-file").send_keys(str(exported))
+    find(By.ID, "upload-send").click()
+    alert = driver.switch_to.alert
+    assert "Replace" in alert.text
+    alert.accept()
+    total = 2 * len(CLASSES)
+    assert wait_for(
+        lambda: says.text == f"Replaced: {total + 1} examples removed, {total} examples from the file."
+    )
+    assert run.daemon.store.counts() == dict.fromkeys(CLASSES, 2)
+    assert wait_for(lambda: count_of(driver, CLASSES[0]) == 2)
+    assert wait_for(
+        lambda: not_stale(
+            lambda: len(card(driver, CLASSES[0]).find_elements(By.CSS_SELECTOR, ".thumb img")) == 2
+        )
+    )

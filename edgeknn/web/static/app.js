@@ -69,8 +69,13 @@ const PLAIN = [
   [/no example \d+/, () => "That example was already deleted."],
   [/another model/, () => "That file was made with another model than this device's, so its examples cannot be used here."],
   [/store\.max_classes \((\d+)\)/, (m) => `That file has more new classes than the device can keep (${m[1]} in all).`],
-  [/not JSON|not an edgeknn export|expected vectors|base64|invalid class name/, () => "That is not a file of examples from an edgeknn device (what “Download the examples” gives)."],
-  [/too large|at most \d+ bytes/, () => "That file is too big for the device."],
+  [/not JSON|not an edgeknn|expected vectors|base64|invalid class name|unexpected member|not a plain file/, () => "That is not a file of examples from an edgeknn device (what “Download the examples” gives)."],
+  [/cut short|damaged/, () => "That file is cut short or damaged: download it again."],
+  [/would have (\d+) examples, more than store\.capacity \((\d+)\)/, (m) => `A class would have ${m[1]} examples, more than the device keeps (${m[2]}): delete some first, or replace what it knows.`],
+  [/rows of \d+ values|rows with negative values/, () => "That file was made with another model than this device's, so its examples cannot be used here."],
+  [/cannot keep the upload/, () => "The device has no room to take the file (its disk is full)."],
+  [/stopping or reloading/, () => "The device is restarting: nothing was imported. Upload again in a moment."],
+  [/too large|at most \d+ bytes|an upload of more than/, () => "That file is too big for the device."],
   [/not logged in/, () => "Your login has ended: log in again."],
   [/CSRF/, () => "This page is out of date: reload it."],
   [/^value: expected/, () => "Choose a value on the scale, or Automatic."],
@@ -668,26 +673,37 @@ $("#upload-file").addEventListener("change", () => {
   tell(feedbackOf($("#upload-file")), "");
 });
 
+// The upload: the raw file (the examples archive, or an older JSON export) with the mode chosen:
+// "add" adds the examples the device does not have yet, "replace" makes its classes and examples the
+// file's. Either is all or nothing, and never evicts an example to make room.
 $("#upload").addEventListener("submit", async (e) => {
   e.preventDefault();
   const file = $("#upload-file").files[0];
   const feedback = feedbackOf($("#upload-file"));
   if (!file) return tell(feedback, "Choose a file first.");
+  const mode = $("#upload-mode input:checked").value;
+  if (mode === "replace" && !confirm("Replace every class and example on the device with the file's?")) return;
   $("#upload-send").disabled = true;
   tell(feedback, "Uploading…", true);
-  const result = await answerOf("/api/store.json", {
+  const result = await answerOf(`/api/examples.tar?mode=${mode}`, {
     method: "POST",
     credentials: "same-origin",
-    headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
+    headers: { "Content-Type": "application/x-tar", "X-CSRF-Token": csrf },
     body: file,
   });
-  const added = result.added;
-  if (answer(feedback, result, `Added ${added} example${added === 1 ? "" : "s"}.`)) {
+  if (answer(feedback, result, uploaded(result))) {
     $("#upload").reset();
     $("#upload-name").textContent = "No file chosen";
     for (const name of cards.keys()) refreshThumbs(name, 0);
   } else $("#upload-send").disabled = false;
 });
+
+function uploaded(result) {
+  const n = (count) => `${count} example${count === 1 ? "" : "s"}`;
+  if (result.mode === "replace") return `Replaced: ${n(result.removed || 0)} removed, ${n(result.added)} from the file.`;
+  const already = result.skipped ? `; ${result.skipped} ${result.skipped === 1 ? "was" : "were"} already here` : "";
+  return `Added ${n(result.added)}${already}.`;
+}
 
 followScroll();
 start();
