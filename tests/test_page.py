@@ -220,6 +220,11 @@ def test_the_camera_stays_in_sight_while_teaching_the_third_class(taught, browse
     add_one.click()
     assert wait_for(lambda: count_of(driver, third) == before + 1)
     assert wait_for(lambda: find(By.ID, "prediction").get_attribute("data-label") == third)
+    assert wait_for(
+        lambda: not_stale(
+            lambda: len(card(driver, third).find_elements(By.CSS_SELECTOR, ".thumb img")) == before + 1
+        )
+    ), "its picture joins the card's"
     shot(driver, "2-teaching-class-3")
 
     driver.execute_script("window.scrollTo(0, 0)")
