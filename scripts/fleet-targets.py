@@ -138,12 +138,22 @@ class Device:
 def device_config(root: Path, broker: Broker, name: str, model: Path | None = None, **fleet):
     folder = root / name
     folder.mkdir(parents=True)
-    extra = {"model": {"path": str(model), "threads": 1}} if model else {"model": {"path": str(EXTRACTOR), "threads": 1}}
+    extra = (
+        {"model": {"path": str(model), "threads": 1}}
+        if model
+        else {"model": {"path": str(EXTRACTOR), "threads": 1}}
+    )
     return make_config(
         folder,
         **extra,
         panel={"kind": "none"},
-        mqtt={"enabled": True, "host": "127.0.0.1", "port": broker.port, "device_id": name, "discovery": False},
+        mqtt={
+            "enabled": True,
+            "host": "127.0.0.1",
+            "port": broker.port,
+            "device_id": name,
+            "discovery": False,
+        },
         fleet=fleet,
     )
 
@@ -182,7 +192,9 @@ def items_1_2(root: Path, every: int, parts: set[int]) -> None:
             runs[n] = devices[n].run = Running(build(cfg, opener=devices[n].opener))
         print(f"six daemons started in {time.monotonic() - t:.1f} s (load {load()})", flush=True)
         devices["solo"] = Device("solo", feed)
-        runs["solo"] = devices["solo"].run = Running(build(device_config(root, broker, "solo", OTHER_MODEL), opener=devices["solo"].opener))
+        runs["solo"] = devices["solo"].run = Running(
+            build(device_config(root, broker, "solo", OTHER_MODEL), opener=devices["solo"].opener)
+        )
         leader = runs["kitchen"]
         followers = {n: r for n, r in runs.items() if n not in ("kitchen", "solo")}
         teach(runs["solo"], feed, per_class=5)  # type: ignore[arg-type]  # the control: taught itself
@@ -200,7 +212,11 @@ def items_1_2(root: Path, every: int, parts: set[int]) -> None:
             time.sleep(0.02)
         for n in followers:
             model = "0.75_192 (re-embedded)" if n == other else "same model"
-            figure = f"{times[n]:.1f} s" if n in times else f"NOT within 300 s: {followers[n].daemon.store.counts()}"
+            figure = (
+                f"{times[n]:.1f} s"
+                if n in times
+                else f"NOT within 300 s: {followers[n].daemon.store.counts()}"
+            )
             row("1", f"store matches: {n}, {model}", figure + " (target <= 60 s)")
         row("1", "load average after loading", load())
 
@@ -213,11 +229,19 @@ def items_1_2(root: Path, every: int, parts: set[int]) -> None:
         t = time.monotonic()
         done = wait_for(lambda: all(d.position >= len(photos) for d in devices.values()), 1800, 0.5)
         time.sleep(1.0)
-        row("1", "replay", f"{len(photos)} photos (every {every}. of {', '.join(CLASSES)}) on 6 devices in "
-            f"{time.monotonic() - t:.0f} s{'' if done else ' (NOT all shown)'}, load {load()}")
+        row(
+            "1",
+            "replay",
+            f"{len(photos)} photos (every {every}. of {', '.join(CLASSES)}) on 6 devices in "
+            f"{time.monotonic() - t:.0f} s{'' if done else ' (NOT all shown)'}, load {load()}",
+        )
         ref = devices["kitchen"].labels_by_photo()
         truth = [name for name, _ in photos]
-        row("1", "leader: stable label = photo's class", f"{np.mean([ref.get(i) == truth[i] for i in range(len(photos))]) * 100:.1f} % of {len(ref)} frames")
+        row(
+            "1",
+            "leader: stable label = photo's class",
+            f"{np.mean([ref.get(i) == t for i, t in enumerate(truth)]) * 100:.1f} % of {len(ref)} frames",
+        )
         pics = [len(leader.daemon.store.picture(e.id) or b"") for e in leader.daemon.store.examples()]
         row("1", "leader's pictures", f"{np.mean(pics) / 1024:.1f} KiB each on average")
         for n in [*followers, "solo"]:
@@ -225,14 +249,21 @@ def items_1_2(root: Path, every: int, parts: set[int]) -> None:
             both = [i for i in ref if i in labels]
             agree = sum(labels[i] == ref[i] for i in both)
             right = np.mean([labels.get(i) == truth[i] for i in range(len(photos))]) * 100
-            row("1", f"stable label = leader's: {n}", f"{agree / max(1, len(both)) * 100:.1f} % of {len(both)} frames "
-                f"(its own accuracy {right:.1f} %; target >= 95 %)")
+            row(
+                "1",
+                f"stable label = leader's: {n}",
+                f"{agree / max(1, len(both)) * 100:.1f} % of {len(both)} frames "
+                f"(its own accuracy {right:.1f} %; target >= 95 %)",
+            )
         feed.sequence = None
 
         if 2 in parts:
             first = leader.daemon.store.examples("1")[0].id
             changes = [
-                ("class renamed (5 -> fist)", lambda r: RenameClass(class_name="5", new_name="fist", source="bench", reply=r)),
+                (
+                    "class renamed (5 -> fist)",
+                    lambda r: RenameClass(class_name="5", new_name="fist", source="bench", reply=r),
+                ),
                 ("class removed (2)", lambda r: RemoveClass(class_name="2", source="bench", reply=r)),
                 (f"example {first} deleted", lambda r: DeleteExample(example=first, source="bench", reply=r)),
             ]
@@ -241,7 +272,7 @@ def items_1_2(root: Path, every: int, parts: set[int]) -> None:
                 t0 = time.monotonic()
                 took: dict[str, float] = {}
 
-                def everyone() -> bool:
+                def everyone(took: dict[str, float] = took, t0: float = t0) -> bool:
                     for n, f in followers.items():
                         if n not in took and same_store(leader, f):
                             took[n] = time.monotonic() - t0
@@ -249,8 +280,13 @@ def items_1_2(root: Path, every: int, parts: set[int]) -> None:
 
                 ok = wait_for(everyone, 120, 0.02)
                 each = ", ".join(f"{n} {took[n]:.1f}" if n in took else f"{n} NOT" for n in followers)
-                row("2", f"{what}: every follower has it", f"{max(took.values(), default=0):.1f} s{'' if ok else ' NOT ALL within 120 s'} "
-                    f"(each, s: {each}; result ok={getattr(result, 'ok', None)}; target <= 10 s; load {load()})")
+                row(
+                    "2",
+                    f"{what}: every follower has it",
+                    f"{max(took.values(), default=0):.1f} s{'' if ok else ' NOT ALL within 120 s'} "
+                    f"(each, s: {each}; result ok={getattr(result, 'ok', None)}; target <= 10 s; "
+                    f"load {load()})",
+                )
         devices_output(broker)
     finally:
         for n, r in runs.items():
@@ -263,15 +299,20 @@ def items_1_2(root: Path, every: int, parts: set[int]) -> None:
 
 def devices_output(broker: Broker) -> None:
     """``edgeknn devices --broker`` for the six devices, if the command exists."""
-    help_ = subprocess.run([sys.executable, "-m", "edgeknn", "devices", "--help"], capture_output=True, text=True)
+    help_ = subprocess.run(
+        [sys.executable, "-m", "edgeknn", "devices", "--help"], capture_output=True, text=True
+    )
     if help_.returncode != 0:
         row("1", "edgeknn devices", "not in this tree yet: skipped")
         return
     out = subprocess.run([sys.executable, "-m", "edgeknn", "devices", "--broker", f"127.0.0.1:{broker.port}"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    print(f"$ edgeknn devices --broker 127.0.0.1:{broker.port}  (exit {out.returncode})\n{out.stdout}{out.stderr}",
+    print(f"$ edgeknn devices --broker 127.0.0.1:{broker.port}  (exit {out.returncode})",
+          f"\n{out.stdout}{out.stderr}",
           flush=True)  # fmt: skip
-    row("1", "edgeknn devices", f"exit {out.returncode}, {len(out.stdout.splitlines())} lines (printed above)")
+    row(
+        "1", "edgeknn devices", f"exit {out.returncode}, {len(out.stdout.splitlines())} lines (printed above)"
+    )
 
 
 # --- items 3 and 4: `edgeknn run` processes ----------------------------------------------------------------
@@ -360,7 +401,7 @@ path = "{store}"
 capacity = {examples}
 autosave_s = 5.0
 [camera]
-source = "replay:{DIGITS / '1'}?fps=2&loop=1"
+source = "replay:{DIGITS / "1"}?fps=2&loop=1"
 [panel]
 kind = "none"
 [mqtt]
@@ -438,10 +479,17 @@ def items_3_4(root: Path, examples: int, parts: set[int], photos: str) -> None:
     t = time.monotonic()
     store = root / "big.npz"
     about = big_store(store, examples, photos)
-    row("3", "leader store built", f"{examples} examples x 6 views, {store.stat().st_size / 1e6:.1f} MB + pictures ({about}) in {time.monotonic() - t:.0f} s")
+    row(
+        "3",
+        "leader store built",
+        f"{examples} examples x 6 views, {store.stat().st_size / 1e6:.1f} MB + pictures ({about}) "
+        f"in {time.monotonic() - t:.0f} s",
+    )
     broker = Broker(root / "broker34", persistence=True)  # not started yet: both processes settle without it
     leader_cfg = run_config(root, "bigleader", broker.port, store, examples, publish=True, debounce_s=1.0)
-    follower_cfg = run_config(root, "bigfollower", broker.port, root / "follower.npz", examples, follow="bigleader")
+    follower_cfg = run_config(
+        root, "bigfollower", broker.port, root / "follower.npz", examples, follow="bigleader"
+    )
     leader = Process("bigleader", leader_cfg, root)
     follower = Process("bigfollower", follower_cfg, root)
     procs = [leader, follower]
@@ -458,32 +506,78 @@ def items_3_4(root: Path, examples: int, parts: set[int], photos: str) -> None:
         connected = leader.when(r"mqtt: connected", start, 1)
         loaded = follower.when(r"fleet: loaded pack", start, 600)
         imported = follower.when(r"event=examples_imported", start, 300)
-        wait_for(lambda: (follower_counts(broker.port, "bigfollower") or {}).get("fleet", {}).get("pack"), 120)
-        shown = next((t for t, _, p in STATES.history if json.loads(p or b"{}").get("examples") == examples), None)
+        wait_for(
+            lambda: (follower_counts(broker.port, "bigfollower") or {}).get("fleet", {}).get("pack"), 120
+        )
+
+        def shown_at() -> float | None:
+            assert STATES is not None
+            return next(
+                (t for t, _, p in STATES.history if json.loads(p or b"{}").get("examples") == examples), None
+            )
+
+        wait_for(shown_at, 120)
+        shown = shown_at()
         time.sleep(2)
         after = {p.name: vmhwm(p.proc.pid) for p in procs}
-        row("3", "time to publish (broker up -> manifest acknowledged)", f"{published - start:.1f} s" if published else "NOT within 600 s")
+        row(
+            "3",
+            "time to publish (broker up -> manifest acknowledged)",
+            f"{published - start:.1f} s" if published else "NOT within 600 s",
+        )
         if connected and published:
-            row("3", "time to publish (leader's MQTT link connected -> manifest acknowledged)", f"{published - connected:.1f} s (includes RETAINED_WAIT_S 2 s)")
+            row(
+                "3",
+                "time to publish (leader's MQTT link connected -> manifest acknowledged)",
+                f"{published - connected:.1f} s (includes RETAINED_WAIT_S 2 s)",
+            )
         if loaded:
-            row("3", "follower: the import's reply -> its event line (the loop refitting, no frame classified)", f"{imported - loaded:.1f} s" if imported else "no event line")
-            row("3", "follower: the import's reply -> its retained state shows the examples", f"{shown - loaded:.1f} s" if shown else "not seen")
-        row("3", "time to load (manifest -> follower applied)", f"{loaded - published:.1f} s" if loaded and published else "NOT within 600 s")
+            row(
+                "3",
+                "follower: the import's reply -> its event line (the loop refitting, no frame classified)",
+                f"{imported - loaded:.1f} s" if imported else "no event line",
+            )
+            row(
+                "3",
+                "follower: the import's reply -> its retained state shows the examples",
+                f"{shown - loaded:.1f} s" if shown else "not seen",
+            )
+        row(
+            "3",
+            "time to load (manifest -> follower applied)",
+            f"{loaded - published:.1f} s" if loaded and published else "NOT within 600 s",
+        )
         for p in procs:
-            row("3", f"VmHWM {p.name}", f"{before[p.name]:.0f} -> {after[p.name]:.0f} MB (+{after[p.name] - before[p.name]:.0f} MB; target +<= 60 MB)")
+            row(
+                "3",
+                f"VmHWM {p.name}",
+                f"{before[p.name]:.0f} -> {after[p.name]:.0f} MB "
+                f"(+{after[p.name] - before[p.name]:.0f} MB; target +<= 60 MB)",
+            )
         size, chunks, manifest = retained_bytes(broker.port, "edgeknn/bigleader")
-        row("3", "broker's retained bytes under edgeknn/bigleader/fleet/#", f"{size / 1e6:.1f} MB in {chunks} chunks + a {manifest / 1024:.0f} KiB manifest: {size / examples / 1024:.1f} KiB per example (load {load()})")
+        row(
+            "3",
+            "broker's retained bytes under edgeknn/bigleader/fleet/#",
+            f"{size / 1e6:.1f} MB in {chunks} chunks + a {manifest / 1024:.0f} KiB manifest: "
+            f"{size / examples / 1024:.1f} KiB per example (load {load()})",
+        )
         state = follower_counts(broker.port, "bigfollower")
         good = state.get("counts") if state else None
-        row("3", "follower's counts (its retained state)", json.dumps(good) if good else f"state: {str(state)[:200]}")
+        row(
+            "3",
+            "follower's counts (its retained state)",
+            json.dumps(good) if good else f"state: {str(state)[:200]}",
+        )
         if 4 not in parts:
             return
 
         # 4a: the broker killed during the publish of a new version, then back on the same port
+        began = Retained(broker.port, "edgeknn/bigleader/fleet/pack/+/0")
+        time.sleep(2)
+        known = set(began.payloads)
         mark = time.monotonic()
         command(broker.port, "bigleader", "rename_class", {"class": "5", "new_name": "five"})
-        began = Retained(broker.port, "edgeknn/bigleader/fleet/pack/+/0")
-        wait_for(lambda: len(began.payloads) >= 2, 60, 0.01)  # a chunk of the new version: mid-publish
+        wait_for(lambda: set(began.payloads) - known, 60, 0.005)  # chunk 0 of the new version: mid-publish
         began.close()
         broker.kill()
         killed = time.monotonic()
@@ -499,13 +593,39 @@ def items_3_4(root: Path, examples: int, parts: set[int], photos: str) -> None:
             sub.close()
             manifest = json.loads(sub.payloads.get("edgeknn/bigleader/fleet/manifest") or b"{}")
             version = str(manifest.get("sha256", ""))[:16]
-            have = {int(t.rsplit("/", 1)[1]) for t, p in sub.payloads.items() if f"/pack/{version}/" in t and p}
+            have = {
+                int(t.rsplit("/", 1)[1]) for t, p in sub.payloads.items() if f"/pack/{version}/" in t and p
+            }
             missing = sorted(set(range(len(manifest.get("chunks", [])))) - have)
-            row("4", "follower did NOT load it: the broker's retained pack", f"manifest {version} names {len(manifest.get('chunks', []))} chunks; the broker holds {len(have)}; missing {missing[:10]}")
-        row("4", "broker killed mid-publish", f"{killed - mark:.1f} s after the rename; processes alive while it was down: {alive}")
-        row("4", "leader's lines while the broker was down", " | ".join(line[-140:] for t, line in leader.lines if killed <= t < back and "fleet" in line)[:600] or "(none)")
-        row("4", "broker back -> leader republished", f"{republished - back:.1f} s" if republished else "NOT within 300 s")
-        row("4", "broker back -> follower loaded the new pack", f"{reloaded - back:.1f} s" if reloaded else "NOT within 150 s")
+            row(
+                "4",
+                "follower did NOT load it: the broker's retained pack",
+                f"manifest {version} names {len(manifest.get('chunks', []))} chunks; "
+                f"the broker holds {len(have)}; missing {missing[:10]}",
+            )
+        row(
+            "4",
+            "broker killed mid-publish",
+            f"{killed - mark:.1f} s after the rename; processes alive while it was down: {alive}",
+        )
+        row(
+            "4",
+            "leader's lines while the broker was down",
+            " | ".join(line[-140:] for t, line in leader.lines if killed <= t < back and "fleet" in line)[
+                :600
+            ]
+            or "(none)",
+        )
+        row(
+            "4",
+            "broker back -> leader republished",
+            f"{republished - back:.1f} s" if republished else "NOT within 300 s",
+        )
+        row(
+            "4",
+            "broker back -> follower loaded the new pack",
+            f"{reloaded - back:.1f} s" if reloaded else "NOT within 150 s",
+        )
         state = follower_counts(broker.port, "bigfollower")
         row("4", "follower's classes after", json.dumps(state.get("counts")) if state else "no state")
 
@@ -517,33 +637,68 @@ def items_3_4(root: Path, examples: int, parts: set[int], photos: str) -> None:
         back = time.monotonic()
         republished = leader.when(r"fleet: published pack", back, 45)
         size, chunks, _ = retained_bytes(broker.port, "edgeknn/bigleader/fleet/#"[:-8])
-        row("4", "broker back without its retained pack -> leader republished",
-            f"{republished - back:.1f} s" if republished else f"NOT within 45 s: the broker holds {size} bytes in {chunks} chunks for it")
+        row(
+            "4",
+            "broker back without its retained pack -> leader republished",
+            f"{republished - back:.1f} s"
+            if republished
+            else f"NOT within 45 s: the broker holds {size} bytes in {chunks} chunks for it",
+        )
         state = follower_counts(broker.port, "bigfollower")
         row("4", "follower after that", json.dumps(state) if state else "no state")
 
         # 4c: the leader killed (SIGKILL) mid-pack
-        mark = time.monotonic()
-        command(broker.port, "bigleader", "rename_class", {"class": "five", "new_name": "5"})
         began = Retained(broker.port, "edgeknn/bigleader/fleet/pack/+/0")
-        seen = wait_for(lambda: len(began.payloads) >= 2, 60, 0.01)  # the old version's chunk 0 and a new one
+        time.sleep(2)
+        known = set(began.payloads)
+        mark = time.monotonic()
+        command(broker.port, "bigleader", "rename_class", {"class": "five", "new_name": "cinq"})  # a new pack
+        seen = wait_for(lambda: set(began.payloads) - known, 60, 0.005)  # chunk 0 of the new version
         began.close()
         os.kill(leader.proc.pid, signal.SIGKILL)
+        row(
+            "4",
+            "leader's last lines before its SIGKILL",
+            " | ".join(line[-120:] for _, line in leader.lines[-3:]),
+        )
         killed = time.monotonic()
         time.sleep(30)
         state = follower_counts(broker.port, "bigfollower")
-        row("4", "follower's lines after the leader's kill", " | ".join(line[-160:] for t, line in follower.lines if t >= killed)[:900] or "(none)")
-        row("4", "leader SIGKILLed mid-pack", f"{time.monotonic() - mark:.1f} s after the rename (mid-pack seen: {seen}); follower alive: {follower.proc.poll() is None}; its counts: {json.dumps(state.get('counts')) if state else 'no state'}; fleet: {json.dumps(state.get('fleet')) if state else ''}")
+        row(
+            "4",
+            "follower's lines after the leader's kill",
+            " | ".join(line[-160:] for t, line in follower.lines if t >= killed)[:900] or "(none)",
+        )
+        row(
+            "4",
+            "leader SIGKILLed mid-pack",
+            f"{time.monotonic() - mark:.1f} s after the rename (mid-pack seen: {seen}); "
+            f"follower alive: {follower.proc.poll() is None}; "
+            f"its counts: {json.dumps(state.get('counts')) if state else 'no state'}; "
+            f"fleet: {json.dumps(state.get('fleet')) if state else ''}",
+        )
         for p in procs:
             bad = p.problems()
-            row("4", f"tracebacks/errors in {p.name}'s log", f"{len(bad)}" + (f": {bad[0][:200]}" if bad else ""))
+            row(
+                "4",
+                f"tracebacks/errors in {p.name}'s log",
+                f"{len(bad)}" + (f": {bad[0][:200]}" if bad else ""),
+            )
     finally:
         for p in procs:
             if p.proc.poll() is None:
                 t = time.monotonic()
                 p.stop()
-                row("4", f"{p.name} stopped with SIGTERM", f"exit {p.proc.returncode} after {time.monotonic() - t:.1f} s")
-            print(f"--- {p.name} exit {p.proc.returncode} (log {p.log.name}); last lines:\n" + "\n".join(l for _, l in p.lines[-8:]), flush=True)
+                row(
+                    "4",
+                    f"{p.name} stopped with SIGTERM",
+                    f"exit {p.proc.returncode} after {time.monotonic() - t:.1f} s",
+                )
+            print(
+                f"--- {p.name} exit {p.proc.returncode} (log {p.log.name}); last lines:\n"
+                + "\n".join(line for _, line in p.lines[-8:]),
+                flush=True,
+            )
         broker.kill()
         if STATES is not None:
             STATES.close()
@@ -553,7 +708,9 @@ def items_3_4(root: Path, examples: int, parts: set[int], photos: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--parts", default="1,2,3,4")
     parser.add_argument("--every", type=int, default=3, help="every n-th photo of each class is replayed")
     parser.add_argument("--examples", type=int, default=3000)
