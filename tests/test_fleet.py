@@ -232,3 +232,42 @@ def test_a_follower_with_a_key_refuses_an_unsigned_pack(tmp_path, broker):
     finally:
         follower.stop()
         leader.stop()
+
+
+@needs_mosquitto
+def test_a_broker_that_lost_everything_gets_the_pack_again_and_a_stalled_pack_is_given_up(
+    tmp_path, broker, monkeypatch
+):
+    from edgeknn.fleet import follower as follower_module
+
+    monkeypatch.setattr(follower_module, "STALL_S", 2.0)
+    photos = photo_folders(tmp_path)
+    scene = Scene(photos)
+    leader = Running(build(fleet_config(tmp_path, broker, "kitchen", publish=True), opener=scene.opener))
+    hall = fleet_config(tmp_path, broker, "hall", follow="kitchen")
+    follower = Running(build(hall, opener=Scene(photos).opener))
+    raw = None
+    try:
+        teach(leader, scene, per_class=2)
+        want = leader.daemon.store.counts()
+        assert wait_for(lambda: follower.daemon.store.counts() == want, 90)
+        # the broker restarts with nothing retained (no persistence): the leader publishes its pack again
+        broker.kill()
+        broker.restart()
+        raw = raw_client(broker.port)
+        manifests: list[bytes] = []
+        raw.on_message = lambda c, u, m: manifests.append(m.payload)
+        raw.subscribe("edgeknn/kitchen/fleet/manifest", qos=1)
+        assert wait_for(lambda: manifests and manifests[-1], 60), "the leader did not republish its pack"
+        assert pack.parse(manifests[-1]).examples == sum(want.values())
+        # a manifest whose chunks stop coming is given up after STALL_S, and the last good pack stays
+        data, manifest = a_pack()
+        publish(raw, f"edgeknn/kitchen/fleet/pack/{manifest.version}/0", data[:1024])
+        publish(raw, "edgeknn/kitchen/fleet/manifest", manifest.to_json())
+        assert wait_for(lambda: "1 of 5 chunks came" in follower.daemon.state()["fleet"]["error"], 30)
+        assert follower.daemon.store.counts() == want
+    finally:
+        if raw is not None:
+            raw.loop_stop()
+        follower.stop()
+        leader.stop()

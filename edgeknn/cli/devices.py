@@ -1,9 +1,10 @@
 """`edgeknn devices`: the devices on a broker, read from their retained messages (state, availability, the
 fleet's manifest and following), for a person looking after a fleet.
 
-It listens for ``--wait`` seconds (retained messages arrive at once; a prediction only if one is published
-meanwhile) and prints one line per device, or ``--json``. The topic tree comes from ``mqtt.base_topic``
-with ``{device_id}`` as the wildcard, so it lists the devices that share this config's pattern.
+It listens for ``--wait`` seconds (retained messages arrive at once; the newest prediction is Home
+Assistant's retained copy where discovery is on, else one published meanwhile) and prints one line per
+device, or ``--json``. The topic tree comes from ``mqtt.base_topic`` with ``{device_id}`` as the
+wildcard, so it lists the devices that share this config's pattern.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from edgeknn.cli.options import load_config, print_json
 from edgeknn.mqtt.client import MqttError, make_client
 
 SUFFIXES = ("state", "availability", "prediction", "fleet/manifest", "fleet/following", "fleet/online")
+HA_PREDICTION = (
+    "ha/+/prediction"  # Home Assistant's retained copy of the newest prediction (with discovery on)
+)
 MAX_BODY = 1 << 20  # a manifest of many chunks; anything bigger is not read
 
 
@@ -39,7 +43,9 @@ def devices(args) -> int:
     def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         rest = msg.topic[len(head) :]
         device, _, suffix = rest.partition(tail + "/" if tail else "/")
-        if suffix in SUFFIXES and len(msg.payload) <= MAX_BODY:
+        if suffix.startswith("ha/") and suffix.endswith("/prediction"):
+            suffix = "ha/prediction"
+        if (suffix in SUFFIXES or suffix == "ha/prediction") and len(msg.payload) <= MAX_BODY:
             seen.setdefault(device, {})[suffix] = bytes(msg.payload)
 
     try:
@@ -51,7 +57,7 @@ def devices(args) -> int:
     client.on_message = on_message
 
     def on_connect(c: mqtt.Client, *args: Any) -> None:
-        for suffix in SUFFIXES:
+        for suffix in (*SUFFIXES, HA_PREDICTION):
             c.subscribe(f"{head}+{tail}/{suffix}", qos=0)
 
     client.on_connect = on_connect
@@ -84,7 +90,7 @@ def describe(device: str, topics: dict[str, bytes]) -> dict[str, Any]:
     """One device as the broker knows it."""
     state = _json(topics.get("state"))
     fleet: dict = state["fleet"] if isinstance(state.get("fleet"), dict) else {}
-    prediction = _json(topics.get("prediction"))
+    prediction = _json(topics.get("prediction") or topics.get("ha/prediction"))
     manifest = _json(topics.get("fleet/manifest"))
     return {
         "device": device,

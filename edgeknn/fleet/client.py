@@ -38,6 +38,8 @@ class FleetClient:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._said_down = False
+        self.connects = 0  # how many times a connection was made: a reconnect may have lost retained messages
+        self.on_reconnect: Callable[[], None] | None = None
         self._client.on_disconnect = lambda *args: self._connected.clear()
 
     @property
@@ -92,12 +94,15 @@ class FleetClient:
                 log.warning("fleet: the broker refused the fleet's connection: %s", reason)
             return
         self._said_down = False
+        self.connects += 1
         client.publish(self._online, "online", qos=1, retain=True)
         with self._lock:
             filters = list(self._handlers)
         for topic_filter in filters:
             client.subscribe(topic_filter, qos=1)
         self._connected.set()
+        if self.connects > 1 and self.on_reconnect is not None:
+            self.on_reconnect()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:

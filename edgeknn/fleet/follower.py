@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from edgeknn.throttle import Throttle
 log = logging.getLogger(__name__)
 
 APPLY_WAIT_S = 300.0  # the loop applies a queued import between frames
+STALL_S = 60.0  # a pack none of whose missing chunks came for this long is given up (the leader republishes)
 
 
 class Follower(Output):
@@ -49,6 +51,7 @@ class Follower(Output):
         self._state_file = folder / "fleet-follow.json"
         self.loaded: str | None = self._read_loaded()  # sha256 of the pack the store holds
         self._assembly: pack.Assembly | None = None
+        self._progress = 0.0  # when the pack being gathered last got a chunk
         self._lock = threading.Lock()
         self._ready: queue.Queue[pack.Assembly | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="fleet-follower", daemon=True)
@@ -121,6 +124,7 @@ class Follower(Output):
                 self.client.unsubscribe(self._chunks(current.manifest))
                 current.close()
             self._assembly = pack.Assembly(manifest, self._folder)
+            self._progress = time.monotonic()
         log.info("fleet: %s published pack %s (%d examples): loading it", self.leader, manifest.version,
                  manifest.examples)  # fmt: skip
         self.client.subscribe(self._chunks(manifest), self._on_chunk)
@@ -135,6 +139,7 @@ class Follower(Output):
                 return
             try:
                 assembly.put(int(parts[-1]), payload)
+                self._progress = time.monotonic()
             except pack.PackError as e:
                 self._drop(assembly)
                 self._refuse(f"pack {assembly.manifest.version}: {e}")
@@ -156,13 +161,33 @@ class Follower(Output):
     # --- this output's thread: check, re-embed, hand to the loop --------------------------------
 
     def _run(self) -> None:
-        while (assembly := self._ready.get()) is not None:
+        while True:
+            try:
+                assembly = self._ready.get(timeout=5.0)
+            except queue.Empty:
+                self._give_up_stalled()
+                continue
+            if assembly is None:
+                return
             try:
                 self._load(assembly)
             except (pack.PackError, archive.ArchiveError, OSError, ValueError, RuntimeError) as e:
                 self._refuse(f"pack {assembly.manifest.version}: {e}")
             finally:
                 assembly.close()
+
+    def _give_up_stalled(self) -> None:
+        """A pack whose chunks stopped coming (a broker that lost some in a crash, a leader gone mid-pack)
+        is given up, so that the same version published again is gathered anew."""
+        with self._lock:
+            assembly = self._assembly
+            if assembly is None or time.monotonic() - self._progress < STALL_S:
+                return
+            self._drop(assembly)
+        have, of = assembly.received, len(assembly.manifest.chunks)
+        self._refuse(
+            f"pack {assembly.manifest.version}: {have} of {of} chunks came, then none for {STALL_S:.0f} s"
+        )
 
     def _load(self, assembly: pack.Assembly) -> None:
         manifest = assembly.manifest

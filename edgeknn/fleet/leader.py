@@ -6,7 +6,11 @@ removed, renamed or forgotten, an import, a reset). Once changes pause for ``fle
 lends the store (``LendExamples``, a few ms, no copy), and this output's own thread writes the archive to a
 temporary file, cuts it into chunks and publishes them, then the manifest, then clears the chunks of the
 version before. A pack the broker already holds (the same sha256 in its retained manifest: a restart, a
-change undone) is not published again.
+change undone) is not published again. After a reconnect the whole pack is published again, once: a broker
+that crashed may have lost retained chunks it had acknowledged (not yet saved), or all of them; and a
+publish interrupted by the outage starts over from its first chunk, so a manifest always follows every
+chunk it names on the broker as it now is. Rows go as float16 from a float32 store (half the bytes;
+unit vectors lose nothing a k-NN notices), uint8 as they are.
 """
 
 from __future__ import annotations
@@ -56,12 +60,14 @@ class Leader(Output):
         self._changed_at: float | None = time.monotonic()  # a first pack at start (unless the broker has it)
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet-leader", daemon=True)
+        self._force = False  # publish even if the broker's manifest names this pack (after a reconnect)
         self.followers: dict[str, str] = {}  # device id → the pack version it last loaded
         self.last_error = ""
 
     # --- Output ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.client.on_reconnect = self._on_reconnect
         self.client.subscribe(self._manifest_topic, self._on_own_manifest)
         prefix = self.client.base.rsplit("/", 1)[0]
         self.client.subscribe(f"{prefix}/+/fleet/following", self._on_following)
@@ -90,6 +96,12 @@ class Leader(Output):
         }
 
     # --- the broker's side ----------------------------------------------------------------------
+
+    def _on_reconnect(self) -> None:
+        """The broker may have lost what it held: publish the whole pack again (no debounce)."""
+        self._force = True
+        self._changed_at = time.monotonic() - self._debounce
+        self._wake.set()
 
     def _on_own_manifest(self, topic: str, payload: bytes) -> None:
         if payload:
@@ -143,26 +155,24 @@ class Leader(Output):
         return box["result"].detail
 
     def _publish_once(self) -> None:
+        force, self._force = self._force, False
         detail = self._lend()
         lent = detail["lent"]
         with tempfile.TemporaryFile(dir=self._folder) as f:
             try:
-                exchange.write_lent(f, lent)
+                exchange.write_lent(f, lent, "float16" if lent.storage == "float32" else None)
             finally:
                 detail["give_back"]()
             examples = len(lent.examples)
             manifest = pack.make(self.device, f, lent.model_id, list(lent.classes), examples)
             before = self._published
-            if before is not None and before.sha256 == manifest.sha256:
+            if before is not None and before.sha256 == manifest.sha256 and not force:
                 log.debug("fleet: the broker already holds this pack (%s)", manifest.version)
                 return
+            connects = self.client.connects
             for index, data in pack.chunks_of(f, manifest):
-                if self._stop.is_set() or not self.client.publish(self._chunk_topic(manifest, index), data):
-                    raise RuntimeError(
-                        f"chunk {index} of {len(manifest.chunks)} not acknowledged by the broker"
-                    )
-        if not self.client.publish(self._manifest_topic, manifest.to_json(self._key)):
-            raise RuntimeError("the manifest was not acknowledged by the broker")
+                self._send(self._chunk_topic(manifest, index), data, connects, f"chunk {index}")
+        self._send(self._manifest_topic, manifest.to_json(self._key), connects, "the manifest")
         self._published = manifest
         log.info(
             "fleet: published pack %s: %d examples of %d classes, %d bytes in %d chunks",
@@ -171,6 +181,13 @@ class Leader(Output):
         if before is not None and before.version != manifest.version:
             for index in range(len(before.chunks)):  # the old version's chunks: gone from the broker
                 self.client.publish(self._chunk_topic(before, index), b"", timeout=10.0)
+
+    def _send(self, topic: str, payload: bytes, connects: int, what: str) -> None:
+        """Publish one piece of a pack; a piece not acknowledged, or a reconnect since the first, starts
+        the whole pack over (the broker may have lost pieces it had acknowledged)."""
+        if self._stop.is_set() or not self.client.publish(topic, payload) or self.client.connects != connects:
+            self._force = True
+            raise RuntimeError(f"{what} was not acknowledged by the broker, or the connection was lost")
 
     def _chunk_topic(self, manifest: pack.Manifest, index: int) -> str:
         return f"{self.client.base}/fleet/pack/{manifest.version}/{index}"

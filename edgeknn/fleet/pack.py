@@ -163,6 +163,10 @@ class Assembly:
     def complete(self) -> bool:
         return len(self._have) == len(self.manifest.chunks)
 
+    @property
+    def received(self) -> int:
+        return len(self._have)
+
     def put(self, index: int, data: bytes) -> None:
         """Take chunk ``index`` (PackError when it is not the chunk the manifest names)."""
         m = self.manifest
