@@ -15,6 +15,7 @@ Every rule answers ``UNKNOWN`` when the store is empty or the frame's ``similari
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +24,7 @@ import numpy as np
 from edgeknn.store.examples import ExampleBook
 from edgeknn.store.head import VIEW_RULES, Head, fit_sample
 from edgeknn.store.names import UNKNOWN
+from edgeknn.store.refit import Refitter
 from edgeknn.store.rows import Rows
 from edgeknn.store.scan import ExampleIndex, Space
 
@@ -52,6 +54,7 @@ class Matcher:
         self.store = store
         self.head = Head(rule, dim)
         self.index = ExampleIndex(Space(rule in VIEW_RULES))  # one row per example: scan.py
+        self.refitter: Refitter | None = None  # set (refit.beside): the head is refitted beside the loop
 
     @property
     def rule(self) -> str:
@@ -77,8 +80,7 @@ class Matcher:
         n = len(rows)
         if n == 0:
             return Prediction(UNKNOWN, 0.0, {}, 0.0)
-        if self.head.stale:
-            self.fit(rows, classes)
+        self._current(rows, classes)
         if self.rule in VIEW_RULES:
             nearest, sims = self.index.nearest(vector, self.store.k, rows.get, self.store.full_scan)
         else:
@@ -107,8 +109,7 @@ class Matcher:
             return float(self.store.threshold)
         if not len(rows) or self.rule not in VIEW_RULES:
             return 0.0
-        if self.head.stale:
-            self.fit(rows, classes)
+        self._current(rows, classes)
         book = self.store._book
 
         def added(positions: np.ndarray) -> np.ndarray:
@@ -124,6 +125,33 @@ class Matcher:
             return "set"
         self.effective_threshold(rows, classes)
         return self.index.calibration if len(rows) and self.rule in VIEW_RULES else "none"
+
+    def _current(self, rows: Rows, classes: list[str]) -> None:
+        """Before an answer: the head fitted (on this thread), or with a refitter the finished fit
+        swapped in and a new one started beside the loop when the rows changed (``refit.py``)."""
+        if self.refitter is None or self.refitter.failed:
+            if self.head.stale:
+                self.fit(rows, classes)
+            return
+        fit = self.refitter.take()
+        if fit is not None and len(fit.present) == len(classes):
+            self.head.fitted = fit
+        elif fit is not None:
+            self.head.stale = True  # the classes changed during the fit: it no longer fits them
+        fitted = self.head.fitted
+        if fitted is None or len(fitted.present) != len(classes):
+            self.fit(rows, classes)  # a first fit, or other classes: on this thread
+            return
+        present = np.bincount(rows.labels, minlength=len(classes)) > 0
+        if not np.array_equal(fitted.present, fitted.present & present):  # a class left without examples
+            self.head.fitted = fitted = dataclasses.replace(fitted, present=fitted.present & present)
+        if self.head.stale and len(rows) and not self.refitter.running:
+            index = fit_sample(rows.labels, rows.examples, len(classes))
+            center = self.head.center.copy() if self.head.seen else None
+            labels = rows.labels[index].copy()
+            self.refitter.start(self.rule, center, fitted, rows.get(index), labels, present)
+            self.head.stale = False  # a change from now on schedules one more
+        self.index.sync(len(rows), rows.examples, rows.get, Space(True, fitted.center))
 
     def fit(self, rows: Rows, classes: list[str]) -> None:
         """Fit the rule's head now if it is due (else the next classify does it).
