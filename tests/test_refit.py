@@ -150,3 +150,25 @@ def test_the_loop_fits_no_head_after_a_delete(tmp_path, monkeypatch):
         assert threads and run.thread.name not in threads, threads
     finally:
         run.stop()
+
+
+def test_a_class_removed_and_one_added_during_a_refit_is_fitted_here_and_the_old_refit_dropped(monkeypatch):
+    """The slots moved: the previous weights (and the refit running on them) no longer fit the classes."""
+    from edgeknn.store import refit
+
+    store = taught(10)
+    refitter = refit.beside(store)
+    held = HeldFits(monkeypatch)
+    query = store.rows(np.flatnonzero(store.labels() == 2)[:1])[0]
+    store.delete_example(store.examples("c0")[0].id)
+    store.classify(query)  # a refit starts, held, for c0 c1 c2
+    store.remove_class("c1")
+    store.add_class("c9")  # as many classes, other slots: c2 is slot 1 now
+    assert store.classify(query).label == "c2"  # fitted here, at once
+    assert held.threads == ["edgeknn-refit", "MainThread"]
+    fitted = store._head.fitted
+    assert fitted is not None
+    held.release.set()
+    assert refitter.wait(30)
+    store.classify(query)
+    assert store._head.fitted.weights is fitted.weights  # the old refit's result was dropped

@@ -55,6 +55,9 @@ class Matcher:
         self.head = Head(rule, dim)
         self.index = ExampleIndex(Space(rule in VIEW_RULES))  # one row per example: scan.py
         self.refitter: Refitter | None = None  # set (refit.beside): the head is refitted beside the loop
+        self._fits_here = 0  # fits on the calling thread: one during a refit makes the refit's result old
+        self._refit_after = 0  # ``_fits_here`` when the running refit started
+        self._fitted_for: tuple[str, ...] = ()  # the classes (their slots) the head was fitted for
 
     @property
     def rule(self) -> str:
@@ -129,18 +132,18 @@ class Matcher:
     def _current(self, rows: Rows, classes: list[str]) -> None:
         """Before an answer: the head fitted (on this thread), or with a refitter the finished fit
         swapped in and a new one started beside the loop when the rows changed (``refit.py``)."""
-        if self.refitter is None or self.refitter.failed:
+        if self.refitter is None or self.refitter.failed or self.rule not in VIEW_RULES:
             if self.head.stale:
                 self.fit(rows, classes)
             return
         fit = self.refitter.take()
-        if fit is not None and len(fit.present) == len(classes):
+        if fit is not None and self._refit_after == self._fits_here:
             self.head.fitted = fit
-        elif fit is not None:
-            self.head.stale = True  # the classes changed during the fit: it no longer fits them
+        # else: the classes changed during the refit (a fit here since): the fit here is newer
         fitted = self.head.fitted
-        if fitted is None or len(fitted.present) != len(classes):
-            self.fit(rows, classes)  # a first fit, or other classes: on this thread
+        if fitted is None or self._fitted_for != tuple(classes):
+            self.head.stale = True
+            self.fit(rows, classes)  # a first fit, or classes added, removed or renamed: on this thread
             return
         present = np.bincount(rows.labels, minlength=len(classes)) > 0
         if not np.array_equal(fitted.present, fitted.present & present):  # a class left without examples
@@ -150,6 +153,7 @@ class Matcher:
             center = self.head.center.copy() if self.head.seen else None
             labels = rows.labels[index].copy()
             self.refitter.start(self.rule, center, fitted, rows.get(index), labels, present)
+            self._refit_after = self._fits_here
             self.head.stale = False  # a change from now on schedules one more
         self.index.sync(len(rows), rows.examples, rows.get, Space(True, fitted.center))
 
@@ -167,5 +171,6 @@ class Matcher:
             index = fit_sample(labels, rows.examples, len(classes))
             present = np.bincount(labels, minlength=len(classes)) > 0
             self.head.fit(rows.get(index), labels[index], present)
+            self._fits_here, self._fitted_for = self._fits_here + 1, tuple(classes)
         center = self.head.fitted.center if view_rule and self.head.fitted is not None else None
         self.index.sync(len(rows), rows.examples, rows.get, Space(view_rule, center))
