@@ -57,7 +57,7 @@ class Pings:
 
 def longest_gap(times: list[float], start: float, end: float) -> float:
     points = [start, *[t for t in times if start < t < end], end]
-    return max(b - a for a, b in zip(points, points[1:]))
+    return max(b - a for a, b in zip(points, points[1:], strict=False))
 
 
 def main() -> int:
@@ -157,14 +157,12 @@ def main() -> int:
     ok = sum(r.ok for r in replies)
     load = os.getloadavg()
     longest_step = max((d for t, d in steps if t >= begin), default=0.0)
-    print(
-        f"{ok}/{len(ids)} deletes answered in {replied:.2f} s (process CPU over the run {time.process_time() - cpu:.1f} s)"
-    )
+    used = time.process_time() - cpu
+    print(f"{ok}/{len(ids)} deletes answered in {replied:.2f} s (process CPU over the run {used:.1f} s)")
     print(f"longest gap between predictions: {longest_gap(shown.times, begin, end):.2f} s")
     print(f"longest gap between WATCHDOG pings: {longest_gap(pings.times, begin, end):.2f} s (every 15 s)")
-    print(
-        f"longest loop step: {longest_step * 1000:.0f} ms; predictions after the deletes: {sum(t > begin for t in shown.times)}"
-    )
+    after = sum(t > begin for t in shown.times)
+    print(f"longest loop step: {longest_step * 1000:.0f} ms; predictions after the deletes: {after}")
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     return 0
 

@@ -61,7 +61,7 @@ def test_classify_during_a_refit_answers_at_once_without_the_deleted_example(mon
     query = store.rows(np.flatnonzero(store.example_ids() == gone)[:1])[0]
     store.delete_example(gone)
     prediction = store.classify(query)  # returns although the fit it started is held
-    assert refitter.running and held.threads == ["edgeknn-refit"]
+    assert refitter.running and wait_for(lambda: held.threads == ["edgeknn-refit"])
     assert store._head.fitted is not None and store._head.fitted.weights is before.weights  # the previous fit
     assert prediction.neighbours and gone not in store.example_ids()[store._index.first]
     assert len(store._index) == len(store.examples())  # the index is current: one row per example
@@ -81,7 +81,7 @@ def test_changes_during_a_refit_coalesce_into_one_more(monkeypatch):
     for example in store.examples("c0")[:3]:  # three deletes while the first refit is held
         store.delete_example(example.id)
         store.classify(query)
-    assert held.threads == ["edgeknn-refit"]
+    assert wait_for(lambda: held.threads == ["edgeknn-refit"])
     held.release.set()
     assert wait_for(lambda: (store.classify(query), refitter.fits == 2)[1], 30)
     assert wait_for(lambda: (store.classify(query), not refitter.running)[1], 30)
@@ -165,10 +165,33 @@ def test_a_class_removed_and_one_added_during_a_refit_is_fitted_here_and_the_old
     store.remove_class("c1")
     store.add_class("c9")  # as many classes, other slots: c2 is slot 1 now
     assert store.classify(query).label == "c2"  # fitted here, at once
-    assert held.threads == ["edgeknn-refit", "MainThread"]
+    assert wait_for(lambda: sorted(held.threads) == ["MainThread", "edgeknn-refit"])
     fitted = store._head.fitted
     assert fitted is not None
     held.release.set()
     assert refitter.wait(30)
     store.classify(query)
     assert store._head.fitted.weights is fitted.weights  # the old refit's result was dropped
+
+
+def test_a_refit_that_fails_is_said_and_the_change_fitted_here(monkeypatch, caplog):
+    from edgeknn.store import refit
+
+    store = taught(10)
+    refitter = refit.beside(store)
+    before = store._head.fitted
+    real = head_module.fit_head
+
+    def broken(*args):
+        if threading.current_thread() is not threading.main_thread():
+            raise MemoryError("no room for the fit")
+        return real(*args)
+
+    monkeypatch.setattr(head_module, "fit_head", broken)
+    query = store.rows(slice(0, 1))[0]
+    store.delete_example(store.examples("c0")[0].id)
+    store.classify(query)
+    assert refitter.wait(30) and refitter.failed
+    assert store.classify(query).label == "c0"
+    assert store._head.fitted is not None and store._head.fitted.weights is not before.weights  # fitted here
+    assert "refitting the head beside the loop failed" in caplog.text

@@ -133,6 +133,9 @@ class Matcher:
         """Before an answer: the head fitted (on this thread), or with a refitter the finished fit
         swapped in and a new one started beside the loop when the rows changed (``refit.py``)."""
         if self.refitter is None or self.refitter.failed or self.rule not in VIEW_RULES:
+            if self.refitter is not None and self.refitter.failed and self.refitter.running:
+                self.refitter.take()  # the refit that failed: its change is fitted here
+                self.head.stale = True
             if self.head.stale:
                 self.fit(rows, classes)
             return
