@@ -54,6 +54,7 @@ from edgeknn.model.embedder import Embedder
 from edgeknn.model.inference import InferenceThread
 from edgeknn.outputs import Output, Reading
 from edgeknn.store import lock as storelock
+from edgeknn.store import refit
 from edgeknn.store.head import VIEW_RULES
 from edgeknn.store.knn import KnnStore, threshold_calibration
 from edgeknn.store.names import UNKNOWN
@@ -189,6 +190,8 @@ class Daemon:
         else:
             store.threshold = self.settings.kept.get("threshold", store.threshold)
         store.fit()
+        if not self.classifier:  # from now on a change's refit runs beside the loop (store/refit.py)
+            refit.beside(store)
 
     # --- commands ---------------------------------------------------------------------------
 

@@ -110,28 +110,8 @@ class Head:
         ``rows`` is a float32 copy of the sampled rows (transformed in place), ``labels`` their
         classes, ``present`` which of the classes have rows at all.
         """
-        x = sqrt_features(rows)
-        center = self.center.copy() if self.seen else x.mean(axis=0)
-        x -= center
-        unit_rows(x)
-        c = len(present)
-        if self.rule == "prototype":
-            weights = np.zeros((x.shape[1], c), np.float32)
-            np.add.at(weights.T, labels, x)
-            weights /= np.maximum(np.linalg.norm(weights, axis=0, keepdims=True), 1e-12)
-            bias = np.zeros(c, np.float32)
-        else:
-            start = None if self.fitted is None else (self.fitted.weights, self.fitted.bias)
-            weights, bias = _fit_softmax(x, labels, c, start)
-        self.fitted = Fit(
-            weights,
-            bias,
-            center,
-            present,
-            rows=np.ascontiguousarray(weights.T),
-            center_w=center @ weights,
-            center_sq=float(center @ center),
-        )
+        center = self.center.copy() if self.seen else None
+        self.fitted = fit_head(self.rule, center, self.fitted, rows, labels, present)
         self.stale = False
 
     def answer(self, vector: np.ndarray, nearest: np.ndarray, classes: int) -> tuple[np.ndarray, int]:
@@ -161,6 +141,40 @@ class Head:
         logits = (_TEMPERATURE / np.sqrt(spread)) * (s_w / norm - f.center_w) + f.bias
         logits[~f.present] = -np.inf  # a class with no examples can never win
         return _softmax(logits[np.newaxis])[0]
+
+
+def fit_head(
+    rule: str,
+    center: np.ndarray | None,
+    start: Fit | None,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    present: np.ndarray,
+) -> Fit:
+    """A prototype or softmax head fitted on ``rows`` (``Head.fit``'s arguments; transformed in place),
+    centred on ``center`` (a copy: None for the rows' mean), warm-started from ``start`` when it has
+    the same classes. Reads nothing else: the refitter (``refit.py``) calls it beside the loop."""
+    x = sqrt_features(rows)
+    center = x.mean(axis=0) if center is None else center
+    x -= center
+    unit_rows(x)
+    c = len(present)
+    if rule == "prototype":
+        weights = np.zeros((x.shape[1], c), np.float32)
+        np.add.at(weights.T, labels, x)
+        weights /= np.maximum(np.linalg.norm(weights, axis=0, keepdims=True), 1e-12)
+        bias = np.zeros(c, np.float32)
+    else:
+        weights, bias = _fit_softmax(x, labels, c, None if start is None else (start.weights, start.bias))
+    return Fit(
+        weights,
+        bias,
+        center,
+        present,
+        rows=np.ascontiguousarray(weights.T),
+        center_w=center @ weights,
+        center_sq=float(center @ center),
+    )
 
 
 def sqrt_features(rows: np.ndarray) -> np.ndarray:

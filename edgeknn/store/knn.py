@@ -239,7 +239,7 @@ class KnnStore:
         self._drop_examples(np.unique(self._rows.examples[~keep]).tolist())
         self._rows.compact(keep)
         self._head.stale = True
-        self._index.clear()
+        self._index.compacted(keep)
 
     def rows(self, index: np.ndarray | slice | None = None) -> np.ndarray:
         """A float32 copy of the stored rows (all, or ``index`` into them), uint8 ones scaled back."""

@@ -15,6 +15,7 @@ Every rule answers ``UNKNOWN`` when the store is empty or the frame's ``similari
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +24,7 @@ import numpy as np
 from edgeknn.store.examples import ExampleBook
 from edgeknn.store.head import VIEW_RULES, Head, fit_sample
 from edgeknn.store.names import UNKNOWN
+from edgeknn.store.refit import Refitter
 from edgeknn.store.rows import Rows
 from edgeknn.store.scan import ExampleIndex, Space
 
@@ -52,6 +54,10 @@ class Matcher:
         self.store = store
         self.head = Head(rule, dim)
         self.index = ExampleIndex(Space(rule in VIEW_RULES))  # one row per example: scan.py
+        self.refitter: Refitter | None = None  # set (refit.beside): the head is refitted beside the loop
+        self._fits_here = 0  # fits on the calling thread: one during a refit makes the refit's result old
+        self._refit_after = 0  # ``_fits_here`` when the running refit started
+        self._fitted_for: tuple[str, ...] = ()  # the classes (their slots) the head was fitted for
 
     @property
     def rule(self) -> str:
@@ -77,8 +83,7 @@ class Matcher:
         n = len(rows)
         if n == 0:
             return Prediction(UNKNOWN, 0.0, {}, 0.0)
-        if self.head.stale:
-            self.fit(rows, classes)
+        self._current(rows, classes)
         if self.rule in VIEW_RULES:
             nearest, sims = self.index.nearest(vector, self.store.k, rows.get, self.store.full_scan)
         else:
@@ -107,8 +112,7 @@ class Matcher:
             return float(self.store.threshold)
         if not len(rows) or self.rule not in VIEW_RULES:
             return 0.0
-        if self.head.stale:
-            self.fit(rows, classes)
+        self._current(rows, classes)
         book = self.store._book
 
         def added(positions: np.ndarray) -> np.ndarray:
@@ -125,6 +129,37 @@ class Matcher:
         self.effective_threshold(rows, classes)
         return self.index.calibration if len(rows) and self.rule in VIEW_RULES else "none"
 
+    def _current(self, rows: Rows, classes: list[str]) -> None:
+        """Before an answer: the head fitted (on this thread), or with a refitter the finished fit
+        swapped in and a new one started beside the loop when the rows changed (``refit.py``)."""
+        if self.refitter is None or self.refitter.failed or self.rule not in VIEW_RULES:
+            if self.refitter is not None and self.refitter.failed and self.refitter.running:
+                self.refitter.take()  # the refit that failed: its change is fitted here
+                self.head.stale = True
+            if self.head.stale:
+                self.fit(rows, classes)
+            return
+        fit = self.refitter.take()
+        if fit is not None and self._refit_after == self._fits_here:
+            self.head.fitted = fit
+        # else: the classes changed during the refit (a fit here since): the fit here is newer
+        fitted = self.head.fitted
+        if fitted is None or self._fitted_for != tuple(classes):
+            self.head.stale = True
+            self.fit(rows, classes)  # a first fit, or classes added, removed or renamed: on this thread
+            return
+        present = np.bincount(rows.labels, minlength=len(classes)) > 0
+        if not np.array_equal(fitted.present, fitted.present & present):  # a class left without examples
+            self.head.fitted = fitted = dataclasses.replace(fitted, present=fitted.present & present)
+        if self.head.stale and len(rows) and not self.refitter.running:
+            index = fit_sample(rows.labels, rows.examples, len(classes))
+            center = self.head.center.copy() if self.head.seen else None
+            labels = rows.labels[index].copy()
+            self.refitter.start(self.rule, center, fitted, rows.get(index), labels, present)
+            self._refit_after = self._fits_here
+            self.head.stale = False  # a change from now on schedules one more
+        self.index.sync(len(rows), rows.examples, rows.get, Space(True, fitted.center))
+
     def fit(self, rows: Rows, classes: list[str]) -> None:
         """Fit the rule's head now if it is due (else the next classify does it).
 
@@ -139,5 +174,6 @@ class Matcher:
             index = fit_sample(labels, rows.examples, len(classes))
             present = np.bincount(labels, minlength=len(classes)) > 0
             self.head.fit(rows.get(index), labels[index], present)
+            self._fits_here, self._fitted_for = self._fits_here + 1, tuple(classes)
         center = self.head.fitted.center if view_rule and self.head.fitted is not None else None
         self.index.sync(len(rows), rows.examples, rows.get, Space(view_rule, center))

@@ -9,7 +9,7 @@ cosine to the nearest row did (sign digits, half the classes untaught; README, H
 Per frame, ``ExampleIndex.nearest`` ranks every example by a sketch (its row projected on the top
 ``_RANK`` principal directions of the examples: 12-16x fewer values than its row, 6x that again
 for the six views), then scores the ``_CANDIDATES`` best exactly from the stored rows. New
-examples are sketched when first seen; a removal rebuilds the index and a move of the centre
+examples are sketched when first seen, a removal drops its examples from the index, a move of the centre
 redoes what depends on it, at the next classify after the change, never on every frame.
 
 ``ExampleIndex.threshold``: how close a new photo of a taught class usually comes, measured on the
@@ -101,6 +101,24 @@ class ExampleIndex:
         self.calibration = "none"  # what the threshold was calibrated from (``threshold``)
         self._calibrated_on, self._calibrated_k = 0, 0  # examples and k at the last calibration
         self._changes = 0  # examples added or replaced since
+
+    def compacted(self, keep: np.ndarray) -> None:
+        """Whole examples' rows were removed (``keep``: a mask of the rows before): drop them from the
+        index and move the others' positions, in milliseconds (no rebuild: the basis stays, from the
+        examples it was computed from; the threshold is recalibrated when due)."""
+        e = len(self.first)
+        if self.covered > len(keep) or self._replaced:
+            self.clear()
+            return
+        kept = keep[self.first]
+        position = np.cumsum(keep) - 1
+        self.first = position[self.first[kept]]
+        self.covered = int(np.count_nonzero(keep[: self.covered]))
+        if self.basis is not None:
+            self.sketch = self.sketch[:e][kept]
+        if self._t_c is not None:
+            self._t_c = self._t_c[:e][kept]
+        self._changes += e - len(self.first)
 
     def replaced(self, position: int) -> None:
         """The example whose first row is ``position`` was overwritten by a new one (a full class)."""
