@@ -25,7 +25,9 @@ from rig import (
     teach,
     wait_for,
 )
+from test_page import browser as browser_fixture  # noqa: F401  (the fixture "browser")
 
+from edgeknn import config
 from edgeknn.cli.main import main
 from edgeknn.commands import AddExample, RenameClass, Result
 from edgeknn.device.build import build
@@ -269,5 +271,32 @@ def test_a_broker_that_lost_everything_gets_the_pack_again_and_a_stalled_pack_is
     finally:
         if raw is not None:
             raw.loop_stop()
+        follower.stop()
+        leader.stop()
+
+
+@needs_mosquitto
+def test_the_page_of_a_follower_names_its_leader_and_the_leaders_its_followers(tmp_path, broker, browser):
+    from selenium.webdriver.common.by import By
+    from test_page import logged_in
+    from test_web import PASSWORD, free_port
+
+    photos = photo_folders(tmp_path)
+    pages = {"kitchen": free_port(), "hall": free_port()}
+
+    def device(name: str, **fleet) -> Running:
+        cfg = fleet_config(tmp_path, broker, name, **fleet)
+        web = {"enabled": True, "listen": "127.0.0.1", "port": pages[name], "password": PASSWORD}
+        cfg = config.from_dict({**config.to_dict(cfg), "web": web})
+        return Running(build(cfg, opener=Scene(photos).opener))
+
+    leader, follower = device("kitchen", publish=True), device("hall", follow="kitchen")
+    try:
+        line = lambda: browser.find_element(By.ID, "fleet").text  # noqa: E731
+        logged_in(browser, pages["hall"])
+        assert wait_for(lambda: "Following kitchen" in line(), 30), line()
+        logged_in(browser, pages["kitchen"])
+        assert wait_for(lambda: "Followed by hall" in line(), 60), line()
+    finally:
         follower.stop()
         leader.stop()

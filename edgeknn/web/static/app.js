@@ -255,6 +255,23 @@ function showState(s) {
   $("#guide").classList.toggle("no-classes", names.length === 0);
   showThreshold(s);
   showHealth(s);
+  showFleet(s.fleet);
+}
+
+// A fleet (docs/fleet.md): a follower says whom it follows (teaching here is refused), a leader its followers.
+function showFleet(fleet) {
+  const line = $("#fleet");
+  let text = "";
+  if (fleet && fleet.following) {
+    text = `Following ${fleet.following}: teach ${fleet.following}; this device learns what it is taught.`;
+  } else if (fleet && fleet.publishing) {
+    const n = (fleet.followers || []).length;
+    text = n ? `Followed by ${fleet.followers.join(", ")}.` : "Publishing what it is taught for followers.";
+  }
+  if (fleet && fleet.error) text += ` ${fleet.error}`;
+  line.textContent = text;
+  line.hidden = !text;
+  document.body.classList.toggle("follower", Boolean(fleet && fleet.following));
 }
 
 function showHealth(s) {
