@@ -168,7 +168,7 @@ def test_run_online_then_predictions_then_offline_on_sigterm(tmp_path, broker, s
     daemon = run_daemon(tmp_path, cfg, mqtt=f"127.0.0.1:{broker.port}", web=page)
     live.wait_for(is_online, timeout=30)
     if web:  # the page really is on, beside MQTT (wait_line fails the test otherwise)
-        daemon.wait_line(f"web: the page is at http://<this host>:{page.rpartition(':')[2]} ")
+        daemon.wait_line(f"web: the page is at http://{page} ")
     topics = [m.topic for m in live.messages]
     assert STATE in topics and topics.index(STATE) < topics.index(AVAIL), "state goes out before online"
     state = body(live.wait_for(lambda m: m.topic == STATE and body(m)["broker"] == "ok"))

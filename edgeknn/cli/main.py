@@ -20,6 +20,7 @@ from pathlib import Path
 
 from edgeknn import __version__, config
 from edgeknn.cli import classify as classifycli
+from edgeknn.cli import demo as democli
 from edgeknn.cli import devices as devicescli
 from edgeknn.cli import model as modelcli
 from edgeknn.cli import store as storecli
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt", metavar="HOST[:PORT]", help='MQTT broker, or "none" to run without MQTT')
     p.add_argument("--device-id", help="device id in MQTT topics")
     p.add_argument("--web", metavar="[HOST:]PORT|none", help='the web page\'s port, or "none" for no page')
+
+    p = command(
+        "demo",
+        democli.demo,
+        "try it: the device on the package's demo photos, the page on http://localhost:8080, no network",
+    )
+    democli.add_arguments(p)
 
     p = command(
         "classify", classifycli.classify, "top-k ImageNet-style labels of images (a pretrained classifier)"
