@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS, EXTRACTOR
+from conftest import DIGITS, MODEL
 from gpiozero.pins.mock import MockFactory
 from rig import BUTTONS, CLASSES, LEDS, STATUS, Running, Scene, digit_folders, wait_for
 from rig import make_config as rig_config
@@ -197,7 +197,7 @@ def test_no_gpio_is_one_clear_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GPIOZERO_PIN_FACTORY"}
     config_file = tmp_path / "edgeknn.toml"
     config_file.write_text(
-        f'classes = ["1", "2", "5"]\nstate_dir = "{tmp_path}"\n[model]\npath = "{EXTRACTOR}"\n'
+        f'classes = ["1", "2", "5"]\nstate_dir = "{tmp_path}"\n[model]\npath = "{MODEL}"\n'
         f'[mqtt]\nenabled = false\n[camera]\nsource = "replay:{DIGITS / "1"}"\n'  # a source that works
     )
     proc = subprocess.run(
@@ -222,7 +222,7 @@ def test_run_as_a_newcomer_would_then_sigterm(tmp_path):
         photos = sorted((DIGITS / name).iterdir())[:3]
         subprocess.run(
             [sys.executable, "-m", "edgeknn", "teach", "--store", str(store), "--class", name,
-             "--model", str(EXTRACTOR), *map(str, photos)],
+             "--model", str(MODEL), *map(str, photos)],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -231,7 +231,7 @@ def test_run_as_a_newcomer_would_then_sigterm(tmp_path):
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgeknn", "run", "--source", f"replay:{DIGITS}?fps=30", "--panel", "none",
-         "--mqtt", "none", "--model", str(EXTRACTOR), "--store", str(store)],
+         "--mqtt", "none", "--model", str(MODEL), "--store", str(store)],
         stderr=subprocess.PIPE, text=True, env={**env, "HOME": str(tmp_path)},
     )  # fmt: skip
     lines: list[str] = []  # stderr, read as it comes: the test waits for the first prediction

@@ -28,8 +28,8 @@ from edgeknn.cli.progress import Progress
 from edgeknn.device import lifecycle
 from edgeknn.device.systemd import Notifier
 from edgeknn.model.download import wait_for_model
-from edgeknn.model.registry import URL_BASE_ENV
 from edgeknn.model.registry import MODELS as NAMED
+from edgeknn.model.registry import URL_BASE_ENV
 from edgeknn.model.tflite import sha256_of
 from edgeknn.store.knn import KnnStore
 

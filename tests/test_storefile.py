@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS, EXTRACTOR, REPO, TINY
+from conftest import DIGITS, REPO, TINY
+from conftest import MODEL as DEVICE_MODEL
 
 from edgeknn import config
 from edgeknn.cli.main import main
@@ -366,7 +367,8 @@ def test_teach_refuses_the_store_of_a_running_daemon_and_predict_works(tmp_path)
     store = tmp_path / "state" / "store.npz"
     config_file = tmp_path / "edgeknn.toml"
     config_file.write_text(
-        f'classes = ["one"]\nstate_dir = "{tmp_path / "state"}"\n[model]\npath = "{EXTRACTOR}"\nthreads = 1\n'
+        f'classes = ["one"]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[model]\npath = "{DEVICE_MODEL}"\nthreads = 1\n'
     )
     c = ("--config", config_file)
     taught = edgeknn("teach", *c, "--store", store, "--class", "one", photos[0])

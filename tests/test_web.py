@@ -342,12 +342,12 @@ def test_edgeknn_run_generates_the_password_once_and_serves_the_page(tmp_path):
     import subprocess
     import sys
 
-    from conftest import EXTRACTOR
+    from conftest import MODEL
 
     photos = photo_folders(tmp_path)["1"]
     port = free_port()
     argv = ["run", "--source", f"replay:{photos}?fps=10", "--panel", "none", "--mqtt", "none"]
-    argv += ["--model", str(EXTRACTOR), "--web", f"127.0.0.1:{port}"]
+    argv += ["--model", str(MODEL), "--web", f"127.0.0.1:{port}"]
     env = {**os.environ, "STATE_DIRECTORY": str(tmp_path / "state"), "HOME": str(tmp_path)}
     logs = []
     for _ in range(2):
@@ -378,7 +378,7 @@ def test_a_taken_port_is_one_line_and_the_device_runs_on(tmp_path):
     import subprocess
     import sys
 
-    from conftest import EXTRACTOR
+    from conftest import MODEL
 
     photos = photo_folders(tmp_path)["1"]
     with socket.socket() as taken:
@@ -386,7 +386,7 @@ def test_a_taken_port_is_one_line_and_the_device_runs_on(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         argv = ["run", "--source", f"replay:{photos}?fps=10&loop=0", "--panel", "none", "--mqtt", "none"]
-        argv += ["--model", str(EXTRACTOR), "--web", f"127.0.0.1:{port}"]
+        argv += ["--model", str(MODEL), "--web", f"127.0.0.1:{port}"]
         proc = subprocess.run(
             [sys.executable, "-m", "edgeknn", *argv],
             capture_output=True,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from edgeknn import __version__, config
 from edgeknn.cli import classify as classifycli
+from edgeknn.cli import data as datacli
 from edgeknn.cli import demo as democli
 from edgeknn.cli import devices as devicescli
 from edgeknn.cli import model as modelcli
@@ -220,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--wait", type=float, default=2.0, help="seconds to listen for retained messages (2)")
     p.add_argument("--json", action="store_true", help="one JSON object per device, one per line")
+
+    p = command("data", None, "the models and photo sets the tests and the bench use")
+    data_sub = p.add_subparsers(metavar="ACTION")
+    sp = data_sub.add_parser(
+        "fetch",
+        help="download them, each pinned by commit and sha256, into the cache the tests look in",
+        description="download the pinned models (google-coral/test_data) and photos (test photos, "
+        "sign-language digits), checking every sha256, into --dest (default ~/.cache/edgeknn)",
+    )
+    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config (not used)")
+    sp.add_argument("--dest", type=Path, help=f"where to put them (default {datacli.default_cache()})")
+    sp.set_defaults(func=datacli.data_fetch)
 
     p = command("web", None, "the web page: show or reset its password")
     web_sub = p.add_subparsers(metavar="ACTION")
