@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS, EXTRACTOR, MODELS, PHOTOS, TINY
+from conftest import DIGITS, EXTRACTOR, MODEL, MODELS, PHOTOS, TINY, needs_data
 from httpserve import serve
 
 from edgeknn import config
 from edgeknn.cli.evaluate import auroc
 from edgeknn.cli.main import main
-from edgeknn.imagefiles import find_images
+from edgeknn.imagefiles import find_images, load_rgb
 from edgeknn.model.registry import DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256
 from edgeknn.model.tflite import sha256_of
 from edgeknn.store import archive
@@ -607,3 +607,88 @@ def test_model_fetch_with_a_malformed_url(capsys, tmp_path):
     rc, _, err = run(capsys, "model", "fetch", "--url", "not-a-url", "--dest", tmp_path / "m.tflite")
     assert rc == 1 and "not-a-url" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# --- first contact (issue 21): probabilities from the graph, a bad file in a list, --threshold, help ---
+
+
+@needs_data
+def test_classify_with_the_default_model_gives_its_own_probabilities(capsys):
+    """The packaged default's uint8 softmax sums to 0.95 on grace_hopper: it was softmaxed again (0.0015)."""
+    rc, out, _ = run(capsys, "classify", PHOTOS / "grace_hopper.bmp", "--json")
+    best = json.loads(out)["results"][0]
+    assert rc == 0 and best["label"] == "military uniform" and best["confidence"] >= 0.3, best
+
+
+def test_a_softmax_output_is_told_from_the_graph():
+    from edgeknn.model.classifier import Classifier, outputs_probabilities
+
+    classifier = Classifier(MODEL)
+    model = classifier.model
+    assert outputs_probabilities(model.interpreter, model.output) and classifier.probabilities_out
+    photo = sorted((DIGITS / "5").iterdir())[0]
+    top = classifier.classify(load_rgb(photo, 1024), top=1)[0]
+    raw = model.tensor(model.output).reshape(-1)  # the model's own answer, as its uint8 output says
+    assert top.confidence == pytest.approx(float(raw.max()))
+
+
+def test_classify_skips_a_bad_file_in_a_list_and_classifies_the_rest(capsys, tmp_path):
+    notes = tmp_path / "README.md"
+    notes.write_text("# not a photo\n")
+    first, second = sorted((DIGITS / "1").iterdir())[:2]
+    rc, out, err = run(capsys, "classify", first, notes, second, "--json")
+    assert (
+        rc == 1
+        and err == f"edgeknn: skipped {notes}: not an image file (expected a suffix like .jpg or .png)\n"
+    )
+    assert [json.loads(line)["file"] for line in out.splitlines()] == [str(first), str(second)]
+    renamed = tmp_path / "fake.jpg"  # an image suffix, not an image: skipped when read
+    renamed.write_text("hello")
+    store = demo_store(tmp_path)
+    capsys.readouterr()
+    rc, out, err = run(capsys, "predict", first, renamed, "--store", store, "--json")
+    assert rc == 1 and len(out.splitlines()) == 1 and f"skipped {renamed}: not an image" in err
+
+
+def demo_store(tmp_path: Path) -> Path:
+    """A store taught by the CLI on the default model: 3 demo photos each of 1 and 5."""
+    store = tmp_path / "demo.npz"
+    if not store.exists():
+        for digit in ("1", "5"):
+            files = [str(p) for p in sorted((DIGITS / digit).iterdir())[:3]]
+            assert main(["teach", *files, "--class", f"d{digit}", "--store", str(store)]) == 0
+    return store
+
+
+def test_predict_threshold(capsys, tmp_path):
+    store = demo_store(tmp_path)
+    capsys.readouterr()
+    held_out = sorted((DIGITS / "5").iterdir())[10]
+    answers = {}
+    for threshold in ("1.0", "-1", "auto"):
+        rc, out, _ = run(capsys, "predict", held_out, "--store", store, "--threshold", threshold, "--json")
+        assert rc == 0
+        answers[threshold] = json.loads(out)["label"]
+    assert answers["1.0"] == "unrecognized" and answers["-1"] in ("d1", "d5"), answers
+    with pytest.raises(SystemExit) as info:
+        main(["predict", str(held_out), "--store", str(store), "--threshold", "2"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert info.value.code == 2 and "--threshold" in err and "'2'" in err
+
+
+def test_every_argument_of_every_command_has_help():
+    import argparse
+
+    from edgeknn.cli.main import build_parser
+
+    def missing(parser: argparse.ArgumentParser, name: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    found += missing(p, f"{name} {sub}")
+            elif not isinstance(action, argparse._HelpAction | argparse._VersionAction) and not action.help:
+                found.append(f"{name}: {action.option_strings[0] if action.option_strings else action.dest}")
+        return found
+
+    assert missing(build_parser(), "edgeknn") == []
