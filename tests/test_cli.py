@@ -87,6 +87,7 @@ def store_copy(tmp_path, taught) -> Path:
 # --- eval ----------------------------------------
 
 
+@needs_data
 def test_eval_json(capsys, dataset):
     rc, out, _ = run(capsys, "eval", dataset, "--model", TINY, "--shots", "1,2", "--seeds", "2", "--json")
     assert rc == 0
@@ -105,6 +106,7 @@ def test_eval_json(capsys, dataset):
     assert "open_set" not in result
 
 
+@needs_data
 def test_eval_open_set_reports_the_unknown_answer(capsys, dataset, tmp_path):
     """1, 2 and half the classes taught (4 classes: half is 2, reported once), per scenario and shot
     count each figure's mean and spread over the seeds; the embeddings are cached for the next run."""
@@ -139,6 +141,7 @@ def test_eval_old_protocol_and_a_class_subset(capsys, dataset, tmp_path):
     assert rc != 0 and "nine" in err and "Traceback" not in err
 
 
+@needs_data
 def test_eval_one_rule(capsys, dataset):
     rc, out, _ = run(
         capsys,
@@ -157,6 +160,7 @@ def test_eval_one_rule(capsys, dataset):
     assert rc == 0 and set(json.loads(out)["rules"]) == {"nearest"}
 
 
+@needs_data
 def test_eval_prints_a_table(capsys, dataset):
     rc, out, _ = run(
         capsys, "eval", dataset, "--model", TINY, "--shots", "1", "--seeds", "1", "--rule", "tfjs"
@@ -166,6 +170,7 @@ def test_eval_prints_a_table(capsys, dataset):
     assert any(line.startswith("tfjs ") for line in out.splitlines())
 
 
+@needs_data
 @pytest.mark.parametrize(
     ("args", "culprit"),
     [
@@ -180,6 +185,7 @@ def test_eval_bad_usage(capsys, dataset, args, culprit):
     assert rc == 2 and culprit in err
 
 
+@needs_data
 def test_eval_on_a_folder_without_classes(capsys, tmp_path):
     (tmp_path / "only").mkdir()
     rc, _, err = run(capsys, "eval", tmp_path, "--model", TINY)
@@ -211,6 +217,7 @@ def test_auroc_accepts_zero_one_labels():
 # --- teach and predict ----------------------------------------
 
 
+@needs_data
 def test_teach_then_predict(capsys, dataset, taught):
     store = KnnStore.load(taught, sha256_of(TINY))
     assert store.counts() == {"zero": 3, "five": 3}
@@ -230,6 +237,7 @@ def test_teach_then_predict(capsys, dataset, taught):
             assert len(k_nearest) == 3 and result["similarity"] == pytest.approx(np.mean(k_nearest), abs=1e-3)
 
 
+@needs_data
 def test_teach_reports_the_count_and_predict_prints_text(capsys, dataset, tmp_path):
     store = tmp_path / "s.npz"
     rc, out, _ = run(capsys, "teach", dataset / "3", "--store", store, "--class", "three", "--model", TINY)
@@ -239,6 +247,7 @@ def test_teach_reports_the_count_and_predict_prints_text(capsys, dataset, tmp_pa
     assert rc == 0 and out.startswith(f"{photo}: three (1.00, similarity 0.")  # its 3 nearest's mean
 
 
+@needs_data
 def test_teach_with_a_bad_class_name(capsys, dataset, tmp_path):
     rc, _, err = run(
         capsys, "teach", dataset / "0", "--store", tmp_path / "s.npz", "--class", "a/b", "--model", TINY
@@ -247,6 +256,7 @@ def test_teach_with_a_bad_class_name(capsys, dataset, tmp_path):
     assert not (tmp_path / "s.npz").exists()
 
 
+@needs_data
 def test_teach_into_a_store_of_another_model(capsys, dataset, store_copy):
     rc, _, err = run(
         capsys,
@@ -267,6 +277,7 @@ def test_teach_into_a_store_of_another_model(capsys, dataset, store_copy):
     )
 
 
+@needs_data
 def test_predict_without_a_store(capsys, dataset, tmp_path):
     rc, _, err = run(
         capsys, "predict", photos(dataset, "0")[0], "--store", tmp_path / "none.npz", "--model", TINY
@@ -274,6 +285,7 @@ def test_predict_without_a_store(capsys, dataset, tmp_path):
     assert rc == 1 and f"{tmp_path / 'none.npz'}: store file not found" in err
 
 
+@needs_data
 def test_predict_with_a_corrupt_store(capsys, dataset, tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip at all" * 10)
@@ -284,6 +296,7 @@ def test_predict_with_a_corrupt_store(capsys, dataset, tmp_path):
 # --- store info / forget / rename / export / import ----------------------------------------
 
 
+@needs_data
 def test_store_info(capsys, taught):
     rc, out, _ = run(capsys, "store", "info", taught)
     assert rc == 0
@@ -293,6 +306,7 @@ def test_store_info(capsys, taught):
     assert "  zero: 3 examples" in out and "  five: 3 examples" in out
 
 
+@needs_data
 def test_store_info_with_the_wrong_model(capsys, taught):
     rc, _, err = run(capsys, "store", "info", taught, "--model", EXTRACTOR)
     assert rc == 1 and str(taught) in err
@@ -306,12 +320,14 @@ def test_store_info_of_a_missing_or_corrupt_store(capsys, tmp_path):
     assert rc == 1 and str(tmp_path / "bad.npz") in err
 
 
+@needs_data
 def test_store_forget(capsys, store_copy):
     rc, out, _ = run(capsys, "store", "forget", store_copy, "zero", "--model", TINY)
     assert rc == 0 and "forgot 3 examples of 'zero'" in out
     assert KnnStore.load(store_copy, sha256_of(TINY)).counts() == {"zero": 0, "five": 3}
 
 
+@needs_data
 def test_store_forget_an_unknown_class(capsys, store_copy):
     before = store_copy.read_bytes()
     rc, _, err = run(capsys, "store", "forget", store_copy, "seven")
@@ -319,12 +335,14 @@ def test_store_forget_an_unknown_class(capsys, store_copy):
     assert store_copy.read_bytes() == before
 
 
+@needs_data
 def test_store_rename(capsys, store_copy):
     rc, out, _ = run(capsys, "store", "rename", store_copy, "zero", "nought")
     assert rc == 0 and "renamed 'zero' to 'nought'" in out
     assert KnnStore.load(store_copy, sha256_of(TINY)).counts() == {"nought": 3, "five": 3}
 
 
+@needs_data
 @pytest.mark.parametrize(
     ("old", "new", "culprit"),
     [
@@ -341,6 +359,7 @@ def test_store_rename_refused(capsys, store_copy, old, new, culprit):
     assert store_copy.read_bytes() == before
 
 
+@needs_data
 def test_store_export_and_import(capsys, taught, tmp_path):
     exported = tmp_path / "examples.tar"
     rc, out, _ = run(capsys, "store", "export", taught, exported)
@@ -405,6 +424,7 @@ def test_store_import_of_a_malformed_export(capsys, tmp_path, examples):
     assert not (tmp_path / "s.npz").exists()
 
 
+@needs_data
 def test_store_import_into_a_store_of_another_model(capsys, taught, store_copy, tmp_path):
     exported = tmp_path / "examples.json"
     data = {"model_id": "f" * 64, "examples": [{"class": "x", "example": 0, "vector": [0.1] * 256}]}
@@ -423,6 +443,7 @@ def test_store_without_an_action_prints_help(capsys):
 # --- classify ----------------------------------------
 
 
+@needs_data
 def test_classify_a_photo(capsys):
     rc, out, _ = run(capsys, "classify", PHOTOS / "cat.bmp", "--model", TINY, "--top", "3")
     assert rc == 0 and out.startswith(f"{PHOTOS / 'cat.bmp'}: Egyptian cat (")
@@ -432,11 +453,13 @@ def test_classify_a_photo(capsys):
     assert len(lines[0]["results"]) == 5 and set(lines[0]["results"][0]) == {"label", "confidence"}
 
 
+@needs_data
 def test_classify_missing_file(capsys, tmp_path):
     rc, out, err = run(capsys, "classify", tmp_path / "nope.jpg", "--model", TINY)
     assert rc == 1 and out == "" and f"{tmp_path / 'nope.jpg'}: no such file" in err
 
 
+@needs_data
 def test_classify_a_file_that_is_not_an_image(capsys, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
@@ -448,6 +471,7 @@ def test_classify_a_file_that_is_not_an_image(capsys, tmp_path):
     assert rc == 1 and str(fake) in err and "not an image" in err
 
 
+@needs_data
 def test_classify_an_empty_folder(capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -455,11 +479,13 @@ def test_classify_an_empty_folder(capsys, tmp_path):
     assert rc == 1 and f"{empty}: no image files" in err
 
 
+@needs_data
 def test_classify_with_a_missing_model(capsys, tmp_path):
     rc, _, err = run(capsys, "classify", PHOTOS / "cat.bmp", "--model", tmp_path / "m.tflite")
     assert rc == 1 and f"{tmp_path / 'm.tflite'}: model file not found" in err
 
 
+@needs_data
 def test_classify_bad_top(capsys):
     rc, _, err = run(capsys, "classify", PHOTOS / "cat.bmp", "--model", TINY, "--top", "0")
     assert rc == 2 and "--top" in err
@@ -503,6 +529,7 @@ def test_no_command_prints_help(capsys):
     assert "usage: edgeknn" in capsys.readouterr().out
 
 
+@needs_data
 def test_model_info_prints_the_backend(capsys):
     rc, out, _ = run(capsys, "model", "info", TINY)
     assert rc == 0
@@ -518,6 +545,7 @@ def test_model_info_of_a_file_that_is_not_a_model(capsys, tmp_path):
     assert rc == 1 and f"{bad}: not a TFLite model" in err
 
 
+@needs_data
 def test_console_script():
     script = Path(sys.executable).parent / "edgeknn"
     script = script if script.exists() else Path(shutil.which("edgeknn") or "edgeknn")
@@ -544,6 +572,7 @@ def model_server():
         yield base
 
 
+@needs_data
 def test_model_fetch(capsys, tmp_path, model_server):
     dest = tmp_path / "models" / DEFAULT_MODEL_FILE
     rc, out, _ = run(
@@ -556,6 +585,7 @@ def test_model_fetch(capsys, tmp_path, model_server):
     assert sorted(p.name for p in dest.parent.iterdir()) == [DEFAULT_MODEL_FILE]
 
 
+@needs_data
 def test_model_fetch_default_destination_is_the_state_folder(capsys, tmp_path, model_server):
     rc, out, _ = run(capsys, "model", "fetch", "--url", f"{model_server}/{DEFAULT_MODEL_FILE}")
     assert rc == 0
@@ -563,6 +593,7 @@ def test_model_fetch_default_destination_is_the_state_folder(capsys, tmp_path, m
     assert dest.exists() and out.startswith(f"{dest}: ")
 
 
+@needs_data
 def test_model_fetch_checksum_mismatch_leaves_nothing(capsys, tmp_path, model_server):
     dest = tmp_path / "models" / DEFAULT_MODEL_FILE
     url = f"{model_server}/{DEFAULT_MODEL_FILE}"
@@ -572,6 +603,7 @@ def test_model_fetch_checksum_mismatch_leaves_nothing(capsys, tmp_path, model_se
     assert list(dest.parent.iterdir()) == [], "neither the file nor a .part is left"
 
 
+@needs_data
 def test_model_fetch_does_not_replace_a_good_file_with_a_bad_download(capsys, tmp_path, model_server):
     dest = tmp_path / DEFAULT_MODEL_FILE
     shutil.copy(EXTRACTOR, dest)  # another model where the default belongs
@@ -582,6 +614,7 @@ def test_model_fetch_does_not_replace_a_good_file_with_a_bad_download(capsys, tm
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
 
 
+@needs_data
 def test_model_fetch_not_found(capsys, tmp_path, model_server):
     dest = tmp_path / "m.tflite"
     rc, _, err = run(capsys, "model", "fetch", "--url", f"{model_server}/missing.tflite", "--dest", dest)
@@ -632,6 +665,7 @@ def test_a_softmax_output_is_told_from_the_graph():
     assert top.confidence == pytest.approx(float(raw.max()))
 
 
+@needs_data
 def test_classify_skips_a_bad_file_in_a_list_and_classifies_the_rest(capsys, tmp_path):
     notes = tmp_path / "README.md"
     notes.write_text("# not a photo\n")
@@ -660,6 +694,7 @@ def demo_store(tmp_path: Path) -> Path:
     return store
 
 
+@needs_data
 def test_predict_threshold(capsys, tmp_path):
     store = demo_store(tmp_path)
     capsys.readouterr()

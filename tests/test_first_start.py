@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpserve
 import pytest
-from conftest import DIGITS, MODELS, PHOTOS, TINY
+from conftest import DIGITS, MODELS, PHOTOS, TINY, needs_data
 
 from edgeknn import assets, config
 from edgeknn.cli.main import EX_CONFIG, main
@@ -123,6 +123,7 @@ def drop_in_place(path: Path, after: float) -> threading.Thread:
 # --- the offline first start ----------------------------------------
 
 
+@needs_data
 def test_offline_start_keeps_retrying_says_where_and_takes_the_file_a_person_puts_there(
     tmp_path, monkeypatch, caplog
 ):
@@ -161,6 +162,7 @@ def test_offline_start_keeps_retrying_says_where_and_takes_the_file_a_person_put
     )
 
 
+@needs_data
 def test_offline_start_downloads_once_the_network_is_back(tmp_path):
     port = free_port()
     dest = tmp_path / "models" / WAITED_FILE
@@ -225,6 +227,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@needs_data
 def test_edgeknn_run_offline_waits_ready_then_starts_when_the_model_appears(tmp_path):
     """`edgeknn run` as systemd runs it, with no model and no network: READY while waiting, the
     watchdog fed, one line saying where to put the file; then the file appears and it classifies."""
@@ -280,6 +283,7 @@ def test_edgeknn_run_offline_stops_cleanly_on_sigterm_while_waiting(tmp_path):
     assert any("STOPPING=1" in m for m in notify.messages)
 
 
+@needs_data
 def test_mqtt_says_why_while_waiting_for_the_model(tmp_path, monkeypatch, broker, subscriber):
     monkeypatch.setenv(URL_BASE_ENV, f"http://127.0.0.1:{free_port()}")
     cfg = offline_config(
@@ -307,6 +311,7 @@ def test_mqtt_says_why_while_waiting_for_the_model(tmp_path, monkeypatch, broker
 # --- teach / predict / classify without the model ----------------------------------------
 
 
+@needs_data
 @pytest.mark.parametrize(
     "argv",
     [
@@ -329,6 +334,7 @@ def test_commands_without_the_model_say_where_to_put_it(capsys, tmp_path, argv):
 # --- a batch teach skips what it cannot read ----------------------------------------
 
 
+@needs_data
 def test_batch_teach_skips_what_it_cannot_read_and_keeps_the_rest(capsys, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -353,6 +359,7 @@ def test_batch_teach_skips_what_it_cannot_read_and_keeps_the_rest(capsys, tmp_pa
     assert KnnStore.load(store, sha256_of(TINY)).counts() == {"three": 3}
 
 
+@needs_data
 def test_teach_with_nothing_readable_saves_nothing(capsys, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("nope")
@@ -377,6 +384,7 @@ def test_store_import_of_a_bad_or_a_missing_file_exits_the_same(capsys, tmp_path
     assert codes == [1, 1]
 
 
+@needs_data
 @pytest.mark.parametrize(
     ("argv", "code"),
     [
@@ -431,6 +439,7 @@ def run_on_a_pty(argv: list[str]) -> tuple[int, str, str]:
     return proc.returncode, out, b"".join(chunks).decode()
 
 
+@needs_data
 def test_teach_shows_progress_on_a_terminal_only(tmp_path):
     folder, n = tmp_path / "sevens", 5
     folder.mkdir()
@@ -449,6 +458,7 @@ def test_teach_shows_progress_on_a_terminal_only(tmp_path):
     assert piped.returncode == 0 and piped.stderr == "", "no progress and no banner in a pipe"
 
 
+@needs_data
 def test_eval_shows_progress_on_a_terminal(tmp_path):
     data = tmp_path / "digits"
     for name in ("0", "1"):

@@ -7,13 +7,16 @@ import time
 
 import numpy as np
 import pytest
-from conftest import DIGITS, TINY
+from conftest import DIGITS, TINY, needs_data
 
 from edgeknn.imagefiles import find_images, load_rgb
 from edgeknn.model.embedder import Embedder
 from edgeknn.store import scan
 from edgeknn.store.knn import KnnStore, StoreSettings, threshold_calibration
 from edgeknn.store.names import UNKNOWN
+
+# Every test here embeds the sign digits with the tiny model: the larger sets.
+pytestmark = needs_data
 
 TAUGHT, ASKED = 8, 10  # photos per digit: taught (as the six views an example stores), then asked
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS, REPO, TINY
+from conftest import DIGITS, REPO, TINY, needs_data
 from conftest import MODEL as DEVICE_MODEL
 
 from edgeknn import config
@@ -250,6 +250,7 @@ def test_store_info_of_a_fifo_does_not_hang(tmp_path, capsys):
 # --- case 7: never rename what is not a store ------------------------------------------------------------
 
 
+@needs_data
 def test_a_store_path_at_another_file_renames_nothing(tmp_path):
     config_file = tmp_path / "edgeknn.toml"
     config_file.write_text('classes = ["cup"]\n[store]\npath = "edgeknn.toml"\n')
@@ -308,6 +309,7 @@ def hold_lock(path: Path, who: str) -> subprocess.Popen:
     return proc
 
 
+@needs_data
 def test_commands_that_write_refuse_a_locked_store_and_reading_ones_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "none.toml")
     path = tmp_path / "store.npz"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_data
 from rig import CLASSES, Running, Scene, make_config, photo_folders, stable_on, teach, wait_for
 
 from edgeknn.device.build import build
@@ -703,6 +704,7 @@ def test_the_page_in_chromium(tmp_path, browser):
         run.stop()
 
 
+@needs_data
 def test_a_classifier_model_shows_its_top_answers_and_nothing_to_teach(tmp_path, browser):
     """The Teachable Machine export (a classifier: its own labels): bars of its answers, no teaching."""
     from conftest import MODELS
