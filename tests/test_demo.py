@@ -105,7 +105,8 @@ def test_the_default_model_is_the_packaged_copy_and_nothing_is_downloaded(tmp_pa
 def test_model_list_says_the_default_is_packaged(capsys):
     assert main(["model", "list", "--json"]) == 0
     rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert rows[DEFAULT_NAME]["downloaded"] == "packaged" and rows["mobilenet_v1_0.5_160"]["downloaded"] == "no"
+    assert rows[DEFAULT_NAME]["downloaded"] == "packaged"
+    assert rows["mobilenet_v1_0.5_160"]["downloaded"] == "no"
 
 
 # --- the page while the device waits ----------------------------------------
