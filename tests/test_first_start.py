@@ -94,6 +94,7 @@ def offline_config(tmp_path: Path, **overrides) -> config.Config:
         "camera.source": f"replay:{DIGITS / '1'}?fps=10",
         "panel.kind": "none",
         "mqtt.enabled": False,
+        "web.enabled": False,  # the page while waiting: tests/test_demo.py
         "model.name": WAITED.name,
         **overrides,
     }

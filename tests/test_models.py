@@ -16,7 +16,7 @@ import pytest
 from conftest import EXTRACTOR, MODELS, PHOTOS, TINY, needs_data
 from httpserve import FileHandler, serve
 
-from edgeknn import config
+from edgeknn import assets, config
 from edgeknn.cli.main import main
 from edgeknn.model.embedder import Embedder
 from edgeknn.model.registry import DEFAULT_NAME, URL_BASE, URL_BASE_ENV, by_file, by_sha256
@@ -137,7 +137,7 @@ def test_an_unknown_name_is_a_usage_error(capsys):
 def test_config_model_name_path_and_default(tmp_path):
     base = config.replace(config.load(None), state_dir=str(tmp_path / "state"))
     assert base.named_model().name == DEFAULT_NAME
-    assert base.model_path() == tmp_path / "state" / "models" / NAMED[DEFAULT_NAME].file
+    assert base.model_path() == assets.DEFAULT_MODEL, "the default ships in the package"
     named = config.replace(base, **{"model.name": SMALL.name})
     assert named.model_path() == tmp_path / "state" / "models" / SMALL.file
     wins = config.replace(named, **{"model.path": str(EXTRACTOR)})
@@ -174,9 +174,8 @@ def test_an_install_keeps_the_model_its_store_was_made_with(capsys, tmp_path):
     )
     assert rc == 0 and ": one (" in out, "the 1024-d store answers with its own model"
     rc, out, _ = run(capsys, "model", "list")
-    assert "downloaded: yes   configured" in next(
-        line for line in out.splitlines() if line.startswith(OLD_DEFAULT.name)
-    )
+    line = next(line for line in out.splitlines() if line.startswith(OLD_DEFAULT.name))
+    assert "downloaded: yes" in line and line.endswith(" configured"), line
 
 
 @needs_data
