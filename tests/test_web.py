@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_data
+from conftest import MODEL, needs_data
 from rig import CLASSES, Running, Scene, make_config, photo_folders, stable_on, teach, wait_for
 
 from edgeknn.device.build import build
+from edgeknn.model.tflite import Model
 from edgeknn.store import archive, exchange
 from edgeknn.store.knn import KnnStore
 from edgeknn.web.server import WebOutput
@@ -196,7 +197,7 @@ def first_jpeg(client: Client, path: str) -> bytes:
 
 
 def test_the_live_view_shows_the_model_sized_or_the_full_frame(tmp_path):
-    """A replay of the 100x100 digit photos: the model sees 224x224, the full frame is the photo's."""
+    """A replay of the 100x100 digit photos: the model sees its input size, the full frame is the photo's."""
     import io
 
     from PIL import Image
@@ -217,7 +218,7 @@ def test_the_live_view_shows_the_model_sized_or_the_full_frame(tmp_path):
         client = Client(port)
         client.login()
         assert client("/api/session")[1]["full_frame"] is True
-        assert Image.open(io.BytesIO(first_jpeg(client, "/api/live.mjpg"))).size == (224, 224)
+        assert Image.open(io.BytesIO(first_jpeg(client, "/api/live.mjpg"))).size == Model(MODEL).input_size
         assert Image.open(io.BytesIO(first_jpeg(client, "/api/live.mjpg?full=1"))).size == (100, 100)
     finally:
         run.stop()
@@ -343,8 +344,6 @@ def test_edgeknn_run_generates_the_password_once_and_serves_the_page(tmp_path):
     import subprocess
     import sys
 
-    from conftest import MODEL
-
     photos = photo_folders(tmp_path)["1"]
     port = free_port()
     argv = ["run", "--source", f"replay:{photos}?fps=10", "--panel", "none", "--mqtt", "none"]
@@ -378,8 +377,6 @@ def test_a_taken_port_is_one_line_and_the_device_runs_on(tmp_path):
     import os
     import subprocess
     import sys
-
-    from conftest import MODEL
 
     photos = photo_folders(tmp_path)["1"]
     with socket.socket() as taken:
@@ -567,7 +564,8 @@ def test_the_page_in_chromium(tmp_path, browser):
 
         # the live view: frames arrive and change (the replay loops over different photos)
         live = find(By.ID, "live")
-        assert wait_for(lambda: driver.execute_script("return arguments[0].naturalWidth", live) == 224)
+        side = Model(MODEL).width
+        assert wait_for(lambda: driver.execute_script("return arguments[0].naturalWidth", live) == side)
         first = live.screenshot_as_png
         assert wait_for(lambda: live.screenshot_as_png != first), "the live view's image changes"
         assert page.frames.viewers == 1 and page.frames.encoded > 1
