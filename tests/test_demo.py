@@ -299,3 +299,14 @@ def test_the_tests_find_the_larger_sets_beside_then_in_the_environment_then_in_t
     assert found()[0] == str(tmp_path / "cache" / "edgeknn")
     (clone.parent.parent / "shared" / "models").mkdir(parents=True)
     assert found()[0] == str(clone.parent.parent / "shared"), "../shared first"
+
+
+def test_the_log_gives_addresses_a_person_can_open():
+    """Before: `http://<this host>:8080`, literally."""
+    from edgeknn.web.server import page_addresses
+
+    every = page_addresses("", 8080)
+    assert every[0] == "http://localhost:8080" and all(a.endswith(":8080") for a in every)
+    assert "<" not in " ".join(every) and len(every) <= 2
+    assert page_addresses("::1", 80) == ["http://[::1]:80"]
+    assert page_addresses("192.168.1.20", 8443, "https") == ["https://192.168.1.20:8443"]
