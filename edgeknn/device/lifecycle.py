@@ -15,7 +15,7 @@ import resource
 import signal
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgeknn import config
 from edgeknn.device.build import (
@@ -30,8 +30,6 @@ from edgeknn.device.daemon import Daemon
 from edgeknn.device.systemd import Notifier, setup_logging
 from edgeknn.device.waiting import Waiting
 
-if TYPE_CHECKING:
-    pass
 log = logging.getLogger(__name__)
 
 
