@@ -54,7 +54,7 @@ def model_list(args) -> int:
                 {**row, "default": m.name == DEFAULT_NAME, "configured": m.name == chosen, "about": m.about}
             )
             continue
-        size, got = f"{m.size / 1e6:.1f} MB", row["downloaded"]
+        size = f"{m.size / 1e6:.1f} MB"
         print(f"{m.name:<24}{size:>8}  {m.sha256[:12]}  downloaded: {got:<8} {', '.join(marks)}".rstrip())
     if cfg.model.path and not args.json:
         print(f"model.path = {cfg.model.path} (wins over model.name)")
