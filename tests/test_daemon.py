@@ -71,7 +71,10 @@ def all_added(run: Running, timeout: float = 120.0) -> bool:
 
 
 def test_buttons_teach_and_leds_follow_then_restart_keeps_the_store(tmp_path, factory):
-    cfg = make_config(tmp_path)
+    # Every photo of a class is shown, most of them never taught: the calibrated unknown answer (its own
+    # tests: test_scan.py) may turn a held-out photo "unrecognized" depending on which frames a busy
+    # machine's held button caught. The buttons and LEDs are what this test is about: never unknown.
+    cfg = make_config(tmp_path, **{"store.threshold": -1.0})
     scene = Scene(digit_folders())
     run = Running(build(cfg, opener=scene.opener, pin_factory=factory))
     daemon = run.daemon
