@@ -131,6 +131,7 @@ def test_eval_open_set_reports_the_unknown_answer(capsys, dataset, tmp_path):
     assert rc == 0 and "AUROC" in out and "rejected" in out and "kept" in out
 
 
+@needs_data
 def test_eval_old_protocol_and_a_class_subset(capsys, dataset, tmp_path):
     argv = ["eval", dataset, "--model", TINY, "--shots", "1", "--seeds", "1", "--json"]
     rc, out, _ = run(capsys, *argv, "--protocol", "queries", "--classes", "0,3", "--no-cache")
