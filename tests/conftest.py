@@ -15,17 +15,18 @@ from pathlib import Path
 import pytest
 
 from edgeknn import assets
-from edgeknn.cli.data import default_cache
+from edgeknn.cli.data import FETCHED, default_cache
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def data_root() -> Path | None:
-    """``../shared`` beside the repository, else ``$EDGEKNN_DATA``, else the fetched cache, else None."""
-    for candidate in (REPO.parent / "shared", os.environ.get("EDGEKNN_DATA"), default_cache()):
+    """``../shared`` beside the repository, else ``$EDGEKNN_DATA``, else the cache once `edgeknn data
+    fetch` has filled it whole (its stamp: a fetch cut short leaves folders, not the stamp), else None."""
+    for candidate in (REPO.parent / "shared", os.environ.get("EDGEKNN_DATA")):
         if candidate and (Path(candidate) / "models").is_dir():
             return Path(candidate)
-    return None
+    return default_cache() if (default_cache() / FETCHED).is_file() else None
 
 
 ROOT = data_root()
@@ -39,6 +40,7 @@ V2 = MODELS / "mobilenet_v2_1.0_224_quant.tflite"
 TINY = MODELS / "mobilenet_v1_0.25_128_quant.tflite"
 LABELS = MODELS / "imagenet_labels.txt"
 PHOTOS = DATA / "test_photos"
+TM = MODELS / "teachable_machine"  # made, not downloaded: only ../shared or $EDGEKNN_DATA holds it
 # The model the device tests run on: the packaged default, there on every checkout.
 MODEL = assets.DEFAULT_MODEL
 # Every sign-digit photo; without the larger sets, the demo photos: the first 20 of the digits 1, 2 and 5,
@@ -49,6 +51,7 @@ NO_DATA = (
     "run `edgeknn data fetch` to download them"
 )
 # A test (or, as ``pytestmark``, a module) that needs the larger sets: skipped with one reason without them.
+# ``needs_data(path)``: that path too (the Teachable Machine export, which the cache lacks).
 needs_data = pytest.mark.needs_data
 
 
@@ -57,8 +60,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if not HAVE_DATA and item.get_closest_marker("needs_data"):
+    marker = item.get_closest_marker("needs_data")
+    if marker is None:
+        return
+    if not HAVE_DATA:
         pytest.skip(NO_DATA)
+    missing = [Path(p) for p in marker.args if not Path(p).exists()]
+    if missing:
+        pytest.skip(
+            f"needs {missing[0].relative_to(SHARED)}, which `edgeknn data fetch` does not download: "
+            "only ../shared or $EDGEKNN_DATA holds it"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -252,6 +252,7 @@ def test_data_fetch_downloads_every_pinned_file_checks_it_and_fills_the_cache(
     assert not (cache / "data" / "sign_language_digits" / "cat.bmp").exists()
     assert "2062 photos verified" in first and "verified (already there)" in again
     assert len(again.splitlines()) == 2, "nothing downloaded twice"
+    assert (cache / datacli.FETCHED).is_file(), "the stamp the tests look for"
     assert not [p for p in cache.rglob("*") if p.name.endswith(".part") or p.name.startswith(".digits-")]
 
 
@@ -274,6 +275,7 @@ def test_data_fetch_keeps_nothing_that_does_not_check_out(capsys, tmp_path, monk
     assert "imagenet_labels.txt: checksum mismatch" in out and "1 download(s) failed" in out
     assert not (tmp_path / "cache" / "models" / "imagenet_labels.txt").exists()
     assert (tmp_path / "cache" / "models" / NAMED[DEFAULT_NAME].file).is_file(), "the good ones are kept"
+    assert not (tmp_path / "cache" / datacli.FETCHED).exists(), "no stamp: the tests do not take it"
 
 
 def test_the_tests_find_the_larger_sets_beside_then_in_the_environment_then_in_the_cache(tmp_path):
@@ -296,6 +298,8 @@ def test_the_tests_find_the_larger_sets_beside_then_in_the_environment_then_in_t
     env["EDGEKNN_DATA"] = ""
     assert found() == ["None", str(assets.DEMO_PHOTOS)]
     (tmp_path / "cache" / "edgeknn" / "models").mkdir(parents=True)
+    assert found()[0] == "None", "a fetch cut short (folders, no stamp) is not taken"
+    (tmp_path / "cache" / "edgeknn" / datacli.FETCHED).write_text("done\n")
     assert found()[0] == str(tmp_path / "cache" / "edgeknn")
     (clone.parent.parent / "shared" / "models").mkdir(parents=True)
     assert found()[0] == str(clone.parent.parent / "shared"), "../shared first"

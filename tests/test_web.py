@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODEL, needs_data
+from conftest import MODEL, TM, needs_data
 from rig import CLASSES, Running, Scene, make_config, photo_folders, stable_on, teach, wait_for
 
 from edgeknn.device.build import build
@@ -702,13 +702,12 @@ def test_the_page_in_chromium(tmp_path, browser):
         run.stop()
 
 
-@needs_data
+@needs_data(TM)
 def test_a_classifier_model_shows_its_top_answers_and_nothing_to_teach(tmp_path, browser):
     """The Teachable Machine export (a classifier: its own labels): bars of its answers, no teaching."""
-    from conftest import MODELS
     from selenium.webdriver.common.by import By
 
-    samples = MODELS / "teachable_machine" / "samples"
+    samples = TM / "samples"
     folders: dict[str, Path] = {}
     for photo in sorted(samples.iterdir()):
         name = f"Class {photo.name[len('class')]}"  # classK_N.png shows Class K
@@ -717,7 +716,7 @@ def test_a_classifier_model_shows_its_top_answers_and_nothing_to_teach(tmp_path,
     port = free_port()
     cfg = make_config(
         tmp_path,
-        **{"model.path": str(MODELS / "teachable_machine" / "model.tflite"), "panel.kind": "none"},
+        **{"model.path": str(TM / "model.tflite"), "panel.kind": "none"},
         web={"enabled": True, "listen": "127.0.0.1", "port": port, "password": PASSWORD},
     )
     scene = Scene(folders)

@@ -32,6 +32,7 @@ DIGITS_REPO = ("ardamavi/Sign-Language-Digits-Dataset", "4b09433ef9d5c60602e8805
 # sha256 of the sorted "<sha256>  ./<digit>/<file>" lines of every photo (`sha256sum` | sha256sum)
 DIGITS_SHA256 = "b2db9f69d918a9c3638bda75402275dc25e42ac380995d0ae357278a560a16c9"
 DIGITS_COUNT = 2062
+FETCHED = ".fetched"  # written once every file checked out: the tests take the cache only then
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ def data_fetch(args) -> int:
     if failed:
         print(f"edgeknn: {failed} download(s) failed; what was verified is kept in {dest}")
         return 1
+    (dest / FETCHED).write_text(f"{TEST_DATA[0]}@{TEST_DATA[1]}\n{DIGITS_REPO[0]}@{DIGITS_REPO[1]}\n")
     print(f"the tests find these in {dest} (or point $EDGEKNN_DATA at a folder laid out the same)")
     return 0
 
