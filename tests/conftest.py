@@ -1,13 +1,37 @@
-"""Shared fixtures: paths to the real models and photos in ../shared."""
+"""Shared fixtures, and where the tests find their models and photos.
+
+The package carries the default model and the demo photos (``edgeknn/assets``): the device tests run on
+those, so a fresh clone runs them with nothing beside it. The larger sets (every named model, the 2 062
+sign-digit photos, the test photos) are found in ``../shared`` beside the repository, else in
+``$EDGEKNN_DATA``, else in the cache ``edgeknn data fetch`` fills; a test that needs them and finds none
+is skipped with one reason line naming that command (``needs_data``). Never a fixed path elsewhere.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from edgeknn import assets
+from edgeknn.cli.data import FETCHED, default_cache
+
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(REPO.parent / "shared") if (REPO.parent / "shared").is_dir() else Path("/work/shared")
+
+
+def data_root() -> Path | None:
+    """``../shared`` beside the repository, else ``$EDGEKNN_DATA``, else the cache once `edgeknn data
+    fetch` has filled it whole (its stamp: a fetch cut short leaves folders, not the stamp), else None."""
+    for candidate in (REPO.parent / "shared", os.environ.get("EDGEKNN_DATA")):
+        if candidate and (Path(candidate) / "models").is_dir():
+            return Path(candidate)
+    return default_cache() if (default_cache() / FETCHED).is_file() else None
+
+
+ROOT = data_root()
+HAVE_DATA = ROOT is not None
+SHARED = ROOT or REPO.parent / "shared"  # absent: the paths below do not exist, and needs_data skips
 MODELS = SHARED / "models"
 DATA = SHARED / "data"
 EXTRACTOR = MODELS / "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
@@ -16,12 +40,43 @@ V2 = MODELS / "mobilenet_v2_1.0_224_quant.tflite"
 TINY = MODELS / "mobilenet_v1_0.25_128_quant.tflite"
 LABELS = MODELS / "imagenet_labels.txt"
 PHOTOS = DATA / "test_photos"
-DIGITS = DATA / "sign_language_digits"
+TM = MODELS / "teachable_machine"  # made, not downloaded: only ../shared or $EDGEKNN_DATA holds it
+# The model the device tests run on: the packaged default, there on every checkout.
+MODEL = assets.DEFAULT_MODEL
+# Every sign-digit photo; without the larger sets, the demo photos: the first 20 of the digits 1, 2 and 5,
+# the same files, which is what most tests use (rig.CLASSES).
+DIGITS = DATA / "sign_language_digits" if HAVE_DATA else assets.DEMO_PHOTOS
+NO_DATA = (
+    "needs the models and photo sets: none in ../shared, $EDGEKNN_DATA or the cache; "
+    "run `edgeknn data fetch` to download them"
+)
+# A test (or, as ``pytestmark``, a module) that needs the larger sets: skipped with one reason without them.
+# ``needs_data(path)``: that path too (the Teachable Machine export, which the cache lacks).
+needs_data = pytest.mark.needs_data
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_data: needs ../shared, $EDGEKNN_DATA or `edgeknn data fetch`")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    marker = item.get_closest_marker("needs_data")
+    if marker is None:
+        return
+    if not HAVE_DATA:
+        pytest.skip(NO_DATA)
+    missing = [Path(p) for p in marker.args if not Path(p).exists()]
+    if missing:
+        pytest.skip(
+            f"needs {missing[0].relative_to(SHARED)}, which `edgeknn data fetch` does not download: "
+            "only ../shared or $EDGEKNN_DATA holds it"
+        )
 
 
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    assert SHARED.is_dir(), f"{SHARED} is missing: the tests need ../shared beside the repository"
+    if not HAVE_DATA:
+        pytest.skip(NO_DATA)
     return SHARED
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from conftest import DIGITS, EXTRACTOR
+from conftest import DIGITS, MODEL
 
 from edgeknn.camera.sources import CameraError, ReplaySource
 from edgeknn.outputs import Output, Reading
@@ -149,7 +149,7 @@ def make_config(tmp_path: Path, **overrides) -> config.Config:
     data: dict = {
         "classes": CLASSES,
         "state_dir": str(tmp_path),
-        "model": {"path": str(EXTRACTOR), "threads": 2},
+        "model": {"path": str(MODEL), "threads": 2},
         "store": {"autosave_s": 0.5, "rule": "nearest"},
         "stabilizer": {"mode": "window", "frames": 5},
         "panel": {

@@ -10,7 +10,7 @@ import time
 import tomllib
 
 import pytest
-from conftest import EXTRACTOR
+from conftest import EXTRACTOR, needs_data
 
 from edgeknn import config
 from edgeknn.bench.broker import MosquittoSub, find_binary, find_mosquitto
@@ -57,6 +57,7 @@ def results() -> dict:
 NAMES = ("model", "compared_model", "side_by_side")  # the values that are not numbers
 
 
+@needs_data
 def test_every_key_is_a_positive_number(results):
     keys = REQUIRED + (MQTT if find_mosquitto() else [])
     missing = [k for k in keys if k not in results]
@@ -70,6 +71,7 @@ def test_every_key_is_a_positive_number(results):
         assert results[key] > 0, key
 
 
+@needs_data
 def test_numbers_agree_with_each_other(results):
     assert results["raw_fps"] == pytest.approx(1000 / results["invoke_ms"], rel=1e-3)
     assert results["pipeline_ratio_min"] <= results["pipeline_ratio"] <= results["pipeline_ratio_max"]
@@ -83,6 +85,7 @@ def test_numbers_agree_with_each_other(results):
         assert results["published_share"] > 0.9, "most classified frames reached the subscriber"
 
 
+@needs_data
 def test_both_models_side_by_side_in_one_run(results):
     """The bench's model (--model: the 1.0/224 extractor) and, by default, the default model beside it."""
     assert results["model"] == "mobilenet_v1_1.0_224" and results["compared_model"] == DEFAULT_NAME
@@ -115,6 +118,7 @@ def test_pipeline_ratio_is_the_median_of_three_parts_so_one_noisy_part_does_not_
     assert sorted(ratios)[1] == pytest.approx(0.952, abs=1e-3), "the median part, not the noisy one"
 
 
+@needs_data
 def test_the_table_names_every_measure_and_marks_missed_targets():
     results = {"threads": 2.0, "pipeline_ratio": 0.5, "knn_us_1000": 50.0, "rss_mb": 100.0}
     text = table(results, EXTRACTOR, None)
@@ -166,6 +170,7 @@ def test_mosquitto_sub_stamps_the_arrival_of_each_frame(broker, subscriber, tmp_
     assert before - 1 <= arrivals[7] <= time.time() + 1
 
 
+@needs_data
 def test_the_web_page_costs_one_viewer_against_none(results):
     """Issue 15: the loop's rate with a viewer on the live view and the event stream, and none, in one
     run; no JPEG while nobody watches; `edgeknn run`'s memory with a viewer and without."""

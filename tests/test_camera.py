@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS
+from conftest import DIGITS, needs_data
 from PIL import Image
 from rig import wait_for
 
@@ -451,6 +451,7 @@ def test_replay_errors(tmp_path, image_folder):
         ReplaySource(image_folder, fps=-1)
 
 
+@needs_data
 def test_replay_of_real_photos_decodes_the_big_ones_small():
     folder = DIGITS / "7"  # holds three 3024x3024 photos among 100x100 ones
     count = len(find_images(folder))

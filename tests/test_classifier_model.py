@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXTRACTOR, HEAD, LABELS, MODELS, PHOTOS, V2
+from conftest import EXTRACTOR, HEAD, LABELS, PHOTOS, TM, V2, needs_data
 from rig import BUTTONS, LEDS, Running, Scene, make_config, needs_mosquitto, wait_for
 
 from edgeknn.camera.sources import replay_images
@@ -39,7 +39,6 @@ from edgeknn.model.embedder import Embedder
 from edgeknn.model.tflite import Model, ModelError, parse_labels
 from edgeknn.store.names import UNKNOWN
 
-TM = MODELS / "teachable_machine"
 TM_UINT8, TM_FLOAT = TM / "model.tflite", TM / "model_unquant.tflite"
 SAMPLES = TM / "samples"
 TM_LABELS = ["Class 1", "Class 2"]
@@ -70,6 +69,7 @@ def tm_config(tmp_path: Path, model: Path = TM_UINT8, **overrides):
 # --- labels files ----------------------------------------------------------------------------------
 
 
+@needs_data(TM)
 @pytest.mark.parametrize(
     ("raw", "labels"),
     [
@@ -91,6 +91,7 @@ def test_a_bom_alone_is_not_a_label():
     assert parse_labels("\ufeff0 a\n1 b\n") == ["a", "b"]
 
 
+@needs_data(TM)
 @pytest.mark.parametrize("lines", [["Class 1"], ["Class 1", "Class 2", "Class 3"]], ids=["short", "long"])
 def test_labels_of_the_wrong_count_are_one_clear_error(tmp_path, lines):
     path = tmp_path / "labels.txt"
@@ -100,6 +101,7 @@ def test_labels_of_the_wrong_count_are_one_clear_error(tmp_path, lines):
     assert str(info.value) == f"{path}: {len(lines)} labels for a model with 2 outputs"
 
 
+@needs_data
 def test_background_is_prepended_only_for_imagenet_sized_models():
     imagenet = read_labels(LABELS)
     assert fit_labels(imagenet[1:], 1001, "x") == imagenet
@@ -109,6 +111,7 @@ def test_background_is_prepended_only_for_imagenet_sized_models():
         fit_labels(imagenet[2:], 1001, "x")
 
 
+@needs_data(TM)
 def test_labels_txt_beside_the_model_is_found(tmp_path):
     assert Classifier(TM_UINT8).labels == TM_LABELS  # TM's zip: labels.txt beside model.tflite
     alone = tmp_path / "model.tflite"
@@ -117,6 +120,7 @@ def test_labels_txt_beside_the_model_is_found(tmp_path):
         Classifier(alone)
 
 
+@needs_data(TM)
 def test_a_device_with_labels_that_do_not_fit_stops_with_one_line(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_text("just one\n")
@@ -153,6 +157,7 @@ def older_tm_export(tmp_path: Path) -> Path:
     return path
 
 
+@needs_data(TM)
 def test_older_tm_uint8_export_gets_the_raw_pixels(tmp_path):
     model = Model(older_tm_export(tmp_path))
     assert (model.input.dtype, model.input.zero_point) == ("uint8", 0)
@@ -162,6 +167,7 @@ def test_older_tm_uint8_export_gets_the_raw_pixels(tmp_path):
     assert np.array_equal(input_tensor(model, image), model.prepare(image))
 
 
+@needs_data(TM)
 def test_current_tm_uint8_export_gets_its_own_scale_and_zero_point():
     model = Model(TM_UINT8)
     scale, zp = model.input.scale, model.input.zero_point
@@ -170,6 +176,7 @@ def test_current_tm_uint8_export_gets_its_own_scale_and_zero_point():
     assert np.array_equal(input_tensor(model, image), want)
 
 
+@needs_data(TM)
 def test_float_export_gets_minus_one_to_one():
     model = Model(TM_FLOAT)
     image = load_rgb(SAMPLES / "class1_4.png")
@@ -177,6 +184,7 @@ def test_float_export_gets_minus_one_to_one():
     assert np.allclose(input_tensor(model, image), want, atol=1e-6)
 
 
+@needs_data(TM)
 @pytest.mark.parametrize("path", [TM_UINT8, TM_FLOAT], ids=["uint8", "float"])
 def test_tm_exports_classify_their_samples(path):
     classifier = Classifier(path)
@@ -189,6 +197,7 @@ def test_tm_exports_classify_their_samples(path):
 # --- which kind of model ------------------------------------------------------------------------------
 
 
+@needs_data(TM)
 def test_kind_auto_detection(tmp_path):
     tm = open_model(TM_UINT8)
     assert isinstance(tm, ScoreReader) and tm.labels == TM_LABELS and tm.dim == 2
@@ -208,6 +217,7 @@ def test_kind_auto_detection(tmp_path):
         open_model(alone, kind="classifier")
 
 
+@needs_data(TM)
 def test_model_classes_answer_unknown_below_the_confidence_threshold():
     classes = ModelClasses(TM_LABELS, "id", threshold=0.7)
     assert classes.top_k == 2, "a small model: every label"
@@ -236,6 +246,7 @@ def run_edgeknn(tmp_path: Path, port: int, model: Path, source: str) -> subproce
     )  # fmt: skip
 
 
+@needs_data(TM)
 @needs_mosquitto
 @pytest.mark.parametrize("model", [TM_UINT8, TM_FLOAT], ids=["uint8", "float"])
 def test_run_publishes_the_tm_models_own_top_k(tmp_path, broker, subscriber, model):
@@ -263,6 +274,7 @@ def test_run_publishes_the_tm_models_own_top_k(tmp_path, broker, subscriber, mod
     assert not (tmp_path / "store.npz").exists(), "a classifier model has no store to write"
 
 
+@needs_data
 def test_imagenet_model_on_the_device_agrees_with_classify(tmp_path, capsys):
     source = f"replay:{PHOTOS}?fps=4&loop=0"
     cfg = make_config(
@@ -287,6 +299,7 @@ def test_imagenet_model_on_the_device_agrees_with_classify(tmp_path, capsys):
         assert reading.label == reading.results[0][0]
 
 
+@needs_data(TM)
 def test_extractor_and_head_side_by_side_give_the_knn_label_and_the_imagenet_top_k(tmp_path, capsys):
     cfg = make_config(
         tmp_path,
@@ -312,6 +325,7 @@ def test_extractor_and_head_side_by_side_give_the_knn_label_and_the_imagenet_top
         build(tm_config(tmp_path, **{"model.head": str(HEAD)}), opener=Scene({"x": SAMPLES}).opener)
 
 
+@needs_data(TM)
 def test_leds_follow_the_mapped_labels_and_buttons_only_refuse(tmp_path, factory, caplog):
     scene = Scene(class_folders(tmp_path / "photos"))
     cfg = tm_config(tmp_path, **{"panel.kind": "gpio", "panel.led_labels": ["Class 2"]})
@@ -339,6 +353,7 @@ def test_leds_follow_the_mapped_labels_and_buttons_only_refuse(tmp_path, factory
         run.stop()
 
 
+@needs_data(TM)
 def test_leds_default_to_the_labels_in_order_and_a_wrong_label_is_refused(tmp_path, factory):
     scene = Scene(class_folders(tmp_path / "photos"))
     run = Running(
@@ -357,6 +372,7 @@ def test_leds_default_to_the_labels_in_order_and_a_wrong_label_is_refused(tmp_pa
         build(tm_config(tmp_path, **{"panel.led_labels": ["Topi"]}), opener=scene.opener)
 
 
+@needs_data(TM)
 def test_teaching_commands_are_refused_with_one_clear_error(tmp_path):
     scene = Scene(class_folders(tmp_path / "photos"))
     run = Running(build(tm_config(tmp_path, model=TM_FLOAT), opener=scene.opener))
@@ -385,6 +401,7 @@ def test_teaching_commands_are_refused_with_one_clear_error(tmp_path):
 # --- edgeknn classify --source ----------------------------------------------------------------------------
 
 
+@needs_data(TM)
 def test_classify_source_prints_one_line_per_change_into_a_pipe(capsys):
     rc = cli.main(
         ["classify", "--source", f"replay:{SAMPLES}?fps=0&loop=0", "--model", str(TM_UINT8), "--json"]
@@ -396,6 +413,7 @@ def test_classify_source_prints_one_line_per_change_into_a_pipe(capsys):
     assert [sample_class(files[x["frame"] - 1]) for x in lines] == ["Class 1", "Class 2"]
 
 
+@needs_data(TM)
 def test_classify_source_refreshes_one_line_on_a_terminal():
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -408,6 +426,7 @@ def test_classify_source_refreshes_one_line_on_a_terminal():
     assert shown.split("\r\x1b[K")[-1].startswith("22: Class 2 (")
 
 
+@needs_data(TM)
 def test_classify_source_errors_are_one_line(capsys):
     assert cli.main(["classify", "--source", "bogus:1", "--model", str(TM_UINT8)]) == 2
     assert cli.main(["classify", "--model", str(TM_UINT8)]) == 2

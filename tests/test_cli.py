@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS, EXTRACTOR, MODELS, PHOTOS, TINY
+from conftest import DIGITS, EXTRACTOR, MODEL, MODELS, PHOTOS, TINY, needs_data
 from httpserve import serve
 
 from edgeknn import config
 from edgeknn.cli.evaluate import auroc
 from edgeknn.cli.main import main
-from edgeknn.imagefiles import find_images
+from edgeknn.imagefiles import find_images, load_rgb
 from edgeknn.model.registry import DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256
 from edgeknn.model.tflite import sha256_of
 from edgeknn.store import archive
@@ -87,6 +87,7 @@ def store_copy(tmp_path, taught) -> Path:
 # --- eval ----------------------------------------
 
 
+@needs_data
 def test_eval_json(capsys, dataset):
     rc, out, _ = run(capsys, "eval", dataset, "--model", TINY, "--shots", "1,2", "--seeds", "2", "--json")
     assert rc == 0
@@ -105,6 +106,7 @@ def test_eval_json(capsys, dataset):
     assert "open_set" not in result
 
 
+@needs_data
 def test_eval_open_set_reports_the_unknown_answer(capsys, dataset, tmp_path):
     """1, 2 and half the classes taught (4 classes: half is 2, reported once), per scenario and shot
     count each figure's mean and spread over the seeds; the embeddings are cached for the next run."""
@@ -129,6 +131,7 @@ def test_eval_open_set_reports_the_unknown_answer(capsys, dataset, tmp_path):
     assert rc == 0 and "AUROC" in out and "rejected" in out and "kept" in out
 
 
+@needs_data
 def test_eval_old_protocol_and_a_class_subset(capsys, dataset, tmp_path):
     argv = ["eval", dataset, "--model", TINY, "--shots", "1", "--seeds", "1", "--json"]
     rc, out, _ = run(capsys, *argv, "--protocol", "queries", "--classes", "0,3", "--no-cache")
@@ -139,6 +142,7 @@ def test_eval_old_protocol_and_a_class_subset(capsys, dataset, tmp_path):
     assert rc != 0 and "nine" in err and "Traceback" not in err
 
 
+@needs_data
 def test_eval_one_rule(capsys, dataset):
     rc, out, _ = run(
         capsys,
@@ -157,6 +161,7 @@ def test_eval_one_rule(capsys, dataset):
     assert rc == 0 and set(json.loads(out)["rules"]) == {"nearest"}
 
 
+@needs_data
 def test_eval_prints_a_table(capsys, dataset):
     rc, out, _ = run(
         capsys, "eval", dataset, "--model", TINY, "--shots", "1", "--seeds", "1", "--rule", "tfjs"
@@ -166,6 +171,7 @@ def test_eval_prints_a_table(capsys, dataset):
     assert any(line.startswith("tfjs ") for line in out.splitlines())
 
 
+@needs_data
 @pytest.mark.parametrize(
     ("args", "culprit"),
     [
@@ -180,6 +186,7 @@ def test_eval_bad_usage(capsys, dataset, args, culprit):
     assert rc == 2 and culprit in err
 
 
+@needs_data
 def test_eval_on_a_folder_without_classes(capsys, tmp_path):
     (tmp_path / "only").mkdir()
     rc, _, err = run(capsys, "eval", tmp_path, "--model", TINY)
@@ -211,6 +218,7 @@ def test_auroc_accepts_zero_one_labels():
 # --- teach and predict ----------------------------------------
 
 
+@needs_data
 def test_teach_then_predict(capsys, dataset, taught):
     store = KnnStore.load(taught, sha256_of(TINY))
     assert store.counts() == {"zero": 3, "five": 3}
@@ -230,6 +238,7 @@ def test_teach_then_predict(capsys, dataset, taught):
             assert len(k_nearest) == 3 and result["similarity"] == pytest.approx(np.mean(k_nearest), abs=1e-3)
 
 
+@needs_data
 def test_teach_reports_the_count_and_predict_prints_text(capsys, dataset, tmp_path):
     store = tmp_path / "s.npz"
     rc, out, _ = run(capsys, "teach", dataset / "3", "--store", store, "--class", "three", "--model", TINY)
@@ -239,6 +248,7 @@ def test_teach_reports_the_count_and_predict_prints_text(capsys, dataset, tmp_pa
     assert rc == 0 and out.startswith(f"{photo}: three (1.00, similarity 0.")  # its 3 nearest's mean
 
 
+@needs_data
 def test_teach_with_a_bad_class_name(capsys, dataset, tmp_path):
     rc, _, err = run(
         capsys, "teach", dataset / "0", "--store", tmp_path / "s.npz", "--class", "a/b", "--model", TINY
@@ -247,6 +257,7 @@ def test_teach_with_a_bad_class_name(capsys, dataset, tmp_path):
     assert not (tmp_path / "s.npz").exists()
 
 
+@needs_data
 def test_teach_into_a_store_of_another_model(capsys, dataset, store_copy):
     rc, _, err = run(
         capsys,
@@ -267,6 +278,7 @@ def test_teach_into_a_store_of_another_model(capsys, dataset, store_copy):
     )
 
 
+@needs_data
 def test_predict_without_a_store(capsys, dataset, tmp_path):
     rc, _, err = run(
         capsys, "predict", photos(dataset, "0")[0], "--store", tmp_path / "none.npz", "--model", TINY
@@ -274,6 +286,7 @@ def test_predict_without_a_store(capsys, dataset, tmp_path):
     assert rc == 1 and f"{tmp_path / 'none.npz'}: store file not found" in err
 
 
+@needs_data
 def test_predict_with_a_corrupt_store(capsys, dataset, tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip at all" * 10)
@@ -284,6 +297,7 @@ def test_predict_with_a_corrupt_store(capsys, dataset, tmp_path):
 # --- store info / forget / rename / export / import ----------------------------------------
 
 
+@needs_data
 def test_store_info(capsys, taught):
     rc, out, _ = run(capsys, "store", "info", taught)
     assert rc == 0
@@ -293,6 +307,7 @@ def test_store_info(capsys, taught):
     assert "  zero: 3 examples" in out and "  five: 3 examples" in out
 
 
+@needs_data
 def test_store_info_with_the_wrong_model(capsys, taught):
     rc, _, err = run(capsys, "store", "info", taught, "--model", EXTRACTOR)
     assert rc == 1 and str(taught) in err
@@ -306,12 +321,14 @@ def test_store_info_of_a_missing_or_corrupt_store(capsys, tmp_path):
     assert rc == 1 and str(tmp_path / "bad.npz") in err
 
 
+@needs_data
 def test_store_forget(capsys, store_copy):
     rc, out, _ = run(capsys, "store", "forget", store_copy, "zero", "--model", TINY)
     assert rc == 0 and "forgot 3 examples of 'zero'" in out
     assert KnnStore.load(store_copy, sha256_of(TINY)).counts() == {"zero": 0, "five": 3}
 
 
+@needs_data
 def test_store_forget_an_unknown_class(capsys, store_copy):
     before = store_copy.read_bytes()
     rc, _, err = run(capsys, "store", "forget", store_copy, "seven")
@@ -319,12 +336,14 @@ def test_store_forget_an_unknown_class(capsys, store_copy):
     assert store_copy.read_bytes() == before
 
 
+@needs_data
 def test_store_rename(capsys, store_copy):
     rc, out, _ = run(capsys, "store", "rename", store_copy, "zero", "nought")
     assert rc == 0 and "renamed 'zero' to 'nought'" in out
     assert KnnStore.load(store_copy, sha256_of(TINY)).counts() == {"nought": 3, "five": 3}
 
 
+@needs_data
 @pytest.mark.parametrize(
     ("old", "new", "culprit"),
     [
@@ -341,6 +360,7 @@ def test_store_rename_refused(capsys, store_copy, old, new, culprit):
     assert store_copy.read_bytes() == before
 
 
+@needs_data
 def test_store_export_and_import(capsys, taught, tmp_path):
     exported = tmp_path / "examples.tar"
     rc, out, _ = run(capsys, "store", "export", taught, exported)
@@ -405,6 +425,7 @@ def test_store_import_of_a_malformed_export(capsys, tmp_path, examples):
     assert not (tmp_path / "s.npz").exists()
 
 
+@needs_data
 def test_store_import_into_a_store_of_another_model(capsys, taught, store_copy, tmp_path):
     exported = tmp_path / "examples.json"
     data = {"model_id": "f" * 64, "examples": [{"class": "x", "example": 0, "vector": [0.1] * 256}]}
@@ -423,6 +444,7 @@ def test_store_without_an_action_prints_help(capsys):
 # --- classify ----------------------------------------
 
 
+@needs_data
 def test_classify_a_photo(capsys):
     rc, out, _ = run(capsys, "classify", PHOTOS / "cat.bmp", "--model", TINY, "--top", "3")
     assert rc == 0 and out.startswith(f"{PHOTOS / 'cat.bmp'}: Egyptian cat (")
@@ -432,11 +454,13 @@ def test_classify_a_photo(capsys):
     assert len(lines[0]["results"]) == 5 and set(lines[0]["results"][0]) == {"label", "confidence"}
 
 
+@needs_data
 def test_classify_missing_file(capsys, tmp_path):
     rc, out, err = run(capsys, "classify", tmp_path / "nope.jpg", "--model", TINY)
     assert rc == 1 and out == "" and f"{tmp_path / 'nope.jpg'}: no such file" in err
 
 
+@needs_data
 def test_classify_a_file_that_is_not_an_image(capsys, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
@@ -448,6 +472,7 @@ def test_classify_a_file_that_is_not_an_image(capsys, tmp_path):
     assert rc == 1 and str(fake) in err and "not an image" in err
 
 
+@needs_data
 def test_classify_an_empty_folder(capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -455,11 +480,13 @@ def test_classify_an_empty_folder(capsys, tmp_path):
     assert rc == 1 and f"{empty}: no image files" in err
 
 
+@needs_data
 def test_classify_with_a_missing_model(capsys, tmp_path):
     rc, _, err = run(capsys, "classify", PHOTOS / "cat.bmp", "--model", tmp_path / "m.tflite")
     assert rc == 1 and f"{tmp_path / 'm.tflite'}: model file not found" in err
 
 
+@needs_data
 def test_classify_bad_top(capsys):
     rc, _, err = run(capsys, "classify", PHOTOS / "cat.bmp", "--model", TINY, "--top", "0")
     assert rc == 2 and "--top" in err
@@ -503,6 +530,7 @@ def test_no_command_prints_help(capsys):
     assert "usage: edgeknn" in capsys.readouterr().out
 
 
+@needs_data
 def test_model_info_prints_the_backend(capsys):
     rc, out, _ = run(capsys, "model", "info", TINY)
     assert rc == 0
@@ -518,6 +546,7 @@ def test_model_info_of_a_file_that_is_not_a_model(capsys, tmp_path):
     assert rc == 1 and f"{bad}: not a TFLite model" in err
 
 
+@needs_data
 def test_console_script():
     script = Path(sys.executable).parent / "edgeknn"
     script = script if script.exists() else Path(shutil.which("edgeknn") or "edgeknn")
@@ -544,6 +573,7 @@ def model_server():
         yield base
 
 
+@needs_data
 def test_model_fetch(capsys, tmp_path, model_server):
     dest = tmp_path / "models" / DEFAULT_MODEL_FILE
     rc, out, _ = run(
@@ -556,6 +586,7 @@ def test_model_fetch(capsys, tmp_path, model_server):
     assert sorted(p.name for p in dest.parent.iterdir()) == [DEFAULT_MODEL_FILE]
 
 
+@needs_data
 def test_model_fetch_default_destination_is_the_state_folder(capsys, tmp_path, model_server):
     rc, out, _ = run(capsys, "model", "fetch", "--url", f"{model_server}/{DEFAULT_MODEL_FILE}")
     assert rc == 0
@@ -563,6 +594,7 @@ def test_model_fetch_default_destination_is_the_state_folder(capsys, tmp_path, m
     assert dest.exists() and out.startswith(f"{dest}: ")
 
 
+@needs_data
 def test_model_fetch_checksum_mismatch_leaves_nothing(capsys, tmp_path, model_server):
     dest = tmp_path / "models" / DEFAULT_MODEL_FILE
     url = f"{model_server}/{DEFAULT_MODEL_FILE}"
@@ -572,6 +604,7 @@ def test_model_fetch_checksum_mismatch_leaves_nothing(capsys, tmp_path, model_se
     assert list(dest.parent.iterdir()) == [], "neither the file nor a .part is left"
 
 
+@needs_data
 def test_model_fetch_does_not_replace_a_good_file_with_a_bad_download(capsys, tmp_path, model_server):
     dest = tmp_path / DEFAULT_MODEL_FILE
     shutil.copy(EXTRACTOR, dest)  # another model where the default belongs
@@ -582,6 +615,7 @@ def test_model_fetch_does_not_replace_a_good_file_with_a_bad_download(capsys, tm
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
 
 
+@needs_data
 def test_model_fetch_not_found(capsys, tmp_path, model_server):
     dest = tmp_path / "m.tflite"
     rc, _, err = run(capsys, "model", "fetch", "--url", f"{model_server}/missing.tflite", "--dest", dest)
@@ -607,3 +641,90 @@ def test_model_fetch_with_a_malformed_url(capsys, tmp_path):
     rc, _, err = run(capsys, "model", "fetch", "--url", "not-a-url", "--dest", tmp_path / "m.tflite")
     assert rc == 1 and "not-a-url" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# --- first contact (issue 21): probabilities from the graph, a bad file in a list, --threshold, help ---
+
+
+@needs_data
+def test_classify_with_the_default_model_gives_its_own_probabilities(capsys):
+    """The packaged default's uint8 softmax sums to 0.95 on grace_hopper: it was softmaxed again (0.0015)."""
+    rc, out, _ = run(capsys, "classify", PHOTOS / "grace_hopper.bmp", "--json")
+    best = json.loads(out)["results"][0]
+    assert rc == 0 and best["label"] == "military uniform" and best["confidence"] >= 0.3, best
+
+
+def test_a_softmax_output_is_told_from_the_graph():
+    from edgeknn.model.classifier import Classifier, outputs_probabilities
+
+    classifier = Classifier(MODEL)
+    model = classifier.model
+    assert outputs_probabilities(model.interpreter, model.output) and classifier.probabilities_out
+    photo = sorted((DIGITS / "5").iterdir())[0]
+    top = classifier.classify(load_rgb(photo, 1024), top=1)[0]
+    raw = model.tensor(model.output).reshape(-1)  # the model's own answer, as its uint8 output says
+    assert top.confidence == pytest.approx(float(raw.max()))
+
+
+@needs_data
+def test_classify_skips_a_bad_file_in_a_list_and_classifies_the_rest(capsys, tmp_path):
+    notes = tmp_path / "README.md"
+    notes.write_text("# not a photo\n")
+    first, second = sorted((DIGITS / "1").iterdir())[:2]
+    rc, out, err = run(capsys, "classify", first, notes, second, "--json")
+    assert (
+        rc == 1
+        and err == f"edgeknn: skipped {notes}: not an image file (expected a suffix like .jpg or .png)\n"
+    )
+    assert [json.loads(line)["file"] for line in out.splitlines()] == [str(first), str(second)]
+    renamed = tmp_path / "fake.jpg"  # an image suffix, not an image: skipped when read
+    renamed.write_text("hello")
+    store = demo_store(tmp_path)
+    capsys.readouterr()
+    rc, out, err = run(capsys, "predict", first, renamed, "--store", store, "--json")
+    assert rc == 1 and len(out.splitlines()) == 1 and f"skipped {renamed}: not an image" in err
+
+
+def demo_store(tmp_path: Path) -> Path:
+    """A store taught by the CLI on the default model: 3 demo photos each of 1 and 5."""
+    store = tmp_path / "demo.npz"
+    if not store.exists():
+        for digit in ("1", "5"):
+            files = [str(p) for p in sorted((DIGITS / digit).iterdir())[:3]]
+            assert main(["teach", *files, "--class", f"d{digit}", "--store", str(store)]) == 0
+    return store
+
+
+@needs_data
+def test_predict_threshold(capsys, tmp_path):
+    store = demo_store(tmp_path)
+    capsys.readouterr()
+    held_out = sorted((DIGITS / "5").iterdir())[10]
+    answers = {}
+    for threshold in ("1.0", "-1", "auto"):
+        rc, out, _ = run(capsys, "predict", held_out, "--store", store, "--threshold", threshold, "--json")
+        assert rc == 0
+        answers[threshold] = json.loads(out)["label"]
+    assert answers["1.0"] == "unrecognized" and answers["-1"] in ("d1", "d5"), answers
+    with pytest.raises(SystemExit) as info:
+        main(["predict", str(held_out), "--store", str(store), "--threshold", "2"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert info.value.code == 2 and "--threshold" in err and "'2'" in err
+
+
+def test_every_argument_of_every_command_has_help():
+    import argparse
+
+    from edgeknn.cli.main import build_parser
+
+    def missing(parser: argparse.ArgumentParser, name: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    found += missing(p, f"{name} {sub}")
+            elif not isinstance(action, argparse._HelpAction | argparse._VersionAction) and not action.help:
+                found.append(f"{name}: {action.option_strings[0] if action.option_strings else action.dest}")
+        return found
+
+    assert missing(build_parser(), "edgeknn") == []

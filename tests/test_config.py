@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from edgeknn import config
+from edgeknn import assets, config
 from edgeknn.cli.main import EX_CONFIG, main
 from edgeknn.config import Config, ConfigError
 
@@ -35,8 +35,13 @@ def test_load_none_without_a_system_file_gives_the_defaults(monkeypatch, tmp_pat
     assert cfg.classes == ["one", "two", "three"]
     assert cfg.mqtt.port == 1883 and cfg.store.k == 3 and cfg.store.storage == "float32"
     assert cfg.store_path().name == "store.npz"
-    assert cfg.model_path().parent.name == "models"
-    assert cfg.model_path().parent.parent == cfg.store_path().parent, "both live in the state folder"
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    assert cfg.model_path() == assets.DEFAULT_MODEL, "nothing in the state folder: the packaged default"
+    fetched = cfg.resolved_state_dir() / "models" / assets.DEFAULT_MODEL.name
+    assert fetched.parent.parent == cfg.store_path().parent, "the models folder lives in the state folder"
+    fetched.parent.mkdir(parents=True)
+    fetched.write_bytes(assets.DEFAULT_MODEL.read_bytes())
+    assert cfg.model_path() == fetched, "a model in the state folder wins"
 
 
 def test_load_none_reads_the_system_file_when_present(monkeypatch, tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS, TINY
+from conftest import DIGITS, TINY, needs_data
 from rig import Running, Scene, make_config, photo_folders, stable_on, wait_for
 
 from edgeknn import config
@@ -92,6 +92,7 @@ def _unreadable_images(tmp_path: Path) -> str:
     return f"replay:{folder}"
 
 
+@needs_data
 @pytest.mark.parametrize(
     "make_source, says",
     [

@@ -20,21 +20,23 @@ from pathlib import Path
 
 import httpserve
 import pytest
-from conftest import DIGITS, MODELS, PHOTOS, TINY
+from conftest import DIGITS, MODELS, PHOTOS, TINY, needs_data
 
-from edgeknn import config
+from edgeknn import assets, config
 from edgeknn.cli.main import EX_CONFIG, main
 from edgeknn.cli.progress import Progress
 from edgeknn.device import lifecycle
 from edgeknn.device.systemd import Notifier
 from edgeknn.model.download import wait_for_model
-from edgeknn.model.registry import DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, DEFAULT_NAME, URL_BASE_ENV
 from edgeknn.model.registry import MODELS as NAMED
+from edgeknn.model.registry import URL_BASE_ENV
 from edgeknn.model.tflite import sha256_of
 from edgeknn.store.knn import KnnStore
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = MODELS / DEFAULT_MODEL_FILE  # the default named model, as ../shared/models holds it
+# The default model ships inside the package (nothing to wait for): the waits are for another named one.
+WAITED = NAMED["mobilenet_v1_0.25_128"]
+WAITED_FILE, WAITED_SHA256 = WAITED.file, WAITED.sha256
 
 
 @pytest.fixture(autouse=True)
@@ -92,9 +94,18 @@ def offline_config(tmp_path: Path, **overrides) -> config.Config:
         "camera.source": f"replay:{DIGITS / '1'}?fps=10",
         "panel.kind": "none",
         "mqtt.enabled": False,
+        "web.enabled": False,  # the page while waiting: tests/test_demo.py
+        "model.name": WAITED.name,
         **overrides,
     }
     return config.replace(config.load(None), **values)
+
+
+def waited_config(tmp_path: Path) -> Path:
+    """A config file choosing the named model the package does not carry."""
+    path = tmp_path / "waited.toml"
+    path.write_text(f'[model]\nname = "{WAITED.name}"\n')
+    return path
 
 
 def drop_in_place(path: Path, after: float) -> threading.Thread:
@@ -103,7 +114,7 @@ def drop_in_place(path: Path, after: float) -> threading.Thread:
     def copy() -> None:
         time.sleep(after)
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(DEFAULT_MODEL, path)
+        shutil.copy(TINY, path)
 
     thread = threading.Thread(target=copy, daemon=True)
     thread.start()
@@ -113,12 +124,13 @@ def drop_in_place(path: Path, after: float) -> threading.Thread:
 # --- the offline first start ----------------------------------------
 
 
+@needs_data
 def test_offline_start_keeps_retrying_says_where_and_takes_the_file_a_person_puts_there(
     tmp_path, monkeypatch, caplog
 ):
     base = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv(URL_BASE_ENV, base)
-    url = f"{base}/{DEFAULT_MODEL_FILE}"
+    url = f"{base}/{WAITED_FILE}"
     cfg = offline_config(tmp_path)
     path = cfg.model_path()
     notify = NotifySocket(tmp_path / "notify")
@@ -134,13 +146,13 @@ def test_offline_start_keeps_retrying_says_where_and_takes_the_file_a_person_put
         notifier.close()
         notify.close()
     assert 1.9 < elapsed < 5, "it took the file soon after it appeared"
-    assert sha256_of(path) == DEFAULT_MODEL_SHA256
+    assert sha256_of(path) == WAITED_SHA256
     ready = [m for m in notify.messages if "READY=1" in m]
     assert len(ready) == 1 and "STATUS=waiting for the model" in ready[0], notify.messages
     assert sum("WATCHDOG=1" in m for m in notify.messages) >= 5, "the watchdog is fed while waiting"
     statuses = [m for m in notify.messages if m.startswith("STATUS=waiting for the model: download failed")]
     assert len(statuses) >= 3, f"it kept retrying: {notify.messages}"
-    for text in (str(path), url, DEFAULT_MODEL_SHA256):
+    for text in (str(path), url, WAITED_SHA256):
         assert text in statuses[0]
     waits = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert waits[0].endswith("retrying in 0.2 s") and waits[-1].endswith("retrying in 0.4 s"), waits
@@ -151,9 +163,10 @@ def test_offline_start_keeps_retrying_says_where_and_takes_the_file_a_person_put
     )
 
 
+@needs_data
 def test_offline_start_downloads_once_the_network_is_back(tmp_path):
     port = free_port()
-    dest = tmp_path / "models" / DEFAULT_MODEL_FILE
+    dest = tmp_path / "models" / WAITED_FILE
     reports: list[str] = []
     server: list[http.server.ThreadingHTTPServer] = []
 
@@ -166,8 +179,8 @@ def test_offline_start_downloads_once_the_network_is_back(tmp_path):
     try:
         ok = wait_for_model(
             dest,
-            f"http://127.0.0.1:{port}/{DEFAULT_MODEL_FILE}",
-            DEFAULT_MODEL_SHA256,
+            f"http://127.0.0.1:{port}/{WAITED_FILE}",
+            WAITED_SHA256,
             stop=threading.Event(),
             report=reports.append,
             tick=lambda: None,
@@ -179,21 +192,21 @@ def test_offline_start_downloads_once_the_network_is_back(tmp_path):
         for s in server:
             s.shutdown()
             s.server_close()
-    assert ok and sha256_of(dest) == DEFAULT_MODEL_SHA256
+    assert ok and sha256_of(dest) == WAITED_SHA256
     assert reports and all("download failed" in r for r in reports)
-    assert [p.name for p in dest.parent.iterdir()] == [DEFAULT_MODEL_FILE], "no .part left behind"
+    assert [p.name for p in dest.parent.iterdir()] == [WAITED_FILE], "no .part left behind"
 
 
 def test_a_wrong_file_at_the_path_is_not_taken_and_a_stop_ends_the_wait(tmp_path, caplog):
-    dest = tmp_path / DEFAULT_MODEL_FILE
-    shutil.copy(TINY, dest)  # another model where the default one belongs
+    dest = tmp_path / WAITED_FILE
+    shutil.copy(assets.DEFAULT_MODEL, dest)  # another model where the waited one belongs
     stop = threading.Event()
     threading.Timer(1.0, stop.set).start()
     caplog.set_level(logging.INFO)
     ok = wait_for_model(
         dest,
         f"http://127.0.0.1:{free_port()}/m.tflite",
-        DEFAULT_MODEL_SHA256,
+        WAITED_SHA256,
         stop=stop,
         report=lambda _: None,
         tick=lambda: None,
@@ -203,7 +216,7 @@ def test_a_wrong_file_at_the_path_is_not_taken_and_a_stop_ends_the_wait(tmp_path
     )
     assert ok is False
     warned = [r.getMessage() for r in caplog.records if "waiting for the right file" in r.getMessage()]
-    assert len(warned) == 1 and sha256_of(TINY) in warned[0], "said once, not every poll"
+    assert len(warned) == 1 and sha256_of(assets.DEFAULT_MODEL) in warned[0], "said once, not every poll"
 
 
 OFFLINE_RUN = """
@@ -215,16 +228,17 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@needs_data
 def test_edgeknn_run_offline_waits_ready_then_starts_when_the_model_appears(tmp_path):
     """`edgeknn run` as systemd runs it, with no model and no network: READY while waiting, the
     watchdog fed, one line saying where to put the file; then the file appears and it classifies."""
-    url = f"http://127.0.0.1:{free_port()}/{DEFAULT_MODEL_FILE}"
+    url = f"http://127.0.0.1:{free_port()}/{WAITED_FILE}"
     state = tmp_path / "state"
     notify = NotifySocket(tmp_path / "notify")
     env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000", "HOME": str(tmp_path)}
     env["STATE_DIRECTORY"] = str(state)
     argv = ["run", "--source", f"replay:{DIGITS / '1'}?fps=10", "--panel", "none", "--mqtt", "none"]
-    argv += ["--web", "none"]
+    argv += ["--web", "none", "--config", str(waited_config(tmp_path))]
     proc = subprocess.Popen(
         [sys.executable, "-c", OFFLINE_RUN, url, *argv], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
     )
@@ -234,8 +248,8 @@ def test_edgeknn_run_offline_waits_ready_then_starts_when_the_model_appears(tmp_
         time.sleep(1.5)
         assert proc.poll() is None, "it does not exit while waiting for the model"
         assert any("WATCHDOG=1" in m for m in notify.messages)
-        drop_in_place(state / "models" / DEFAULT_MODEL_FILE, after=0).join()
-        notify.wait_for("STATUS=classifying with " + DEFAULT_MODEL_FILE, 60)
+        drop_in_place(state / "models" / WAITED_FILE, after=0).join()
+        notify.wait_for("STATUS=classifying with " + WAITED_FILE, 60)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -244,17 +258,18 @@ def test_edgeknn_run_offline_waits_ready_then_starts_when_the_model_appears(tmp_
     assert proc.returncode == 0, err
     hint = [line for line in err.splitlines() if "put the file at" in line]
     assert hint, err
-    assert str(state / "models" / DEFAULT_MODEL_FILE) in hint[0] and url in hint[0]
-    assert DEFAULT_MODEL_SHA256 in hint[0]
+    assert str(state / "models" / WAITED_FILE) in hint[0] and url in hint[0]
+    assert WAITED_SHA256 in hint[0]
     assert "found" in err and "running:" in err and "stopped" in err.splitlines()[-1]
     assert "Traceback" not in err
 
 
 def test_edgeknn_run_offline_stops_cleanly_on_sigterm_while_waiting(tmp_path):
-    url = f"http://127.0.0.1:{free_port()}/{DEFAULT_MODEL_FILE}"
+    url = f"http://127.0.0.1:{free_port()}/{WAITED_FILE}"
     notify = NotifySocket(tmp_path / "notify")
     env = {**os.environ, "NOTIFY_SOCKET": notify.path, "STATE_DIRECTORY": str(tmp_path / "state")}
     argv = ["run", "--source", f"replay:{DIGITS / '1'}", "--panel", "none", "--mqtt", "none", "--web", "none"]
+    argv += ["--config", str(waited_config(tmp_path))]
     proc = subprocess.Popen(
         [sys.executable, "-c", OFFLINE_RUN, url, *argv], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
     )
@@ -269,6 +284,7 @@ def test_edgeknn_run_offline_stops_cleanly_on_sigterm_while_waiting(tmp_path):
     assert any("STOPPING=1" in m for m in notify.messages)
 
 
+@needs_data
 def test_mqtt_says_why_while_waiting_for_the_model(tmp_path, monkeypatch, broker, subscriber):
     monkeypatch.setenv(URL_BASE_ENV, f"http://127.0.0.1:{free_port()}")
     cfg = offline_config(
@@ -296,6 +312,7 @@ def test_mqtt_says_why_while_waiting_for_the_model(tmp_path, monkeypatch, broker
 # --- teach / predict / classify without the model ----------------------------------------
 
 
+@needs_data
 @pytest.mark.parametrize(
     "argv",
     [
@@ -307,17 +324,18 @@ def test_mqtt_says_why_while_waiting_for_the_model(tmp_path, monkeypatch, broker
 )
 def test_commands_without_the_model_say_where_to_put_it(capsys, tmp_path, argv):
     store = tmp_path / "s.npz"
-    rc = main([str(store) if a == "STORE" else a for a in argv])
+    rc = main([str(store) if a == "STORE" else a for a in argv] + ["--config", str(waited_config(tmp_path))])
     err = capsys.readouterr().err
-    path = tmp_path / "state" / "models" / DEFAULT_MODEL_FILE
+    path = tmp_path / "state" / "models" / WAITED_FILE
     assert rc == 1 and len(err.splitlines()) == 1, err
-    assert f"{path}: model file not found" in err and NAMED[DEFAULT_NAME].url in err
-    assert DEFAULT_MODEL_SHA256 in err
+    assert f"{path}: model file not found" in err and WAITED.url in err
+    assert WAITED_SHA256 in err
 
 
 # --- a batch teach skips what it cannot read ----------------------------------------
 
 
+@needs_data
 def test_batch_teach_skips_what_it_cannot_read_and_keeps_the_rest(capsys, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -342,6 +360,7 @@ def test_batch_teach_skips_what_it_cannot_read_and_keeps_the_rest(capsys, tmp_pa
     assert KnnStore.load(store, sha256_of(TINY)).counts() == {"three": 3}
 
 
+@needs_data
 def test_teach_with_nothing_readable_saves_nothing(capsys, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("nope")
@@ -366,6 +385,7 @@ def test_store_import_of_a_bad_or_a_missing_file_exits_the_same(capsys, tmp_path
     assert codes == [1, 1]
 
 
+@needs_data
 @pytest.mark.parametrize(
     ("argv", "code"),
     [
@@ -420,6 +440,7 @@ def run_on_a_pty(argv: list[str]) -> tuple[int, str, str]:
     return proc.returncode, out, b"".join(chunks).decode()
 
 
+@needs_data
 def test_teach_shows_progress_on_a_terminal_only(tmp_path):
     folder, n = tmp_path / "sevens", 5
     folder.mkdir()
@@ -438,6 +459,7 @@ def test_teach_shows_progress_on_a_terminal_only(tmp_path):
     assert piped.returncode == 0 and piped.stderr == "", "no progress and no banner in a pipe"
 
 
+@needs_data
 def test_eval_shows_progress_on_a_terminal(tmp_path):
     data = tmp_path / "digits"
     for name in ("0", "1"):

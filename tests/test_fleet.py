@@ -12,7 +12,7 @@ import time
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import SHARED
+from conftest import EXTRACTOR, needs_data
 from paho.mqtt.enums import CallbackAPIVersion
 from rig import (
     CLASSES,
@@ -34,7 +34,8 @@ from edgeknn.device.build import build
 from edgeknn.fleet import pack
 from edgeknn.store import archive
 
-OTHER_MODEL = SHARED / "models" / "mobilenet_v1_0.75_192_quant.tflite"
+# Another model than the rig's (the packaged default): the follower re-embeds the leader's pictures.
+OTHER_MODEL = EXTRACTOR
 
 
 def fleet_config(tmp_path, broker, device: str, model=None, **fleet):
@@ -120,6 +121,7 @@ def test_a_manifest_signed_with_another_key_or_altered_is_refused():
 # --- real daemons ---------------------------------------------------------------------------------
 
 
+@needs_data
 @needs_mosquitto
 def test_followers_learn_what_the_leader_is_taught_and_refuse_teaching(tmp_path, broker, capsys):
     photos = photo_folders(tmp_path)

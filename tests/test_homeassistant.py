@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DIGITS, EXTRACTOR
+from conftest import DIGITS, MODEL
 from mqttclient import Subscriber
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -403,7 +403,7 @@ def daemon_config(tmp_path: Path, port: int, **mqtt) -> config.Config:
         {
             "classes": ["1", "2"],
             "state_dir": str(tmp_path),
-            "model": {"path": str(EXTRACTOR), "threads": 2},
+            "model": {"path": str(MODEL), "threads": 2},
             "store": {"autosave_s": 0.5},
             "panel": {"kind": "none"},
             "web": {"enabled": False},

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import EXTRACTOR
+from conftest import MODEL
 from rig import CLASSES, NotifyListener, Running, Scene, make_config, photo_folders, wait_for
 from test_reliability import proc_figures, toml
 
@@ -43,7 +43,7 @@ class Device:
         self.data = {
             "classes": CLASSES,
             "state_dir": str(self.state),
-            "model": {"path": str(EXTRACTOR), "threads": 1},
+            "model": {"path": str(MODEL), "threads": 1},
             "store": {"rule": "nearest", "autosave_s": 3600.0},
             "camera": {"source": f"replay:{tmp_path / 'photos' / '1'}?fps=20"},
             "panel": {"kind": "keyboard"},
@@ -141,7 +141,7 @@ def _model_id() -> str:
     if not _MODEL_ID:
         from edgeknn.model.embedder import Embedder
 
-        _MODEL_ID.append(Embedder(EXTRACTOR, 1).identity)
+        _MODEL_ID.append(Embedder(MODEL, 1).identity)
     return _MODEL_ID[0]
 
 
@@ -177,7 +177,7 @@ def test_reload_of_a_bad_config_changes_nothing(tmp_path):
         bad = [
             good.replace("[mqtt]", '[mqtt]\nport = "abc"'),  # invalid
             good.replace("autosave_s", "autosve_s"),  # a misspelt key
-            good.replace(str(EXTRACTOR), "/nonexistent/model.tflite"),  # parses, cannot be built
+            good.replace(str(MODEL), "/nonexistent/model.tflite"),  # parses, cannot be built
             good.replace(f"replay:{tmp_path / 'photos' / '1'}?fps=20", "webcam"),  # a bad camera source
         ]
         for n, text in enumerate(bad, 1):

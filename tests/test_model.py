@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXTRACTOR, HEAD, LABELS, PHOTOS, TINY, V2
+from conftest import EXTRACTOR, HEAD, LABELS, PHOTOS, TINY, V2, needs_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -63,6 +63,7 @@ def tiny() -> Model:
 # --- top-1 on known photos -------------------------------------------------------------------------------
 
 
+@needs_data
 @pytest.mark.parametrize(("name", "label"), [("cat.bmp", "Egyptian cat"), ("parrot.jpg", "macaw")])
 def test_v2_classifier_with_labels_from_its_metadata(v2_classifier, name, label):
     assert len(v2_classifier.labels) == 1001 and v2_classifier.labels[0] == "background"
@@ -72,6 +73,7 @@ def test_v2_classifier_with_labels_from_its_metadata(v2_classifier, name, label)
     assert top[0].confidence >= top[1].confidence >= top[2].confidence
 
 
+@needs_data
 @pytest.mark.parametrize(("name", "label"), [("cat.bmp", "Egyptian cat"), ("parrot.jpg", "macaw")])
 def test_extractor_plus_head_with_a_labels_file(pair_classifier, name, label):
     assert pair_classifier.labels == read_labels(LABELS)
@@ -80,10 +82,12 @@ def test_extractor_plus_head_with_a_labels_file(pair_classifier, name, label):
     assert all(0.0 <= x.confidence <= 1.0 for x in top)
 
 
+@needs_data
 def test_classify_top_is_clipped_to_the_number_of_labels(pair_classifier):
     assert len(pair_classifier.classify(photo("cat.bmp"), top=5000)) == 1001
 
 
+@needs_data
 def test_classifier_needs_labels():
     with pytest.raises(ModelError, match=r"no labels"):
         Classifier(EXTRACTOR)
@@ -103,11 +107,13 @@ def test_plain_labels_and_numbered_labels_that_are_not_an_index_are_kept():
     assert parse_labels("1 apple\n2 pear\n") == ["1 apple", "2 pear"], "not counting from 0: not an index"
 
 
+@needs_data
 def test_imagenet_labels_file():
     labels = read_labels(LABELS)
     assert len(labels) == 1001 and labels[0] == "background"
 
 
+@needs_data
 def test_labels_file_of_the_wrong_length(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_text("".join(f"{i} class {i}\n" for i in range(5)))
@@ -116,6 +122,7 @@ def test_labels_file_of_the_wrong_length(tmp_path):
     assert str(path) in str(info.value) and "5 labels" in str(info.value) and "1001" in str(info.value)
 
 
+@needs_data
 def test_labels_without_background_get_it_prepended(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_text("\n".join(read_labels(LABELS)[1:]))
@@ -128,6 +135,7 @@ def test_missing_labels_file(tmp_path):
         read_labels(tmp_path / "labels.txt")
 
 
+@needs_data
 def test_head_that_does_not_fit_the_model():
     with pytest.raises(ModelError) as info:
         Classifier(TINY, labels=LABELS, head=HEAD)
@@ -137,6 +145,7 @@ def test_head_that_does_not_fit_the_model():
 # --- embeddings ----------------------------------------
 
 
+@needs_data
 def test_extractor_embedding_is_a_unit_1024_float32_vector(extractor):
     assert not extractor.is_classifier
     assert extractor.dim == 1024
@@ -147,6 +156,7 @@ def test_extractor_embedding_is_a_unit_1024_float32_vector(extractor):
     assert (vector >= 0).all() and (vector > 0).mean() > 0.5, "ReLU6 features, mostly non-zero"
 
 
+@needs_data
 def test_embeddings_are_deterministic_and_tell_photos_apart(extractor):
     cat, parrot = photo("cat.bmp"), photo("parrot.jpg")
     a, b = extractor.embed(cat), extractor.embed(cat.copy())
@@ -154,6 +164,7 @@ def test_embeddings_are_deterministic_and_tell_photos_apart(extractor):
     assert float(a @ extractor.embed(parrot)) < float(a @ extractor.embed(cat[:, ::-1].copy()))
 
 
+@needs_data
 def test_v2_classifier_gives_its_1280_wide_penultimate():
     embedder = Embedder(V2)
     assert embedder.is_classifier
@@ -164,6 +175,7 @@ def test_v2_classifier_gives_its_1280_wide_penultimate():
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
 
 
+@needs_data
 def test_tiny_classifier_gives_its_256_wide_penultimate():
     embedder = Embedder(TINY)
     assert embedder.is_classifier and embedder.dim == 256
@@ -253,6 +265,7 @@ def test_crop_and_resize_shape_and_range(h, w, th, tw, seed):
     assert out.min() >= image.min() and out.max() <= image.max(), "interpolation never overshoots"
 
 
+@needs_data
 def test_model_prepare_rejects_what_is_not_rgb_uint8(tiny):
     with pytest.raises(ValueError, match="RGB uint8"):
         tiny.prepare(np.zeros((10, 10), np.uint8))
@@ -261,6 +274,7 @@ def test_model_prepare_rejects_what_is_not_rgb_uint8(tiny):
     assert tiny.prepare(solid(50, 80, BLUE)).shape == (128, 128, 3)
 
 
+@needs_data
 def test_input_lut_raw_pixels_when_quantization_already_maps_to_minus_one_one(tiny):
     assert _input_lut(np.uint8, 1 / 128, 128) is None
     assert _input_lut(np.uint8, 0.0, 0) is None, "unquantized uint8: raw pixels"
@@ -325,6 +339,7 @@ def test_not_a_tflite_file(tmp_path):
     assert str(info.value) == f"{path}: not a TFLite model (no TFL3 identifier)"
 
 
+@needs_data
 def test_truncated_tflite_file(tmp_path):
     path = tmp_path / "model.tflite"
     path.write_bytes(TINY.read_bytes()[:50_000])
@@ -334,17 +349,20 @@ def test_truncated_tflite_file(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@needs_data
 def test_a_model_without_an_image_input():
     with pytest.raises(ModelError, match=r"expected an image input of shape \[1, H, W, 3\]"):
         Model(HEAD)
 
 
+@needs_data
 def test_load_interpreter_records_the_backend():
     interpreter, backend = load_interpreter(TINY.read_bytes(), str(TINY), threads=1)
     assert backend == "ai_edge_litert"
     assert list(interpreter.get_input_details()[0]["shape"]) == [1, 128, 128, 3]
 
 
+@needs_data
 def test_model_properties(tiny):
     assert tiny.backend == "ai_edge_litert"
     assert tiny.input_size == (128, 128)
@@ -353,6 +371,7 @@ def test_model_properties(tiny):
     assert tiny.labels_from_metadata()[:2] == ["background", "tench, Tinca tinca"]
 
 
+@needs_data
 def test_describe_has_tensors_and_the_backend(tiny):
     info = json.loads(json.dumps(tiny.describe()))
     assert info["backend"] == "ai_edge_litert"
@@ -365,14 +384,17 @@ def test_describe_has_tensors_and_the_backend(tiny):
     assert info["threads"] >= 1
 
 
+@needs_data
 def test_extractor_has_no_metadata_labels():
     assert Model(EXTRACTOR).describe()["labels_in_metadata"] == 0
 
 
+@needs_data
 def test_model_path_may_be_a_string():
     assert Model(str(TINY)).path == Path(TINY)
 
 
+@needs_data
 def test_the_inference_thread_gives_the_embedding_of_each_image_and_its_errors():
     from edgeknn.model.inference import InferenceThread
 
@@ -400,6 +422,7 @@ def test_the_inference_thread_gives_the_embedding_of_each_image_and_its_errors()
         inference.close()
 
 
+@needs_data
 def test_embed_views_calls_back_after_every_view():
     """The daemon pings systemd's watchdog between an added example's views: six invokes on an emulated
     or slow CPU outlasted WatchdogSec (seen under qemu), and systemd killed the daemon mid-teach."""

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXTRACTOR, MODELS, PHOTOS, TINY
+from conftest import EXTRACTOR, MODELS, PHOTOS, TINY, needs_data
 from httpserve import FileHandler, serve
 
-from edgeknn import config
+from edgeknn import assets, config
 from edgeknn.cli.main import main
 from edgeknn.model.embedder import Embedder
 from edgeknn.model.registry import DEFAULT_NAME, URL_BASE, URL_BASE_ENV, by_file, by_sha256
@@ -54,6 +54,7 @@ def mirror(monkeypatch) -> Iterator[str]:
         yield base
 
 
+@needs_data
 def test_the_registry_pins_every_shared_model_by_commit_and_sha256():
     assert DEFAULT_NAME in NAMED and OLD_DEFAULT.file == EXTRACTOR.name
     for m in NAMED.values():
@@ -66,6 +67,7 @@ def test_the_registry_pins_every_shared_model_by_commit_and_sha256():
         assert by_sha256(m.sha256) is m and by_file(path) is m
 
 
+@needs_data
 def test_fetch_a_named_model_then_list_shows_it_downloaded(capsys, tmp_path, mirror):
     rc, out, _ = run(capsys, "model", "fetch", SMALL.name)
     dest = tmp_path / "state" / "models" / SMALL.file
@@ -86,6 +88,7 @@ def test_fetch_a_named_model_then_list_shows_it_downloaded(capsys, tmp_path, mir
     assert rc == 0 and out.endswith("verified (already there)\n") and len(FileHandler.requests) == 1
 
 
+@needs_data
 def test_fetch_without_a_name_gets_the_configured_one(capsys, tmp_path, mirror):
     conf = tmp_path / "edgeknn.toml"
     conf.write_text(f'[model]\nname = "{SMALL.name}"\n')
@@ -96,6 +99,7 @@ def test_fetch_without_a_name_gets_the_configured_one(capsys, tmp_path, mirror):
     assert "downloaded: yes" in line and line.endswith("configured")
 
 
+@needs_data
 def test_a_bad_checksum_is_refused_and_leaves_nothing(capsys, tmp_path, monkeypatch):
     wrong = tmp_path / "wrong"
     wrong.mkdir()
@@ -110,6 +114,7 @@ def test_a_bad_checksum_is_refused_and_leaves_nothing(capsys, tmp_path, monkeypa
     assert not (tmp_path / "state" / "models").exists() or not any((tmp_path / "state" / "models").iterdir())
 
 
+@needs_data
 def test_an_interrupted_download_leaves_nothing_and_the_next_one_completes(capsys, tmp_path, mirror):
     folder = tmp_path / "state" / "models"
     FileHandler.cut = {SMALL.file}
@@ -128,10 +133,11 @@ def test_an_unknown_name_is_a_usage_error(capsys):
     assert info.value.code == 2 and "mobilenet_v9" in err and DEFAULT_NAME in err
 
 
+@needs_data
 def test_config_model_name_path_and_default(tmp_path):
     base = config.replace(config.load(None), state_dir=str(tmp_path / "state"))
     assert base.named_model().name == DEFAULT_NAME
-    assert base.model_path() == tmp_path / "state" / "models" / NAMED[DEFAULT_NAME].file
+    assert base.model_path() == assets.DEFAULT_MODEL, "the default ships in the package"
     named = config.replace(base, **{"model.name": SMALL.name})
     assert named.model_path() == tmp_path / "state" / "models" / SMALL.file
     wins = config.replace(named, **{"model.path": str(EXTRACTOR)})
@@ -149,6 +155,7 @@ def store_of(embedder: Embedder, path: Path) -> None:
     store.save(path)
 
 
+@needs_data
 def test_an_install_keeps_the_model_its_store_was_made_with(capsys, tmp_path):
     """An existing install (model.name unset, a store made with the old default, that model in the
     state folder) goes on with that model after the default changes, instead of being refused."""
@@ -167,11 +174,11 @@ def test_an_install_keeps_the_model_its_store_was_made_with(capsys, tmp_path):
     )
     assert rc == 0 and ": one (" in out, "the 1024-d store answers with its own model"
     rc, out, _ = run(capsys, "model", "list")
-    assert "downloaded: yes   configured" in next(
-        line for line in out.splitlines() if line.startswith(OLD_DEFAULT.name)
-    )
+    line = next(line for line in out.splitlines() if line.startswith(OLD_DEFAULT.name))
+    assert "downloaded: yes" in line and line.endswith(" configured"), line
 
 
+@needs_data
 def test_choosing_the_new_default_for_an_old_store_is_refused_in_one_line(capsys, tmp_path):
     """model.name = the new default, a store of the old one without pictures: one line, no traceback."""
     state = tmp_path / "state"
@@ -185,6 +192,7 @@ def test_choosing_the_new_default_for_an_old_store_is_refused_in_one_line(capsys
     assert rc == 1 and str(state / "store.npz") in err and OLD_DEFAULT.sha256[:12] in err
 
 
+@needs_data
 def test_teach_and_predict_without_model_use_the_model_their_store_was_made_with(capsys, tmp_path):
     """`predict --store S` with model.name unset: the named model S records, not the default."""
     models = tmp_path / "state" / "models"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import DIGITS, EXTRACTOR
+from conftest import DIGITS, MODEL
 from paho.mqtt.enums import CallbackAPIVersion
 from rig import NotifyListener, wait_for
 
@@ -84,7 +84,7 @@ class Flood:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgeknn", "run", "--config", str(write_config(tmp_path)),
              "--mqtt", f"127.0.0.1:{port}", "--device-id", "flood", "--panel", "none",
-             "--model", str(EXTRACTOR), "--store", str(tmp_path / "store.npz"),
+             "--model", str(MODEL), "--store", str(tmp_path / "store.npz"),
              "--source", f"replay:{DIGITS / '1'}?fps=20"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
         )  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS, EXTRACTOR, MODELS, TINY
+from conftest import DIGITS, EXTRACTOR, MODELS, TINY, needs_data
 
 from edgeknn import config
 from edgeknn import jpeg as pictures
@@ -55,6 +55,7 @@ def picture_files(path: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.jpg"))}
 
 
+@needs_data
 def test_encode_makes_a_small_jpeg_of_the_frame(frames):
     data = pictures.encode(frames[0])
     assert data.startswith(b"\xff\xd8") and len(data) <= pictures.BUDGET
@@ -65,6 +66,7 @@ def test_encode_makes_a_small_jpeg_of_the_frame(frames):
     assert len(pictures.encode(noise)) <= pictures.BUDGET  # the worst case still fits (lower quality)
 
 
+@needs_data
 def test_add_list_and_delete_one_example_and_its_picture(tmp_path, frames):
     path = tmp_path / "store.npz"
     store = taught(frames[:3])
@@ -99,6 +101,7 @@ def test_add_list_and_delete_one_example_and_its_picture(tmp_path, frames):
     assert len(loaded.examples()) == 4  # a refused example changes nothing
 
 
+@needs_data
 def test_classes_are_slots_kept_in_the_store_file(tmp_path, frames):
     path = tmp_path / "store.npz"
     store = taught(frames[:3])
@@ -134,6 +137,7 @@ def write_format_1(path: Path, store: KnnStore) -> None:
         storefile._write_npz(f, arrays)
 
 
+@needs_data
 def test_a_store_of_format_1_still_loads_and_is_saved_in_the_new_format(tmp_path, frames):
     path = tmp_path / "store.npz"
     old = KnnStore(16, MODEL, StoreSettings(rule="nearest"))
@@ -159,6 +163,7 @@ def test_a_store_of_format_1_still_loads_and_is_saved_in_the_new_format(tmp_path
     assert [e.has_picture for e in again.examples()] == [False, False, False, True]
 
 
+@needs_data
 def test_a_missing_or_damaged_picture_costs_only_that_picture(tmp_path, frames, caplog):
     path = tmp_path / "store.npz"
     store = taught(frames[:4])
@@ -186,6 +191,7 @@ def test_a_missing_or_damaged_picture_costs_only_that_picture(tmp_path, frames, 
     assert sorted(picture_files(path)) == ["3.jpg"]
 
 
+@needs_data
 def test_an_example_list_that_does_not_match_the_rows_is_a_damaged_store(tmp_path, frames):
     path = tmp_path / "store.npz"
     arrays = taught(frames[:2]).contents()
@@ -196,6 +202,7 @@ def test_an_example_list_that_does_not_match_the_rows_is_a_damaged_store(tmp_pat
     assert info.value.corrupt
 
 
+@needs_data
 def test_saving_after_one_more_example_writes_only_its_picture(tmp_path, frames):
     path = tmp_path / "store.npz"
     store = taught(frames[:6])
@@ -221,6 +228,7 @@ def test_saving_after_one_more_example_writes_only_its_picture(tmp_path, frames)
     assert KnnStore.load(path, MODEL).picture(6) == pictures.encode(frames[6])
 
 
+@needs_data
 def test_a_save_that_cannot_write_the_pictures_names_their_folder(tmp_path, frames):
     """A failing SD card or a wrong owner of ``store.npz.pictures``: the error says which file failed."""
     path = tmp_path / "store.npz"
@@ -236,6 +244,7 @@ def test_a_save_that_cannot_write_the_pictures_names_their_folder(tmp_path, fram
     assert saver.save() and not saver.error and sorted(picture_files(path)) == ["0.jpg", "1.jpg"]
 
 
+@needs_data
 def test_pictures_can_be_read_from_another_thread_while_the_store_changes_and_saves(tmp_path, frames):
     path = tmp_path / "store.npz"
     store = taught(frames[:2])
@@ -274,6 +283,7 @@ def test_pictures_can_be_read_from_another_thread_while_the_store_changes_and_sa
     assert sorted(picture_files(path)) == sorted(f"{i}.jpg" for i in ids)
 
 
+@needs_data
 def test_export_and_import_carry_the_pictures(tmp_path, frames, capsys):
     path, copy, export = tmp_path / "store.npz", tmp_path / "copy.npz", tmp_path / "backup.tar"
     store = taught(frames[:4])
@@ -312,6 +322,7 @@ def test_export_and_import_carry_the_pictures(tmp_path, frames, capsys):
     assert [e.has_picture for e in KnnStore.load(tmp_path / "old.npz", MODEL).examples()] == [False] * 5
 
 
+@needs_data
 def test_cli_lists_and_deletes_examples(tmp_path, frames, capsys):
     path = tmp_path / "store.npz"
     taught(frames[:3]).save(path)
@@ -359,6 +370,7 @@ def accuracy(store: KnnStore, vectors: list[np.ndarray], photos: Photos, closed_
     return float(np.mean([store.classify(v).label == d for v, (d, _) in zip(vectors, photos, strict=True)]))
 
 
+@needs_data
 def test_a_store_reembedded_at_start_classifies_about_as_well_as_one_taught_with_that_model(tmp_path, caplog):
     """The must-show of issue 13: taught with the default extractor, started with MobileNet v1 0.5 160."""
     path = tmp_path / "store.npz"
@@ -398,6 +410,7 @@ def test_a_store_reembedded_at_start_classifies_about_as_well_as_one_taught_with
         assert again >= direct_accuracy - 0.1
 
 
+@needs_data
 def test_a_store_without_every_picture_is_refused_at_start_and_by_the_cli(tmp_path, frames, capsys):
     path = tmp_path / "store.npz"
     extractor = Embedder(EXTRACTOR)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS, EXTRACTOR
+from conftest import DIGITS, MODEL
 from gpiozero.pins.mock import MockFactory
 from mqttclient import Subscriber
 from powercut_child import CAPACITY, MODEL_ID
@@ -460,7 +460,7 @@ def good_config(tmp_path: Path) -> dict:
     return {
         "classes": CLASSES,
         "state_dir": str(tmp_path / "state"),
-        "model": {"path": str(EXTRACTOR), "threads": 1},
+        "model": {"path": str(MODEL), "threads": 1},
         "camera": {"source": f"replay:{photo}?fps=0&loop=0"},  # one frame, then `run` ends by itself
         "panel": {"kind": "none"},
         "mqtt": {"enabled": False},
@@ -469,10 +469,13 @@ def good_config(tmp_path: Path) -> dict:
 
 
 def saved_store(model_id: str) -> KnnStore:
-    store = KnnStore(1024, model_id, StoreSettings(rule="nearest"))
+    from edgeknn.model.embedder import Embedder
+
+    dim = Embedder(MODEL, 1).dim  # the device's model: the store must fit it
+    store = KnnStore(dim, model_id, StoreSettings(rule="nearest"))
     rng = np.random.default_rng(3)
     for name in CLASSES:
-        store.add(name, rng.random(1024, dtype=np.float32))
+        store.add(name, rng.random(dim, dtype=np.float32))
     return store
 
 
@@ -560,7 +563,7 @@ BAD_PARAMS = [
 def model_id() -> str:
     from edgeknn.model.embedder import Embedder
 
-    return Embedder(EXTRACTOR, 1).identity
+    return Embedder(MODEL, 1).identity
 
 
 @pytest.mark.parametrize(("what", "overrides", "store", "status", "culprit"), BAD_PARAMS)
@@ -630,7 +633,7 @@ def test_a_store_broken_twice_in_one_second_keeps_both(tmp_path, model_id):
     from edgeknn.model.embedder import Embedder
 
     cfg = config_from(good_config(tmp_path))
-    embedder = Embedder(EXTRACTOR, 1)
+    embedder = Embedder(MODEL, 1)
     path = tmp_path / "state" / "store.npz"
     path.parent.mkdir()
     originals = []
@@ -678,7 +681,7 @@ def test_soak_replay_commands_and_broker_flaps(tmp_path):
     data = {
         "classes": CLASSES,
         "state_dir": str(tmp_path / "state"),
-        "model": {"path": str(EXTRACTOR), "threads": 1},
+        "model": {"path": str(MODEL), "threads": 1},
         "store": {"rule": "nearest", "capacity": 10, "autosave_s": 1.0},
         "camera": {"source": f"replay:{tmp_path / 'photos'}?fps=25"},
         "panel": {"kind": "none"},

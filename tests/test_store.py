@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS, TINY
+from conftest import DIGITS, TINY, needs_data
 
 from edgeknn.imagefiles import find_images, load_rgb
 from edgeknn.model.embedder import Embedder
@@ -298,6 +298,7 @@ def test_observe_moves_the_centre_but_keeps_answers():
     assert [store.classify(basis(16, c)).label for c in range(3)] == before == ["cup", "pen", "key"]
 
 
+@needs_data
 @pytest.mark.parametrize("rule", ["tfjs", "nearest", "softmax", "prototype"])
 def test_real_embeddings_uint8_storage_gives_the_float32_answers(digits, rule):
     f32, u8 = digit_store(digits, rule, "float32"), digit_store(digits, rule, "uint8")
@@ -311,6 +312,7 @@ def test_real_embeddings_uint8_storage_gives_the_float32_answers(digits, rule):
     assert accuracy > 0.4, "better than chance (0.25) on real photos"
 
 
+@needs_data
 def test_uint8_rows_are_four_times_smaller(digits):
     f32, u8 = digit_store(digits, "tfjs", "float32"), digit_store(digits, "tfjs", "uint8")
     assert u8._rows.matrix.dtype == np.uint8 and f32._rows.matrix.dtype == np.float32
@@ -325,6 +327,7 @@ def answers(store: KnnStore, qs) -> list[tuple[str, dict]]:
     return [(p.label, p.scores) for p in map(store.classify, qs)]
 
 
+@needs_data
 @pytest.mark.parametrize("storage", ["float32", "uint8"])
 @pytest.mark.parametrize("rule", ["tfjs", "softmax"])
 def test_round_trip_keeps_everything(tmp_path, digits, storage, rule):
@@ -359,6 +362,7 @@ def test_round_trip_of_an_empty_store(tmp_path):
     assert loaded.classify(basis(8, 0)).label == UNKNOWN
 
 
+@needs_data
 def test_load_may_convert_the_storage(tmp_path, digits):
     path = tmp_path / "s.npz"
     digit_store(digits, "tfjs", "float32").save(path)

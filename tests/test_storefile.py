@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS, EXTRACTOR, REPO, TINY
+from conftest import DIGITS, REPO, TINY, needs_data
+from conftest import MODEL as DEVICE_MODEL
 
 from edgeknn import config
 from edgeknn.cli.main import main
@@ -249,6 +250,7 @@ def test_store_info_of_a_fifo_does_not_hang(tmp_path, capsys):
 # --- case 7: never rename what is not a store ------------------------------------------------------------
 
 
+@needs_data
 def test_a_store_path_at_another_file_renames_nothing(tmp_path):
     config_file = tmp_path / "edgeknn.toml"
     config_file.write_text('classes = ["cup"]\n[store]\npath = "edgeknn.toml"\n')
@@ -307,6 +309,7 @@ def hold_lock(path: Path, who: str) -> subprocess.Popen:
     return proc
 
 
+@needs_data
 def test_commands_that_write_refuse_a_locked_store_and_reading_ones_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "none.toml")
     path = tmp_path / "store.npz"
@@ -366,7 +369,8 @@ def test_teach_refuses_the_store_of_a_running_daemon_and_predict_works(tmp_path)
     store = tmp_path / "state" / "store.npz"
     config_file = tmp_path / "edgeknn.toml"
     config_file.write_text(
-        f'classes = ["one"]\nstate_dir = "{tmp_path / "state"}"\n[model]\npath = "{EXTRACTOR}"\nthreads = 1\n'
+        f'classes = ["one"]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[model]\npath = "{DEVICE_MODEL}"\nthreads = 1\n'
     )
     c = ("--config", config_file)
     taught = edgeknn("teach", *c, "--store", store, "--class", "one", photos[0])

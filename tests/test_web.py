@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MODEL, TM, needs_data
 from rig import CLASSES, Running, Scene, make_config, photo_folders, stable_on, teach, wait_for
 
 from edgeknn.device.build import build
+from edgeknn.model.tflite import Model
 from edgeknn.store import archive, exchange
 from edgeknn.store.knn import KnnStore
 from edgeknn.web.server import WebOutput
@@ -195,7 +197,7 @@ def first_jpeg(client: Client, path: str) -> bytes:
 
 
 def test_the_live_view_shows_the_model_sized_or_the_full_frame(tmp_path):
-    """A replay of the 100x100 digit photos: the model sees 224x224, the full frame is the photo's."""
+    """A replay of the 100x100 digit photos: the model sees its input size, the full frame is the photo's."""
     import io
 
     from PIL import Image
@@ -216,7 +218,7 @@ def test_the_live_view_shows_the_model_sized_or_the_full_frame(tmp_path):
         client = Client(port)
         client.login()
         assert client("/api/session")[1]["full_frame"] is False, "smaller than the model's: not offered"
-        assert Image.open(io.BytesIO(first_jpeg(client, "/api/live.mjpg"))).size == (224, 224)
+        assert Image.open(io.BytesIO(first_jpeg(client, "/api/live.mjpg"))).size == Model(MODEL).input_size
         assert Image.open(io.BytesIO(first_jpeg(client, "/api/live.mjpg?full=1"))).size == (100, 100)
     finally:
         run.stop()
@@ -342,12 +344,10 @@ def test_edgeknn_run_generates_the_password_once_and_serves_the_page(tmp_path):
     import subprocess
     import sys
 
-    from conftest import EXTRACTOR
-
     photos = photo_folders(tmp_path)["1"]
     port = free_port()
     argv = ["run", "--source", f"replay:{photos}?fps=10", "--panel", "none", "--mqtt", "none"]
-    argv += ["--model", str(EXTRACTOR), "--web", f"127.0.0.1:{port}"]
+    argv += ["--model", str(MODEL), "--web", f"127.0.0.1:{port}"]
     env = {**os.environ, "STATE_DIRECTORY": str(tmp_path / "state"), "HOME": str(tmp_path)}
     logs = []
     for _ in range(2):
@@ -367,7 +367,7 @@ def test_edgeknn_run_generates_the_password_once_and_serves_the_page(tmp_path):
     password = (tmp_path / "state" / "web-password").read_text().strip()
     assert (tmp_path / "state" / "web-password").stat().st_mode & 0o777 == 0o600
     assert [password in text for text in logs] == [True, False], "said once, at the first start"
-    assert all(f"page is at http://<this host>:{port}" in text for text in logs)
+    assert all(f"page is at http://127.0.0.1:{port} " in text for text in logs), "the real address"
     assert not any(" ERROR " in text or "Traceback" in text for text in logs), logs
 
 
@@ -378,15 +378,13 @@ def test_a_taken_port_is_one_line_and_the_device_runs_on(tmp_path):
     import subprocess
     import sys
 
-    from conftest import EXTRACTOR
-
     photos = photo_folders(tmp_path)["1"]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         argv = ["run", "--source", f"replay:{photos}?fps=10&loop=0", "--panel", "none", "--mqtt", "none"]
-        argv += ["--model", str(EXTRACTOR), "--web", f"127.0.0.1:{port}"]
+        argv += ["--model", str(MODEL), "--web", f"127.0.0.1:{port}"]
         proc = subprocess.run(
             [sys.executable, "-m", "edgeknn", *argv],
             capture_output=True,
@@ -567,7 +565,8 @@ def test_the_page_in_chromium(tmp_path, browser):
 
         # the live view: frames arrive and change (the replay loops over different photos)
         live = find(By.ID, "live")
-        assert wait_for(lambda: driver.execute_script("return arguments[0].naturalWidth", live) == 224)
+        side = Model(MODEL).width
+        assert wait_for(lambda: driver.execute_script("return arguments[0].naturalWidth", live) == side)
         first = live.screenshot_as_png
         assert wait_for(lambda: live.screenshot_as_png != first), "the live view's image changes"
         assert page.frames.viewers == 1 and page.frames.encoded > 1
@@ -706,12 +705,12 @@ def test_the_page_in_chromium(tmp_path, browser):
         run.stop()
 
 
+@needs_data(TM)
 def test_a_classifier_model_shows_its_top_answers_and_nothing_to_teach(tmp_path, browser):
     """The Teachable Machine export (a classifier: its own labels): bars of its answers, no teaching."""
-    from conftest import MODELS
     from selenium.webdriver.common.by import By
 
-    samples = MODELS / "teachable_machine" / "samples"
+    samples = TM / "samples"
     folders: dict[str, Path] = {}
     for photo in sorted(samples.iterdir()):
         name = f"Class {photo.name[len('class')]}"  # classK_N.png shows Class K
@@ -720,7 +719,7 @@ def test_a_classifier_model_shows_its_top_answers_and_nothing_to_teach(tmp_path,
     port = free_port()
     cfg = make_config(
         tmp_path,
-        **{"model.path": str(MODELS / "teachable_machine" / "model.tflite"), "panel.kind": "none"},
+        **{"model.path": str(TM / "model.tflite"), "panel.kind": "none"},
         web={"enabled": True, "listen": "127.0.0.1", "port": port, "password": PASSWORD},
     )
     scene = Scene(folders)

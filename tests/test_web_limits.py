@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import test_web as webtests
-from conftest import EXTRACTOR
+from conftest import MODEL
 from rig import photo_folders, wait_for
 
 from edgeknn.web import limits
@@ -280,7 +280,7 @@ def test_a_slowloris_of_1100_connections_under_1024_descriptors_never_stops_the_
     (state / "web-password").write_text(PASSWORD + "\n")
     argv = ["prlimit", "--nofile=1024:1024", sys.executable, "-m", "edgeknn", "run"]
     argv += ["--source", f"replay:{photos}?fps=10", "--panel", "none", "--mqtt", "none"]
-    argv += ["--model", str(EXTRACTOR), "--web", f"127.0.0.1:{port}"]
+    argv += ["--model", str(MODEL), "--web", f"127.0.0.1:{port}"]
     env = {**os.environ, "STATE_DIRECTORY": str(state), "HOME": str(tmp_path)}
     log = tmp_path / "run.log"
     with open(log, "w") as out:

@@ -36,7 +36,7 @@ PICAMERA2_MISSING = (
     "with `python3 -m venv --system-site-packages`"
 )
 OPENCV_MISSING = "OpenCV is not installed: run `pip install edgeknn[cv]` (opencv-python-headless)"
-URI_HELP = "expected auto, picamera2[:N], v4l2:/dev/videoN, v4l2:N or replay:PATH[?fps=F&loop=0|1]"
+URI_HELP = "expected auto, picamera2[:N], v4l2:/dev/videoN, v4l2:N, replay:PATH[?fps=F&loop=0|1] or demo"
 
 
 class CameraError(Exception):

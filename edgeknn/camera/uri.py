@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+from edgeknn import assets
 from edgeknn.camera.sources import (
     OPENCV_MISSING,
     PICAMERA2_MISSING,
@@ -30,19 +31,25 @@ from edgeknn.imagefiles import ImageError, is_image_file, load_rgb
 
 log = logging.getLogger("edgeknn.camera.sources")
 
+# The demo's pace: its 20 photos of a class show for 10 s, long enough to teach it, then the next class.
+DEMO_FPS = 2.0
+
 
 def source_opener(uri: str, size: tuple[int, int], fps: float) -> Callable[[], Source]:
     """Check ``uri`` now; return a function that opens it (``Capture`` calls it again after a failure).
 
     URIs: ``auto`` (picamera2, else the first V4L2 camera), ``picamera2``, ``picamera2:N``,
     ``v4l2:/dev/videoN``, ``v4l2:N``, ``replay:PATH?fps=F&loop=0|1`` (fps defaults to ``fps``,
-    loop to 1; a relative PATH is taken from the current folder). ``size`` is the model's
+    loop to 1; a relative PATH is taken from the current folder), ``demo`` (the package's demo photos,
+    class after class, ``DEMO_FPS`` a second: ``edgeknn demo``). ``size`` is the model's
     (width, height). A malformed URI raises ValueError at once; a camera that is absent raises
     CameraError only when opened (see ``check_source`` for what can be known before).
     """
     scheme, colon, rest = uri.partition(":")
     if uri == "auto":
         return lambda: _open_auto(size, fps)
+    if uri == "demo":
+        return lambda: ReplaySource(assets.DEMO_PHOTOS, DEMO_FPS, True, size)
     if scheme == "picamera2" and (not colon or rest.isdigit()):
         index = int(rest) if colon else 0
         return lambda: Picamera2Source(index, size, fps)

@@ -7,8 +7,12 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from edgeknn import config
 from edgeknn import jpeg as pictures
@@ -30,8 +34,37 @@ def _open_store(path: Path, embedder: Embedder, cfg: config.Config, create: bool
     return KnnStore.load(path, embedder.identity, cfg.store.settings(), embedder.dim)
 
 
-def _images(paths: list[Path]) -> list[Path]:
-    return find_images(paths)
+def each_image(paths: list[Path], skipped: list[str]) -> Iterator[tuple[Path, np.ndarray]]:
+    """Every image the paths name (folders searched), loaded; what cannot be read is skipped with one
+    line on stderr and counted in ``skipped``, and the rest still comes (a README among photos)."""
+    for given in paths:
+        try:
+            files = find_images([given])
+        except ImageError as e:
+            skipped.append(str(e))
+            print(f"edgeknn: skipped {e}", file=sys.stderr)
+            continue
+        for path in files:
+            try:
+                image = load_rgb(path, max_side=1024)
+            except ImageError as e:
+                skipped.append(str(e))
+                print(f"edgeknn: skipped {e}", file=sys.stderr)
+                continue
+            yield path, image
+
+
+def threshold_option(text: str) -> float | str:
+    """``--threshold``: a similarity -1..1 below which the answer is unrecognized, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f'expected a number -1.0..1.0 or "auto", got {text!r}')
+    return value
 
 
 def classify(args) -> int:
@@ -47,13 +80,14 @@ def classify(args) -> int:
         from edgeknn.cli.classifylive import classify_live
 
         return classify_live(classifier, args.source, args.top, args.json)
-    for path in _images(args.images):
-        labels = classifier.classify(load_rgb(path, max_side=1024), top=args.top)
+    skipped: list[str] = []
+    for path, image in each_image(args.images, skipped):
+        labels = classifier.classify(image, top=args.top)
         if args.json:
             print_json({"file": str(path), "results": [vars(x) for x in labels]})
         else:
             print(f"{path}: " + ", ".join(f"{x.label} ({x.confidence:.2f})" for x in labels))
-    return 0
+    return 1 if skipped else 0
 
 
 def teach(args) -> int:
@@ -107,8 +141,11 @@ def predict(args) -> int:
     cfg = load_config(args)
     embedder = Embedder(model_path(args, cfg), cfg.model.threads)
     store = _open_store(args.store, embedder, cfg, create=False)
-    for path in _images(args.images):
-        p = store.classify(embedder.embed(load_rgb(path, max_side=1024)))
+    if args.threshold is not None:  # else the store's own (store.threshold)
+        store.threshold = None if args.threshold == "auto" else args.threshold
+    skipped: list[str] = []
+    for path, image in each_image(args.images, skipped):
+        p = store.classify(embedder.embed(image))
         if args.json:
             print_json(
                 {
@@ -122,4 +159,4 @@ def predict(args) -> int:
             )
         else:
             print(f"{path}: {p.label} ({p.confidence:.2f}, similarity {p.similarity:.2f})")
-    return 0
+    return 1 if skipped else 0

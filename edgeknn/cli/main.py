@@ -20,6 +20,8 @@ from pathlib import Path
 
 from edgeknn import __version__, config
 from edgeknn.cli import classify as classifycli
+from edgeknn.cli import data as datacli
+from edgeknn.cli import demo as democli
 from edgeknn.cli import devices as devicescli
 from edgeknn.cli import model as modelcli
 from edgeknn.cli import store as storecli
@@ -40,6 +42,16 @@ IMPORT_MODES = (
     "add (default): the examples the store does not have yet (same time and picture: already there); "
     "replace: the store's classes and examples become the archive's"
 )
+CONFIG_HELP = f"TOML config (default {config.DEFAULT_CONFIG_PATH} if present)"
+MODEL_HELP = "TFLite model (default: the configured one: model.path, else model.name, else the default)"
+STORE_MODEL_HELP = "TFLite model (default: the one the store was made with, else the configured one)"
+STORE_ARGS = {
+    "output": "the JSON file to write",
+    "input": "an exported JSON file",
+    "class_name": "a class of the store",
+    "new_name": "its new name",
+    "example": "an example id (`edgeknn store examples` lists them)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,9 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--web", metavar="[HOST:]PORT|none", help='the web page\'s port, or "none" for no page')
 
     p = command(
+        "demo",
+        democli.demo,
+        "try it: the device on the package's demo photos, the page on http://localhost:8080, no network",
+    )
+    democli.add_arguments(p)
+
+    p = command(
         "classify", classifycli.classify, "top-k ImageNet-style labels of images (a pretrained classifier)"
     )
-    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE")
+    p.add_argument(
+        "images", nargs="*", type=Path, metavar="IMAGE", help="image files or folders (searched recursively)"
+    )
     p.add_argument("--source", help="classify a camera or replay live instead (a camera.source URI)")
     p.add_argument("--model", type=Path, help="classifier model, or the extractor with --head")
     p.add_argument(
@@ -110,15 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
 
     p = command("teach", classifycli.teach, "add images (files or folders) as examples of a class")
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    p.add_argument("--store", type=Path, required=True)
+    p.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH", help="image files or folders (searched recursively)"
+    )
+    p.add_argument("--store", type=Path, required=True, help="the store file (.npz); made if missing")
     p.add_argument("--class", dest="class_name", required=True, help="class name")
-    p.add_argument("--model", type=Path)
+    p.add_argument("--model", type=Path, help=STORE_MODEL_HELP)
 
     p = command("predict", classifycli.predict, "classify images with a trained store")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    p.add_argument("--store", type=Path, required=True)
-    p.add_argument("--model", type=Path)
+    p.add_argument(
+        "images", nargs="+", type=Path, metavar="IMAGE", help="image files or folders (searched recursively)"
+    )
+    p.add_argument("--store", type=Path, required=True, help="a taught store file (.npz)")
+    p.add_argument("--model", type=Path, help=STORE_MODEL_HELP)
+    p.add_argument(
+        "--threshold",
+        type=classifycli.threshold_option,
+        metavar="SIMILARITY|auto",
+        help="below this similarity to the nearest example the answer is unrecognized: -1..1, or auto "
+        "(calibrated from the store's examples); default: store.threshold",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
 
     # `store --config F info S` and `store info S --config F` both count: an action's own --config has
@@ -136,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("reembed", storecli.store_reembed, "rebuild the store for --model from its pictures", []),
     ):
         sp = store_sub.add_parser(name, help=help, description=help)
-        sp.add_argument("store", type=Path)
+        sp.add_argument("store", type=Path, help="the store file (.npz)")
         for arg in extra:
-            sp.add_argument(arg)
+            sp.add_argument(arg, metavar=arg.upper(), help=STORE_ARGS[arg])
         if name == "examples":
             sp.add_argument("--class", dest="class_name", help="only the examples of this class")
         if name == "export":
@@ -150,14 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
 
     p = command("eval", eval_command, "few-shot accuracy on a folder of <class>/<image> photos")
-    p.add_argument("dataset", type=Path)
+    p.add_argument("dataset", type=Path, help="a folder of <class>/<image> photos")
     p.add_argument("--shots", default="1,5,10", help="examples per class, comma-separated (default 1,5,10)")
     p.add_argument("--seeds", type=int, default=5, help="random draws per shot count (default 5)")
     p.add_argument(
         "--rule", choices=RULES, help=f"one rule (default: the default rule and tfjs); {', '.join(RULES)}"
     )
     p.add_argument("--k", type=int, default=3, help="neighbours that vote (default 3)")
-    p.add_argument("--model", type=Path)
+    p.add_argument("--model", type=Path, help=MODEL_HELP)
     p.add_argument(
         "--open-set",
         action="store_true",
@@ -192,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("bench", _bench, "measure the pipeline, the k-NN and the footprint")
-    p.add_argument("--model", type=Path)
+    p.add_argument("--model", type=Path, help=MODEL_HELP)
     p.add_argument("--threads", type=int, default=0, help="interpreter threads (default: model.threads)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for tests)")
@@ -213,12 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=2.0, help="seconds to listen for retained messages (2)")
     p.add_argument("--json", action="store_true", help="one JSON object per device, one per line")
 
+    p = command("data", None, "the models and photo sets the tests and the bench use")
+    data_sub = p.add_subparsers(metavar="ACTION")
+    sp = data_sub.add_parser(
+        "fetch",
+        help="download them, each pinned by commit and sha256, into the cache the tests look in",
+        description="download the pinned models (google-coral/test_data) and photos (test photos, "
+        "sign-language digits), checking every sha256, into --dest (default ~/.cache/edgeknn)",
+    )
+    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config (not used)")
+    sp.add_argument("--dest", type=Path, help=f"where to put them (default {datacli.default_cache()})")
+    sp.set_defaults(func=datacli.data_fetch)
+
     p = command("web", None, "the web page: show or reset its password")
     web_sub = p.add_subparsers(metavar="ACTION")
     sp = web_sub.add_parser(
         "password", help="show the page's password; --reset makes a new one (ends every login)"
     )
-    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
     sp.add_argument("--reset", action="store_true", help="generate a new password")
     sp.add_argument("--state-dir", type=Path, help="the device's state directory (default: the config's)")
     sp.set_defaults(func=webcli.web_password)
@@ -226,20 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("model", None, "inspect or fetch models")
     model_sub = p.add_subparsers(metavar="ACTION")
     sp = model_sub.add_parser("info", help="tensors, shapes, quantization and backend of a model")
-    sp.add_argument("path", type=Path)
-    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    sp.add_argument("path", type=Path, help="a .tflite file")
+    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
     sp.set_defaults(func=modelcli.model_info)
     sp = model_sub.add_parser(
         "fetch", help="download a named model (default: the configured one) into the state directory"
     )
     sp.add_argument("name", nargs="?", choices=list(MODELS), metavar="NAME", help="see `edgeknn model list`")
-    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
     sp.add_argument("--url", help="where to download from (default: its pinned URL)")
     sp.add_argument("--sha256", help="expected checksum (default: its pinned sha256)")
     sp.add_argument("--dest", type=Path, help="target file (default <state_dir>/models/<file>)")
     sp.set_defaults(func=modelcli.model_fetch)
     sp = model_sub.add_parser("list", help="the named models: size, sha256, downloaded, the configured one")
-    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    sp.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
     sp.add_argument("--json", action="store_true", help="one JSON object per model, one per line")
     sp.set_defaults(func=modelcli.model_list)
     return parser

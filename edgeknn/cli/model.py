@@ -35,23 +35,27 @@ def model_fetch(args) -> int:
 
 
 def model_list(args) -> int:
-    """Every named model: size, sha256, whether <state_dir>/models holds it, which one is configured."""
+    """Every named model: size, sha256, whether <state_dir>/models holds it (or the package: the default),
+    which one is configured."""
     from edgeknn.model.download import have
-    from edgeknn.model.registry import DEFAULT_NAME
+    from edgeknn.model.registry import DEFAULT_NAME, packaged
 
     cfg = load_config(args)
     folder = cfg.resolved_state_dir() / "models"
     chosen = None if cfg.model.path else cfg.named_model().name
     for m in MODELS.values():
         marks = [w for w, on in (("default", m.name == DEFAULT_NAME), ("configured", m.name == chosen)) if on]
-        row = {"name": m.name, "bytes": m.size, "sha256": m.sha256, "downloaded": have(m, folder)}
+        got = have(m, folder)
+        if got == "no" and packaged(m) is not None:  # the default ships inside the package
+            got = "packaged"
+        row = {"name": m.name, "bytes": m.size, "sha256": m.sha256, "downloaded": got}
         if args.json:
             print_json(
                 {**row, "default": m.name == DEFAULT_NAME, "configured": m.name == chosen, "about": m.about}
             )
             continue
-        size, got = f"{m.size / 1e6:.1f} MB", row["downloaded"]
-        print(f"{m.name:<24}{size:>8}  {m.sha256[:12]}  downloaded: {got:<5} {', '.join(marks)}".rstrip())
+        size = f"{m.size / 1e6:.1f} MB"
+        print(f"{m.name:<24}{size:>8}  {m.sha256[:12]}  downloaded: {got:<8} {', '.join(marks)}".rstrip())
     if cfg.model.path and not args.json:
         print(f"model.path = {cfg.model.path} (wins over model.name)")
     return 0

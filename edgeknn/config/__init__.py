@@ -116,8 +116,14 @@ class Config:
         return by_sha256(model_id_of(store or self.store_path())) or MODELS[DEFAULT_NAME]
 
     def default_model_path(self, store: Path | None = None) -> Path:
-        """Where the named model lives: ``<state_dir>/models/<its file>``."""
-        return self.resolved_state_dir() / "models" / self.named_model(store).file
+        """Where the named model lives: ``<state_dir>/models/<its file>``, else the package's own copy
+        (the default model ships inside the package: nothing to download); else that state-dir path,
+        where the download puts it."""
+        from edgeknn.model.registry import packaged
+
+        named = self.named_model(store)
+        path = self.resolved_state_dir() / "models" / named.file
+        return path if path.exists() else packaged(named) or path
 
     def model_path(self, store: Path | None = None) -> Path:
         """``model.path``, else the named model's file (``store``: the store it is for, when not

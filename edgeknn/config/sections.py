@@ -90,7 +90,7 @@ class StoreConfig:
 @dataclass(frozen=True)
 class CameraConfig:
     source: str = key(
-        "auto", _str(nonempty=True), "auto | picamera2[:N] | v4l2:/dev/videoN | v4l2:N | replay:PATH"
+        "auto", _str(nonempty=True), "auto | picamera2[:N] | v4l2:/dev/videoN | v4l2:N | replay:PATH | demo"
     )
     fps: float = key(30.0, number(0.1, 240.0), "frames per second asked of the camera")
 

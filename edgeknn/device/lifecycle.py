@@ -14,11 +14,10 @@ import os
 import resource
 import signal
 import threading
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
-from edgeknn import __version__, config
-from edgeknn.commands import Command, Result
+from edgeknn import config
 from edgeknn.device.build import (
     Fatal,
     attach_panel,
@@ -26,13 +25,11 @@ from edgeknn.device.build import (
     build_core,
     close_unstarted,
     config_from_args,
-    mqtt_link,
 )
 from edgeknn.device.daemon import Daemon
 from edgeknn.device.systemd import Notifier, setup_logging
+from edgeknn.device.waiting import Waiting
 
-if TYPE_CHECKING:
-    from edgeknn.mqtt.link import MqttLink
 log = logging.getLogger(__name__)
 
 
@@ -73,7 +70,8 @@ def await_model(
     this never gives up: it downloads with backoff and takes the file a person copies into place.
     systemd hears READY at once with a "waiting for the model" status (a Type=notify start that never
     sends READY is killed after TimeoutStartSec), the watchdog is pinged meanwhile, MQTT (when
-    configured) carries the same status, and SIGHUP (`systemctl reload`) tries again at once.
+    configured) carries the same status, the web page (when on) is served and says it too, and
+    SIGHUP (`systemctl reload`) tries again at once.
     """
     path = cfg.model_path()
     if cfg.model.path or path.exists():
@@ -81,27 +79,12 @@ def await_model(
     from edgeknn.model.download import wait_for_model
 
     named = cfg.named_model()
-
-    link = _waiting_link(cfg)
-    started = time.monotonic()
+    waiting = Waiting(cfg, "the model", path.name)
 
     def report(message: str, level: int = logging.WARNING) -> None:
         log.log(level, "%s", message)
         notifier.status(message)
-        if link is not None:
-            link.state(
-                {
-                    "model": "",
-                    "model_file": path.name,
-                    "version": __version__,
-                    "uptime_s": round(time.monotonic() - started, 1),
-                    "fps": 0.0,
-                    "inference_ms": 0.0,
-                    "camera": "off",
-                    "broker": link.status,
-                    "error": message,
-                }
-            )
+        waiting.say(message)
 
     stop, retry = threading.Event(), threading.Event()
     handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: retry.set}
@@ -121,24 +104,9 @@ def await_model(
             max_delay=max_delay,
         )
     finally:
-        if link is not None:
-            link.close()
+        waiting.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
-def _waiting_link(cfg: config.Config) -> MqttLink | None:
-    """MQTT while the model is missing: the state says why; commands are refused until it is there."""
-    if not cfg.mqtt.enabled:
-        return None
-
-    def refuse(command: Command) -> None:
-        if command.reply is not None:
-            command.reply(Result(False, "waiting for the model: try again once it is loaded"))
-
-    link = mqtt_link(cfg, list(cfg.classes), refuse)
-    link.start()
-    return link
 
 
 class Requests:
@@ -173,12 +141,14 @@ class Requests:
             self.daemon.stop()
 
 
-def run(args) -> int:
+def run(args, configure: Callable[[Any], config.Config] = config_from_args) -> int:
     """`edgeknn run`: build, start, loop until SIGTERM/SIGINT; SIGHUP reloads the configuration.
 
-    Exits 1 when stopping with changes that could not be saved, so that systemd records a failure.
+    ``configure`` makes the configuration from the arguments, at start and on every reload (`edgeknn
+    demo` passes its own). Exits 1 when stopping with changes that could not be saved, so that systemd
+    records a failure.
     """
-    cfg = config_from_args(args)
+    cfg = configure(args)
     setup_logging(cfg.log_level)
     raise_open_files()
     notifier = Notifier()
@@ -204,7 +174,7 @@ def run(args) -> int:
             break
         requests.reload.clear()
         try:
-            daemon = _reloaded(daemon, args, notifier, requests)
+            daemon = _reloaded(daemon, args, notifier, requests, configure)
         except Fatal as e:
             log.error("%s", e)
             notifier.close()
@@ -251,7 +221,13 @@ def _announce(daemon: Daemon, notifier: Notifier) -> None:
         log.info("no examples yet: teach with the class buttons, `edgeknn teach` or MQTT cmd/add_example")
 
 
-def _reloaded(daemon: Daemon, args, notifier: Notifier, requests: Requests) -> Daemon | None:
+def _reloaded(
+    daemon: Daemon,
+    args,
+    notifier: Notifier,
+    requests: Requests,
+    configure: Callable[[Any], config.Config] = config_from_args,
+) -> Daemon | None:
     """SIGHUP: the daemon for the re-read config, or the running one if the reload is refused.
 
     In order: read and check the file; save the running store (refused if that fails: nothing is
@@ -268,7 +244,7 @@ def _reloaded(daemon: Daemon, args, notifier: Notifier, requests: Requests) -> D
         return daemon
 
     try:
-        cfg = config_from_args(args)
+        cfg = configure(args)
     except config.ConfigError as e:
         return refuse("; ".join(e.errors))
     if not daemon.saver.flush():

@@ -65,11 +65,40 @@ def find_labels(model: Model, labels: Path | None) -> tuple[list[str], str] | No
     return None
 
 
-def probabilities(scores: np.ndarray) -> np.ndarray:
-    """The model's scores as probabilities: as they are if they already are (a softmax output), else
-    their softmax (logits)."""
+PROBABILITY_SCALE = 1 / 256  # how TFLite quantizes a softmax's output: uint8 zero point 0, int8 -128
+PASS_THROUGH = {"RESHAPE", "SQUEEZE", "QUANTIZE", "DEQUANTIZE"}  # ops that keep a softmax a softmax
+
+
+def outputs_probabilities(interpreter, output: TensorInfo) -> bool:
+    """Whether ``output`` holds probabilities, read from the model: the op that makes it (through reshapes
+    and (de)quantization) is SOFTMAX, or it is quantized as TFLite quantizes a softmax (scale 1/256).
+
+    Not from the values: a uint8 softmax's 256 steps round each of 1001 classes down, so its outputs sum
+    to 0.95 on grace_hopper.bmp (mobilenet_v1_0.75_192), and a second softmax flattened them to 0.0015.
+    """
+    if output.scale and abs(output.scale - PROBABILITY_SCALE) < 1e-9 and output.zero_point in (0, -128):
+        return True
+    try:
+        ops = interpreter._get_ops_details()
+    except Exception:  # an interpreter without the graph API: logits, as a float output would be
+        return False
+    tensor = output.index
+    for _ in range(len(ops)):
+        makers = [op for op in ops if tensor in {int(t) for t in op["outputs"]}]
+        if any(op["op_name"] == "SOFTMAX" for op in makers):
+            return True
+        through = [op for op in makers if op["op_name"] in PASS_THROUGH and len(op["inputs"])]
+        if not through:
+            return False
+        tensor = int(through[0]["inputs"][0])
+    return False
+
+
+def probabilities(scores: np.ndarray, already: bool) -> np.ndarray:
+    """The model's scores as probabilities: as they are if ``already`` (``outputs_probabilities``: a
+    softmax's output), else their softmax (logits)."""
     scores = np.asarray(scores, np.float32).reshape(-1)
-    if scores.min() >= 0 and abs(float(scores.sum()) - 1) < 0.05:
+    if already:
         return scores
     e = np.exp(scores - scores.max())
     return e / e.sum()
@@ -111,11 +140,13 @@ class Classifier:
         if not found:
             raise ModelError(f"{path}: no labels: pass a labels file (--labels)")
         self.labels: list[str] = fit_labels(found[0], scores_info.size, found[1])
+        scorer = self.head.interpreter if self.head else self.model.interpreter
+        self.probabilities_out = outputs_probabilities(scorer, scores_info)
 
     def classify(self, image: np.ndarray, top: int = 5) -> list[Label]:
         self.model.invoke(image)
         scores = self.head.run() if self.head else self.model.tensor(self.model.output)
-        probs = probabilities(scores)
+        probs = probabilities(scores, self.probabilities_out)
         return [Label(self.labels[i], float(probs[i])) for i in top_indices(probs, top)]
 
 
@@ -151,10 +182,11 @@ class SideHead:
             raise ModelError(f"model.head = {head}: its labels are needed: set model.labels")
         self.labels = fit_labels(read_labels(labels), self._head.model_output.size, labels)
         self.top_k = top_k or default_top_k(len(self.labels))
+        self._probabilities_out = outputs_probabilities(self._head.interpreter, self._head.model_output)
 
     def scores(self) -> np.ndarray:
         """The head's probabilities for the extractor's last invoke (on the thread that invoked it)."""
-        return probabilities(self._head.run())
+        return probabilities(self._head.run(), self._probabilities_out)
 
     def results(self, probs: np.ndarray) -> tuple[tuple[str, float], ...]:
         """The top-k (label, probability), best first."""
@@ -174,10 +206,11 @@ class ScoreReader(Embedder):
         self.dim = model.output.size
         self.identity = model.sha256
         self.labels = labels
+        self._probabilities_out = outputs_probabilities(model.interpreter, model.output)
 
     def embedding(self) -> np.ndarray:
         """The class probabilities of the last invoke."""
-        return probabilities(self.model.tensor(self.feature))
+        return probabilities(self.model.tensor(self.feature), self._probabilities_out)
 
 
 class ModelClasses(KnnStore):

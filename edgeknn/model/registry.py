@@ -85,6 +85,18 @@ def by_sha256(sha256: str) -> NamedModel | None:
     return next((m for m in MODELS.values() if m.sha256 == sha256), None)
 
 
+def packaged(model: NamedModel) -> Path | None:
+    """The copy of ``model`` inside the package (``edgeknn/assets``), if it ships one: the default does,
+    so a first start needs no network. The file is the pinned one byte for byte (tests check its sha256)."""
+    from edgeknn import assets
+
+    return (
+        assets.DEFAULT_MODEL
+        if model.file == assets.DEFAULT_MODEL.name and assets.DEFAULT_MODEL.is_file()
+        else None
+    )
+
+
 def by_file(path: Path | str) -> NamedModel | None:
     """The named model whose file name ``path`` has, if any."""
     return next((m for m in MODELS.values() if m.file == Path(path).name), None)

@@ -63,6 +63,18 @@ STATIC = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
 TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 
+def page_addresses(listen: str, port: int, scheme: str = "http") -> list[str]:
+    """The addresses a person types to open the page: the listened address, or for every address
+    this machine (localhost) and its address on the network, when it has one (offline: localhost only)."""
+    if listen and listen not in ("0.0.0.0", "::"):
+        return [f"{scheme}://{f'[{listen}]' if ':' in listen else listen}:{port}"]
+    found = [f"{scheme}://localhost:{port}"]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # UDP: no packet is sent, the kernel only picks the route's address
+        found.append(f"{scheme}://{s.getsockname()[0]}:{port}")
+    return found
+
+
 class WebError(Exception):
     """The page cannot be served as configured (TLS files): one line naming the key."""
 
@@ -209,9 +221,8 @@ class WebOutput(Output):
         if ":" in (self.cfg.listen or ""):
             self.url = f"{scheme}://[{self.cfg.listen}]:{self.cfg.port}"
         log.info(
-            "web: the page is at %s://<this host>:%d (password: %s)",
-            scheme,
-            self.cfg.port,
+            "web: the page is at %s (password: %s)",
+            " or ".join(page_addresses(self.cfg.listen, self.cfg.port, scheme)),
             self.access.passwords.source,
         )
         return True
