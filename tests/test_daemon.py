@@ -51,13 +51,6 @@ def lit_alone(run: Running, factory: MockFactory, i: int, frames: int = 10, time
     return wait_for(alone_long_enough, timeout)
 
 
-def asked_for(run: Running, name: str) -> int:
-    """Examples of ``name`` added, or asked for and waiting for the next frames."""
-    d = run.daemon
-    waiting = sum(left for command, left in d.teacher.pending if command.class_name == name)
-    return d.store.counts()[name] + waiting
-
-
 def all_added(run: Running, timeout: float = 120.0) -> bool:
     """Wait until every example asked for is added: no command queued and none pending, and still so
     after a few more frames (a hold tick that ran just before the release may still be submitting).
@@ -82,15 +75,24 @@ def test_buttons_teach_and_leds_follow_then_restart_keeps_the_store(tmp_path, fa
         for i, name in enumerate(CLASSES):
             scene.shown = name
             assert run.classified(), f"no frames classified while showing {name}"
-            factory.pin(BUTTONS[i]).drive_low()  # held until it has asked for 4 examples
-            assert wait_for(lambda n=name: asked_for(run, n) >= 4), daemon.store.counts()
+            # Held until 4 examples are in the store (each from a frame of its own, however slowly frames
+            # come: a hold adds at most one per frame). The store's count, not the asks waiting: read from
+            # this thread while the loop adds, "added + waiting" may count an example twice.
+            factory.pin(BUTTONS[i]).drive_low()
+            assert wait_for(lambda n=name: daemon.store.counts()[n] >= 4, 120), daemon.store.counts()
             factory.pin(BUTTONS[i]).drive_high()
-            # Examples asked for are added with the frames that follow: on a busy machine some may still
-            # wait after the release. They must be of this class, so nothing else is shown before they are.
+            # The ask that was waiting at the release is added with the next frame: it must be of this
+            # class too, so nothing else is shown before it is.
             assert all_added(run), f"examples still waiting to be added: {daemon.teacher.pending}"
-            assert wait_for(lambda n=name: daemon.store.counts()[n] >= 4), daemon.store.counts()
         taught = daemon.store.counts()
         assert all(count >= 4 for count in taught.values()), taught
+        store = daemon.store  # nothing is added now: each class's examples are frames of their own
+        first = np.unique(store.example_ids(), return_index=True)[1]
+        frames = {
+            name: len(np.unique(store.rows(first[store.labels()[first] == c]), axis=0))
+            for c, name in enumerate(store.classes)
+        }
+        assert frames == taught, f"examples {taught}, distinct frames among them {frames}"
         # Watch: the LED of the class being shown lights alone, and stays so.
         for i, name in enumerate(CLASSES):
             scene.shown = name
