@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import DIGITS, EXTRACTOR
 from gpiozero.pins.mock import MockFactory
-from rig import BUTTONS, CLASSES, LEDS, STATUS, Running, Scene, digit_folders, wait_for
+from rig import BUTTONS, CLASSES, LEDS, STATUS, NotifyListener, Running, Scene, digit_folders, wait_for
 from rig import make_config as rig_config
 
 from edgeknn import config
@@ -227,10 +226,10 @@ def test_run_as_a_newcomer_would_then_sigterm(tmp_path):
              "--model", str(EXTRACTOR), *map(str, photos)],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.settimeout(60)
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"}
+    # systemd's end of NOTIFY_SOCKET, read all along as systemd does (a socket left unread fills after
+    # 10 datagrams: then only what the daemon may drop, never its loop, waits)
+    notify = NotifyListener(tmp_path / "notify")
+    env = {**os.environ, **notify.environ(watchdog_usec=2_000_000)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgeknn", "run", "--source", f"replay:{DIGITS}?fps=30", "--panel", "none",
          "--mqtt", "none", "--model", str(EXTRACTOR), "--store", str(store)],
@@ -245,13 +244,12 @@ def test_run_as_a_newcomer_would_then_sigterm(tmp_path):
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
     try:
-        messages = []
-        while not any("READY=1" in m for m in messages):
-            messages.append(notify.recv(4096).decode())
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any("WATCHDOG=1" in m for m in messages):
-            messages.append(notify.recv(4096).decode())
-        assert any("WATCHDOG=1" in m for m in messages), messages
+
+        def said(text: str) -> bool:
+            return any(text in m for _, m in list(notify.messages))
+
+        assert wait_for(lambda: said("READY=1") or proc.poll() is not None, 120), "".join(lines)
+        assert wait_for(lambda: said("WATCHDOG=1"), 30), notify.messages
         assert wait_for(lambda: any("prediction: " in line for line in lines), 60), "".join(lines)
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
