@@ -426,3 +426,32 @@ def test_the_stable_label_follows_a_renamed_or_removed_class():
         assert not s.update("mug")  # the frames before the rename count for the new name
         assert not s.relabel("pen", None) and s.label == "mug"
         assert s.relabel("mug", None) and s.label == UNKNOWN
+
+
+def test_a_held_button_adds_one_example_per_frame_however_slow_the_frames():
+    """Hold-to-record asks every 1 / hold_rate s; where frames come slower (a busy device), its asks
+    must not pile up into copies of the next frame, nor go on adding after the release: an ask from
+    the panel joins the one of its class still waiting for a frame. Requests that name a count (MQTT,
+    the page) still get one frame per example."""
+    from edgeknn.device.teaching import Teacher
+    from edgeknn.store.knn import KnnStore
+
+    store = KnnStore(4, "test")
+    store.add_class("cup")
+    store.add_class("pen")
+    replies: list[Result] = []
+    teacher = Teacher(store, lambda: None, lambda e, c: None, lambda c, r: replies.append(r))
+    frames = iter(np.eye(4, dtype=np.float32)[:, np.newaxis])
+    for _ in range(2):  # two frames' time held, five asks each: one example from each frame
+        held = [teacher.queue_examples(AddExample(slot=0, source="button")) for _ in range(5)]
+        assert held[0] is None and all(r is not None and r.ok for r in held[1:]), held
+        teacher.add_pending(next(frames))
+    assert store.counts() == {"cup": 2, "pen": 0} and not teacher.pending
+    assert len(np.unique(store.rows(), axis=0)) == 2, "each example is a frame of its own"
+    # another button, or a count asked from elsewhere, waits for its frames as before
+    assert teacher.queue_examples(AddExample(slot=1, source="button")) is None
+    assert teacher.queue_examples(AddExample(class_name="cup", count=1, source="mqtt")) is None
+    assert teacher.queue_examples(AddExample(class_name="cup", count=1, source="mqtt")) is None
+    teacher.add_pending(next(frames))
+    teacher.add_pending(next(frames))
+    assert store.counts() == {"cup": 4, "pen": 1} and not teacher.pending

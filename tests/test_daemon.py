@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,18 @@ import numpy as np
 import pytest
 from conftest import DIGITS, MODEL
 from gpiozero.pins.mock import MockFactory
-from rig import BUTTONS, CLASSES, LEDS, STATUS, Running, Scene, digit_folders, photo_folders, wait_for
+from rig import (
+    BUTTONS,
+    CLASSES,
+    LEDS,
+    STATUS,
+    NotifyListener,
+    Running,
+    Scene,
+    digit_folders,
+    photo_folders,
+    wait_for,
+)
 from rig import make_config as rig_config
 
 from edgeknn import config
@@ -51,13 +61,6 @@ def lit_alone(run: Running, factory: MockFactory, i: int, frames: int = 10, time
     return wait_for(alone_long_enough, timeout)
 
 
-def asked_for(run: Running, name: str) -> int:
-    """Examples of ``name`` added, or asked for and waiting for the next frames."""
-    d = run.daemon
-    waiting = sum(left for command, left in d.teacher.pending if command.class_name == name)
-    return d.store.counts()[name] + waiting
-
-
 def all_added(run: Running, timeout: float = 120.0) -> bool:
     """Wait until every example asked for is added: no command queued and none pending, and still so
     after a few more frames (a hold tick that ran just before the release may still be submitting).
@@ -85,15 +88,24 @@ def test_buttons_teach_and_leds_follow_then_restart_keeps_the_store(tmp_path, fa
         for i, name in enumerate(CLASSES):
             scene.shown = name
             assert run.classified(), f"no frames classified while showing {name}"
-            factory.pin(BUTTONS[i]).drive_low()  # held until it has asked for 4 examples
-            assert wait_for(lambda n=name: asked_for(run, n) >= 4), daemon.store.counts()
+            # Held until 4 examples are in the store (each from a frame of its own, however slowly frames
+            # come: a hold adds at most one per frame). The store's count, not the asks waiting: read from
+            # this thread while the loop adds, "added + waiting" may count an example twice.
+            factory.pin(BUTTONS[i]).drive_low()
+            assert wait_for(lambda n=name: daemon.store.counts()[n] >= 4, 120), daemon.store.counts()
             factory.pin(BUTTONS[i]).drive_high()
-            # Examples asked for are added with the frames that follow: on a busy machine some may still
-            # wait after the release. They must be of this class, so nothing else is shown before they are.
+            # The ask that was waiting at the release is added with the next frame: it must be of this
+            # class too, so nothing else is shown before it is.
             assert all_added(run), f"examples still waiting to be added: {daemon.teacher.pending}"
-            assert wait_for(lambda n=name: daemon.store.counts()[n] >= 4), daemon.store.counts()
         taught = daemon.store.counts()
         assert all(count >= 4 for count in taught.values()), taught
+        store = daemon.store  # nothing is added now: each class's examples are frames of their own
+        first = np.unique(store.example_ids(), return_index=True)[1]
+        frames = {
+            name: len(np.unique(store.rows(first[store.labels()[first] == c]), axis=0))
+            for c, name in enumerate(store.classes)
+        }
+        assert frames == taught, f"examples {taught}, distinct frames among them {frames}"
         # Watch: the LED of the class being shown lights alone, and stays so.
         for i, name in enumerate(CLASSES):
             scene.shown = name
@@ -228,10 +240,10 @@ def test_run_as_a_newcomer_would_then_sigterm(tmp_path):
              "--model", str(MODEL), *map(str, photos)],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.settimeout(60)
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"}
+    # systemd's end of NOTIFY_SOCKET, read all along as systemd does (a socket left unread fills after
+    # 10 datagrams: then only what the daemon may drop, never its loop, waits)
+    notify = NotifyListener(tmp_path / "notify")
+    env = {**os.environ, **notify.environ(watchdog_usec=2_000_000)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgeknn", "run", "--source", f"replay:{DIGITS}?fps=30", "--panel", "none",
          "--mqtt", "none", "--model", str(MODEL), "--store", str(store)],
@@ -246,13 +258,12 @@ def test_run_as_a_newcomer_would_then_sigterm(tmp_path):
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
     try:
-        messages = []
-        while not any("READY=1" in m for m in messages):
-            messages.append(notify.recv(4096).decode())
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any("WATCHDOG=1" in m for m in messages):
-            messages.append(notify.recv(4096).decode())
-        assert any("WATCHDOG=1" in m for m in messages), messages
+
+        def said(text: str) -> bool:
+            return any(text in m for _, m in list(notify.messages))
+
+        assert wait_for(lambda: said("READY=1") or proc.poll() is not None, 120), "".join(lines)
+        assert wait_for(lambda: said("WATCHDOG=1"), 30), notify.messages
         assert wait_for(lambda: any("prediction: " in line for line in lines), 60), "".join(lines)
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -366,3 +366,34 @@ def test_an_autosave_does_not_stall_the_loop(tmp_path, monkeypatch):
         run.stop()
     assert written[:2] == [(0, 0), (1,)], written
     assert stored_examples(cfg.store_path()) == 1
+
+
+def test_a_manager_that_stops_reading_never_holds_the_loop(tmp_path):
+    """sd_notify is a datagram to a socket whose queue holds 10 (net.unix.max_dgram_qlen): while its
+    reader is busy or gone, the loop's WATCHDOG and STATUS sends (and STOPPING on the way out) are
+    dropped, never waited on; a blocked ping held the loop, and so the stop on SIGTERM, for good."""
+    import socket
+
+    from edgeknn.device.systemd import Notifier
+
+    unread = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # bound, never read
+    unread.bind(str(tmp_path / "notify"))
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2"})  # always due
+    done = threading.Event()
+
+    def loop() -> None:
+        for _ in range(100):
+            notifier.watchdog()
+            notifier.status("ok camera")
+        notifier.stopping()
+        done.set()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    try:
+        thread.start()
+        assert done.wait(20), "the loop waited for a reader of the notify socket"
+        unread.settimeout(1)
+        assert unread.recv(4096) == b"WATCHDOG=1", "what fitted in the queue was sent"
+    finally:
+        notifier.close()
+        unread.close()

@@ -2,6 +2,11 @@
 
 The notify protocol is one datagram to $NOTIFY_SOCKET, so the standard library does it; outside
 systemd every call is a no-op.
+
+Only READY waits when the socket's queue is full (systemd must hear it, or it fails the start);
+every other message is sent from the frame loop or on the way out, and one that cannot be queued now
+is dropped: a manager that is not reading must not stop the loop (a blocked ``WATCHDOG=1`` send
+would hold the loop, and with it the stop on SIGTERM, for as long as nobody reads).
 """
 
 from __future__ import annotations
@@ -31,16 +36,17 @@ class Notifier:
     def enabled(self) -> bool:
         return self._socket is not None
 
-    def notify(self, message: str) -> None:
+    def notify(self, message: str, wait: bool = False) -> None:
+        """Send ``message``; unless ``wait``, drop it if the socket's queue is full (see the module)."""
         if self._socket is None:
             return
         try:
-            self._socket.sendto(message.encode(), self._address)
-        except OSError as e:  # systemd went away; nothing we can do about it
+            self._socket.sendto(message.encode(), 0 if wait else socket.MSG_DONTWAIT, self._address)
+        except OSError as e:  # systemd went away, or is not reading now; nothing we can do about it
             logging.getLogger(__name__).debug("sd_notify failed: %s", e)
 
     def ready(self, status: str) -> None:
-        self.notify(f"READY=1\nSTATUS={status}")
+        self.notify(f"READY=1\nSTATUS={status}", wait=True)
 
     def status(self, status: str) -> None:
         self.notify(f"STATUS={status}")

@@ -6,6 +6,13 @@ for fresh frames: each of its ``count`` examples is the next frame the loop clas
 serves at most ADDS_PER_FRAME pending commands (the oldest first), one example each, so a frame's
 cost is bounded however many wait; and at most MAX_PENDING_EXAMPLES wait: past that a request is
 answered ``busy``.
+
+A held button asks for an example every ``1 / hold_rate`` seconds, whatever the frame rate. Where
+frames come slower than that (a busy or small device: each added frame is embedded in several views),
+its asks would pile up and the next frame would serve them all: copies of one frame, not the
+several moments of the class the person meant to show. So a panel's ask (a button or key: it names
+a ``slot``) for a class that already has one from the same panel waiting for its frame joins that
+one: a hold adds at most one example per frame, and nothing is left to add after the release.
 """
 
 from __future__ import annotations
@@ -78,6 +85,8 @@ class Teacher:
             return name
         if name not in self.store.classes:
             return self._unknown(name)
+        if command.slot is not None and self._waiting_from(command.source, name):
+            return Result(True, detail={"class": name, "count": self.store.counts()[name], "joined": True})
         command = dataclasses.replace(command, class_name=name, slot=None)  # a rename updates it
         count = max(1, command.count)
         waiting = sum(remaining for _, remaining in self.pending)
@@ -89,6 +98,10 @@ class Teacher:
             )
         self.pending.append([command, count])
         return None
+
+    def _waiting_from(self, source: str, name: str) -> bool:
+        """Whether an example of ``name`` asked from ``source`` still waits for its frame."""
+        return any(command.source == source and command.class_name == name for command, _ in self.pending)
 
     def forget_class(self, command: ForgetClass) -> Result:
         name = self._class_of(command)
