@@ -25,7 +25,7 @@ from rig import (
     teach,
     wait_for,
 )
-from test_page import browser as browser_fixture  # noqa: F401  (the fixture "browser")
+from test_page import browser  # noqa: F401  (the fixture)
 
 from edgeknn import config
 from edgeknn.cli.main import main
@@ -278,7 +278,7 @@ def test_a_broker_that_lost_everything_gets_the_pack_again_and_a_stalled_pack_is
 
 
 @needs_mosquitto
-def test_the_page_of_a_follower_names_its_leader_and_the_leaders_its_followers(tmp_path, broker, browser):
+def test_the_page_of_a_follower_names_its_leader_and_the_leaders_its_followers(tmp_path, broker, browser):  # noqa: F811
     from selenium.webdriver.common.by import By
     from test_page import logged_in
     from test_web import PASSWORD, free_port
