@@ -466,7 +466,9 @@ def test_eval_shows_progress_on_a_terminal(tmp_path):
         (data / name).mkdir(parents=True)
         for p in sorted((DIGITS / name).iterdir())[:4]:
             (data / name / p.name).symlink_to(p)
-    rc, out, err = run_on_a_pty(["eval", str(data), "--model", str(TINY), "--shots", "1", "--seeds", "2"])
+    rc, out, err = run_on_a_pty(
+        ["eval", str(data), "--model", str(TINY), "--shots", "1", "--seeds", "2", "--no-cache"]
+    )
     assert rc == 0, err
     assert "\reval: embedding photos: 8/8" in err and "\reval: shots x rules x seeds: 4/4" in err
     assert out.startswith(f"{data}: 8 photos, 2 classes")
