@@ -117,7 +117,7 @@ elif [ ! -e "$conf" ]; then
     "$here/config/edgeknn.toml" >"$conf.new"
   grep -q '^kind = "none"  # written by install-pi.sh' "$conf.new" || die "could not set panel.kind in $conf.new"
   chmod 0644 "$conf.new" && mv "$conf.new" "$conf"
-  say "$no_gpio: $conf gets panel.kind = \"none\" (teach from the web page, MQTT or edgeknn teach); with GPIO buttons and LEDs, set it to \"gpio\" and systemctl reload edgeknn"
+  say "$no_gpio: $conf gets panel.kind = \"none\" (teach from the web page, MQTT or edgeknn teach; \"gpio\" needs lgpio and /dev/gpiochip*)"
 else
   kind=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("panel", {}).get("kind", "gpio"))' "$conf" 2>/dev/null || echo "?")
   if [ -n "$no_gpio" ] && [ "$kind" = gpio ]; then
