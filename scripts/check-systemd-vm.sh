@@ -239,7 +239,7 @@ for line in sys.stdin:
     print(name + ": top-1 " + max(scores, key=scores.get) + ", answer " + r["label"])' 2>&1)
 if grep -q 'two: 6 examples' <<<"$info" && grep -q 'two.jpg: top-1 two,' <<<"$pred" && is_active; then r=PASS; else r=FAIL; fi
 record "teach while stopped, start, predict" $r $((SECONDS - t)) \
-  "teach: $taught | $(tr '\n' ' ' <<<"$info" | cut -c1-200) | predict: $(tr '\n' ' ' <<<"$pred" | cut -c1-240)"
+  "teach: $taught | $(tr '\n' ' ' <<<"$info" | grep -o 'one: .*' | cut -c1-120) | predict: $(tr '\n' ' ' <<<"$pred" | cut -c1-240) | $(state)"
 [ $r = PASS ] || journal_since "$t0" 20
 is_active || start_clean
 
