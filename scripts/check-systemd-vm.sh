@@ -8,7 +8,10 @@
 # scripts/install-pi.sh (offline, pip from the wheelhouse), start and READY, a taught example kept across a
 # restart, reload with a valid and an invalid file, the watchdog on SIGSTOP, exit 78 not restarted, and
 # `systemd-analyze security`. Then the VM powers off and this prints one table. About 20 minutes under TCG.
-# Needs: mmdebstrap, qemu-system-x86, e2fsprogs (mke2fs -d, debugfs), pip. Exit 0 only if every check passed.
+# The wheelhouse is made by scripts/wheelhouse.sh from the package's own metadata (docs/service.md, "Offline install"),
+# again whenever pyproject.toml changes.
+# Needs: mmdebstrap, qemu-system-x86, e2fsprogs (mke2fs -d, debugfs), python3 >= 3.11 with pip. Exit 0 only if every
+# check passed.
 set -euo pipefail
 
 prog=check-systemd-vm.sh
@@ -17,9 +20,10 @@ say() { echo "$prog: $*"; }
 
 [ $# = 1 ] || die "usage: $prog ROOTS_DIR"
 [ "$(id -u)" = 0 ] || die "run as root (mmdebstrap --mode=root, files owned by root and the edgeknn user in the image)"
-for tool in mmdebstrap qemu-system-x86_64 mke2fs debugfs pip; do
+for tool in mmdebstrap qemu-system-x86_64 mke2fs debugfs python3; do
   command -v "$tool" >/dev/null || die "$tool not found (apt-get install mmdebstrap qemu-system-x86 e2fsprogs python3-pip)"
 done
+python3 -m pip --version >/dev/null 2>&1 || die "python3 has no pip (apt-get install python3-pip)"
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 shared=${EDGEKNN_SHARED:-$(cd "$here/.." && pwd)/shared}
@@ -61,18 +65,21 @@ else
 fi
 
 # -- the wheelhouse (cached): what pip in the VM's venv needs, for Python 3.11 on x86-64; the VM is offline.
+# Made by scripts/wheelhouse.sh from the package's metadata; made again (added to) when pyproject.toml or apt's
+# numpy changes, so a new dependency is never missing from a cached wheelhouse.
 t=$SECONDS
-if [ ! -e "$wheels/.complete" ]; then
-  mkdir -p "$wheels"
-  numpy_version=$(chroot "$root" python3 -c 'import numpy; print(numpy.__version__)')
-  pip download --isolated --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
-    --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    -d "$wheels" "numpy==$numpy_version" "pillow>=9" "paho-mqtt>=2" "gpiozero>=2.0.1.post3" \
-    "ai-edge-litert>=1.2" "setuptools>=77" wheel >"$roots/wheels.log" 2>&1 ||
-    die "pip download failed: see $roots/wheels.log"
-  touch "$wheels/.complete"
+numpy_version=$(chroot "$root" python3 -c 'import numpy; print(numpy.__version__)')
+key="$(sha256sum <"$here/pyproject.toml" | cut -d' ' -f1) numpy $numpy_version"
+if [ "$(cat "$wheels/.complete" 2>/dev/null)" != "$key" ]; then
+  rm -f "$wheels/.complete"
+  "$here/scripts/wheelhouse.sh" "$wheels" 3.11 "$numpy_version" x86_64 >"$roots/wheels.log" 2>&1 ||
+    die "scripts/wheelhouse.sh failed: see $roots/wheels.log"
+  echo "$key" >"$wheels/.complete"
+  made="made: scripts/wheelhouse.sh DIR 3.11 $numpy_version x86_64"
+else
+  made="cached, pyproject.toml unchanged"
 fi
-row "wheelhouse: Python 3.11 x86-64" ok $((SECONDS - t)) "$(find "$wheels" -name '*.whl' | wc -l) wheels"
+row "wheelhouse: Python 3.11 x86-64" ok $((SECONDS - t)) "$(find "$wheels" -name '*.whl' | wc -l) wheels, $made"
 
 # -- the disk image: the cached root hard-linked (only new files are added, so the cache is never written),
 # plus the working tree, the model, photos, the check script and its oneshot unit.
@@ -147,6 +154,13 @@ wait_for() {
 }
 mem() { local b; b=$(prop MemoryCurrent); case "$b" in '' | *[!0-9]*) echo "?" ;; *) echo "$((b / 1048576))MiB" ;; esac; }
 is_active() { [ "$(systemctl is-active edgeknn)" = active ]; }
+# said T0 FIRST THEN: the daemon's journal since T0 has a line with FIRST and, after it, a line with THEN.
+said() {
+  journalctl -u edgeknn --since "@$1" --no-pager -o cat |
+    awk -v a="$2" -v b="$3" 'seen && index($0, b) { ok = 1 } index($0, a) { seen = 1 } END { exit !ok }'
+}
+# main_pid: the service's main PID, or nothing when there is none (systemd says 0).
+main_pid() { local p; p=$(prop MainPID); case "$p" in '' | 0 | *[!0-9]*) ;; *) echo "$p" ;; esac; }
 journal_since() { journalctl -u edgeknn --since "@$1" --no-pager -o cat | tail -n "${2:-5}" | tr '\n' '|' | cut -c1-400; }
 # mqtt COMMAND PAYLOAD [WAIT]: send a command and print the daemon's answer on cmd/result (empty after WAIT s).
 # An example is embedded as several views of a frame: under TCG that is minutes, not seconds.
@@ -209,49 +223,73 @@ taught=$(as_edgeknn teach --config "$cfg" --store "$store" --class two "$chk/two
 t0=$(date +%s)
 systemctl start edgeknn && wait_for 240 is_active
 info=$(as_edgeknn store info "$store" --config "$cfg" 2>&1)
-pred=$(as_edgeknn predict --config "$cfg" --store "$store" "$chk/held-out/one.jpg" "$chk/held-out/two.jpg" 2>&1)
-if grep -q 'two: 6 examples' <<<"$info" && grep -q 'two.jpg: two' <<<"$pred" && is_active; then r=PASS; else r=FAIL; fi
+# Each held-out photo's top-1 class by the head's scores, and the answer: the calibrated unknown threshold (issue
+# 22) may answer `unrecognized` with the right class as its candidate; what this row checks is the two classes told
+# apart (as check-pi-os.sh's predict row).
+pred=$(as_edgeknn predict --config "$cfg" --store "$store" --json "$chk/held-out/one.jpg" "$chk/held-out/two.jpg" 2>&1 |
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        r = json.loads(line)
+    except ValueError:
+        print(line.strip())
+        continue
+    name, scores = r["file"].rsplit("/", 1)[-1], r["scores"]
+    print(name + ": top-1 " + max(scores, key=scores.get) + ", answer " + r["label"])' 2>&1)
+if grep -q 'two: 6 examples' <<<"$info" && grep -q 'two.jpg: top-1 two,' <<<"$pred" && is_active; then r=PASS; else r=FAIL; fi
 record "teach while stopped, start, predict" $r $((SECONDS - t)) \
-  "teach: $taught | $(tr '\n' ' ' <<<"$info" | cut -c1-200) | predict: $(tr '\n' ' ' <<<"$pred" | cut -c1-240)"
+  "teach: $taught | $(tr '\n' ' ' <<<"$info" | grep -o 'one: .*' | cut -c1-120) | predict: $(tr '\n' ' ' <<<"$pred" | cut -c1-240) | $(state)"
 [ $r = PASS ] || journal_since "$t0" 20
 is_active || start_clean
 
-# 5. reload with a valid file: same process, still active.
+# 5. reload with a valid file: same process, still active. systemd's reload job ends as soon as ExecReload's
+# `kill -HUP` returns, before the daemon has even said RELOADING=1, so the row waits for the daemon's own word: its
+# "configuration reloaded" line, then its "running:" line (it sends READY=1 just before writing that). Under TCG the
+# re-read, model and store take tens of seconds.
 t=$SECONDS t0=$(date +%s)
-pid=$(prop MainPID) restarts=$(prop NRestarts)
+pid=$(main_pid) restarts=$(prop NRestarts)
 sed 's/^autosave_s = 1.0/autosave_s = 2.0/' "$chk/edgeknn.toml" >"$cfg"
 systemctl reload edgeknn
 rc=$?
-# The daemon says RELOADING=1, re-reads the file and says READY=1: under TCG that is tens of seconds.
-wait_for 180 is_active
-sleep 5
-if [ $rc = 0 ] && is_active && [ "$(prop MainPID)" = "$pid" ] && [ "$(prop NRestarts)" = "$restarts" ]; then r=PASS; else r=FAIL; fi
-record "reload, valid file" $r $((SECONDS - t)) "systemctl reload exit $rc; before pid=$pid; after $(state); log: $(journal_since "$t0" 3)"
+if wait_for 300 said "$t0" "configuration reloaded" "running:"; then word="said reloaded after $((SECONDS - t))s"; else word="never said reloaded"; fi
+wait_for 60 is_active
+if [ $rc = 0 ] && [ -n "$pid" ] && [ "$word" != "never said reloaded" ] && is_active && [ "$(main_pid)" = "$pid" ] &&
+  [ "$(prop NRestarts)" = "$restarts" ]; then r=PASS; else r=FAIL; fi
+record "reload, valid file" $r $((SECONDS - t)) \
+  "systemctl reload exit $rc; $word; before pid=${pid:-none}; after $(state); log: $(journal_since "$t0" 3)"
 
-# 6. reload with an invalid file (unknown key): should keep running on the old configuration and say why.
+# 6. reload with an invalid file (unknown key): keeps running on the old configuration and says why ("reload
+# refused", then "running:" again with READY=1).
 t=$SECONDS t0=$(date +%s)
-pid=$(prop MainPID) restarts=$(prop NRestarts)
+pid=$(main_pid) restarts=$(prop NRestarts)
 { cat "$chk/edgeknn.toml"; echo 'no_such_key = 1'; } >"$cfg"
 systemctl reload edgeknn
 rc=$?
-wait_for 180 is_active
-sleep 15
-if is_active && [ "$(prop MainPID)" = "$pid" ] && [ "$(prop NRestarts)" = "$restarts" ]; then r=PASS; else r=FAIL; fi
+if wait_for 300 said "$t0" "reload refused" "running:"; then word="said refused after $((SECONDS - t))s"; else word="never said refused"; fi
+wait_for 60 is_active
+if [ -n "$pid" ] && [ "$word" != "never said refused" ] && is_active && [ "$(main_pid)" = "$pid" ] &&
+  [ "$(prop NRestarts)" = "$restarts" ]; then r=PASS; else r=FAIL; fi
 record "reload, invalid file" $r $((SECONDS - t)) \
-  "systemctl reload exit $rc; before pid=$pid restarts=$restarts; after $(state) exit=$(prop ExecMainStatus); log: $(journal_since "$t0" 4)"
+  "systemctl reload exit $rc; $word; before pid=${pid:-none} restarts=$restarts; after $(state) exit=$(prop ExecMainStatus); log: $(journal_since "$t0" 4)"
 start_clean
 
 # 7. watchdog: a stopped (SIGSTOP) daemon sends no WATCHDOG=1; systemd kills it within WatchdogSec and restarts it
-# RestartSec later: a new main PID within 30 + 5 s, and some slack for TCG.
+# RestartSec later: a new main PID within 30 + 5 s, and some slack for TCG. No main PID (systemd says 0): the row
+# fails without sending anything (`kill -STOP 0` would stop this script's own process group).
 t=$SECONDS t0=$(date +%s)
-pid=$(prop MainPID) restarts=$(prop NRestarts)
-kill -STOP "$pid"
-new_pid() { [ "$(prop MainPID)" != "$pid" ] && [ "$(prop MainPID)" != 0 ]; }
-if wait_for 90 new_pid; then killed=$((SECONDS - t)); else killed=none; fi
-wait_for 240 is_active
-if [ "$killed" != none ] && [ "$killed" -le 50 ] && is_active; then r=PASS; else r=FAIL; fi
-record "watchdog on SIGSTOP (WatchdogSec=30)" $r $((SECONDS - t)) \
-  "old pid=$pid killed and replaced after ${killed}s; $(state); log: $(journalctl -u edgeknn --since "@$t0" --no-pager -o cat | grep -i -m 2 -e watchdog -e 'Main process exited' | tr '\n' '|')"
+pid=$(main_pid) restarts=$(prop NRestarts)
+if [ -z "$pid" ]; then
+  record "watchdog on SIGSTOP (WatchdogSec=30)" FAIL 0 "no main PID to stop: $(state)"
+else
+  kill -STOP "$pid"
+  new_pid() { local p; p=$(main_pid); [ -n "$p" ] && [ "$p" != "$pid" ]; }
+  if wait_for 90 new_pid; then killed=$((SECONDS - t)); else killed=none; fi
+  wait_for 240 is_active
+  if [ "$killed" != none ] && [ "$killed" -le 50 ] && is_active; then r=PASS; else r=FAIL; fi
+  record "watchdog on SIGSTOP (WatchdogSec=30)" $r $((SECONDS - t)) \
+    "old pid=$pid killed and replaced after ${killed}s; $(state); log: $(journalctl -u edgeknn --since "@$t0" --no-pager -o cat | grep -i -m 2 -e watchdog -e 'Main process exited' | tr '\n' '|')"
+fi
 is_active || start_clean
 
 # 8. exit 78 (EX_CONFIG): a bad key at start stops the service for good, no restart loop.

@@ -5,7 +5,7 @@
 #   sudo scripts/install-pi.sh --with-mosquitto   also install a local MQTT broker
 #   sudo scripts/install-pi.sh --uninstall        remove program and service; keep /etc/edgeknn and the store
 #   sudo scripts/install-pi.sh --uninstall --purge   remove config, store and the edgeknn user too
-# Offline: pip honours PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR (see the README, "Offline install").
+# Offline: PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR, DIR made by scripts/wheelhouse.sh (docs/service.md, "Offline install")
 set -euo pipefail
 
 prog=install-pi.sh
@@ -71,7 +71,15 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   # Without picamera2, a USB (V4L2) camera through OpenCV is the camera.
   packages+=(python3-opencv)
-  say "not in this system's apt archive (not Raspberry Pi OS?): ${missing[*]}; no Pi camera or GPIO panel without them; a USB camera (v4l2, apt's python3-opencv, installed now), replay, MQTT and panel.kind = keyboard or none still work"
+  say "not in this system's apt archive (not Raspberry Pi OS?): ${missing[*]}; no Pi camera or GPIO panel without them; a USB camera (v4l2, apt's python3-opencv, installed now), replay, MQTT and the web page still work"
+fi
+# The panel a new config starts with: GPIO buttons and LEDs need lgpio (Raspberry Pi OS's python3-lgpio) and a GPIO
+# chip. An image built in a chroot (no booted systemd) has no /dev/gpiochip* yet: there lgpio decides alone.
+no_gpio=""
+if ! in_archive python3-lgpio; then
+  no_gpio="no python3-lgpio in this system's apt archive"
+elif [ "$booted" = 1 ] && ! compgen -G '/dev/gpiochip*' >/dev/null; then
+  no_gpio="no /dev/gpiochip* on this board"
 fi
 [ "$with_mosquitto" = 0 ] || packages+=(mosquitto)
 DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
@@ -99,7 +107,23 @@ echo "numpy==$numpy_version" >"$prefix/constraints.txt"
   -c "$prefix/constraints.txt" "$here"
 
 install -d -m 0755 /etc/edgeknn
-[ -e /etc/edgeknn/edgeknn.toml ] || install -m 0644 "$here/config/edgeknn.toml" /etc/edgeknn/edgeknn.toml
+conf=/etc/edgeknn/edgeknn.toml
+if [ ! -e "$conf" ] && [ -z "$no_gpio" ]; then
+  install -m 0644 "$here/config/edgeknn.toml" "$conf"
+elif [ ! -e "$conf" ]; then
+  # panel.kind = "gpio" would stop the service at its start (exit 78, not restarted): "none" works on any board
+  # (the keyboard panel needs a terminal, which a service has not).
+  sed '/^\[panel\]/,/^\[/ s/^kind = "gpio"$/kind = "none"  # written by install-pi.sh: this board has no GPIO for lgpio/' \
+    "$here/config/edgeknn.toml" >"$conf.new"
+  grep -q '^kind = "none"  # written by install-pi.sh' "$conf.new" || die "could not set panel.kind in $conf.new"
+  chmod 0644 "$conf.new" && mv "$conf.new" "$conf"
+  say "$no_gpio: $conf gets panel.kind = \"none\" (teach from the web page, MQTT or edgeknn teach; \"gpio\" needs lgpio and /dev/gpiochip*)"
+else
+  kind=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("panel", {}).get("kind", "gpio"))' "$conf" 2>/dev/null || echo "?")
+  if [ -n "$no_gpio" ] && [ "$kind" = gpio ]; then
+    say "warning: $conf (kept) says panel.kind = \"gpio\", but $no_gpio: the service will exit 78; set it to \"none\""
+  fi
+fi
 install -m 0644 "$here/systemd/edgeknn.service" "$unit"
 install -d -o edgeknn -g edgeknn -m 0750 /var/lib/edgeknn /var/lib/edgeknn/models
 # The configured model (model.name; unset: the one the store was made with, else the default; pinned sha256)
