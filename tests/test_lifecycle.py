@@ -84,12 +84,14 @@ class Device:
         )
 
     def teach(self, examples: int) -> None:
-        """Add ``examples`` examples of class 1 through the keyboard panel; wait until all are added."""
-        before = self.log.count("example added")
+        """Add ``examples`` examples of class 1 through the keyboard panel, one key press each, waiting for
+        each: a press while the class's last one still waits for its frame joins it (one frame, one
+        example: device/teaching.py)."""
         for _ in range(examples):
+            before = self.log.count("example added")
             self.proc.stdin.write("1\n")
             self.proc.stdin.flush()
-        assert self.wait_log("example added", before + examples), self.log
+            assert self.wait_log("example added", before + 1), self.log
 
     def looping(self, timeout: float = 30.0) -> bool:
         """True once the loop feeds the watchdog again (a few pings from now on)."""
@@ -397,3 +399,21 @@ def test_a_manager_that_stops_reading_never_holds_the_loop(tmp_path):
     finally:
         notifier.close()
         unread.close()
+
+
+def test_the_watchdog_is_pinged_while_a_reload_builds(tmp_path):
+    """A reload builds a new model, store and camera on the loop's thread: on a loaded board that outlasts
+    WatchdogSec (seen: systemd killed the daemon mid-reload), so a thread pings meanwhile."""
+    from rig import NotifyListener
+
+    from edgeknn.device.systemd import Notifier
+
+    listener = NotifyListener(tmp_path / "notify")
+    notifier = Notifier(listener.environ(watchdog_usec=400_000))  # a ping due every 0.2 s
+    with notifier.pinging():
+        time.sleep(1.5)  # the loop, busy building
+    pings = [t for t, m in listener.messages if m == "WATCHDOG=1"]
+    assert len(pings) >= 3, listener.messages
+    count = len(listener.messages)
+    time.sleep(0.6)
+    assert len(listener.messages) == count, "the pinging thread stopped with the block"

@@ -235,8 +235,20 @@ def _reloaded(
     running daemon down (it holds the camera, the pins and the broker session) and open the new panel.
     If that last step fails, the old config is built again from the store just saved. None: a
     SIGTERM came while waiting for the default model (the old daemon is shut down and saved).
+    The watchdog is pinged from a thread meanwhile: building can outlast WatchdogSec on a loaded board.
     """
     notifier.notify("RELOADING=1")
+    with notifier.pinging():
+        return _reload(daemon, args, notifier, requests, configure)
+
+
+def _reload(
+    daemon: Daemon,
+    args,
+    notifier: Notifier,
+    requests: Requests,
+    configure: Callable[[Any], config.Config],
+) -> Daemon | None:
 
     def refuse(reason: str) -> Daemon:
         log.error("reload refused, the running configuration is kept: %s", reason)

@@ -11,11 +11,14 @@ would hold the loop, and with it the stop on SIGTERM, for as long as nobody read
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 _PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
@@ -59,6 +62,27 @@ class Notifier:
         if now - self._last_ping >= self._watchdog_every:
             self._last_ping = now
             self.notify("WATCHDOG=1")
+
+    @contextlib.contextmanager
+    def pinging(self) -> Iterator[None]:
+        """Ping the watchdog from a thread of its own while the loop is busy elsewhere (a reload builds a
+        new model, store and camera: tens of seconds on a loaded board, past WatchdogSec)."""
+        if not self._watchdog_every:
+            yield
+            return
+        done = threading.Event()
+
+        def ping() -> None:
+            while not done.wait(min(1.0, self._watchdog_every)):
+                self.watchdog()
+
+        thread = threading.Thread(target=ping, name="edgeknn-watchdog", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def stopping(self) -> None:
         self.notify("STOPPING=1")
