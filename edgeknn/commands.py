@@ -40,6 +40,7 @@ class AddExample(Command):
     class_name: str = ""
     count: int = 1
     slot: int | None = None
+    held: bool = field(default=False, compare=False)  # a held button's repeated ask: joins one waiting
 
 
 @dataclass(frozen=True, kw_only=True)

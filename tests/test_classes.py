@@ -430,9 +430,9 @@ def test_the_stable_label_follows_a_renamed_or_removed_class():
 
 def test_a_held_button_adds_one_example_per_frame_however_slow_the_frames():
     """Hold-to-record asks every 1 / hold_rate s; where frames come slower (a busy device), its asks
-    must not pile up into copies of the next frame, nor go on adding after the release: an ask from
-    the panel joins the one of its class still waiting for a frame. Requests that name a count (MQTT,
-    the page) still get one frame per example."""
+    must not pile up into copies of the next frame, nor go on adding after the release: a held
+    button's repeated ask joins the one of its class still waiting for a frame. Separate presses and
+    requests that name a count (MQTT, the page) still get one frame per example."""
     from edgeknn.device.teaching import Teacher
     from edgeknn.store.knn import KnnStore
 
@@ -443,7 +443,7 @@ def test_a_held_button_adds_one_example_per_frame_however_slow_the_frames():
     teacher = Teacher(store, lambda: None, lambda e, c: None, lambda c, r: replies.append(r))
     frames = iter(np.eye(4, dtype=np.float32)[:, np.newaxis])
     for _ in range(2):  # two frames' time held, five asks each: one example from each frame
-        held = [teacher.queue_examples(AddExample(slot=0, source="button")) for _ in range(5)]
+        held = [teacher.queue_examples(AddExample(slot=0, source="button", held=True)) for _ in range(5)]
         assert held[0] is None and all(r is not None and r.ok for r in held[1:]), held
         teacher.add_pending(next(frames))
     assert store.counts() == {"cup": 2, "pen": 0} and not teacher.pending
@@ -455,3 +455,9 @@ def test_a_held_button_adds_one_example_per_frame_however_slow_the_frames():
     teacher.add_pending(next(frames))
     teacher.add_pending(next(frames))
     assert store.counts() == {"cup": 4, "pen": 1} and not teacher.pending
+    # two presses of a key before the next frame: two examples, as a person means them
+    assert teacher.queue_examples(AddExample(slot=1, source="keyboard")) is None
+    assert teacher.queue_examples(AddExample(slot=1, source="keyboard")) is None
+    teacher.add_pending(next(frames, np.ones((1, 4), np.float32)))
+    teacher.add_pending(np.full((1, 4), 0.5, np.float32))
+    assert store.counts()["pen"] == 3

@@ -18,6 +18,7 @@ from rig import (
     BUTTONS,
     CLASSES,
     LEDS,
+    PHOTOS_PER_CLASS,
     STATUS,
     NotifyListener,
     Running,
@@ -105,7 +106,10 @@ def test_buttons_teach_and_leds_follow_then_restart_keeps_the_store(tmp_path, fa
             name: len(np.unique(store.rows(first[store.labels()[first] == c]), axis=0))
             for c, name in enumerate(store.classes)
         }
-        assert frames == taught, f"examples {taught}, distinct frames among them {frames}"
+        # (the scene replays PHOTOS_PER_CLASS photos per class: no more distinct frames than that)
+        assert all(frames[n] >= min(taught[n], PHOTOS_PER_CLASS) for n in taught), (
+            f"examples {taught}, distinct frames among them {frames}"
+        )
         # Watch: the LED of the class being shown lights alone, and stays so.
         for i, name in enumerate(CLASSES):
             scene.shown = name

@@ -84,14 +84,13 @@ class Device:
         )
 
     def teach(self, examples: int) -> None:
-        """Add ``examples`` examples of class 1 through the keyboard panel, one key press each, waiting for
-        each: a press while the class's last one still waits for its frame joins it (one frame, one
-        example: device/teaching.py)."""
+        """Add ``examples`` examples of class 1 through the keyboard panel (a burst of key presses: each
+        is an example); wait until all are added."""
+        before = self.log.count("example added")
         for _ in range(examples):
-            before = self.log.count("example added")
             self.proc.stdin.write("1\n")
             self.proc.stdin.flush()
-            assert self.wait_log("example added", before + 1), self.log
+        assert self.wait_log("example added", before + examples), self.log
 
     def looping(self, timeout: float = 30.0) -> bool:
         """True once the loop feeds the watchdog again (a few pings from now on)."""

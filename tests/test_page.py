@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import needs_data
 from rig import CLASSES, Running, make_config, photo_folders, stable_on, teach, wait_for
 from test_web import (
     CHROMEDRIVER,
@@ -330,6 +331,8 @@ def test_recording_stops_when_the_pointer_leaves_or_the_page_is_hidden(taught, b
 
     # another tab comes to the front while holding: this page is hidden, the recording ends
     page = driver.current_window_handle
+    record = in_card(driver, name, ".record")  # its card grew a picture and a note: find it again
+    center(driver, record)
     ActionChains(driver).click_and_hold(record).perform()
     assert wait_for(lambda: recording(driver, name))
     driver.switch_to.new_window("tab")
@@ -570,6 +573,7 @@ def test_the_bars_ease_toward_a_new_answer_instead_of_jumping(taught, browser):
     assert "stable" in card(driver, name).get_attribute("class"), "green: the stable answer"
 
 
+@needs_data
 def test_full_frame_is_offered_only_where_the_camera_gives_more_than_the_model(tmp_path):
     """Finding 13: the 100x100 sign photos (smaller than the model's 224x224) offered "Full frame"."""
     import io

@@ -10,9 +10,10 @@ answered ``busy``.
 A held button asks for an example every ``1 / hold_rate`` seconds, whatever the frame rate. Where
 frames come slower than that (a busy or small device: each added frame is embedded in several views),
 its asks would pile up and the next frame would serve them all: copies of one frame, not the
-several moments of the class the person meant to show. So a panel's ask (a button or key: it names
-a ``slot``) for a class that already has one from the same panel waiting for its frame joins that
-one: a hold adds at most one example per frame, and nothing is left to add after the release.
+several moments of the class the person meant to show. So a held button's repeated ask (``held``)
+for a class that already has one from the same panel waiting for its frame joins that one: a hold
+adds at most one example per frame, and nothing is left to add after the release. Separate presses
+(a button, a key typed twice) are each an example, as a person means them.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Teacher:
             return name
         if name not in self.store.classes:
             return self._unknown(name)
-        if command.slot is not None and self._waiting_from(command.source, name):
+        if command.held and self._waiting_from(command.source, name):
             return Result(True, detail={"class": name, "count": self.store.counts()[name], "joined": True})
         command = dataclasses.replace(command, class_name=name, slot=None)  # a rename updates it
         count = max(1, command.count)

@@ -120,7 +120,7 @@ class Gestures:
         for i, key in enumerate(self._keys):
             if key.add_due is not None and key.add_due <= t:
                 key.recording, key.add_due = True, t + self._hold_interval
-                commands.append(self._add(i))
+                commands.append(self._add(i, held=True))
         if self._clear is not None and self._clear.due <= t:
             commands.extend(self._fire_clear())
         return commands
@@ -145,5 +145,5 @@ class Gestures:
             return [Reset(source="button")]
         return []
 
-    def _add(self, i: int) -> AddExample:
-        return AddExample(slot=i, count=1, source="button")
+    def _add(self, i: int, held: bool = False) -> AddExample:
+        return AddExample(slot=i, count=1, source="button", held=held)

@@ -108,9 +108,10 @@ class Passwords:
         password = reset_password(self.state_dir)
         log.info(  # INFO: into the journal once, and not a fault
             "web: no password configured; generated this one: %s (kept in %s; "
-            "`edgeknn web password` shows it again or --reset makes a new one)",
+            "`edgeknn web password --state-dir %s` shows it again or --reset makes a new one)",
             password,
             path,
+            self.state_dir,
         )
 
     def current(self) -> str:
