@@ -120,6 +120,10 @@ class Picamera2Source:
 
     FORMAT = "BGR888"
     BUFFERS = 3
+    # picamera2's own controls that it turns into a libcamera control: it refuses them (RuntimeError "Control
+    # ... is not advertised by libcamera") on a camera that lacks that control, as the kernel's vimc does.
+    STANDS_FOR = {"FrameRate": "FrameDurationLimits"}
+    _said_skipped: set[tuple[str, ...]] = set()  # what was already logged as skipped, once per process
 
     def __init__(self, index: int = 0, size: tuple[int, int] = (224, 224), fps: float = 30.0):
         try:
@@ -138,7 +142,7 @@ class Picamera2Source:
             config = self._camera.create_video_configuration(
                 main={"size": self.stream_size, "format": self.FORMAT},
                 buffer_count=self.BUFFERS,
-                controls={"FrameRate": float(fps)},
+                controls=self._advertised({"FrameRate": float(fps)}),
                 queue=False,  # wait for a fresh frame rather than take one that waited in a buffer
             )
             self._camera.configure(config)
@@ -146,6 +150,24 @@ class Picamera2Source:
         except Exception as e:
             self.close()
             raise CameraError(f"{self.name}: cannot start it ({describe_error(e)})") from e
+
+    def _advertised(self, controls: dict[str, object]) -> dict[str, object]:
+        """``controls`` less those this camera does not advertise (picamera2's ``camera_controls``); says
+        once per process which were skipped, as a reopen after a failure asks again."""
+        advertised = getattr(self._camera, "camera_controls", None)
+        if not isinstance(advertised, dict):
+            return dict(controls)  # nothing to check against: picamera2 itself says what it refuses
+        kept = {k: v for k, v in controls.items() if self.STANDS_FOR.get(k, k) in advertised}
+        skipped = tuple(sorted(set(controls) - set(kept)))
+        if skipped and skipped not in self._said_skipped:
+            Picamera2Source._said_skipped.add(skipped)
+            log.warning(
+                "%s: the camera does not advertise %s; not set: %s",
+                self.name,
+                ", ".join(sorted({self.STANDS_FOR.get(k, k) for k in skipped})),
+                ", ".join(skipped),
+            )
+        return kept
 
     def read(self) -> np.ndarray:
         camera = self._camera
