@@ -71,6 +71,7 @@ class FakePicamera2:
     instances: list[FakePicamera2] = []
     colour = RED
     fail_stop = False
+    gone = False  # unplugged: no frame ever comes
     advertised = PI_CONTROLS
 
     def __init__(self, camera_num: int = 0):
@@ -131,6 +132,11 @@ class FakePicamera2:
 
     def capture_array(self, name: str = "main", wait=None, signal_function=None) -> np.ndarray:
         assert "start" in self.calls
+        if self.gone:
+            # A camera that vanished delivers no request: picamera2's job waits ``wait`` seconds (forever if
+            # None) and raises the future's TimeoutError.
+            assert isinstance(wait, int | float) and not isinstance(wait, bool), "would wait forever"
+            raise TimeoutError()
         stream = self.config[name]
         width, height = stream["size"]
         order = STORED_ORDER[stream["format"]]
@@ -141,6 +147,9 @@ class FakePicamera2:
         # Mark the columns so a test can see where a crop was taken.
         frame[..., order.index("G")] = np.arange(width, dtype=np.uint8)[None, :]
         return frame
+
+    def cancel_all_and_flush(self) -> None:
+        self.calls.append("cancel_all_and_flush")
 
     def stop(self) -> None:
         self.calls.append("stop")
@@ -185,6 +194,15 @@ def test_picamera2_sets_only_the_controls_the_camera_advertises_and_says_so_once
     assert said == [
         "picamera2 camera 0: the camera does not advertise FrameDurationLimits; not set: FrameRate"
     ]
+
+
+def test_picamera2_a_camera_that_vanished_is_an_error_not_a_hang(picamera2):
+    source = Picamera2Source(0, size=SIZE, fps=30)
+    picamera2.gone = True
+    with pytest.raises(CameraError, match=r"^picamera2 camera 0: no frame within 10s$"):
+        source.read()
+    source.close()
+    assert picamera2.instances[0].calls == ["configure", "start", "cancel_all_and_flush", "stop", "close"]
 
 
 def test_the_fake_refuses_an_unadvertised_control_as_picamera2_does(picamera2):

@@ -123,6 +123,9 @@ class Picamera2Source:
     # picamera2's own controls that it turns into a libcamera control: it refuses them (RuntimeError "Control
     # ... is not advertised by libcamera") on a camera that lacks that control, as the kernel's vimc does.
     STANDS_FOR = {"FrameRate": "FrameDurationLimits"}
+    # Seconds read() waits for a frame. Without a limit picamera2 waits forever, so a camera that vanished
+    # (cable, driver, unbound device) would leave the camera thread stuck and never reopened.
+    READ_TIMEOUT_S = 10.0
     _said_skipped: set[tuple[str, ...]] = set()  # what was already logged as skipped, once per process
 
     def __init__(self, index: int = 0, size: tuple[int, int] = (224, 224), fps: float = 30.0):
@@ -174,7 +177,14 @@ class Picamera2Source:
         if camera is None:
             raise CameraError(f"{self.name}: closed")
         try:
-            frame = camera.capture_array("main")
+            frame = camera.capture_array("main", wait=self.READ_TIMEOUT_S)
+        except TimeoutError as e:
+            # picamera2's advice after a capture timed out: cancel the queued jobs, then the camera can close.
+            try:
+                camera.cancel_all_and_flush()
+            except Exception as flush_error:
+                log.debug("%s: cancel_all_and_flush failed: %s", self.name, describe_error(flush_error))
+            raise CameraError(f"{self.name}: no frame within {self.READ_TIMEOUT_S:g}s") from e
         except Exception as e:
             raise CameraError(f"{self.name}: capture failed ({describe_error(e)})") from e
         if isinstance(frame, np.ndarray) and frame.ndim == 3:
