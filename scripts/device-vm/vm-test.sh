@@ -182,9 +182,10 @@ record "gpio-sim chip, 28 lines" "$(if [ "$chip" = gpiochip0 ] && [ -e "$sim/sim
 { cat /proc/cpuinfo; printf 'Revision\t: c03114\n'; } >/run/cpuinfo-pi4b
 as_pi() { unshare -m sh -c 'mount --bind /run/cpuinfo-pi4b /proc/cpuinfo && exec "$@"' sh "$@"; }
 # listen TOPIC REGEX SECONDS: start waiting for a message in the background (events are not retained, so the
-# waiter must be subscribed before the button acts); heard prints it once it came.
+# waiter must be subscribed before the button acts); heard waits for it (not in a $(...): the waiter is this
+# shell's child) and leaves the message in $heard.
 listen() { "$py" "$chk/mq.py" "$base/$1" "$2" "$3" >/tmp/heard & heard_pid=$!; sleep 3; }
-heard() { wait "$heard_pid"; cat /tmp/heard; }
+heard() { wait "$heard_pid"; heard=$(cat /tmp/heard); }
 probe_gpio='from gpiozero import Device, DigitalInputDevice
 d = DigitalInputDevice(17, pull_up=True)
 f = Device.pin_factory
@@ -250,7 +251,8 @@ listen event '"example_added", "class": "one"' 600
 pull 17 down
 sleep 0.3
 pull 17 up
-event=$(heard)
+heard
+event=$heard
 sleep 5
 counts=$(mq state '"examples": ' 10 | grep -o '"classes": {[^}]*}')
 record "button press (GPIO17 low 0.3 s) adds one example" "$(if [ -n "$event" ] && grep -q '"one": 1,' <<<"$counts"; then echo PASS; else echo FAIL; fi)" \
@@ -298,7 +300,8 @@ pull 27 down
 sleep 4
 pull 27 up
 pull 26 up
-forgot=$(heard)
+heard
+forgot=$heard
 sleep 3
 counts=$(mq state '"examples": ' 10 | grep -o '"classes": {[^}]*}')
 record "clear + class button held 4 s forgets the class" "$(if [ -n "$forgot" ] && grep -q '"two": 0' <<<"$counts"; then echo PASS; else echo FAIL; fi)" \
