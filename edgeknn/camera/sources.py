@@ -179,6 +179,8 @@ class Picamera2Source:
         try:
             frame = camera.capture_array("main", wait=self.READ_TIMEOUT_S)
         except TimeoutError as e:
+            # Said before closing: libcamera 0.4 aborts the process when it stops a camera that vanished.
+            log.warning("%s: no frame within %gs: closing it", self.name, self.READ_TIMEOUT_S)
             # picamera2's advice after a capture timed out: cancel the queued jobs, then the camera can close.
             try:
                 camera.cancel_all_and_flush()
