@@ -32,8 +32,9 @@ model=$shared/models/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite
 [ -f "$model" ] || die "no model at $model (set EDGEKNN_SHARED to the folder that has models/)"
 mkdir -p "$1"
 roots=$(cd "$1" && pwd)
-root=$roots/trixie-amd64-vm
-wheels=$roots/wheels-cp313-amd64
+# The real directories: the image is a hard-linked copy of the root, and a copy of a symlink would write into it.
+root=$(realpath -m "$roots/trixie-amd64-vm")
+wheels=$(realpath -m "$roots/wheels-cp313-amd64")
 timeout_s=${EDGEKNN_VM_TIMEOUT:-5400}
 # pip in the chroot trusts the host's CA bundle too (a host may reach PyPI through a TLS proxy of its own).
 host_ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
@@ -85,7 +86,7 @@ kver=${kernel##*/vmlinuz-}
 # the very kernel that boots. Debian's kernel has no CONFIG_IRQ_SIM (gpio-sim selects it), so the interrupt
 # simulator is linked into gpio-sim.ko; it calls irq_to_desc(), which a module cannot, so that one call becomes
 # the exported generic_handle_irq() (the same handler runs).
-mods=$roots/modules-$kver
+mods=$(realpath -m "$roots/modules-$kver")
 t=$SECONDS
 if [ -e "$mods/.complete" ]; then
   row "modules: vimc, gpio-sim (cached)" ok 0 "$kver"
@@ -151,6 +152,7 @@ work=$(mktemp -d "$roots/vm-run.XXXXXX")
 trap 'rm -rf "$work/stage"' EXIT
 stage=$work/stage
 cp -al "$root" "$stage"
+if [ ! -d "$stage" ] || [ -L "$stage" ]; then die "$stage is not a copy of the root"; fi
 rm -f "$stage/.complete"
 mkdir -p "$stage/lib/modules/$kver/updates/edgeknn-check"
 cp "$mods"/*.ko "$stage/lib/modules/$kver/updates/edgeknn-check/"
