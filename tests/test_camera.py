@@ -53,10 +53,26 @@ def no_camera_thread_left():
 STORED_ORDER = {"BGR888": "RGB", "RGB888": "BGR", "XBGR8888": "RGBA", "XRGB8888": "BGRA"}
 
 
+# What picamera2's camera_controls (name -> (min, max, default)) lists: a Pi camera module's ISP has frame
+# durations (the 30 fps of create_video_configuration's default); the kernel's vimc test camera, through
+# libcamera 0.4 in scripts/check-device-vm.sh, has only these three, and no FrameDurationLimits.
+PI_CONTROLS = {
+    "FrameDurationLimits": (33333, 120000, 33333),
+    "ExposureTime": (1, 66666, 20000),
+    "AnalogueGain": (1.0, 16.0, 1.0),
+    "NoiseReductionMode": (0, 4, 0),
+}
+VIMC_CONTROLS = {"Brightness": (-1.0, 1.0, 0.0), "Contrast": (0.0, 2.0, 1.0), "Saturation": (0.0, 2.0, 1.0)}
+# picamera2's own names that stand for a libcamera control (its Controls._VIRTUAL_FIELDS_MAP_).
+VIRTUAL_CONTROLS = {"FrameRate": "FrameDurationLimits"}
+
+
 class FakePicamera2:
     instances: list[FakePicamera2] = []
     colour = RED
     fail_stop = False
+    gone = False  # unplugged: no frame ever comes
+    advertised = PI_CONTROLS
 
     def __init__(self, camera_num: int = 0):
         self.camera_num = camera_num
@@ -64,6 +80,17 @@ class FakePicamera2:
         self.asked: dict = {}
         self.config: dict | None = None
         type(self).instances.append(self)
+
+    @property
+    def camera_controls(self) -> dict[str, tuple]:
+        return dict(self.advertised)
+
+    def _check_controls(self, controls: dict) -> None:
+        """As picamera2's Controls: an unadvertised control (FrameRate as FrameDurationLimits) is refused."""
+        for name in controls:
+            name = VIRTUAL_CONTROLS.get(name, name)
+            if name not in self.advertised:
+                raise RuntimeError(f"Control {name} is not advertised by libcamera")
 
     # The real keyword arguments, so that a misspelt one fails here as it would on a Pi.
     def create_video_configuration(
@@ -92,15 +119,24 @@ class FakePicamera2:
     create_preview_configuration = create_video_configuration
 
     def configure(self, config: dict) -> None:
+        self._check_controls(config.get("controls") or {})  # picamera2 makes its Controls here
         self.calls.append("configure")
         self.config = config
+
+    def set_controls(self, controls: dict) -> None:
+        self._check_controls(controls)
 
     def start(self) -> None:
         assert self.config is not None, "start() before configure()"
         self.calls.append("start")
 
-    def capture_array(self, name: str = "main", wait=None) -> np.ndarray:
+    def capture_array(self, name: str = "main", wait=None, signal_function=None) -> np.ndarray:
         assert "start" in self.calls
+        if self.gone:
+            # A camera that vanished delivers no request: picamera2's job waits ``wait`` seconds (forever if
+            # None) and raises the future's TimeoutError.
+            assert isinstance(wait, int | float) and not isinstance(wait, bool), "would wait forever"
+            raise TimeoutError()
         stream = self.config[name]
         width, height = stream["size"]
         order = STORED_ORDER[stream["format"]]
@@ -111,6 +147,9 @@ class FakePicamera2:
         # Mark the columns so a test can see where a crop was taken.
         frame[..., order.index("G")] = np.arange(width, dtype=np.uint8)[None, :]
         return frame
+
+    def cancel_all_and_flush(self) -> None:
+        self.calls.append("cancel_all_and_flush")
 
     def stop(self) -> None:
         self.calls.append("stop")
@@ -123,6 +162,7 @@ class FakePicamera2:
 
 @pytest.fixture
 def picamera2(monkeypatch):
+    monkeypatch.setattr(Picamera2Source, "_said_skipped", set())
     module = types.ModuleType("picamera2")
     module.Picamera2 = type("Picamera2", (FakePicamera2,), {"instances": []})
     monkeypatch.setitem(sys.modules, "picamera2", module)
@@ -139,6 +179,44 @@ def test_picamera2_asks_the_isp_for_a_small_rgb_stream(picamera2):
     assert cam.asked["queue"] is False
     assert cam.calls == ["configure", "start"]
     source.close()
+
+
+def test_picamera2_sets_only_the_controls_the_camera_advertises_and_says_so_once(picamera2, caplog):
+    picamera2.advertised = VIMC_CONTROLS  # no FrameDurationLimits: FrameRate would fail configure()
+    with caplog.at_level(logging.INFO, logger="edgeknn.camera.sources"):
+        first = Picamera2Source(0, size=SIZE, fps=30)
+        assert picamera2.instances[0].asked["controls"] == {}
+        assert picamera2.instances[0].calls == ["configure", "start"]
+        assert first.read().shape == (224, 224, 3)
+        first.close()
+        Picamera2Source(0, size=SIZE, fps=30).close()  # the capture thread reopens after a failure
+    said = [r.getMessage() for r in caplog.records if "does not advertise" in r.getMessage()]
+    assert said == [
+        "picamera2 camera 0: the camera does not advertise FrameDurationLimits; not set: FrameRate"
+    ]
+
+
+def test_picamera2_a_camera_that_vanished_is_an_error_not_a_hang(picamera2, caplog):
+    source = Picamera2Source(0, size=SIZE, fps=30)
+    picamera2.gone = True
+    with pytest.raises(CameraError, match=r"^picamera2 camera 0: no frame within 10s$"):
+        source.read()
+    # in the log before the close, which libcamera may turn into an abort
+    assert "picamera2 camera 0: no frame within 10s: closing it" in caplog.messages
+    source.close()
+    assert picamera2.instances[0].calls == ["configure", "start", "cancel_all_and_flush", "stop", "close"]
+
+
+def test_the_fake_refuses_an_unadvertised_control_as_picamera2_does(picamera2):
+    picamera2.advertised = VIMC_CONTROLS
+    cam = picamera2(0)
+    config = cam.create_video_configuration(
+        main={"size": SIZE, "format": "BGR888"}, controls={"FrameRate": 30.0}
+    )
+    with pytest.raises(RuntimeError, match="^Control FrameDurationLimits is not advertised by libcamera$"):
+        cam.configure(config)
+    with pytest.raises(RuntimeError, match="^Control Sharpness is not advertised by libcamera$"):
+        cam.set_controls({"Sharpness": 1.0})
 
 
 def test_picamera2_frames_are_rgb_not_swapped(picamera2):

@@ -66,6 +66,30 @@ def make(factory):
         p.close()
 
 
+def test_only_gpiozeros_warnings_are_logged_as_warnings(make, factory, monkeypatch, caplog):
+    # On Python 3.12+ lgpio's SWIG module warns "builtin type SwigPyPacked has no __module__ attribute" (a
+    # DeprecationWarning) while the first pin opens, as on Pi OS Trixie and in scripts/check-device-vm.sh.
+    import warnings
+
+    from gpiozero import PinNonPhysical
+
+    opened = factory.pin
+
+    def pin(name):
+        swig = "builtin type SwigPyPacked has no __module__ attribute"
+        warnings.warn(swig, DeprecationWarning, stacklevel=1)
+        warnings.warn(f"no physical pin {name}", PinNonPhysical, stacklevel=1)
+        return opened(name)
+
+    monkeypatch.setattr(factory, "pin", pin)
+    with caplog.at_level("DEBUG", logger="edgeknn.panel.gpio"):
+        make()
+    warned = {r.getMessage() for r in caplog.records if r.levelname == "WARNING"}
+    assert any(m.startswith("no physical pin") for m in warned)
+    assert not any("SwigPyPacked" in m for m in warned)
+    assert any("DeprecationWarning: builtin type SwigPyPacked" in r.getMessage() for r in caplog.records)
+
+
 def press(pin, seconds: float = 0.05) -> None:
     """A pull-up button: pressing drives the pin low."""
     pin.drive_low()

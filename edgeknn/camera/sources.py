@@ -120,6 +120,13 @@ class Picamera2Source:
 
     FORMAT = "BGR888"
     BUFFERS = 3
+    # picamera2's own controls that it turns into a libcamera control: it refuses them (RuntimeError "Control
+    # ... is not advertised by libcamera") on a camera that lacks that control, as the kernel's vimc does.
+    STANDS_FOR = {"FrameRate": "FrameDurationLimits"}
+    # Seconds read() waits for a frame. Without a limit picamera2 waits forever, so a camera that vanished
+    # (cable, driver, unbound device) would leave the camera thread stuck and never reopened.
+    READ_TIMEOUT_S = 10.0
+    _said_skipped: set[tuple[str, ...]] = set()  # what was already logged as skipped, once per process
 
     def __init__(self, index: int = 0, size: tuple[int, int] = (224, 224), fps: float = 30.0):
         try:
@@ -138,7 +145,7 @@ class Picamera2Source:
             config = self._camera.create_video_configuration(
                 main={"size": self.stream_size, "format": self.FORMAT},
                 buffer_count=self.BUFFERS,
-                controls={"FrameRate": float(fps)},
+                controls=self._advertised({"FrameRate": float(fps)}),
                 queue=False,  # wait for a fresh frame rather than take one that waited in a buffer
             )
             self._camera.configure(config)
@@ -147,12 +154,39 @@ class Picamera2Source:
             self.close()
             raise CameraError(f"{self.name}: cannot start it ({describe_error(e)})") from e
 
+    def _advertised(self, controls: dict[str, object]) -> dict[str, object]:
+        """``controls`` less those this camera does not advertise (picamera2's ``camera_controls``); says
+        once per process which were skipped, as a reopen after a failure asks again."""
+        advertised = getattr(self._camera, "camera_controls", None)
+        if not isinstance(advertised, dict):
+            return dict(controls)  # nothing to check against: picamera2 itself says what it refuses
+        kept = {k: v for k, v in controls.items() if self.STANDS_FOR.get(k, k) in advertised}
+        skipped = tuple(sorted(set(controls) - set(kept)))
+        if skipped and skipped not in self._said_skipped:
+            Picamera2Source._said_skipped.add(skipped)
+            log.warning(
+                "%s: the camera does not advertise %s; not set: %s",
+                self.name,
+                ", ".join(sorted({self.STANDS_FOR.get(k, k) for k in skipped})),
+                ", ".join(skipped),
+            )
+        return kept
+
     def read(self) -> np.ndarray:
         camera = self._camera
         if camera is None:
             raise CameraError(f"{self.name}: closed")
         try:
-            frame = camera.capture_array("main")
+            frame = camera.capture_array("main", wait=self.READ_TIMEOUT_S)
+        except TimeoutError as e:
+            # Said before closing: libcamera 0.4 aborts the process when it stops a camera that vanished.
+            log.warning("%s: no frame within %gs: closing it", self.name, self.READ_TIMEOUT_S)
+            # picamera2's advice after a capture timed out: cancel the queued jobs, then the camera can close.
+            try:
+                camera.cancel_all_and_flush()
+            except Exception as flush_error:
+                log.debug("%s: cancel_all_and_flush failed: %s", self.name, describe_error(flush_error))
+            raise CameraError(f"{self.name}: no frame within {self.READ_TIMEOUT_S:g}s") from e
         except Exception as e:
             raise CameraError(f"{self.name}: capture failed ({describe_error(e)})") from e
         if isinstance(frame, np.ndarray) and frame.ndim == 3:

@@ -14,7 +14,15 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from gpiozero import LED, BadPinFactory, Device, DigitalInputDevice, GPIOZeroError, PinFactoryFallback
+from gpiozero import (
+    LED,
+    BadPinFactory,
+    Device,
+    DigitalInputDevice,
+    GPIOZeroError,
+    GPIOZeroWarning,
+    PinFactoryFallback,
+)
 from gpiozero.pins import Factory
 
 from edgeknn.commands import Command
@@ -127,7 +135,10 @@ class GpioPanel(Output):
                 self._close_devices()
                 raise
         for w in caught:
-            log.warning("%s", w.message)
+            if issubclass(w.category, GPIOZeroWarning):
+                log.warning("%s", w.message)
+            else:  # not gpiozero's: lgpio's SWIG types warn on Python 3.12+ ("builtin type SwigPyPacked")
+                log.debug("panel: %s: %s", w.category.__name__, w.message)
 
     def _device(self, key: str, pin: Any, kind: type, **kwargs: Any) -> Any:
         """Make one gpiozero device; a bad pin becomes a PanelError naming its config key."""
