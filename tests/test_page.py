@@ -94,7 +94,13 @@ def logged_in(driver, port: int) -> None:
 
 
 def center(driver, element) -> None:
+    """Scroll ``element`` to the middle of the screen and wait until nothing covers its centre (the
+    sticky live-view bar slides in as the page scrolls: a press at once could land on it)."""
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+    on_top = """const r = arguments[0].getBoundingClientRect();
+        const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+        return hit !== null && arguments[0].contains(hit);"""
+    assert wait_for(lambda: driver.execute_script(on_top, element), 30), "the element stays covered"
 
 
 def in_card(driver, name: str, selector: str):
@@ -317,6 +323,10 @@ def test_recording_stops_when_the_pointer_leaves_or_the_page_is_hidden(taught, b
     driver = browser
     logged_in(driver, port)
     name = CLASSES[0]
+    # the cards are built from the first state the page hears: wait for it (a press on a card the
+    # state then rebuilds never reaches the new button)
+    want = str(run.daemon.store.counts()[name])
+    assert wait_for(lambda: not_stale(lambda: in_card(driver, name, ".count").text == want), 30)
     record = in_card(driver, name, ".record")
     center(driver, record)
 
