@@ -687,12 +687,20 @@ def test_the_page_in_chromium(tmp_path, browser):
         assert sum(run.daemon.store.counts().values()) == before
 
         # the device reloads (its page closes, the next daemon's opens on the same port): the open page
-        # comes back by itself, its login still valid
+        # comes back by itself, its login still valid, even when the next daemon takes longer to start
+        # than the page's first retry (a Pi loading its model: the page showed the login form for good)
         cfg = run.daemon.cfg
         run.stop()
+        assert wait_for(lambda: find(By.ID, "dot").get_attribute("class") == "dot down")
+        time.sleep(13)  # past the page's STREAM_DOWN_S: it has opened its stream anew and asked again
+        assert find(By.ID, "main-view").is_displayed(), "the login is kept while the device is away"
         run = Running(build(cfg, opener=scene.opener))
         page = page_of(run)
-        assert wait_for(lambda: page.frames.viewers == 1 and len(page.feed.listeners) == 1, 30)
+        back = wait_for(lambda: page.frames.viewers == 1 and len(page.feed.listeners) == 1, 30)
+        assert back, (
+            f"{page.frames.viewers} viewers, {len(page.feed.listeners)} listeners, dot "
+            f"{find(By.ID, 'dot').get_attribute('class')!r}, main view shown {find(By.ID, 'main-view').is_displayed()}"
+        )
         assert wait_for(lambda: find(By.ID, "dot").get_attribute("class") == "dot ok")
 
         # the page hidden: the live view closes and nothing is encoded any more

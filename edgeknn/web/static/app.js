@@ -16,6 +16,8 @@ const SMOOTH_MAX = 0.5; // ... and never move more than half-way to a new score 
 let csrf = "";
 let UNKNOWN = "unknown";
 let events = null;
+let downSince = 0; // when the event stream last went down (0: it is open)
+const STREAM_DOWN_S = 10; // a stream not back within this long is opened anew (a connection can hang)
 let classes = []; // names in slot order, as the last state gave them
 let state = null;
 let teachable = true; // false: a classifier model, shown as its top answers' bars only
@@ -41,7 +43,7 @@ async function answerOf(path, options) {
   try {
     response = await fetch(path, options);
   } catch (e) {
-    return { ok: false, error: "the device does not answer" };
+    return { ok: false, error: "the device does not answer", away: true };
   }
   let data;
   try {
@@ -50,6 +52,7 @@ async function answerOf(path, options) {
     data = { ok: response.ok, error: response.status === 413 ? "too large" : response.statusText };
   }
   if (response.status === 401 && path !== "/api/login") showLogin();
+  if (response.status >= 500) data.away = true; // a proxy's 502, or the device not yet up
   return data;
 }
 
@@ -122,6 +125,11 @@ function showLogin() {
 
 async function start() {
   const session = await api("/api/session");
+  if (!session.ok && session.away) {
+    $("#dot").className = "dot down";
+    setTimeout(start, 3000); // still restarting: the login is kept, only a 401 asks for it again
+    return;
+  }
   if (!session.ok) return showLogin();
   csrf = session.csrf;
   UNKNOWN = session.unknown;
@@ -177,23 +185,36 @@ function showLive() {
 function startWatching() {
   if (document.hidden || events) return;
   showLive();
-  events = new EventSource("/api/events");
+  const stream = new EventSource("/api/events");
+  events = stream;
+  downSince = 0;
   let opens = 0;
-  events.addEventListener("open", () => {
+  stream.addEventListener("open", () => {
+    downSince = 0;
     $("#dot").className = "dot ok";
     if (opens++ > 0) showLive(); // the stream came back (the device reloaded): so does the live view
   });
-  events.addEventListener("error", () => {
+  stream.addEventListener("error", () => {
     $("#dot").className = "dot down";
-    if (events && events.readyState === EventSource.CLOSED) {
+    downSince = downSince || Date.now();
+    if (events === stream && stream.readyState === EventSource.CLOSED) {
       stopWatching();
       setTimeout(start, 3000); // the device restarted, or the session ended
     }
   });
-  events.addEventListener("state", (e) => showState(JSON.parse(e.data)));
-  events.addEventListener("reading", (e) => showReading(JSON.parse(e.data)));
-  events.addEventListener("event", (e) => onEvent(JSON.parse(e.data)));
+  stream.addEventListener("state", (e) => showState(JSON.parse(e.data)));
+  stream.addEventListener("reading", (e) => showReading(JSON.parse(e.data)));
+  stream.addEventListener("event", (e) => onEvent(JSON.parse(e.data)));
 }
+
+// The browser retries a dropped stream by itself, but not one whose new connection hangs (a device
+// stopping as it was accepted): a stream down for STREAM_DOWN_S is closed and the page starts again.
+setInterval(() => {
+  if (events && downSince && Date.now() - downSince > STREAM_DOWN_S * 1000) {
+    stopWatching();
+    start();
+  }
+}, 2000);
 
 function stopWatching() {
   if (events) events.close();
