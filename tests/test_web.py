@@ -697,10 +697,8 @@ def test_the_page_in_chromium(tmp_path, browser):
         run = Running(build(cfg, opener=scene.opener))
         page = page_of(run)
         back = wait_for(lambda: page.frames.viewers == 1 and len(page.feed.listeners) == 1, 30)
-        assert back, (
-            f"{page.frames.viewers} viewers, {len(page.feed.listeners)} listeners, dot "
-            f"{find(By.ID, 'dot').get_attribute('class')!r}, main view shown {find(By.ID, 'main-view').is_displayed()}"
-        )
+        dot, shown = find(By.ID, "dot").get_attribute("class"), find(By.ID, "main-view").is_displayed()
+        assert back, f"{page.frames.viewers} viewers, {len(page.feed.listeners)} listeners, {dot!r}, {shown}"
         assert wait_for(lambda: find(By.ID, "dot").get_attribute("class") == "dot ok")
 
         # the page hidden: the live view closes and nothing is encoded any more
