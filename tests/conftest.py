@@ -129,3 +129,25 @@ def subscriber():
     yield make
     for s in made:
         s.close()
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def phone_chromium(scale: int):
+    """Headless Debian Chromium as a 390x844 phone with ``scale`` device pixels per CSS pixel (a
+    fixture's body: yields the driver, quits it after). Fails, not skips, without it: .ci/run installs it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail("chromium and chromium-driver are missing (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=390,844"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    metrics = {"width": 390, "height": 844, "deviceScaleFactor": scale, "mobile": True}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    yield driver
+    driver.quit()

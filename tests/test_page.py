@@ -15,11 +15,9 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import needs_data
+from conftest import needs_data, phone_chromium
 from rig import CLASSES, Running, make_config, photo_folders, stable_on, teach, wait_for
 from test_web import (
-    CHROMEDRIVER,
-    CHROMIUM,
     PASSWORD,
     Client,
     card,
@@ -58,27 +56,10 @@ def shot(driver, name: str) -> Path:
 
 @pytest.fixture
 def browser():
-    """Headless Debian Chromium as a 390x844 phone at one device pixel per CSS pixel: the screenshots
-    are 390x844 (a scale of 2 makes Chromium's screenshot send a pointer event at half the pointer's
-    place, which ends a held button)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail(
-            "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
-        )
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=390,844"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.execute_cdp_cmd(
-        "Emulation.setDeviceMetricsOverride",
-        {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True},
-    )
-    yield driver
-    driver.quit()
+    """Chromium as a 390x844 phone at one device pixel per CSS pixel: the screenshots are 390x844 (a
+    scale of 2 makes Chromium's screenshot send a pointer event at half the pointer's place, which ends
+    a held button)."""
+    yield from phone_chromium(scale=1)
 
 
 def logged_in(driver, port: int) -> None:

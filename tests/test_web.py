@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODEL, TM, needs_data
+from conftest import MODEL, TM, needs_data, phone_chromium
 from rig import CLASSES, Running, Scene, make_config, photo_folders, stable_on, teach, wait_for
 
 from edgeknn.device.build import build
@@ -28,9 +28,7 @@ from edgeknn.store.knn import KnnStore
 from edgeknn.web.server import WebOutput
 
 PASSWORD = "correct horse battery"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SHOTS = Path("/tmp/web-shots")
-PHONE = {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
 
 
 def free_port() -> int:
@@ -478,21 +476,7 @@ def test_unreadable_tls_files_are_one_line(tmp_path):
 @pytest.fixture
 def browser():
     """Headless Debian Chromium at a phone's size. Fails (not skips) without it: .ci/run installs it."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.fail(
-            "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
-        )
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=390,844"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", PHONE)
-    yield driver
-    driver.quit()
+    yield from phone_chromium(scale=2)
 
 
 def shot(driver, name: str) -> None:
