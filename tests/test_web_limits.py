@@ -416,3 +416,23 @@ def test_the_unit_raises_the_descriptor_limit():
     assert any(
         line.startswith("LimitNOFILE=") and int(line.split("=")[1]) > 1024 for line in unit.splitlines()
     )
+
+
+def test_a_stopping_page_closes_the_connections_a_browser_keeps_alive(tmp_path):
+    """A reload builds the next daemon in the same process: a kept-alive connection the old page left
+    open (aiohttp 3.8 closes none of a server it did not start) took a browser's next request and never
+    answered it, and the page stayed away for good. A stopped page closes every connection it had."""
+    run, scene, port = webtests.web_daemon(tmp_path)
+    try:
+        assert wait_for(lambda: webtests.page_of(run).listening)
+        kept = socket.create_connection(("127.0.0.1", port), timeout=30)
+        kept.sendall(b"GET / HTTP/1.1\r\nHost: device\r\nConnection: keep-alive\r\n\r\n")
+        first = kept.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200"), first[:80]
+        idle = socket.create_connection(("127.0.0.1", port), timeout=30)  # opened, nothing sent yet
+        assert wait_for(lambda: webtests.page_of(run).connections.count == 2)
+    finally:
+        run.stop()
+    for s in (kept, idle):
+        assert closed_by_server(s, 10) is not None, "still open after the page stopped"
+        s.close()

@@ -81,6 +81,7 @@ class Connections:
         self.factory, self.max_body = factory, max_body
         self.total, self.per_address = total, per_address
         self.open: dict[str, int] = {}
+        self.live: set[Guarded] = set()  # the admitted connections, for ``close_all``
         self.count = 0  # open now
         self.refused = 0  # refused since the start: over a limit (tests and the bench read them)
         self.closed = 0  # closed for taking too long or sending too much
@@ -110,6 +111,12 @@ class Connections:
             self.open[key] = left
         else:
             self.open.pop(key, None)
+
+    def close_all(self) -> None:
+        """Cut every open connection: a server that stops (or reloads, in the same process) leaves no
+        socket that accepts a request and never answers (a browser's kept-alive socket hung for good)."""
+        for guard in list(self.live):
+            guard.abort()
 
     def too_slow(self, key: str, kind: str, why: str) -> None:
         """A connection closed for ``kind`` ("head", "size" or "body"): one line a minute per kind."""
@@ -149,6 +156,7 @@ class Guarded(asyncio.Protocol):
             transport.close()
             return
         self._transport = transport  # type: ignore[assignment]
+        self._c.live.add(self)
         self._inner = self._c.factory()
         self._head_started = self._loop.time()
         self._arm(HEADER_TIMEOUT_S, self._check_head)
@@ -159,8 +167,14 @@ class Guarded(asyncio.Protocol):
         if self._transport is None:
             return
         self._transport = None
+        self._c.live.discard(self)
         self._c.release(self.key)
         self._inner.connection_lost(exc)
+
+    def abort(self) -> None:
+        """Close the connection at once, unsent bytes dropped (``connection_lost`` follows)."""
+        if self._transport is not None:
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None:

@@ -233,6 +233,10 @@ class WebOutput(Output):
             task.cancel()
         if self._server is not None:
             self._server.close()
+        if self.connections is not None:
+            # aiohttp 3.8 (Bookworm's) closes no connection of a server it did not start: kept-alive
+            # sockets stayed open, unanswered, after a reload, and the page never came back
+            self.connections.close_all()
         if self._runner is not None:
             await self._runner.cleanup()
         self.listening = False
