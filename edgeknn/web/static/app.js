@@ -17,6 +17,7 @@ let csrf = "";
 let UNKNOWN = "unknown";
 let events = null;
 let downSince = 0; // when the event stream last went down (0: it is open)
+const GET_TIMEOUT_S = 15; // a question to the device with no answer by then counts as "no answer"
 const STREAM_DOWN_S = 10; // a stream not back within this long is opened anew (a connection can hang)
 let classes = []; // names in slot order, as the last state gave them
 let state = null;
@@ -30,6 +31,8 @@ let lastReadingAt = 0;
 
 async function api(path, body) {
   const options = { credentials: "same-origin", headers: {} };
+  // a question (GET) never waits for ever on a connection that hangs: it is "the device does not answer"
+  if (body === undefined && window.AbortSignal?.timeout) options.signal = AbortSignal.timeout(GET_TIMEOUT_S * 1000);
   if (body !== undefined) {
     options.method = "POST";
     options.headers = { "Content-Type": "application/json", "X-CSRF-Token": csrf };
