@@ -95,7 +95,7 @@ def _claim_store(path: Path) -> None:
 def _load_store(
     cfg: config.Config, embedder: Embedder, path: Path, notifier: Notifier | None = None
 ) -> KnnStore:
-    settings = cfg.store.settings()
+    settings = cfg.store.settings(embedder.storage)
     if not path.exists():
         log.info("no store at %s yet: starting empty", path)
         return KnnStore(embedder.dim, embedder.identity, settings)
@@ -148,7 +148,7 @@ def _reembed_at_start(
             notifier.notify(f"EXTEND_TIMEOUT_USEC=30000000\nSTATUS=re-embedding examples: {done} of {total}")
 
     try:
-        store = reembed.reembed(old, embedder, cfg.store.settings(), each)
+        store = reembed.reembed(old, embedder, cfg.store.settings(embedder.storage), each)
         store.save(path)
     except reembed.ReembedError as e:
         raise Fatal(f"{mismatch} ({e})") from None

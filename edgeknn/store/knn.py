@@ -26,6 +26,7 @@ from edgeknn.store.pictures import Pictures
 from edgeknn.store.rows import PER_ROW, Rows, with_room
 
 STORAGES = ("float32", "uint8")
+AUTO = "auto"  # the storage that loses nothing measurable for the model's embeddings (``storage_for``)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,10 @@ class StoreSettings:
     """How a store classifies and keeps its rows (``config.StoreConfig.settings`` builds it).
 
     ``rule`` may be ``"default"``; ``storage`` None is float32 for a new store and, for a
-    loaded one, the storage of its file.
+    loaded one, the storage of its file; ``"auto"`` is ``embedding`` for a new store (``storage_for``
+    for a loaded one). ``embedding``: what the model's embeddings are (``Embedder.storage``):
+    ``"uint8"`` for a quantized extractor's ReLU output with zero point 0, which uint8 rows keep up to
+    rounding, else ``"float32"`` (a float model, or one whose output can be negative).
     """
 
     k: int = 3
@@ -42,12 +46,29 @@ class StoreSettings:
     capacity: int = 1000
     storage: str | None = None
     max_classes: int = 10
+    embedding: str = "float32"
+
+
+def storage_for(settings: StoreSettings, stored: str | None = None, rows: np.ndarray | None = None) -> str:
+    """The storage a store with ``settings`` keeps its rows in: for a store file, ``stored`` is its
+    storage and ``rows`` its rows. ``auto`` keeps a file's storage, except that float32 rows of a
+    model whose embeddings are uint8 (and the rows non-negative) become uint8: a quarter of the
+    memory, the same answers (docs/classifying.md); a float model's store stays float32."""
+    if settings.storage is None:
+        return stored or "float32"
+    if settings.storage != AUTO:
+        return settings.storage
+    if stored is None:
+        return settings.embedding
+    if stored == "float32" and settings.embedding == "uint8" and rows is not None and not (rows < 0).any():
+        return "uint8"
+    return stored
 
 
 class KnnStore:
     def __init__(self, dim: int, model_id: str, settings: StoreSettings = StoreSettings()):
         rule = DEFAULT_RULE if settings.rule == "default" else settings.rule
-        storage = settings.storage or "float32"
+        storage = storage_for(settings)
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
         if storage not in STORAGES:
@@ -309,8 +330,8 @@ class KnnStore:
         array is checked before anything is allocated). A ``settings.storage`` other than the
         file's converts the rows."""
         arrays, matrix = storefile.read(Path(path), model_id, with_room, dim)
-        if settings.storage is None:
-            settings = dataclasses.replace(settings, storage=str(arrays["storage"]))
+        storage = storage_for(settings, str(arrays["storage"]), arrays["rows"])
+        settings = dataclasses.replace(settings, storage=storage)
         store = cls(arrays["rows"].shape[1], model_id, settings)
         store.classes = [str(c) for c in arrays["classes"]]
         store._rows = Rows.load(arrays, matrix, store.storage)
