@@ -42,6 +42,23 @@ def status(pid: int) -> dict[str, float]:
     return out
 
 
+def mappings(pid: int, top: int = 25) -> list[tuple[float, float, str]]:
+    """The ``top`` mappings of ``pid`` by Rss, summed by file: (MB, anonymous MB, name)."""
+    sizes: dict[str, list[float]] = {}
+    name = ""
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and not parts[0].endswith(":"):
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                name = parts[5] if len(parts) > 5 else f"[anon {(end - start) >> 20} MB]"
+            elif parts[0] in ("Rss:", "Anonymous:"):
+                entry = sizes.setdefault(name, [0.0, 0.0])
+                entry[0 if parts[0] == "Rss:" else 1] += float(parts[1]) / 1024
+    ranked = sorted(((v[0], v[1], k) for k, v in sizes.items()), reverse=True)
+    return ranked[:top]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=10_000)
@@ -49,6 +66,7 @@ def main() -> int:
     parser.add_argument("--no-web", action="store_true", help="the page off (bench's rss_mb)")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds classifying before reading")
     parser.add_argument("--code", type=Path, help="a checkout to measure instead of this one")
+    parser.add_argument("--smaps", action="store_true", help="also the largest mappings")
     args = parser.parse_args()
     if args.code is not None and os.environ.get("MEASURE_MEMORY_CODE") != str(args.code):
         env = {**os.environ, "PYTHONPATH": str(args.code), "MEASURE_MEMORY_CODE": str(args.code)}
@@ -103,6 +121,9 @@ def main() -> int:
                 return 1
             time.sleep(args.settle)
             measured = status(proc.pid)
+            if args.smaps:
+                for rss, anon, what in mappings(proc.pid):
+                    print(f"{rss:7.1f} MB  anon {anon:6.1f}  {what}")
         finally:
             proc.terminate()
             proc.wait(30)
