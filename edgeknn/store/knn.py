@@ -23,7 +23,7 @@ from edgeknn.store.examples import ExampleBook, ExampleInfo
 from edgeknn.store.head import DEFAULT_RULE, RULES
 from edgeknn.store.matcher import Matcher, Prediction
 from edgeknn.store.pictures import Pictures
-from edgeknn.store.rows import PER_ROW, Rows, with_room
+from edgeknn.store.rows import PER_ROW, Picked, Rows, with_room
 
 STORAGES = ("float32", "uint8")
 AUTO = "auto"  # the storage that loses nothing measurable for the model's embeddings (``storage_for``)
@@ -169,7 +169,7 @@ class KnnStore:
             oldest = np.flatnonzero(self._rows.oldest(label))
             if len(oldest) == len(views):
                 at = oldest
-                self._drop_examples([int(self._rows.example[oldest[0]])])
+                self._drop_examples([int(self._rows.examples[oldest[0]])])
                 self._index.replaced(int(oldest[0]))
             else:
                 self._drop_oldest(label)
@@ -293,12 +293,12 @@ class KnnStore:
         storefile.write(Path(path), self.contents(), pictures)
         self.pictures_saved(path, pictures)
 
-    def contents(self, snapshot: bool = False) -> dict[str, np.ndarray]:
+    def contents(self, snapshot: bool = False) -> dict[str, np.ndarray | Picked]:
         """The arrays a store file holds. With ``snapshot``: arrays that later changes leave alone, for a
         save on another thread. The small ones are copies; the stored rows are shared (a copy of tens
         of MB would stall the loop) until ``snapshot_done``, and a change that rewrites stored rows
         meanwhile copies them first. Adding writes past them; growing moves them to new arrays."""
-        arrays = {
+        arrays: dict[str, np.ndarray | Picked] = {
             "model_id": np.array(self.model_id),
             "storage": np.array(self.storage),
             "classes": np.array(self.classes, dtype=str) if self.classes else np.zeros(0, "<U1"),
@@ -310,7 +310,7 @@ class KnnStore:
         if not snapshot:
             return arrays
         self._rows.shared = True
-        return {name: a if name in PER_ROW else a.copy() for name, a in arrays.items()}
+        return {n: a if isinstance(a, Picked) or n in PER_ROW else a.copy() for n, a in arrays.items()}
 
     def _example_arrays(self) -> dict[str, np.ndarray]:
         """What a store file keeps per example (new arrays: a snapshot needs no copy of them)."""
@@ -364,8 +364,8 @@ class Lent:
     storage: str
     classes: list[str]
     examples: list[ExampleInfo]  # in id order
-    rows: dict[str, np.ndarray]  # Rows.arrays(): rows, scale, labels, example
-    order: np.ndarray  # the stored rows' indices, grouped by example in id order
+    rows: dict[str, np.ndarray]  # Rows.lend(): rows, scale, labels, example (dead rows too)
+    order: np.ndarray  # the live rows' indices in them, grouped by example in id order
     starts: np.ndarray
     counts: np.ndarray
     pictures: storepictures.PictureLoan
@@ -374,8 +374,8 @@ class Lent:
 
 def lend(store: KnnStore) -> Lent:
     """``store``'s examples for an export (on the loop thread: a few ms at 3 000 examples)."""
-    token, arrays = store._rows.lend()
-    order = np.argsort(arrays["example"], kind="stable")
+    token, arrays, live = store._rows.lend()
+    order = live[np.argsort(arrays["example"][live], kind="stable")]
     _, starts, counts = np.unique(arrays["example"][order], return_index=True, return_counts=True)
     pictures = store._pictures.lend()
     examples = store.examples()

@@ -92,7 +92,7 @@ class Matcher:
             nearest = np.argpartition(every, n - k)[n - k :]
             nearest = nearest[np.argsort(-every[nearest], kind="stable")]
             sims = every[nearest]
-        labels = rows.label[nearest]
+        labels = rows.labels[nearest]
         probs, best = self.head.answer(vector, labels, len(classes))
         scores = {name: float(p) for name, p in zip(classes, probs, strict=True) if examples.get(name)}
         # the view rules: the mean over the k nearest examples (a lone near-duplicate counts less)
