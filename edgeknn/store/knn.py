@@ -243,6 +243,7 @@ class KnnStore:
         if new in self.classes:
             raise ValueError(f"class {new!r} already exists")
         self.classes[self.classes.index(old)] = new
+        self._matcher.renamed(old, new)
         if old in self._examples:
             self._examples[new] = self._examples.pop(old)
         self._head.stale = True
