@@ -112,11 +112,13 @@ def main() -> int:
         env.pop(name, None)
     log_path = tmp / "run.log"
     with open(log_path, "wb") as log:
+        started = time.monotonic()
         proc = subprocess.Popen(
             [*edgeknn_command(), "run", "--config", str(conf)], env=env, stdout=log, stderr=log
         )
         try:
-            if wait_for_ready(listener, proc, 120) is None:
+            ready = wait_for_ready(listener, proc, 120)
+            if ready is None:
                 print(log_path.read_text(errors="replace")[-1500:])
                 return 1
             time.sleep(args.settle)
@@ -132,6 +134,7 @@ def main() -> int:
         "configured": rcfg.store.storage,
         "file_storage": kept,
         "web": not args.no_web,
+        "ready_s": round(ready - started, 2),
         **{k: round(v, 1) for k, v in measured.items()},
     }
     print(json.dumps(info))
