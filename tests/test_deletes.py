@@ -146,3 +146,24 @@ def test_a_full_class_replacing_its_oldest_after_deletes():
     ids = [e.id for e in store.examples()]
     assert 0 not in ids and 4 not in ids and 30 in ids
     np.testing.assert_array_equal(store.rows(store.example_ids() == 30), views(100))
+
+
+def test_the_checksum_of_a_store_file_is_the_one_earlier_versions_wrote():
+    """Saves hash picked rows piece by piece; every file written before must still check out (0-d
+    arrays hash as numpy's ascontiguousarray gives them, 1-d)."""
+    from edgeknn.store.file import _checksum
+    from edgeknn.store.rows import Picked
+
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+    arrays = {
+        "model_id": np.array("a" * 64),
+        "seen": np.array(3),
+        "rows": rows,
+        "classes": np.array(["x", "yy"]),
+    }
+    golden = (
+        "b25279bd057be1ececb004fe4fa4a88899774ec3a2611b569ae26f870f0f1dee"  # main before issue 20's change
+    )
+    assert _checksum(arrays) == golden
+    picked = np.concatenate([rows[:2], np.full((3, 3), 7, np.float32), rows[2:]])
+    assert _checksum({**arrays, "rows": Picked(picked, np.array([0, 1, 5, 6]))}) == golden

@@ -429,6 +429,7 @@ def _checksum(arrays: Arrays) -> str:
     h = hashlib.sha256()
     for name in sorted(arrays):
         a = arrays[name]
+        a = a if isinstance(a, Picked) else np.ascontiguousarray(a)  # 0-d arrays hash as 1-d, as always
         h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
         for piece in _pieces(a):
             h.update(piece)  # the bytes of tobytes(), without a copy of them

@@ -406,5 +406,7 @@ def picture_keys(store: KnnStore) -> dict[int, tuple[int, int] | None]:
 
 
 def reserve(store: KnnStore, rows: int) -> None:
-    """Room for ``rows`` more rows in one allocation (an import: not a copy of the matrix per growth)."""
-    store._rows._grow(len(store) + rows)
+    """Room for ``rows`` more rows in one allocation (an import: not a copy of the matrix per growth);
+    none when they fit after the rows already there (dead ones included: no copy to drop those)."""
+    if store._rows.n + rows > len(store._rows.matrix):
+        store._rows._grow(len(store) + rows)
