@@ -16,10 +16,13 @@ def imported_by(code: str) -> set[str]:
     return set(out.split())
 
 
-def test_the_device_imports_gpiozero_only_for_a_gpio_panel():
+def test_the_device_imports_gpiozero_and_paho_only_when_it_uses_them():
     modules = imported_by("import edgeknn.cli.main, edgeknn.device.lifecycle, edgeknn.device.build")
     assert "edgeknn.device.build" in modules
     assert "gpiozero" not in modules and "edgeknn.panel.gpio" not in modules
+    assert "paho" not in modules, (
+        "paho (and its dnspython) only for MQTT: `edgeknn devices` imports it when run"
+    )
     from edgeknn.panel import PanelError
     from edgeknn.panel.gpio import PanelError as same
 
