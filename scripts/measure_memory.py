@@ -7,7 +7,7 @@ it has classified for a while), with the web page served (nobody watching) unles
 MQTT off, and the store's storage as configured (``--storage``; the code's default otherwise).
 Printed: VmHWM and VmRSS, /proc/<pid>/smaps_rollup's split (anonymous, file-backed), the storage.
 
-    python scripts/measure_memory.py [--examples 10000] [--storage S] [--no-web] [--code /work/main]
+    python scripts/measure_memory.py [--examples N] [--storage S] [--no-web] [--mqtt] [--gpio] [--code DIR]
 
 ``--code``: measure another checkout (a re-run of this script with it first on sys.path).
 """
@@ -51,7 +51,7 @@ def mappings(pid: int, top: int = 25) -> list[tuple[float, float, str]]:
             parts = line.split()
             if "-" in parts[0] and not parts[0].endswith(":"):
                 start, end = (int(x, 16) for x in parts[0].split("-"))
-                name = parts[5] if len(parts) > 5 else f"[anon {(end - start) >> 20} MB]"
+                name = parts[5] if len(parts) > 5 else f"[anon {(end - start) >> 10} kB at {start:x}]"
             elif parts[0] in ("Rss:", "Anonymous:"):
                 entry = sizes.setdefault(name, [0.0, 0.0])
                 entry[0 if parts[0] == "Rss:" else 1] += float(parts[1]) / 1024
@@ -67,6 +67,8 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=5.0, help="seconds classifying before reading")
     parser.add_argument("--code", type=Path, help="a checkout to measure instead of this one")
     parser.add_argument("--smaps", action="store_true", help="also the largest mappings")
+    parser.add_argument("--mqtt", action="store_true", help="MQTT on, to a local mosquitto")
+    parser.add_argument("--gpio", action="store_true", help="the GPIO panel, on gpiozero's mock pins")
     args = parser.parse_args()
     if args.code is not None and os.environ.get("MEASURE_MEMORY_CODE") != str(args.code):
         env = {**os.environ, "PYTHONPATH": str(args.code), "MEASURE_MEMORY_CODE": str(args.code)}
@@ -92,13 +94,20 @@ def main() -> int:
     kept = embedder.storage if storage == "auto" else storage  # what `edgeknn run` keeps it in
     store_path = tmp / "store.npz"
     random_store(embedder, cfg, args.examples, seed=2, storage=kept).save(store_path)
-    setup = Setup(cfg, model, 2, PHOTOS, tmp, None, Plan.make(True))
+    broker = None
+    if args.mqtt:
+        from edgeknn.bench.broker import Broker
+
+        broker = Broker(tmp / "broker").start()
+    setup = Setup(cfg, model, 2, PHOTOS, tmp, broker.address if broker else None, Plan.make(True))
     web = {} if args.no_web else {"web.enabled": True, "web.listen": "127.0.0.1", "web.port": 0}
     if web:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             web["web.port"] = s.getsockname()[1]
         web["web.password"] = "measure-memory"
+    if args.gpio:
+        web["panel.kind"] = "gpio"
     rcfg = setup.daemon_config(
         "mem", store_path, fps=30, log_level="info", **{"store.capacity": args.examples, **overrides, **web}
     )
@@ -108,6 +117,8 @@ def main() -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(notify))
     env = {**os.environ, "NOTIFY_SOCKET": str(notify)}
+    if args.gpio:
+        env["GPIOZERO_PIN_FACTORY"] = "mock"
     for name in ("WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "INVOCATION_ID"):
         env.pop(name, None)
     log_path = tmp / "run.log"
@@ -129,11 +140,15 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(30)
+            if broker is not None:
+                broker.stop()
     info = {
         "examples": args.examples,
         "configured": rcfg.store.storage,
         "file_storage": kept,
         "web": not args.no_web,
+        "mqtt": args.mqtt,
+        "gpio": args.gpio,
         "ready_s": round(ready - started, 2),
         **{k: round(v, 1) for k, v in measured.items()},
     }
