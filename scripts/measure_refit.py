@@ -6,9 +6,10 @@ same kind) is saved, a daemon is built on it as `edgeknn run` builds one (the de
 replay of the sign-language photos, the unit's 30 s watchdog: a ping every 15 s to a NOTIFY_SOCKET
 stand-in), and once it predicts, 5 DeleteExample commands are queued together. Printed: the time
 to the last reply, the longest gap between two predictions and between two WATCHDOG pings from
-the first delete until 45 s after the last reply, the loop's longest step, and the load average.
+the first delete until 45 s after the last reply, the loop's longest step (over that time, and until
+2 s after the last reply), the loop thread's CPU time in each delete, and the load average.
 
-    OPENBLAS_NUM_THREADS=1 python scripts/measure_refit.py [--examples 3000] [--code /work/main]
+    OPENBLAS_NUM_THREADS=1 python scripts/measure_refit.py [--examples 3000] [--storage S] [--code /work/main]
 
 ``--code``: measure another checkout (a re-run of this script with it first on sys.path).
 """
@@ -66,10 +67,12 @@ def main() -> int:
     parser.add_argument("--deletes", type=int, default=5)
     parser.add_argument("--after", type=float, default=45.0, help="seconds watched after the last reply")
     parser.add_argument("--code", type=Path, help="a checkout to measure instead of this one")
+    parser.add_argument("--storage", help="store.storage (default: the code's default)")
     args = parser.parse_args()
     if args.code is not None and os.environ.get("MEASURE_REFIT_CODE") != str(args.code):
         env = {**os.environ, "PYTHONPATH": str(args.code), "MEASURE_REFIT_CODE": str(args.code)}
-        return subprocess.call([sys.executable, *sys.argv], env=env, cwd="/")
+        script = str(Path(__file__).resolve())
+        return subprocess.call([sys.executable, script, *sys.argv[1:]], env=env, cwd="/")
 
     import numpy as np
 
@@ -91,7 +94,11 @@ def main() -> int:
             "state_dir": str(tmp),
             "model": {"path": str(MODEL), "threads": 2},
             "camera": {"source": f"replay:{PHOTOS}?fps=15"},
-            "store": {"autosave_s": 2.0, "capacity": args.examples},
+            "store": {
+                "autosave_s": 2.0,
+                "capacity": args.examples,
+                **({"storage": args.storage} if args.storage else {}),
+            },
             "panel": {"kind": "none"},
             "mqtt": {"enabled": False},
             "web": {"enabled": False},
@@ -133,6 +140,17 @@ def main() -> int:
             steps.append((t, time.monotonic() - t))
 
     daemon.step = timed_step  # type: ignore[method-assign]
+    deleting: list[float] = []  # the loop thread's CPU time in each KnnStore.delete_example
+    delete_example = daemon.store.delete_example
+
+    def timed_delete(example: int) -> str:
+        t = time.thread_time()
+        try:
+            return delete_example(example)
+        finally:
+            deleting.append(time.thread_time() - t)
+
+    daemon.store.delete_example = timed_delete  # type: ignore[method-assign]
     start(daemon)
     loop = threading.Thread(target=daemon.loop, name="edgeknn-main", daemon=True)
     loop.start()
@@ -157,12 +175,16 @@ def main() -> int:
     ok = sum(r.ok for r in replies)
     load = os.getloadavg()
     longest_step = max((d for t, d in steps if t >= begin), default=0.0)
+    near = max((d for t, d in steps if begin <= t <= begin + replied + 2.0), default=0.0)
     used = time.process_time() - cpu
     print(f"{ok}/{len(ids)} deletes answered in {replied:.2f} s (process CPU over the run {used:.1f} s)")
     print(f"longest gap between predictions: {longest_gap(shown.times, begin, end):.2f} s")
     print(f"longest gap between WATCHDOG pings: {longest_gap(pings.times, begin, end):.2f} s (every 15 s)")
     after = sum(t > begin for t in shown.times)
     print(f"longest loop step: {longest_step * 1000:.0f} ms; predictions after the deletes: {after}")
+    print(f"longest loop step until 2 s after the last reply: {near * 1000:.0f} ms")
+    cpu_ms = ", ".join(f"{d * 1000:.1f}" for d in deleting)
+    print(f"loop thread CPU in each delete_example: {cpu_ms} ms (storage {daemon.store.storage})")
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     return 0
 

@@ -302,7 +302,7 @@ def test_store_info(capsys, taught):
     rc, out, _ = run(capsys, "store", "info", taught)
     assert rc == 0
     assert f"model: {sha256_of(TINY)}" in out
-    assert "rows: 36 of 256 values (float32)" in out
+    assert "rows: 36 of 256 values (uint8)" in out, "store.storage auto: a quantized extractor's rows"
     assert "pictures: 6 of 6 examples (can be re-embedded: yes)" in out
     assert "  zero: 3 examples" in out and "  five: 3 examples" in out
 
@@ -367,7 +367,7 @@ def test_store_export_and_import(capsys, taught, tmp_path):
     size = exported.stat().st_size
     assert (
         rc == 0
-        and out == f"{exported}: 6 examples of 2 classes (float32 rows), 6 with their picture, {size} bytes\n"
+        and out == f"{exported}: 6 examples of 2 classes (uint8 rows), 6 with their picture, {size} bytes\n"
     )
     manifest = archive.Reader(exported.open("rb")).manifest
     assert manifest.model_id == sha256_of(TINY) and manifest.dim == 256 and len(manifest.examples) == 6
@@ -382,7 +382,10 @@ def test_store_export_and_import(capsys, taught, tmp_path):
     ]
     assert np.array_equal(imported.rows(), original.rows())
     rc, out, _ = run(capsys, "store", "export", taught, tmp_path / "half.tar", "--rows", "float16")
-    assert rc == 0 and "float16 rows" in out and (tmp_path / "half.tar").stat().st_size < size
+    assert rc == 0 and "float16 rows" in out
+    rc, out, _ = run(capsys, "store", "export", taught, tmp_path / "full.tar", "--rows", "float32")
+    assert rc == 0 and "float32 rows" in out
+    assert (tmp_path / "half.tar").stat().st_size < (tmp_path / "full.tar").stat().st_size
 
 
 def test_store_import_of_something_else(capsys, tmp_path):

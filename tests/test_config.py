@@ -33,7 +33,7 @@ def test_load_none_without_a_system_file_gives_the_defaults(monkeypatch, tmp_pat
     cfg = config.load(None)
     assert cfg == Config()
     assert cfg.classes == ["one", "two", "three"]
-    assert cfg.mqtt.port == 1883 and cfg.store.k == 3 and cfg.store.storage == "float32"
+    assert cfg.mqtt.port == 1883 and cfg.store.k == 3 and cfg.store.storage == "auto"
     assert cfg.store_path().name == "store.npz"
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
     assert cfg.model_path() == assets.DEFAULT_MODEL, "nothing in the state folder: the packaged default"
@@ -136,7 +136,7 @@ def test_bool_is_not_a_number_and_a_number_is_not_a_bool(section, name, value):
 
 def test_float_out_of_range_and_wrong_choice():
     assert errors_of({"store": {"storage": "float16"}}) == [
-        'store.storage: expected one of "float32", "uint8", got "float16"'
+        'store.storage: expected one of "auto", "float32", "uint8", got "float16"'
     ]
     assert errors_of({"panel": {"hold_time": 0.0}}) == [
         "panel.hold_time: expected a number 0.1..10.0, got 0.0"

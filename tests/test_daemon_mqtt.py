@@ -338,7 +338,9 @@ def test_add_example_over_mqtt_teaches_exactly_as_a_button(tmp_path, broker, sub
     views = [rows[example == i] for i in ids]  # an example is one row, or its views (rule-dependent)
     for other in views[1:]:
         np.testing.assert_array_equal(other, views[0])  # the same frame makes the same example
-    assert len(rows) == 6 * len(views[0]) and np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+    assert str(f["storage"]) == "uint8", "store.storage auto: the packaged extractor's rows are uint8"
+    values = rows.astype(np.float32) * f["scale"][:, None]  # uint8 rows and 1 / their norm
+    assert len(rows) == 6 * len(views[0]) and np.allclose(np.linalg.norm(values, axis=1), 1.0, atol=1e-5)
 
 
 MALFORMED = [

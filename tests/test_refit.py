@@ -152,8 +152,10 @@ def test_the_loop_fits_no_head_after_a_delete(tmp_path, monkeypatch):
         run.stop()
 
 
-def test_a_class_removed_and_one_added_during_a_refit_is_fitted_here_and_the_old_refit_dropped(monkeypatch):
-    """The slots moved: the previous weights (and the refit running on them) no longer fit the classes."""
+def test_a_class_removed_and_one_added_during_a_refit_keep_the_columns_by_name(monkeypatch):
+    """The slots moved: the fit's columns follow the classes' names (a new class has none and cannot
+    win until a fit of its own), so nothing is fitted on the classifying thread; the refit running
+    for the old classes is taken in the same way, then one more fits the new classes beside it."""
     from edgeknn.store import refit
 
     store = taught(10)
@@ -164,14 +166,38 @@ def test_a_class_removed_and_one_added_during_a_refit_is_fitted_here_and_the_old
     store.classify(query)  # a refit starts, held, for c0 c1 c2
     store.remove_class("c1")
     store.add_class("c9")  # as many classes, other slots: c2 is slot 1 now
-    assert store.classify(query).label == "c2"  # fitted here, at once
-    assert wait_for(lambda: sorted(held.threads) == ["MainThread", "edgeknn-refit"])
-    fitted = store._head.fitted
-    assert fitted is not None
+    store.rename("c0", "zero")
+    prediction = store.classify(query)
+    assert prediction.label == "c2" and set(prediction.scores) == {"zero", "c2"}  # at once
+    assert store._head.fitted is not None and store._head.fitted.weights.shape == (DIM, 3)
+    assert wait_for(lambda: held.threads == ["edgeknn-refit"]), "nothing fitted here"
+    store.add("c9", store.rows(np.flatnonzero(store.labels() == 1)[:2]) + 0.01)
+    assert store.classify(query).label == "c2"
     held.release.set()
-    assert refitter.wait(30)
-    store.classify(query)
-    assert store._head.fitted.weights is fitted.weights  # the old refit's result was dropped
+    assert wait_for(lambda: (store.classify(query), refitter.fits == 2)[1], 30)
+    assert held.threads == ["edgeknn-refit"] * 2 and "MainThread" not in held.threads
+    assert store._matcher._fitted_for == ("zero", "c2", "c9") and store._head.fitted.present.all()
+
+
+def test_the_first_fit_of_a_large_import_runs_beside(monkeypatch):
+    """An import into an empty store (here: 600 rows added at once): the nearest examples vote until
+    the first fit, which runs beside the loop, is in."""
+    from edgeknn.store import refit
+
+    source = taught(100)
+    store = KnnStore(DIM, "test-model", StoreSettings(capacity=1000))
+    refitter = refit.beside(store)
+    held = HeldFits(monkeypatch)
+    for example in source.examples():
+        store.add(example.class_name, source.rows(source.example_ids() == example.id), added=example.added)
+    query = source.rows(np.flatnonzero(source.labels() == 1)[:1])[0]
+    prediction = store.classify(query)
+    assert prediction.label == "c1" and prediction.scores["c1"] == 1.0  # the three nearest examples' vote
+    assert store._head.fitted is None and refitter.running and wait_for(lambda: held.threads)
+    held.release.set()
+    assert wait_for(lambda: (store.classify(query), refitter.fits == 1)[1], 30)
+    assert store._head.fitted is not None and store.classify(query).label == "c1"
+    assert "MainThread" not in held.threads
 
 
 def test_a_refit_that_fails_is_said_and_the_change_fitted_here(monkeypatch, caplog):

@@ -178,7 +178,7 @@ def test_a_compressed_member_is_refused(tmp_path):
 
 class FakeEmbedder:
     def __init__(self, dim: int, identity: str = MODEL):
-        self.dim, self.identity = dim, identity
+        self.dim, self.identity, self.storage = dim, identity, "float32"
 
 
 def cfg_for(tmp_path: Path) -> config.Config:

@@ -21,7 +21,7 @@ from edgeknn import config
 from edgeknn.bench.broker import MosquittoSub, end_process
 from edgeknn.bench.inputs import BenchError, Setup, random_store
 from edgeknn.model.embedder import Embedder
-from edgeknn.store.knn import KnnStore
+from edgeknn.store.knn import KnnStore, storage_for
 
 STARTUP_EXAMPLES = 10_000
 
@@ -30,8 +30,8 @@ def startup(setup: Setup, embedder: Embedder, results: dict[str, float]) -> None
     """`edgeknn run` with a 10 000-example store: start → READY, first prediction, peak memory;
     then the same with the other storage (keys ending in ``_uint8`` or ``_float32``)."""
     cfg, tmp = setup.cfg, setup.tmp
-    settings = dataclasses.replace(cfg.store.settings(), capacity=STARTUP_EXAMPLES)
-    configured = settings.storage or "float32"
+    settings = dataclasses.replace(cfg.store.settings(embedder.storage), capacity=STARTUP_EXAMPLES)
+    configured = storage_for(settings)
     for storage in (configured, "uint8" if configured == "float32" else "float32"):
         suffix = "" if storage == configured else f"_{storage}"
         store_path = tmp / f"startup-store{suffix}.npz"

@@ -30,8 +30,8 @@ from edgeknn.store.names import class_name_error
 
 def _open_store(path: Path, embedder: Embedder, cfg: config.Config, create: bool) -> KnnStore:
     if create and not Path(path).exists():
-        return KnnStore(embedder.dim, embedder.identity, cfg.store.settings())
-    return KnnStore.load(path, embedder.identity, cfg.store.settings(), embedder.dim)
+        return KnnStore(embedder.dim, embedder.identity, cfg.store.settings(embedder.storage))
+    return KnnStore.load(path, embedder.identity, cfg.store.settings(embedder.storage), embedder.dim)
 
 
 def each_image(paths: list[Path], skipped: list[str]) -> Iterator[tuple[Path, np.ndarray]]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
-
-import paho.mqtt.client as mqtt
+from typing import TYPE_CHECKING, Any
 
 from edgeknn.cli.errors import UsageError
 from edgeknn.cli.options import load_config, print_json
-from edgeknn.mqtt.client import MqttError, make_client
+
+if TYPE_CHECKING:  # paho is imported when the command runs: `edgeknn run` with MQTT off never needs it
+    import paho.mqtt.client as mqtt
 
 SUFFIXES = ("state", "availability", "prediction", "fleet/manifest", "fleet/following", "fleet/online")
 HA_PREDICTION = (
@@ -27,6 +27,8 @@ MAX_BODY = 1 << 20  # a manifest of many chunks; anything bigger is not read
 
 
 def devices(args) -> int:
+    from edgeknn.mqtt.client import MqttError, make_client
+
     cfg = load_config(args)
     host, port = cfg.mqtt.host, cfg.mqtt.port
     if args.broker:

@@ -67,13 +67,16 @@ def teach(
     k: int,
     protocol: str = "device",
     seen_from: str = "all",
+    storage: str = "float32",
 ) -> KnnStore:
     """A store taught the classes ``taught`` of the draw ``d``, having observed what the protocol
     says: ``device``, the seen photos of every class (``seen_from="all"``: the room it works in,
     untaught things included, never the queries) or of the taught classes only (``"taught"``: a
     device that has seen nothing but what it was taught), then each example's frame as it is added;
-    ``queries`` (the old evaluation), every photo it was not taught with, the queries included."""
-    store = KnnStore(data.vectors.shape[1], "eval", StoreSettings(k=k, rule=rule))
+    ``queries`` (the old evaluation), every photo it was not taught with, the queries included.
+    ``storage``: the store's rows (``store.storage``, the model's for ``auto``: ``Dataset.storage``)."""
+    settings = StoreSettings(k=k, rule=rule, storage=storage, embedding=data.storage)
+    store = KnnStore(data.vectors.shape[1], "eval", settings)
     device = protocol == "device"
     if device:
         for c in range(len(data.classes)) if seen_from == "all" else taught:
@@ -148,6 +151,7 @@ def evaluate(
     seen: int = SEEN,
     seen_from: str = "all",
     progress: Callable[[int, int], None] | None = None,
+    storage: str = "float32",
 ) -> dict:
     """Closed-set accuracy per rule and shot count (mean, std, per seed); with ``open_set``, per
     rule, scenario (``taught_counts``) and shot count the mean and std over seeds of ``open_set_run``.
@@ -166,14 +170,14 @@ def evaluate(
             accs = []
             per_scenario: dict[str, list[dict[str, float]]] = {name: [] for name in scenarios}
             for seed, d in enumerate(draws):
-                store = teach(data, d, list(range(n_classes)), rule, k, protocol, seen_from)
+                store = teach(data, d, list(range(n_classes)), rule, k, protocol, seen_from, storage)
                 _, answer, _ = answers(store, data, d.query)
                 accs.append(float(np.mean(answer == np.array(data.classes)[data.labels[d.query]])))
                 done += 1
                 for name, count in scenarios.items():
                     chosen = np.random.default_rng([seed, count]).permutation(n_classes)[:count]
                     taught = sorted(int(c) for c in chosen)
-                    store = teach(data, d, taught, rule, k, protocol, seen_from)
+                    store = teach(data, d, taught, rule, k, protocol, seen_from, storage)
                     per_scenario[name].append(open_set_run(store, data, d.query, taught))
                     done += 1
                 if progress:
@@ -189,7 +193,8 @@ def evaluate(
                     for key in OPEN_METRICS
                     for v in [[r[key] for r in results]]
                 }
-    out: dict = {"protocol": protocol, "seen": seen, "seen_from": seen_from, "rules": closed}
+    out: dict = {"protocol": protocol, "seen": seen, "seen_from": seen_from, "storage": storage}
+    out["rules"] = closed
     if open_set:
         out["taught"] = scenarios
         out["open_set"] = opens
@@ -255,6 +260,7 @@ def eval_command(args) -> int:
             seen=seen,
             seen_from=args.seen_from,
             progress=progress,
+            storage=args.storage,
         )
     seconds = time.perf_counter() - start
     result = {
@@ -282,7 +288,7 @@ def print_tables(result: dict, dataset: Path, photos: int, shots: list[int]) -> 
     )
     print(
         f"{dataset}: {photos} photos, {len(result['classes'])} classes, {result['seeds']} seeds; "
-        f"the centre: {seen}"
+        f"the centre: {seen}; {result['storage']} rows"
     )
     print("rule        " + "".join(f"{n:>4} shot{'s' if n > 1 else ' '}" + " " * 9 for n in shots))
     for rule, per_shot in result["rules"].items():

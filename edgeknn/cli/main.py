@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rule", choices=RULES, help=f"one rule (default: the default rule and tfjs); {', '.join(RULES)}"
     )
     p.add_argument("--k", type=int, default=3, help="neighbours that vote (default 3)")
+    p.add_argument(
+        "--storage",
+        choices=("float32", "uint8", "auto"),
+        default="float32",
+        help="the store's rows (default float32; auto: uint8 for a quantized extractor, as store.storage)",
+    )
     p.add_argument("--model", type=Path, help=MODEL_HELP)
     p.add_argument(
         "--open-set",

@@ -28,6 +28,7 @@ class Dataset:
     labels: np.ndarray
     vectors: np.ndarray  # (photos, dim): each photo as a frame
     views: np.ndarray  # (photos, VIEWS, dim): what adding it as an example stores (``embed_views``)
+    storage: str = "float32"  # the model's embeddings (``Embedder.storage``): what ``auto`` stores
 
 
 def load_dataset(
@@ -57,7 +58,7 @@ def load_dataset(
     if cached is not None and cached.is_file():
         try:
             with np.load(cached, allow_pickle=False) as z:
-                return Dataset(classes, files, np.array(labels), z["vectors"], z["views"])
+                return Dataset(classes, files, np.array(labels), z["vectors"], z["views"], embedder.storage)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache file: embed again and replace it
     max_side = 2 * max(embedder.model.input_size)
@@ -74,7 +75,7 @@ def load_dataset(
         part = cached.with_suffix(".part.npz")
         np.savez(part, vectors=vectors, views=views)
         part.replace(cached)  # atomic: a run stopped halfway leaves no half file behind
-    return Dataset(classes, files, np.array(labels), vectors, views)
+    return Dataset(classes, files, np.array(labels), vectors, views, embedder.storage)
 
 
 def _cache_file(cache: Path, embedder: Embedder, root: Path, files: list[Path]) -> Path:
@@ -94,4 +95,5 @@ def only(data: Dataset, names: list[str]) -> Dataset:
     keep = np.isin(data.labels, [data.classes.index(n) for n in names])
     relabel = np.array([names.index(c) if c in names else -1 for c in data.classes])
     files = [f for f, k in zip(data.files, keep, strict=True) if k]
-    return Dataset(list(names), files, relabel[data.labels[keep]], data.vectors[keep], data.views[keep])
+    keep_vectors, keep_views = data.vectors[keep], data.views[keep]
+    return Dataset(list(names), files, relabel[data.labels[keep]], keep_vectors, keep_views, data.storage)

@@ -195,7 +195,7 @@ def _reembed(args) -> int:
     if missing:
         raise InputError(f"{args.store}: cannot re-embed: {reembed.refusal(old, missing)}")
     try:
-        store = reembed.reembed(old, embedder, cfg.store.settings())
+        store = reembed.reembed(old, embedder, cfg.store.settings(embedder.storage))
     except reembed.ReembedError as e:
         raise InputError(f"{args.store}: cannot re-embed: {e}") from None
     store.save(args.store)

@@ -66,7 +66,11 @@ class StoreConfig:
         'below this similarity to the nearest example the answer is unrecognized; "auto" = calibrated',
     )
     capacity: int = key(1000, integer(1, 1_000_000), "examples kept per class; the oldest goes first")
-    storage: str = key("float32", _str(STORAGES), "row storage; uint8 = 4x less memory")
+    storage: str = key(
+        "auto",
+        _str(("auto", *STORAGES)),
+        'row storage; uint8 = 4x less memory; "auto" = uint8 for a quantized extractor, else float32',
+    )
     autosave_s: float = key(5.0, number(0.0, 86400.0), "save this long after the last change; 0 = at once")
     max_classes: int = key(10, integer(1, 1000), "the most classes a store keeps (add_class refuses more)")
     background: list = key(
@@ -75,8 +79,9 @@ class StoreConfig:
         "classes answered as no class (unrecognized), as Teachable Machine's Background; any case",
     )
 
-    def settings(self) -> StoreSettings:
-        """What a KnnStore takes of this section (the one place that copies it)."""
+    def settings(self, embedding: str = "float32") -> StoreSettings:
+        """What a KnnStore takes of this section (the one place that copies it); ``embedding``: the
+        model's (``Embedder.storage``), which ``storage = "auto"`` follows."""
         return StoreSettings(
             k=self.k,
             rule=self.rule,
@@ -84,6 +89,7 @@ class StoreConfig:
             capacity=self.capacity,
             storage=self.storage,
             max_classes=self.max_classes,
+            embedding=embedding,
         )
 
 

@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpiozero.pins import Factory
-
 from edgeknn import __version__, config
 from edgeknn.camera.capture import Capture
 from edgeknn.camera.sources import SourceError
@@ -38,7 +36,7 @@ from edgeknn.model.classifier import ModelClasses, ScoreReader, SideHead, led_la
 from edgeknn.model.embedder import Embedder
 from edgeknn.model.tflite import ModelError
 from edgeknn.outputs import Output
-from edgeknn.panel.gpio import GpioPanel, PanelError, Submit
+from edgeknn.panel import PanelError
 from edgeknn.panel.keyboard import KeyboardPanel
 from edgeknn.store import file as storefile
 from edgeknn.store import lock as storelock
@@ -47,7 +45,10 @@ from edgeknn.store.file import ModelMismatch, StoreError
 from edgeknn.store.knn import KnnStore
 
 if TYPE_CHECKING:
+    from gpiozero.pins import Factory
+
     from edgeknn.mqtt.link import MqttLink
+    from edgeknn.panel.gpio import GpioPanel, Submit
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def _claim_store(path: Path) -> None:
 def _load_store(
     cfg: config.Config, embedder: Embedder, path: Path, notifier: Notifier | None = None
 ) -> KnnStore:
-    settings = cfg.store.settings()
+    settings = cfg.store.settings(embedder.storage)
     if not path.exists():
         log.info("no store at %s yet: starting empty", path)
         return KnnStore(embedder.dim, embedder.identity, settings)
@@ -148,7 +149,7 @@ def _reembed_at_start(
             notifier.notify(f"EXTEND_TIMEOUT_USEC=30000000\nSTATUS=re-embedding examples: {done} of {total}")
 
     try:
-        store = reembed.reembed(old, embedder, cfg.store.settings(), each)
+        store = reembed.reembed(old, embedder, cfg.store.settings(embedder.storage), each)
         store.save(path)
     except reembed.ReembedError as e:
         raise Fatal(f"{mismatch} ({e})") from None
@@ -181,6 +182,8 @@ def open_panel(
     """The panel for ``kind`` ("gpio", "keyboard" or "none"); None when there is none. ``fixed``: the LEDs
     keep ``classes`` (a classifier model's led_labels) instead of following the store's."""
     if kind == "gpio":
+        from edgeknn.panel.gpio import GpioPanel  # gpiozero only when there are pins to drive
+
         return GpioPanel(classes, submit, settings, pin_factory, fixed=fixed)
     if kind == "keyboard":
         return KeyboardPanel(classes, submit)

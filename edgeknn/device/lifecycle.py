@@ -27,6 +27,7 @@ from edgeknn.device.build import (
     config_from_args,
 )
 from edgeknn.device.daemon import Daemon
+from edgeknn.device.malloc import limit_arenas
 from edgeknn.device.systemd import Notifier, setup_logging
 from edgeknn.device.waiting import Waiting
 
@@ -151,6 +152,7 @@ def run(args, configure: Callable[[Any], config.Config] = config_from_args) -> i
     cfg = configure(args)
     setup_logging(cfg.log_level)
     raise_open_files()
+    limit_arenas()
     notifier = Notifier()
     try:
         if not await_model(cfg, notifier):

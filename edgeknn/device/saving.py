@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from edgeknn.store import file as storefile
 from edgeknn.store.knn import KnnStore
 
@@ -51,7 +49,7 @@ class _Write:
     def __init__(
         self,
         path: Path,
-        arrays: dict[str, np.ndarray],
+        arrays: storefile.Arrays,
         pictures: dict[int, bytes],
         generation: int,
         examples: int,
@@ -59,7 +57,7 @@ class _Write:
         self.path, self.generation, self.examples = path, generation, examples
         self.pictures = pictures  # the pictures not yet saved (KnnStore.pictures_to_write)
         self.error: str | None = None
-        self._arrays: dict[str, np.ndarray] | None = arrays
+        self._arrays: storefile.Arrays | None = arrays
         self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
         self._thread.start()
 

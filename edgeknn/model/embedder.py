@@ -35,6 +35,7 @@ class Embedder:
         self.feature = _penultimate(self.model) if self.is_classifier else self.model.output
         self.dim = self.feature.size
         self.identity = self.model.sha256
+        self.storage = storage_of(self.feature)  # what ``store.storage = "auto"`` keeps its rows in
 
     def embed(self, image: np.ndarray) -> np.ndarray:
         self.model.invoke(image)
@@ -58,6 +59,16 @@ class Embedder:
             if each is not None:
                 each()
         return np.stack(rows)
+
+
+def storage_of(feature: TensorInfo) -> str:
+    """``"uint8"`` when the embedding is a quantized 8-bit tensor whose lowest value is 0 (uint8 with
+    zero point 0, int8 with -128: ReLU outputs, 256 non-negative multiples of its scale, which a
+    store's uint8 rows keep up to rounding), else ``"float32"`` (a float model such as Teachable
+    Machine's model_unquant, or an output that can be negative)."""
+    lowest = {"uint8": 0, "int8": -128}.get(feature.dtype)
+    quantized = lowest is not None and feature.zero_point == lowest and feature.scale > 0
+    return "uint8" if quantized else "float32"
 
 
 def augmented_views(image: np.ndarray, aspect: float = 1.0, zoom: float = 0.8) -> list[np.ndarray]:

@@ -28,6 +28,7 @@ from gpiozero.pins import Factory
 from edgeknn.commands import Command
 from edgeknn.config import PanelConfig
 from edgeknn.outputs import Output, Reading
+from edgeknn.panel import PanelError
 from edgeknn.panel.gestures import Gestures
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,6 @@ Submit = Callable[[Command], None]
 BLINK_S = 0.15  # the example-added confirmation
 SLOW_BLINK = (1.0, 1.0)  # status: camera or broker down (on, off seconds)
 FAST_BLINK = (0.1, 0.1)  # status: error
-
-
-class PanelError(Exception):
-    """The panel cannot start; the message says, in one line, what to change."""
 
 
 class GpioPanel(Output):

@@ -26,7 +26,7 @@ import math
 import os
 import stat
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -35,6 +35,9 @@ import numpy as np
 from edgeknn.store.examples import MAX_TIME
 from edgeknn.store.names import class_name_error
 from edgeknn.store.pictures import pictures_dir, remove_pictures_except, write_pictures
+from edgeknn.store.rows import Picked
+
+Arrays = Mapping[str, "np.ndarray | Picked"]  # what a save writes: ``Picked`` rows are not copied
 
 FORMAT_VERSION = 2
 CONTENTS_V1 = ("model_id", "storage", "classes", "rows", "scale", "labels", "example", "center", "seen")
@@ -85,7 +88,7 @@ class _Damaged(Exception):
     """What is inconsistent in a store file (``read`` adds the path and raises ``StoreError``)."""
 
 
-def write(path: Path, arrays: dict[str, np.ndarray], pictures: dict[int, bytes] | None = None) -> None:
+def write(path: Path, arrays: Arrays, pictures: dict[int, bytes] | None = None) -> None:
     """Write a store's ``CONTENTS`` atomically: a temporary file beside ``path``, fsync, rename,
     fsync the folder; then remove the temporary files of writers killed mid-save.
 
@@ -98,6 +101,8 @@ def write(path: Path, arrays: dict[str, np.ndarray], pictures: dict[int, bytes] 
         write_pictures(folder, pictures)
     arrays = {"format_version": np.array(FORMAT_VERSION), **arrays}
     arrays["checksum"] = np.array(_checksum(arrays))
+    examples, picture_size = arrays["examples"], arrays["picture_size"]
+    assert isinstance(examples, np.ndarray) and isinstance(picture_size, np.ndarray)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -115,7 +120,7 @@ def write(path: Path, arrays: dict[str, np.ndarray], pictures: dict[int, bytes] 
         os.close(fd)
     _remove_stale_temporaries(path)
     if folder.is_dir():
-        keep = arrays["examples"][arrays["picture_size"] > 0].tolist()
+        keep = examples[picture_size > 0].tolist()
         remove_pictures_except(folder, set(keep))
 
 
@@ -383,15 +388,23 @@ def model_id_of(path: Path) -> str:
         return ""
 
 
-def _write_npz(file: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
+def _write_npz(file: IO[bytes], arrays: Arrays) -> None:
     """What ``np.savez`` writes, without its copies: it hands the zip each array in 16 MB
     ``tobytes()`` pieces, which cost a 10 000-row store 16 MB more memory at every autosave."""
     with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, array in arrays.items():
-            array = array if array.flags.c_contiguous else array.copy()  # 0-d arrays stay 0-d
+            header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False}
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array_header_1_0(member, np.lib.format.header_data_from_array_1_0(array))
-                member.write(array.reshape(-1).view(np.uint8).data)
+                np.lib.format.write_array_header_1_0(member, {**header, "shape": array.shape})
+                for piece in _pieces(array):
+                    member.write(piece)
+
+
+def _pieces(array: np.ndarray | Picked) -> Iterator[memoryview]:
+    """The bytes of an array (or of picked rows, a few MB at a time) as ``tobytes()`` gives them."""
+    for part in array.chunks() if isinstance(array, Picked) else [array]:
+        part = part if part.flags.c_contiguous else part.copy()  # 0-d arrays stay 0-d
+        yield part.reshape(-1).view(np.uint8).data
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -412,10 +425,12 @@ def _remove_stale_temporaries(path: Path) -> None:
             pass  # alive (another user's process), or cannot tell: keep it
 
 
-def _checksum(arrays: dict[str, np.ndarray]) -> str:
+def _checksum(arrays: Arrays) -> str:
     h = hashlib.sha256()
     for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
+        a = arrays[name]
+        a = a if isinstance(a, Picked) else np.ascontiguousarray(a)  # 0-d arrays hash as 1-d, as always
         h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
-        h.update(a.reshape(-1).view(np.uint8).data)  # the bytes of tobytes(), without a copy of them
+        for piece in _pieces(a):
+            h.update(piece)  # the bytes of tobytes(), without a copy of them
     return h.hexdigest()

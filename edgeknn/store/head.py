@@ -79,6 +79,22 @@ class Fit:
     center_sq: float  # center @ center
 
 
+def remapped(fit: Fit, old: tuple[str, ...], new: tuple[str, ...]) -> Fit:
+    """``fit`` (of the classes ``old``) for the classes ``new``: each class keeps its column by name, a
+    new one gets zero weights and cannot win (``present`` False) until a fit that knows it."""
+    if old == new:
+        return fit
+    where = np.array([old.index(name) if name in old else -1 for name in new], np.intp)
+    known = where >= 0
+    weights = np.zeros((fit.weights.shape[0], len(new)), np.float32)
+    bias = np.zeros(len(new), np.float32)
+    weights[:, known], bias[known] = fit.weights[:, where[known]], fit.bias[where[known]]
+    present = np.zeros(len(new), bool)
+    present[known] = fit.present[where[known]]
+    rows = np.ascontiguousarray(weights.T)
+    return Fit(weights, bias, fit.center, present, rows, fit.center @ weights, fit.center_sq)
+
+
 class Head:
     """One rule's answer for a frame, given its nearest rows; the fitted head of the view rules.
 

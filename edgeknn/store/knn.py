@@ -23,9 +23,10 @@ from edgeknn.store.examples import ExampleBook, ExampleInfo
 from edgeknn.store.head import DEFAULT_RULE, RULES
 from edgeknn.store.matcher import Matcher, Prediction
 from edgeknn.store.pictures import Pictures
-from edgeknn.store.rows import PER_ROW, Rows, with_room
+from edgeknn.store.rows import PER_ROW, Picked, Rows, with_room
 
 STORAGES = ("float32", "uint8")
+AUTO = "auto"  # the storage that loses nothing measurable for the model's embeddings (``storage_for``)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,10 @@ class StoreSettings:
     """How a store classifies and keeps its rows (``config.StoreConfig.settings`` builds it).
 
     ``rule`` may be ``"default"``; ``storage`` None is float32 for a new store and, for a
-    loaded one, the storage of its file.
+    loaded one, the storage of its file; ``"auto"`` is ``embedding`` for a new store (``storage_for``
+    for a loaded one). ``embedding``: what the model's embeddings are (``Embedder.storage``):
+    ``"uint8"`` for a quantized extractor's ReLU output with zero point 0, which uint8 rows keep up to
+    rounding, else ``"float32"`` (a float model, or one whose output can be negative).
     """
 
     k: int = 3
@@ -42,12 +46,29 @@ class StoreSettings:
     capacity: int = 1000
     storage: str | None = None
     max_classes: int = 10
+    embedding: str = "float32"
+
+
+def storage_for(settings: StoreSettings, stored: str | None = None, rows: np.ndarray | None = None) -> str:
+    """The storage a store with ``settings`` keeps its rows in: for a store file, ``stored`` is its
+    storage and ``rows`` its rows. ``auto`` keeps a file's storage, except that float32 rows of a
+    model whose embeddings are uint8 (and the rows non-negative) become uint8: a quarter of the
+    memory, the same answers (docs/classifying.md); a float model's store stays float32."""
+    if settings.storage is None:
+        return stored or "float32"
+    if settings.storage != AUTO:
+        return settings.storage
+    if stored is None:
+        return settings.embedding
+    if stored == "float32" and settings.embedding == "uint8" and rows is not None and not (rows < 0).any():
+        return "uint8"
+    return stored
 
 
 class KnnStore:
     def __init__(self, dim: int, model_id: str, settings: StoreSettings = StoreSettings()):
         rule = DEFAULT_RULE if settings.rule == "default" else settings.rule
-        storage = settings.storage or "float32"
+        storage = storage_for(settings)
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
         if storage not in STORAGES:
@@ -148,7 +169,7 @@ class KnnStore:
             oldest = np.flatnonzero(self._rows.oldest(label))
             if len(oldest) == len(views):
                 at = oldest
-                self._drop_examples([int(self._rows.example[oldest[0]])])
+                self._drop_examples([int(self._rows.examples[oldest[0]])])
                 self._index.replaced(int(oldest[0]))
             else:
                 self._drop_oldest(label)
@@ -222,6 +243,7 @@ class KnnStore:
         if new in self.classes:
             raise ValueError(f"class {new!r} already exists")
         self.classes[self.classes.index(old)] = new
+        self._matcher.renamed(old, new)
         if old in self._examples:
             self._examples[new] = self._examples.pop(old)
         self._head.stale = True
@@ -272,12 +294,12 @@ class KnnStore:
         storefile.write(Path(path), self.contents(), pictures)
         self.pictures_saved(path, pictures)
 
-    def contents(self, snapshot: bool = False) -> dict[str, np.ndarray]:
+    def contents(self, snapshot: bool = False) -> dict[str, np.ndarray | Picked]:
         """The arrays a store file holds. With ``snapshot``: arrays that later changes leave alone, for a
         save on another thread. The small ones are copies; the stored rows are shared (a copy of tens
         of MB would stall the loop) until ``snapshot_done``, and a change that rewrites stored rows
         meanwhile copies them first. Adding writes past them; growing moves them to new arrays."""
-        arrays = {
+        arrays: dict[str, np.ndarray | Picked] = {
             "model_id": np.array(self.model_id),
             "storage": np.array(self.storage),
             "classes": np.array(self.classes, dtype=str) if self.classes else np.zeros(0, "<U1"),
@@ -289,7 +311,7 @@ class KnnStore:
         if not snapshot:
             return arrays
         self._rows.shared = True
-        return {name: a if name in PER_ROW else a.copy() for name, a in arrays.items()}
+        return {n: a if isinstance(a, Picked) or n in PER_ROW else a.copy() for n, a in arrays.items()}
 
     def _example_arrays(self) -> dict[str, np.ndarray]:
         """What a store file keeps per example (new arrays: a snapshot needs no copy of them)."""
@@ -309,8 +331,8 @@ class KnnStore:
         array is checked before anything is allocated). A ``settings.storage`` other than the
         file's converts the rows."""
         arrays, matrix = storefile.read(Path(path), model_id, with_room, dim)
-        if settings.storage is None:
-            settings = dataclasses.replace(settings, storage=str(arrays["storage"]))
+        storage = storage_for(settings, str(arrays["storage"]), arrays["rows"])
+        settings = dataclasses.replace(settings, storage=storage)
         store = cls(arrays["rows"].shape[1], model_id, settings)
         store.classes = [str(c) for c in arrays["classes"]]
         store._rows = Rows.load(arrays, matrix, store.storage)
@@ -343,8 +365,8 @@ class Lent:
     storage: str
     classes: list[str]
     examples: list[ExampleInfo]  # in id order
-    rows: dict[str, np.ndarray]  # Rows.arrays(): rows, scale, labels, example
-    order: np.ndarray  # the stored rows' indices, grouped by example in id order
+    rows: dict[str, np.ndarray]  # Rows.lend(): rows, scale, labels, example (dead rows too)
+    order: np.ndarray  # the live rows' indices in them, grouped by example in id order
     starts: np.ndarray
     counts: np.ndarray
     pictures: storepictures.PictureLoan
@@ -353,8 +375,8 @@ class Lent:
 
 def lend(store: KnnStore) -> Lent:
     """``store``'s examples for an export (on the loop thread: a few ms at 3 000 examples)."""
-    token, arrays = store._rows.lend()
-    order = np.argsort(arrays["example"], kind="stable")
+    token, arrays, live = store._rows.lend()
+    order = live[np.argsort(arrays["example"][live], kind="stable")]
     _, starts, counts = np.unique(arrays["example"][order], return_index=True, return_counts=True)
     pictures = store._pictures.lend()
     examples = store.examples()
@@ -384,5 +406,7 @@ def picture_keys(store: KnnStore) -> dict[int, tuple[int, int] | None]:
 
 
 def reserve(store: KnnStore, rows: int) -> None:
-    """Room for ``rows`` more rows in one allocation (an import: not a copy of the matrix per growth)."""
-    store._rows._grow(len(store) + rows)
+    """Room for ``rows`` more rows in one allocation (an import: not a copy of the matrix per growth);
+    none when they fit after the rows already there (dead ones included: no copy to drop those)."""
+    if store._rows.n + rows > len(store._rows.matrix):
+        store._rows._grow(len(store) + rows)

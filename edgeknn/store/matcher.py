@@ -22,11 +22,13 @@ from typing import Protocol
 import numpy as np
 
 from edgeknn.store.examples import ExampleBook
-from edgeknn.store.head import VIEW_RULES, Head, fit_sample
+from edgeknn.store.head import VIEW_RULES, Head, fit_sample, remapped
 from edgeknn.store.names import UNKNOWN
 from edgeknn.store.refit import Refitter
 from edgeknn.store.rows import Rows
 from edgeknn.store.scan import ExampleIndex, Space
+
+_FIT_HERE = 256  # rows: a first fit on at most this many runs on the classifying thread (milliseconds)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class Matcher:
         self._fits_here = 0  # fits on the calling thread: one during a refit makes the refit's result old
         self._refit_after = 0  # ``_fits_here`` when the running refit started
         self._fitted_for: tuple[str, ...] = ()  # the classes (their slots) the head was fitted for
+        self._refit_for: tuple[str, ...] = ()  # and those the running refit fits
+        self._cold = False  # the classes changed since the last fit: the next refit starts afresh
 
     @property
     def rule(self) -> str:
@@ -92,8 +96,12 @@ class Matcher:
             nearest = np.argpartition(every, n - k)[n - k :]
             nearest = nearest[np.argsort(-every[nearest], kind="stable")]
             sims = every[nearest]
-        labels = rows.label[nearest]
-        probs, best = self.head.answer(vector, labels, len(classes))
+        labels = rows.labels[nearest]
+        if self.head.fitted is None and self.rule in VIEW_RULES:  # its first fit runs beside the loop
+            votes = np.bincount(labels, minlength=len(classes)).astype(np.float32)
+            probs, best = votes / votes.sum(), int(np.argmax(votes))  # the nearest examples vote meanwhile
+        else:
+            probs, best = self.head.answer(vector, labels, len(classes))
         scores = {name: float(p) for name, p in zip(classes, probs, strict=True) if examples.get(name)}
         # the view rules: the mean over the k nearest examples (a lone near-duplicate counts less)
         similarity = float(sims.mean() if self.rule in VIEW_RULES else sims[0])
@@ -139,26 +147,41 @@ class Matcher:
             if self.head.stale:
                 self.fit(rows, classes)
             return
+        now = tuple(classes)
         fit = self.refitter.take()
         if fit is not None and self._refit_after == self._fits_here:
-            self.head.fitted = fit
-        # else: the classes changed during the refit (a fit here since): the fit here is newer
+            self.head.fitted, self._fitted_for = remapped(fit, self._refit_for, now), now
+        # else: a fit here since (a failed refit's, ``fit``): the fit here is newer
         fitted = self.head.fitted
-        if fitted is None or self._fitted_for != tuple(classes):
+        if fitted is not None and self._fitted_for != now:  # classes added or removed: columns by name
+            fitted = remapped(fitted, self._fitted_for, now)
+            self.head.fitted, self._fitted_for, self._cold = fitted, now, True
             self.head.stale = True
-            self.fit(rows, classes)  # a first fit, or classes added, removed or renamed: on this thread
+        if fitted is not None and not fitted.present.any():
+            self.head.fitted = fitted = None  # no class it knows has examples (an import that replaced them)
+        if fitted is None and len(rows) <= _FIT_HERE:
+            self.head.stale = True
+            self.fit(rows, classes)  # a first fit on a few rows: milliseconds, on this thread
             return
         present = np.bincount(rows.labels, minlength=len(classes)) > 0
-        if not np.array_equal(fitted.present, fitted.present & present):  # a class left without examples
+        if fitted is not None and not np.array_equal(fitted.present, fitted.present & present):
             self.head.fitted = fitted = dataclasses.replace(fitted, present=fitted.present & present)
-        if self.head.stale and len(rows) and not self.refitter.running:
+        if (self.head.stale or fitted is None) and len(rows) and not self.refitter.running:
             index = fit_sample(rows.labels, rows.examples, len(classes))
             center = self.head.center.copy() if self.head.seen else None
             labels = rows.labels[index].copy()
-            self.refitter.start(self.rule, center, fitted, rows.get(index), labels, present)
-            self._refit_after = self._fits_here
+            start = None if self._cold else fitted  # new classes: a fit from scratch (as many steps)
+            self.refitter.start(self.rule, center, start, rows.get(index), labels, present)
+            self._refit_after, self._refit_for, self._cold = self._fits_here, now, False
             self.head.stale = False  # a change from now on schedules one more
-        self.index.sync(len(rows), rows.examples, rows.get, Space(True, fitted.center))
+        self.index.sync(
+            len(rows), rows.examples, rows.get, Space(True, None if fitted is None else fitted.center)
+        )
+
+    def renamed(self, old: str, new: str) -> None:
+        """Class ``old`` is called ``new`` now: the fits keep its column."""
+        self._fitted_for = tuple(new if c == old else c for c in self._fitted_for)
+        self._refit_for = tuple(new if c == old else c for c in self._refit_for)
 
     def fit(self, rows: Rows, classes: list[str]) -> None:
         """Fit the rule's head now if it is due (else the next classify does it).

@@ -11,8 +11,10 @@ more starts when this one is in (changes coalesce).
 What a prediction uses meanwhile: the index (``scan.py``) and the rows are current at once (a
 deleted example's rows are gone: it is never a neighbour and never decides the unknown answer),
 and a class left without examples can never win; only the head's weights are those of the rows
-before the change, until the new fit is swapped in. A change in the number of classes (adding or
-removing one) is fitted on the loop as before: the previous weights do not fit the new classes.
+before the change, until the new fit is swapped in. When classes were added, removed or renamed,
+the weights follow the classes by name (``head.remapped``: a new class has none and cannot win
+until the refit, from scratch, is in). With no fit at all and many rows (an import into an empty
+store) the nearest examples vote until the first fit, beside the loop too, is in.
 """
 
 from __future__ import annotations
