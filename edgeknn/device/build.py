@@ -309,6 +309,7 @@ def fleet_output(cfg: config.Config, daemon: Daemon) -> Output:
         dim=daemon.store.dim,
         embedder=lambda: Embedder(model_path, threads=1),
         folder=folder,
+        settings=cfg.store.settings(),
     )
     teaching = (
         AddExample,

@@ -26,7 +26,7 @@ import math
 import os
 import stat
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -85,7 +85,7 @@ class _Damaged(Exception):
     """What is inconsistent in a store file (``read`` adds the path and raises ``StoreError``)."""
 
 
-def write(path: Path, arrays: dict[str, np.ndarray], pictures: dict[int, bytes] | None = None) -> None:
+def write(path: Path, arrays: dict[str, np.ndarray], pictures: Mapping[int, bytes] | None = None) -> None:
     """Write a store's ``CONTENTS`` atomically: a temporary file beside ``path``, fsync, rename,
     fsync the folder; then remove the temporary files of writers killed mid-save.
 

@@ -12,6 +12,7 @@ model only by its identity string, and refuses a file written for another model.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,12 +195,12 @@ class KnnStore:
     def has_picture(self, example_id: int) -> bool:
         return example_id in self._pictures
 
-    def pictures_to_write(self, path: Path) -> dict[int, bytes]:
+    def pictures_to_write(self, path: Path) -> Mapping[int, bytes]:
         """The pictures a save to ``path`` must write: those not yet saved, or all of them when the
         store's pictures live elsewhere (a save to another file copies them)."""
         return self._pictures.to_write(path)
 
-    def pictures_saved(self, path: Path, written: dict[int, bytes]) -> None:
+    def pictures_saved(self, path: Path, written: Mapping[int, bytes]) -> None:
         """A save to ``path`` wrote ``written`` (``pictures_to_write``): they are read from there now."""
         self._pictures.saved(path, written)
 
@@ -386,3 +387,25 @@ def picture_keys(store: KnnStore) -> dict[int, tuple[int, int] | None]:
 def reserve(store: KnnStore, rows: int) -> None:
     """Room for ``rows`` more rows in one allocation (an import: not a copy of the matrix per growth)."""
     store._rows._grow(len(store) + rows)
+
+
+def staged(dim: int, model_id: str, settings: StoreSettings, parent: Path) -> KnnStore:
+    """An empty store whose pictures go to a new staging folder in ``parent`` as they are added (never
+    kept in memory): one built beside the live store (``staged.py``), then ``swap_in``."""
+    store = KnnStore(dim, model_id, settings)
+    store._pictures = Pictures.staged(parent)
+    return store
+
+
+def swap_in(store: KnnStore, built: KnnStore) -> int:
+    """Make ``built``'s classes, examples, rows and pictures ``store``'s, in O(1) on the loop (``built``,
+    of the same model, width and storage, was filled beside it: ``staged.py``; it is used up). A save or an
+    export in flight keeps what it reads: the old arrays are let go, never changed. Ids keep growing past
+    the old ones. Returns how many examples ``store`` had."""
+    removed = sum(store.counts().values())
+    built._book.next_id = max(built._book.next_id, store._book.next_id)
+    store.classes, store._examples = list(built.classes), dict(built._examples)
+    store._rows, store._book, store._pictures = built._rows, built._book, built._pictures
+    store._head.stale = True
+    store._index.clear()
+    return removed
