@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeknn.commands import Command, ImportExamples, Result
+from edgeknn.commands import Claim, Command, ImportExamples, Result
 from edgeknn.fleet import pack
 from edgeknn.fleet.client import FleetClient
 from edgeknn.jpeg import PictureError, decode
@@ -200,21 +200,21 @@ class Follower(Output):
             reembed=self._reembedder(), max_examples=archive.MAX_EXAMPLES,
         )  # fmt: skip
         assembly.close()  # the pack's temporary file is not needed any more
-        done, box = threading.Event(), {}
+        done, box, claim = threading.Event(), {}, Claim()
 
         def reply(result: Result) -> None:
             box["result"] = result
             done.set()
 
-        command = ImportExamples(export=built, mode="replace", source="fleet", reply=reply)
-        del built  # the command holds it: the loop lets it go once swapped in or refused
-        self._submit(command)
-        if not done.wait(APPLY_WAIT_S):
-            if command.claim.abandon():  # the loop never started it: it never will
-                raise RuntimeError("the loop did not apply it in time")
-            done.wait()  # the loop is applying it: its answer comes
+        self._submit(ImportExamples(export=built, mode="replace", source="fleet", reply=reply, claim=claim))
+        if not done.wait(APPLY_WAIT_S) and claim.abandon():  # the loop never started it: it never will
+            built.discard()
+            raise RuntimeError("the loop did not apply it in time")
+        if not done.wait(APPLY_WAIT_S):  # the loop took it: its answer comes, unless it is stuck
+            raise RuntimeError("the loop took it and gave no answer")
         result: Result = box["result"]
         if not result.ok:
+            built.discard()
             raise RuntimeError(result.error)
         self.loaded, self.last_error = manifest.sha256, ""
         self._write_loaded(manifest)

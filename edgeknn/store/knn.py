@@ -397,6 +397,11 @@ def staged(dim: int, model_id: str, settings: StoreSettings, parent: Path) -> Kn
     return store
 
 
+def discard(store: KnnStore) -> None:
+    """A store built beside (``staged``) that will not be swapped in: its staging folder goes now."""
+    store._pictures.discard()
+
+
 def swap_in(store: KnnStore, built: KnnStore) -> int:
     """Make ``built``'s classes, examples, rows and pictures ``store``'s, in O(1) on the loop (``built``,
     of the same model, width and storage, was filled beside it: ``staged.py``; it is used up). A save or an

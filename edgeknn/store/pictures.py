@@ -129,7 +129,8 @@ class Staging:
     def __init__(self, parent: Path):
         parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=self.PREFIX, suffix=".pictures", dir=parent))
-        weakref.finalize(self, _remove_later, self.path).atexit = False
+        self.remove = weakref.finalize(self, _remove_later, self.path)  # call it: removed now (once)
+        self.remove.atexit = False
 
     @classmethod
     def sweep(cls, parent: Path) -> None:
@@ -186,6 +187,11 @@ class Pictures:
         pictures = cls(staging.path)
         pictures._staging = staging
         return pictures
+
+    def discard(self) -> None:
+        """These pictures will never be saved (a store built beside, refused): the staging folder goes."""
+        if self._staging is not None:
+            self._staging.remove()
 
     def put_file(self, example_id: int, data: bytes) -> None:
         """Write ``data`` (``check``ed) as the picture of ``example_id`` into the staging folder (no

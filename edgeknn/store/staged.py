@@ -23,7 +23,7 @@ import numpy as np
 
 from edgeknn.store import archive
 from edgeknn.store.archive import ArchiveError
-from edgeknn.store.knn import KnnStore, StoreSettings, reserve, staged, swap_in
+from edgeknn.store.knn import KnnStore, StoreSettings, discard, reserve, staged, swap_in
 
 
 @dataclass
@@ -34,6 +34,10 @@ class Built:
     store: KnnStore
     examples: int
     reembedded: bool
+
+    def discard(self) -> None:
+        """It will not be swapped in (refused, given up): its staging folder goes now."""
+        discard(self.store)
 
 
 def build(
@@ -72,17 +76,21 @@ def build(
     ids = [e.id for e in m.examples]
     keep_ids = ids == sorted(ids)
     store = staged(dim, model_id, settings, staging)
-    for name in m.classes:
-        store.add_class(name)
-    reserve(store, sum(e.views for e in m.examples))
-    for example in reader.examples():
-        entry = example.entry
-        rows = reembed(example.picture or b"") if other and reembed else example.vectors()
-        try:
-            store.add(entry.class_name, rows, example.picture, example_id=entry.id if keep_ids else None,
-                      added=entry.added)  # fmt: skip
-        except ValueError as e:
-            raise ArchiveError(f"example {entry.id}: {e}") from None
+    try:
+        for name in m.classes:
+            store.add_class(name)
+        reserve(store, sum(e.views for e in m.examples))
+        for example in reader.examples():
+            entry = example.entry
+            rows = reembed(example.picture or b"") if other and reembed else example.vectors()
+            try:
+                store.add(entry.class_name, rows, example.picture, example_id=entry.id if keep_ids else None,
+                          added=entry.added)  # fmt: skip
+            except ValueError as e:
+                raise ArchiveError(f"example {entry.id}: {e}") from None
+    except BaseException:
+        discard(store)  # its pictures so far: now, not when the collector gets to it
+        raise
     return Built(store, len(m.examples), other)
 
 
