@@ -24,7 +24,7 @@ from edgeknn.store.examples import ExampleBook, ExampleInfo
 from edgeknn.store.head import DEFAULT_RULE, RULES
 from edgeknn.store.matcher import Matcher, Prediction
 from edgeknn.store.pictures import Pictures
-from edgeknn.store.rows import PER_ROW, Rows, with_room
+from edgeknn.store.rows import PER_ROW, Block, Rows, with_room
 
 STORAGES = ("float32", "uint8")
 
@@ -389,28 +389,24 @@ def reserve(store: KnnStore, rows: int) -> None:
     store._rows._grow(len(store) + rows)
 
 
-def staged(dim: int, model_id: str, settings: StoreSettings, parent: Path) -> KnnStore:
-    """An empty store whose pictures go to a new staging folder in ``parent`` as they are added (never
-    kept in memory): one built beside the live store (``staged.py``), then ``swap_in``."""
-    store = KnnStore(dim, model_id, settings)
-    store._pictures = Pictures.staged(parent)
-    return store
-
-
-def discard(store: KnnStore) -> None:
-    """A store built beside (``staged``) that will not be swapped in: its staging folder goes now."""
-    store._pictures.discard()
-
-
-def swap_in(store: KnnStore, built: KnnStore) -> int:
-    """Make ``built``'s classes, examples, rows and pictures ``store``'s, in O(1) on the loop (``built``,
-    of the same model, width and storage, was filled beside it: ``staged.py``; it is used up). A save or an
-    export in flight keeps what it reads: the old arrays are let go, never changed. Ids keep growing past
-    the old ones. Returns how many examples ``store`` had."""
+def swap_in(
+    store: KnnStore,
+    classes: list[str],
+    counts: dict[str, int],
+    book: ExampleBook,
+    pictures: Pictures,
+    blocks: list[Block],
+) -> int:
+    """Make these ``classes`` (their examples per class), examples' ids and times, pictures and rows
+    (``blocks``, used up) ``store``'s, on the loop, in one step (``staged.py`` gathered and checked them
+    beside it: nothing here can fail half way). The rows are copied into the stored matrix in place
+    (``Rows.refill``); a save or an export in flight keeps what it reads. Ids keep growing past the old
+    ones. Returns how many examples ``store`` had."""
     removed = sum(store.counts().values())
-    built._book.next_id = max(built._book.next_id, store._book.next_id)
-    store.classes, store._examples = list(built.classes), dict(built._examples)
-    store._rows, store._book, store._pictures = built._rows, built._book, built._pictures
+    book.next_id = max(book.next_id, store._book.next_id)
+    store._rows.refill(blocks)
+    store.classes, store._examples = list(classes), {name: n for name, n in counts.items() if n}
+    store._book, store._pictures = book, pictures
     store._head.stale = True
     store._index.clear()
     return removed
