@@ -112,3 +112,47 @@ def test_a_follower_never_holds_the_pack_or_its_pictures_in_memory_and_refuses_a
     finally:
         raw.loop_stop()
         follower.stop()
+
+
+def small_archive(model_id: str, seed: int, examples: int) -> tuple[bytes, list[bytes]]:
+    store = KnnStore(8, model_id, StoreSettings(capacity=50))
+    pictures = [noisy_jpeg(seed * 100 + i)[:3000] + b"\xff\xd9" for i in range(examples)]
+    rng = np.random.default_rng(seed)
+    for i in range(examples):
+        store.add(CLASSES[i % 2], np.abs(rng.standard_normal((6, 8), dtype=np.float32)), pictures[i])
+    out = io.BytesIO()
+    exchange.export_store(store, out, "float16")
+    return out.getvalue(), pictures
+
+
+def test_a_swap_leaves_an_export_in_flight_what_it_reads_and_a_save_takes_the_staged_pictures(tmp_path):
+    from edgeknn.store import knn, staged
+
+    live = KnnStore(8, "m" * 64, StoreSettings(capacity=50))
+    old, _ = small_archive("m" * 64, 1, 3)
+    exchange.apply(live, exchange.read_import(io.BytesIO(old)), "replace")
+    live.save(tmp_path / "store.npz")
+    before = io.BytesIO()
+    exchange.export_store(live, before)
+    lent = knn.lend(live)  # a download of the examples, under way
+    lent_rows = lent.rows["rows"].copy()
+    staging = lambda: sorted(tmp_path.glob("incoming-*"))  # noqa: E731
+    for seed in (2, 3):  # two packs in a row, the first never saved: its staging folder goes all the same
+        new, pictures = small_archive("m" * 64, seed, 5)
+        built = staged.build(io.BytesIO(new), "m" * 64, 8, StoreSettings(capacity=50), tmp_path)
+        exchange.apply(live, built, "replace")
+        del built
+        assert live.counts() == {"1": 3, "2": 2} and live.picture(4) == pictures[4]  # read from staging
+    assert wait_for(lambda: len(staging()) == 1, 10), staging()
+    assert np.array_equal(lent.rows["rows"], lent_rows)  # the export still reads the old rows, unchanged
+    out = io.BytesIO()
+    exchange.write_lent(out, lent)
+    knn.give_back(live, lent)
+    assert out.getvalue() == before.getvalue()  # the old examples, pictures and all
+    live.save(tmp_path / "store.npz")
+    assert wait_for(lambda: not staging(), 10), staging()  # copied beside the store file, then gone
+    again = KnnStore.load(tmp_path / "store.npz", "m" * 64)
+    assert [again.picture(i) for i in range(5)] == pictures
+    assert sorted(p.name for p in (tmp_path / "store.npz.pictures").iterdir()) == [
+        f"{i}.jpg" for i in range(5)
+    ]
