@@ -11,8 +11,9 @@
    comparison is per photo.
 2. On the leader: a class renamed, a class removed, an example deleted: the time until every follower has it.
 3. A pack of ``--examples`` examples (6 views each, a real JPEG each) published by an ``edgeknn run``
-   leader and loaded by an ``edgeknn run`` follower: VmHWM before and after on both sides, the time to publish
-   and to load, the broker's retained bytes under <base>/fleet/#.
+   leader and loaded by an ``edgeknn run`` follower (its ``store.storage``: ``--storage``): VmHWM before and
+   after on both sides, the time to publish and to load, the broker's retained bytes under <base>/fleet/#;
+   then a second pack (a class renamed on the leader) loaded by the follower that holds the first: VmHWM.
 4. The broker killed (SIGKILL) during a publish of that pack, then started again on the same port; the leader
    process killed mid-pack: does the follower keep its last good pack, does anything crash, does the new
    pack arrive once the broker is back.
@@ -388,7 +389,9 @@ def big_store(path: Path, examples: int, photos: str) -> str:
     return f"{np.mean([len(p) for p in pictures]) / 1024:.1f} KiB per picture"
 
 
-def run_config(root: Path, name: str, port: int, store: Path, examples: int, **fleet) -> Path:
+def run_config(
+    root: Path, name: str, port: int, store: Path, examples: int, storage: str = "float32", **fleet
+) -> Path:
     fleet_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in fleet.items())
     text = f"""
 classes = {json.dumps(CLASSES)}
@@ -399,6 +402,7 @@ threads = 1
 [store]
 path = "{store}"
 capacity = {examples}
+storage = "{storage}"
 autosave_s = 5.0
 [camera]
 source = "replay:{DIGITS / "1"}?fps=2&loop=1"
@@ -475,7 +479,7 @@ def command(port: int, device: str, name: str, body: dict) -> None:
     client.loop_stop()
 
 
-def items_3_4(root: Path, examples: int, parts: set[int], photos: str) -> None:
+def items_3_4(root: Path, examples: int, parts: set[int], photos: str, storage: str) -> None:
     t = time.monotonic()
     store = root / "big.npz"
     about = big_store(store, examples, photos)
@@ -488,8 +492,12 @@ def items_3_4(root: Path, examples: int, parts: set[int], photos: str) -> None:
     broker = Broker(root / "broker34", persistence=True)  # not started yet: both processes settle without it
     leader_cfg = run_config(root, "bigleader", broker.port, store, examples, publish=True, debounce_s=1.0)
     follower_cfg = run_config(
-        root, "bigfollower", broker.port, root / "follower.npz", examples, follow="bigleader"
+        root, "bigfollower", broker.port, root / "follower.npz", examples, storage, follow="bigleader"
     )
+    rows = np.load(store)["rows"]
+    per_row = rows.shape[1] * 4 if storage == "float32" else rows.shape[1] + 4
+    row("3", f"the follower's store rows once loaded ({storage})", f"{len(rows) * per_row / 1e6:.1f} MB")
+    del rows
     leader = Process("bigleader", leader_cfg, root)
     follower = Process("bigfollower", follower_cfg, root)
     procs = [leader, follower]
@@ -567,6 +575,22 @@ def items_3_4(root: Path, examples: int, parts: set[int], photos: str) -> None:
             "3",
             "follower's counts (its retained state)",
             json.dumps(good) if good else f"state: {str(state)[:200]}",
+        )
+        # a second pack while the follower holds the first (it keeps predicting with it meanwhile)
+        mark = time.monotonic()
+        command(broker.port, "bigleader", "rename_class", {"class": "1", "new_name": "one"})
+        again = follower.when(r"fleet: loaded pack", mark, 600)
+        wait_for(
+            lambda: "one" in ((follower_counts(broker.port, "bigfollower") or {}).get("counts") or {}), 120
+        )
+        time.sleep(8)  # its autosave (5 s) copies the pictures
+        second = vmhwm(follower.proc.pid)
+        row(
+            "3",
+            "VmHWM bigfollower, a second pack loaded while it holds the first",
+            f"{after['bigfollower']:.0f} -> {second:.0f} MB (+{second - after['bigfollower']:.0f} MB)"
+            if again
+            else "NOT loaded within 600 s",
         )
         if 4 not in parts:
             return
@@ -715,6 +739,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=3, help="every n-th photo of each class is replayed")
     parser.add_argument("--examples", type=int, default=3000)
     parser.add_argument("--pictures", choices=("photos", "digits"), default="photos")
+    parser.add_argument("--storage", choices=("float32", "uint8"), default="float32", help="the follower's")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (the processes' logs)")
     args = parser.parse_args()
     parts = {int(p) for p in args.parts.split(",")}
@@ -726,7 +751,7 @@ def main() -> None:
             items_1_2(root / "a", args.every, parts)
         if parts & {3, 4}:
             (root / "b").mkdir()
-            items_3_4(root / "b", args.examples, parts, args.pictures)
+            items_3_4(root / "b", args.examples, parts, args.pictures, args.storage)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

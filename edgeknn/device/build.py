@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -312,6 +313,8 @@ def fleet_output(cfg: config.Config, daemon: Daemon) -> Output:
         dim=daemon.store.dim,
         embedder=lambda: Embedder(model_path, threads=1),
         folder=folder,
+        # the live store's storage ("auto" resolved): the pack's rows are gathered as it keeps them
+        settings=dataclasses.replace(cfg.store.settings(), storage=daemon.store.storage),
     )
     teaching = (
         AddExample,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from edgeknn.store import file as storefile
@@ -50,7 +50,7 @@ class _Write:
         self,
         path: Path,
         arrays: storefile.Arrays,
-        pictures: dict[int, bytes],
+        pictures: Mapping[int, bytes],
         generation: int,
         examples: int,
     ):

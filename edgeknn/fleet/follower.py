@@ -3,17 +3,17 @@ version, so this device recognises the same classes, in the same slots (its own 
 them as on the leader).
 
 The chunks go to a temporary file as they arrive (never the whole pack in memory), each checked against
-the manifest; a complete pack is read and checked off the loop, re-embedded from its pictures on this
-output's thread when the leader's model is not this device's (the device keeps predicting with what it
-has meanwhile), then applied by the loop in one command (``ImportExamples``, mode ``replace``: all or
-nothing). Anything wrong — a damaged or half-published pack, a bad HMAC, a pack too big, rows of another
-width without pictures — refuses the whole pack with one line, and the last good one stays. A leader that
-disappears leaves the follower with what it has (saved like any store).
+the manifest; a complete pack is streamed off the loop, on this output's thread, into a store built beside
+the live one (``store/staged.py``: one example in memory at a time, the pictures into a staging folder),
+re-embedded from its pictures when the leader's model is not this device's (the device keeps predicting
+with what it has meanwhile), then swapped in by the loop in one command (``ImportExamples``, mode
+``replace``: all or nothing). Anything wrong — a damaged or half-published pack, a bad HMAC, a pack too
+big, rows of another width without pictures — refuses the whole pack with one line, and the last good
+one stays. A leader that disappears leaves the follower with what it has (saved like any store).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -25,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeknn.commands import Command, ImportExamples, Result
+from edgeknn.commands import Claim, Command, ImportExamples, Result
 from edgeknn.fleet import pack
 from edgeknn.fleet.client import FleetClient
 from edgeknn.jpeg import PictureError, decode
 from edgeknn.outputs import Output
-from edgeknn.store import archive, exchange
+from edgeknn.store import archive, staged
+from edgeknn.store.knn import StoreSettings
+from edgeknn.store.pictures import Staging
 from edgeknn.throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,9 @@ class Follower(Output):
 
     def __init__(self, client: FleetClient, submit: Callable[[Command], None], *, leader: str,
                  leader_base: str, key: str, max_bytes: int, model_id: str, dim: int,
-                 embedder: Callable[[], object], folder: Path):  # fmt: skip
+                 embedder: Callable[[], object], folder: Path, settings: StoreSettings):  # fmt: skip
         self.client, self._submit, self.leader, self._key = client, submit, leader, key
+        self._settings = settings  # the store's: the pack's store is built beside it with them
         self._leader_base, self._max_bytes, self._folder = leader_base, max_bytes, folder
         self._model_id, self._dim, self._make_embedder = model_id, dim, embedder
         self._state_file = folder / "fleet-follow.json"
@@ -63,6 +66,7 @@ class Follower(Output):
     # --- Output ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        Staging.sweep(self._folder)  # what a killed process left
         self.client.subscribe(f"{self._leader_base}/fleet/manifest", self._on_manifest)
         self.client.subscribe(f"{self._leader_base}/fleet/online", self._on_leader_online)
         self.client.start()
@@ -191,20 +195,26 @@ class Follower(Output):
 
     def _load(self, assembly: pack.Assembly) -> None:
         manifest = assembly.manifest
-        bundle = exchange.read_import(assembly.file(), max_examples=archive.MAX_EXAMPLES)
-        if bundle.manifest.model_id != self._model_id or bundle.manifest.dim != self._dim:
-            bundle = self._reembedded(bundle)
-        done, box = threading.Event(), {}
+        built = staged.build(
+            assembly.file(), self._model_id, self._dim, self._settings, self._folder,
+            reembed=self._reembedder(), max_examples=archive.MAX_EXAMPLES,
+        )  # fmt: skip
+        assembly.close()  # the pack's temporary file is not needed any more
+        done, box, claim = threading.Event(), {}, Claim()
 
         def reply(result: Result) -> None:
             box["result"] = result
             done.set()
 
-        self._submit(ImportExamples(export=bundle, mode="replace", source="fleet", reply=reply))
-        if not done.wait(APPLY_WAIT_S):
+        self._submit(ImportExamples(export=built, mode="replace", source="fleet", reply=reply, claim=claim))
+        if not done.wait(APPLY_WAIT_S) and claim.abandon():  # the loop never started it: it never will
+            built.discard()
             raise RuntimeError("the loop did not apply it in time")
+        if not done.wait(APPLY_WAIT_S):  # the loop took it: its answer comes, unless it is stuck
+            raise RuntimeError("the loop took it and gave no answer")
         result: Result = box["result"]
         if not result.ok:
+            built.discard()
             raise RuntimeError(result.error)
         self.loaded, self.last_error = manifest.sha256, ""
         self._write_loaded(manifest)
@@ -217,35 +227,22 @@ class Follower(Output):
             "fleet: loaded pack %s of %s: %s", manifest.version, self.leader, result.detail.get("classes")
         )
 
-    def _reembedded(self, bundle: exchange.Bundle) -> exchange.Bundle:
-        """The bundle's examples embedded by this device's model from their pictures."""
-        missing = [e.entry.id for e in bundle.examples if e.picture is None]
-        if missing:
-            raise pack.PackError(
-                f"made with another model ({bundle.manifest.dim} values per row) and {len(missing)} "
-                "examples have no picture to re-embed: refused"
-            )
-        embedder = self._make_embedder()
-        log.info("fleet: re-embedding %d examples of %s's pack for this device's model", len(bundle.examples),
-                 self.leader)  # fmt: skip
-        examples = []
-        for e in bundle.examples:
+    def _reembedder(self) -> Callable[[bytes], np.ndarray]:
+        """Rows of a pack's picture by this device's model (for a leader on another model), its embedder
+        made at the first picture."""
+        embedder: list[object] = []
+
+        def rows(picture: bytes) -> np.ndarray:
+            if not embedder:
+                log.info("fleet: re-embedding the examples of %s's pack for this device's model", self.leader)
+                embedder.append(self._make_embedder())
             try:
-                image = decode(e.picture or b"")
+                image = decode(picture)
             except PictureError as error:
-                raise pack.PackError(f"example {e.entry.id}: {error}") from None
-            rows = np.asarray(embedder.embed_views(image), dtype=np.float32)  # type: ignore[attr-defined]
-            entry = dataclasses.replace(e.entry, views=len(rows))
-            examples.append(archive.Example(entry, rows, None, e.picture))
-        manifest = dataclasses.replace(
-            bundle.manifest,
-            model_id=self._model_id,
-            dim=self._dim,
-            dtype="float32",
-            examples=[e.entry for e in examples],
-        )
-        nonnegative = all(bool((e.values >= 0).all()) for e in examples)
-        return exchange.Bundle(manifest, examples, nonnegative)
+                raise pack.PackError(f"a picture: {error}") from None
+            return np.asarray(embedder[0].embed_views(image), dtype=np.float32)  # type: ignore[attr-defined]
+
+        return rows
 
     def _refuse(self, why: str) -> None:
         self.last_error = f"fleet: {why}; keeping the last good pack"

@@ -19,7 +19,8 @@ The writer (``write``) is deterministic (times and owners of the tar headers are
 make the same bytes. The reader (``Reader``) checks as it reads and raises ``ArchiveError`` (one line
 naming the culprit) on the first problem: any other member or member type, a member out of order or of
 the wrong size, a picture that is not the JPEG the manifest describes, rows that are not finite, a
-truncated archive, more than its caps. Whoever applies an archive reads it whole first: all or nothing.
+truncated archive, more than its caps. Whoever applies an archive reads it whole first (a fleet's pack:
+gathered beside the store, ``staged.py``): all or nothing.
 """
 
 from __future__ import annotations

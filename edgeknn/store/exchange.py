@@ -15,8 +15,9 @@ A fleet's pack (issue 25) is the same: the ``LendExamples`` command lends the st
 ``archive.size(manifest_of(lent, dtype))`` is the pack's exact size before a byte is written (how many
 chunks); ``write_lent(sink, lent, dtype)`` on another thread writes it into any ``archive.Sink`` (one
 that publishes fixed-size chunks), ``float16`` rows for half the bytes; then ``give_back``. A follower
-writes the chunks in order to a temporary file, ``read_import``s it off the loop and sends
-``ImportExamples(export=bundle, mode=...)``: the same checks and the same answers as the page's upload.
+writes the chunks to a temporary file, streams it into a store built beside the live one
+(``staged.build``: the same checks as the page's upload, one example in memory at a time) and sends
+``ImportExamples(export=built, mode="replace")``, which ``apply`` swaps in.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from edgeknn.store import archive
+from edgeknn.store import archive, staged
 from edgeknn.store.archive import ArchiveError, Entry, Manifest
 from edgeknn.store.knn import KnnStore, Lent, next_example_id, picture_keys, reserve
 
@@ -183,10 +184,15 @@ def _keyed(store: KnnStore):
         yield info, keys.get(info.id)
 
 
-def apply(store: KnnStore, bundle: Bundle, mode: str) -> dict:
+def apply(store: KnnStore, bundle: Bundle | staged.Built, mode: str) -> dict:
     """Import ``bundle`` into ``store`` (``plan`` first: ValueError changes nothing); the reply's detail:
     mode, added, skipped (already there), removed (replace: the store's examples that went), classes.
-    The bundle is used up: its examples are let go as they are stored, so memory holds each once."""
+    The bundle is used up: its examples are let go as they are stored, so memory holds each once.
+    A store built beside (``staged.Built``, mode ``replace`` only) is swapped in instead."""
+    if isinstance(bundle, staged.Built):
+        if mode != "replace":
+            raise ValueError(f"a store built beside replaces, it does not {str(mode)[:20]}")
+        return staged.apply(store, bundle)
     p = plan(store, bundle, mode)
     adding, p.adding = p.adding[::-1], []  # the bundle is used up: each example goes once it is stored
     bundle.examples.clear()

@@ -88,7 +88,7 @@ class _Damaged(Exception):
     """What is inconsistent in a store file (``read`` adds the path and raises ``StoreError``)."""
 
 
-def write(path: Path, arrays: Arrays, pictures: dict[int, bytes] | None = None) -> None:
+def write(path: Path, arrays: Arrays, pictures: Mapping[int, bytes] | None = None) -> None:
     """Write a store's ``CONTENTS`` atomically: a temporary file beside ``path``, fsync, rename,
     fsync the folder; then remove the temporary files of writers killed mid-save.
 

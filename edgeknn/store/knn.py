@@ -12,6 +12,7 @@ model only by its identity string, and refuses a file written for another model.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from edgeknn.store.examples import ExampleBook, ExampleInfo
 from edgeknn.store.head import DEFAULT_RULE, RULES
 from edgeknn.store.matcher import Matcher, Prediction
 from edgeknn.store.pictures import Pictures
-from edgeknn.store.rows import PER_ROW, Picked, Rows, with_room
+from edgeknn.store.rows import PER_ROW, Block, Picked, Rows, with_room
 
 STORAGES = ("float32", "uint8")
 AUTO = "auto"  # the storage that loses nothing measurable for the model's embeddings (``storage_for``)
@@ -215,12 +216,12 @@ class KnnStore:
     def has_picture(self, example_id: int) -> bool:
         return example_id in self._pictures
 
-    def pictures_to_write(self, path: Path) -> dict[int, bytes]:
+    def pictures_to_write(self, path: Path) -> Mapping[int, bytes]:
         """The pictures a save to ``path`` must write: those not yet saved, or all of them when the
         store's pictures live elsewhere (a save to another file copies them)."""
         return self._pictures.to_write(path)
 
-    def pictures_saved(self, path: Path, written: dict[int, bytes]) -> None:
+    def pictures_saved(self, path: Path, written: Mapping[int, bytes]) -> None:
         """A save to ``path`` wrote ``written`` (``pictures_to_write``): they are read from there now."""
         self._pictures.saved(path, written)
 
@@ -410,3 +411,26 @@ def reserve(store: KnnStore, rows: int) -> None:
     none when they fit after the rows already there (dead ones included: no copy to drop those)."""
     if store._rows.n + rows > len(store._rows.matrix):
         store._rows._grow(len(store) + rows)
+
+
+def swap_in(
+    store: KnnStore,
+    classes: list[str],
+    counts: dict[str, int],
+    book: ExampleBook,
+    pictures: Pictures,
+    blocks: list[Block],
+) -> int:
+    """Make these ``classes`` (their examples per class), examples' ids and times, pictures and rows
+    (``blocks``, used up) ``store``'s, on the loop, in one step (``staged.py`` gathered and checked them
+    beside it: nothing here can fail half way). The rows are copied into the stored matrix in place
+    (``Rows.refill``); a save or an export in flight keeps what it reads. Ids keep growing past the old
+    ones. Returns how many examples ``store`` had."""
+    removed = sum(store.counts().values())
+    book.next_id = max(book.next_id, store._book.next_id)
+    store._rows.refill(blocks)
+    store.classes, store._examples = list(classes), {name: n for name, n in counts.items() if n}
+    store._book, store._pictures = book, pictures
+    store._head.stale = True
+    store._index.clear()
+    return removed

@@ -8,6 +8,10 @@ longer lists it (``remove_pictures_except``, after the store file).
 The store file keeps each picture's size and CRC-32, so a lost or damaged picture file is noticed (its
 size when the store is loaded, its checksum when it is read) and costs that picture, nothing else.
 ``get`` may be called from another thread (a web page) while the loop adds, drops and saves.
+
+A store built beside the live one (``staged.py``: a fleet's pack) keeps its pictures in a staging folder
+of its own (``Staging``), written as they stream in, never all in memory; the first save copies them one
+at a time (``to_write``'s lazy ``Copy``) and the folder goes once nothing reads from it any more.
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import stat
+import tempfile
 import threading
+import weakref
 import zlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +66,7 @@ def picture_sizes(folder: Path) -> dict[int, int]:
     return sizes
 
 
-def write_pictures(folder: Path, pictures: dict[int, bytes]) -> None:
+def write_pictures(folder: Path, pictures: Mapping[int, bytes]) -> None:
     """Each picture atomically (temporary, fsync, rename), then one fsync of the folder."""
     folder.mkdir(parents=True, exist_ok=True)
     sizes = picture_sizes(folder)
@@ -111,6 +119,55 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class Staging:
+    """A folder of pictures that belongs to no store file (``Pictures.staged``): removed, on a thread of
+    its own, once nothing holds this object any more (the store saved its pictures home, and no save or
+    export in flight reads from it). What a killed process leaves is ``sweep``'s."""
+
+    PREFIX = "incoming-"
+
+    def __init__(self, parent: Path):
+        parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=self.PREFIX, suffix=".pictures", dir=parent))
+        self.remove = weakref.finalize(self, _remove_later, self.path)  # call it: removed now (once)
+        self.remove.atexit = False
+
+    @classmethod
+    def sweep(cls, parent: Path) -> None:
+        """Remove the staging folders in ``parent`` (at start: no store reads from one yet)."""
+        for folder in parent.glob(f"{cls.PREFIX}*.pictures"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_later(path: Path) -> None:
+    threading.Thread(target=shutil.rmtree, args=(path, True), name="edgeknn-staging", daemon=True).start()
+
+
+class Copy(Mapping[int, bytes]):
+    """The pictures a save copies from another folder (a staging one), each read when the save writes it:
+    one picture in memory at a time, not all of them. Holds ``owner`` (and so its staging folder)."""
+
+    def __init__(self, owner: Pictures, ids: list[int]):
+        self.owner, self._ids = owner, ids
+        self._staging = owner._staging
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ids)
+
+    def __getitem__(self, example_id: int) -> bytes:
+        data = self.owner.get(example_id) if example_id in self._ids else None
+        if data is None:
+            raise KeyError(example_id)
+        return data
+
+    def items(self):  # type: ignore[override]
+        """(id, JPEG) of each picture still readable, read one at a time (a lost one is skipped)."""
+        return ((i, data) for i in self._ids if (data := self.owner.get(i)) is not None)
+
+
 class Pictures:
     """(size, crc32) of each example's picture; the bytes of those not saved yet (``_unsaved``), and the
     folder the saved ones are in. The lock guards all three against ``get`` on another thread."""
@@ -119,7 +176,31 @@ class Pictures:
         self._known: dict[int, tuple[int, int]] = known or {}
         self._unsaved: dict[int, bytes] = {}
         self._folder = folder
+        self._staging: Staging | None = None  # the folder is a staging one (``staged``)
         self._lock = threading.Lock()
+
+    @classmethod
+    def staged(cls, parent: Path) -> Pictures:
+        """Pictures kept in a new staging folder in ``parent`` (``put_file``), for a store built beside
+        the live one: its pictures never sit in memory."""
+        staging = Staging(parent)
+        pictures = cls(staging.path)
+        pictures._staging = staging
+        return pictures
+
+    def discard(self) -> None:
+        """These pictures will never be saved (a store built beside, refused): the staging folder goes."""
+        if self._staging is not None:
+            self._staging.remove()
+
+    def put_file(self, example_id: int, data: bytes) -> None:
+        """Write ``data`` (``check``ed) as the picture of ``example_id`` into the staging folder (no
+        fsync: a staging folder outlives no crash) and keep only its size and CRC-32."""
+        assert self._staging is not None and self._folder is not None
+        with open(picture_path(self._folder, example_id), "wb") as f:
+            f.write(data)
+        with self._lock:
+            self._known[example_id] = (len(data), zlib.crc32(data))
 
     @classmethod
     def load(cls, path: Path, ids: np.ndarray, sizes: np.ndarray, crcs: np.ndarray) -> Pictures:
@@ -138,7 +219,11 @@ class Pictures:
         return example_id in self._known
 
     def add(self, example_id: int, data: bytes) -> None:
-        """Keep ``data`` (``check``ed) as the picture of ``example_id`` until a save writes it."""
+        """Keep ``data`` (``check``ed) as the picture of ``example_id`` until a save writes it (in the
+        staging folder, when there is one: ``staged``)."""
+        if self._staging is not None:
+            self.put_file(example_id, data)
+            return
         with self._lock:
             self._known[example_id] = (len(data), zlib.crc32(data))
             self._unsaved[example_id] = data
@@ -180,24 +265,23 @@ class Pictures:
                 )
         return None
 
-    def to_write(self, path: Path) -> dict[int, bytes]:
+    def to_write(self, path: Path) -> Mapping[int, bytes]:
         """The pictures a save to ``path`` must write: those not yet saved, or all of them when the
-        pictures live elsewhere (a save to another file copies them)."""
+        pictures live elsewhere (a save to another file copies them, read one at a time: ``Copy``)."""
         with self._lock:
             home, unsaved, ids = self._folder, dict(self._unsaved), sorted(self._known)
         if home is None or home == pictures_dir(Path(path)):
             return unsaved
-        out = {}
-        for example_id in ids:
-            data = unsaved.get(example_id) or self.get(example_id)
-            if data is not None:
-                out[example_id] = data
-        return out
+        return Copy(self, ids)
 
-    def saved(self, path: Path, written: dict[int, bytes]) -> None:
-        """A save to ``path`` wrote ``written`` (``to_write``): they are read from there now."""
+    def saved(self, path: Path, written: Mapping[int, bytes]) -> None:
+        """A save to ``path`` wrote ``written`` (``to_write``): they are read from there now. A save that
+        copied another store's pictures (this one replaced it meanwhile: ``staged.swap``) moves nothing."""
         with self._lock:
-            self._folder = pictures_dir(Path(path))
+            home, mine = self._folder, isinstance(written, Copy) and written.owner is self
+            if home is not None and home != pictures_dir(Path(path)) and not mine:
+                return
+            self._folder, self._staging = pictures_dir(Path(path)), None  # the staging folder may go
             for example_id in written:
                 self._unsaved.pop(example_id, None)
 
@@ -214,7 +298,7 @@ class Pictures:
         """What an export on another thread reads: each picture's (size, crc32) now, the bytes of those
         not saved yet and the folder of the others (their files stay until a later save drops them)."""
         with self._lock:
-            return PictureLoan(dict(self._known), dict(self._unsaved), self._folder)
+            return PictureLoan(dict(self._known), dict(self._unsaved), self._folder, self._staging)
 
     def _drop_lost(self) -> None:
         """Drop the pictures whose file is missing or of the wrong size (one log line for all):
@@ -238,8 +322,10 @@ class Pictures:
 class PictureLoan:
     """The pictures as ``Pictures.lend`` found them; ``get`` from any thread."""
 
-    def __init__(self, known: dict[int, tuple[int, int]], unsaved: dict[int, bytes], folder: Path | None):
+    def __init__(self, known: dict[int, tuple[int, int]], unsaved: dict[int, bytes], folder: Path | None,
+                 staging: Staging | None = None):  # fmt: skip
         self.known, self._unsaved, self._folder = known, unsaved, folder
+        self._staging = staging  # held: its folder stays while the export reads it
 
     def get(self, example_id: int) -> bytes | None:
         """The picture of ``example_id`` as lent; None when it had none, or its file is gone or changed

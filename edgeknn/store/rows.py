@@ -189,6 +189,33 @@ class Rows:
     def _changed(self) -> None:
         self._live_label = self._live_example = None
 
+    def refill(self, blocks: list[Block]) -> None:
+        """Replace every stored row with those of ``blocks`` (``Block``: in this storage, or raw float16
+        rows that a float32 store normalises here), in place when they fit, so that a store and its
+        replacement's rows are never both whole in memory; each block is let go once copied. Rows a
+        save or an export still reads are left to it: new arrays then."""
+        total = sum(len(b.values) for b in blocks)
+        if self.shared or self._loans > 0 or len(self.matrix) < total:
+            size = max(total, 64)
+            self.matrix = np.zeros((size, self.dim), self.matrix.dtype)
+            self.scale, self.label = np.zeros(size, np.float32), np.zeros(size, np.int32)
+            self.example = np.zeros(size, np.int64)
+            self.shared, self._loans, self._epoch = False, 0, self._epoch + 1
+        self.n = 0
+        while blocks:
+            block = blocks.pop(0)
+            values, scale = block.values, block.scale
+            if values.dtype == np.float16:
+                values, scale = self.encode(values.astype(np.float32))
+            where = slice(self.n, self.n + len(values))
+            self.matrix[where] = values
+            self.scale[where] = 0 if scale is None else scale
+            self.label[where], self.example[where] = block.labels, block.examples
+            self.n = where.stop
+            del block, values, scale
+        self._live = None  # every row is a new live one
+        self._changed()
+
     def _grow(self, size: int) -> None:
         """Reallocate the arrays shorter than ``size`` rows, keeping the stored ones (rows grow by
         half again when full: amortised O(1) adds, and teaching a loaded store needs 2.5x its rows
@@ -282,6 +309,17 @@ class Rows:
         """The export of ``lend``'s token is over (any thread: at worst a later change copies once more)."""
         if token == self._epoch and self._loans > 0:
             self._loans -= 1
+
+
+@dataclass
+class Block:
+    """Rows gathered for ``Rows.refill`` (``staged.py``): ``values`` in the store's storage (with
+    ``scale`` for uint8), or raw float16 rows for a float32 store; each row's class and example."""
+
+    values: np.ndarray
+    scale: np.ndarray | None
+    labels: np.ndarray
+    examples: np.ndarray
 
 
 def with_room(rows: int) -> int:
