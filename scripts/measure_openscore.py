@@ -134,8 +134,10 @@ def run(data, shots: int, seeds: int, betas: list[float]) -> dict[str, dict[str,
             observed = np.concatenate([seen_idx, support])
             res = out.setdefault(name, {})
 
-            def record(key: str, score: np.ndarray, thr: float) -> None:
-                res.setdefault(key, []).append((score, is_taught, right, thr))
+            def record(
+                key: str, score: np.ndarray, thr: float, res=res, taught=is_taught, right=right
+            ) -> None:
+                res.setdefault(key, []).append((score, taught, right, thr))
 
             for key, f in frames.items():
                 c = feats(f[observed]).mean(axis=0)  # the running mean of what the device observed
