@@ -15,6 +15,9 @@ centred on the centre the store holds) and compared on the queries of taught and
   moved by the one offset that keeps `--kept` (0.93) of the right answers on average: the scores
   compared at one operating point (as the second round's table in docs/classifying.md).
 
+A right answer is the store's head's answer to the query's single frame (what changes here is the
+unknown score, not the head), so `kept` is the share of those still answered.
+
 The scores:
 
 - `similarity`: the device's (mean cosine to the 3 nearest examples' frames); checked against
@@ -29,7 +32,11 @@ The scores:
   photos of the untaught classes, the place the device works in) and `novel` (a query's untaught
   class was never seen: its seen photos are left out of the frames it is compared with).
 
-    python scripts/measure_openscore.py --classes 0,1,2,3,4 --seeds 20 [--model M] [--shots 5,10]
+`--also M2`: every score on the two models' features side by side (two invokes per frame), with
+`--model alone` (the first model's `similarity` on the same draw), which the paired differences
+are then taken against.
+
+    python scripts/measure_openscore.py --classes 0,1,2,3,4 --seeds 20 [--model M] [--also M2] [--shots 5,10]
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgeknn.cli.evaluate import auroc, default_cache, draw, taught_counts, teach  # noqa: E402
-from edgeknn.cli.photoset import load_dataset, only  # noqa: E402
+from edgeknn.cli.photoset import Dataset, load_dataset, only  # noqa: E402
 from edgeknn.model.embedder import Embedder  # noqa: E402
 from edgeknn.store.names import UNKNOWN  # noqa: E402
 
@@ -104,7 +111,25 @@ def at_kept(runs: list[tuple], kept: float) -> float:
     return float(rates(runs, lo)[0].mean())
 
 
-def run(data, shots: int, seeds: int, betas: list[float]) -> dict[str, dict[str, list]]:
+def joined(first: Dataset, second: Dataset) -> Dataset:
+    """Two models' embeddings of the same photos as one: each model's head features (square-rooted,
+    unit) side by side, scaled so the store's own square root and unit length give exactly them."""
+
+    def part(x: np.ndarray) -> np.ndarray:
+        return feats(x) ** 2 / 2  # sqrt of this: the model's unit features / sqrt(2)
+
+    return Dataset(
+        first.classes,
+        first.files,
+        first.labels,
+        np.concatenate([part(first.vectors), part(second.vectors)], -1).astype(np.float32),
+        np.concatenate([part(first.views), part(second.views)], -1).astype(np.float32),
+    )
+
+
+def run(
+    data, shots: int, seeds: int, betas: list[float], alone: Dataset | None = None
+) -> dict[str, dict[str, list]]:
     n_classes = len(data.classes)
     out: dict[str, dict[str, list]] = {}
     v = data.views.astype(np.float64)
@@ -139,6 +164,12 @@ def run(data, shots: int, seeds: int, betas: list[float]) -> dict[str, dict[str,
             ) -> None:
                 res.setdefault(key, []).append((score, taught, right, thr))
 
+            if alone is not None:  # --model by itself, on the same draw
+                a = alone.views[:, 0].astype(np.float64)
+                c = feats(a[observed]).mean(axis=0)
+                ex = centred(a[support], c)
+                score = mean_top(centred(a[d.query], c) @ ex.T)
+                record("--model alone", score, calibrated(ex, ex_labels))
             for key, f in frames.items():
                 c = feats(f[observed]).mean(axis=0)  # the running mean of what the device observed
                 q = centred(f[d.query], c)
@@ -179,14 +210,22 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--kept", type=float, default=0.93)
     p.add_argument("--betas", default="0.25,0.5,1.0")
+    p.add_argument("--also", type=Path, help="a second model: every score on both models' features joined")
     a = p.parse_args()
     data = only(load_dataset(a.data, Embedder(a.model), cache=default_cache()), a.classes.split(","))
+    alone = None
+    if a.also:
+        alone = data
+        second = only(load_dataset(a.data, Embedder(a.also), cache=default_cache()), a.classes.split(","))
+        data = joined(data, second)
     betas = [float(b) for b in a.betas.split(",")]
-    print(f"{a.model.name}, classes {a.classes}, {a.seeds} seeds, rej@kept at kept {a.kept}")
+    also = f" + {a.also.name}" if a.also else ""
+    print(f"{a.model.name}{also}, classes {a.classes}, {a.seeds} seeds, rej@kept at kept {a.kept}")
     for shots in [int(s) for s in a.shots.split(",")]:
-        for scenario, scores in run(data, shots, a.seeds, betas).items():
+        for scenario, scores in run(data, shots, a.seeds, betas, alone).items():
             print(f"taught {scenario}, {shots} shots")
-            base = np.array([auroc(score, taught) for score, taught, _, _ in scores["similarity"]])
+            first = scores.get("--model alone", scores["similarity"])  # what the others are paired with
+            base = np.array([auroc(score, taught) for score, taught, _, _ in first])
             for key, runs in scores.items():
                 au = np.array([auroc(score, taught) for score, taught, _, _ in runs])
                 rej, kept = rates(runs)
