@@ -15,6 +15,9 @@ centred on the centre the store holds) and compared on the queries of taught and
   moved by the one offset that keeps `--kept` (0.93) of the right answers on average: the scores
   compared at one operating point (as the second round's table in docs/classifying.md).
 
+`--own` / `--near`: other quantiles for that calibration (every score but the device's own
+`similarity` row, so `similarity (own calibration)` shows what they do to the device's score).
+
 A right answer is the store's head's answer to the query's single frame (what changes here is the
 unknown score, not the head), so `kept` is the share of those still answered.
 
@@ -59,6 +62,7 @@ MODEL = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "mobilenet_v1_0.75_192_quant.tflite"
 )
 K = 3
+OWN, NEAR = [0.2], [0.55]  # scan.py's quantiles (own class, near misses); --own / --near for the other scores
 
 
 def feats(x: np.ndarray) -> np.ndarray:
@@ -85,9 +89,9 @@ def calibrated(ex: np.ndarray, labels: np.ndarray, less: np.ndarray | float = 0.
     same = labels[:, None] == labels[None, :]
     alike = mean_top(np.where(same, sims, -np.inf)) - less
     measured = alike[np.isfinite(alike)]
-    value = float(np.quantile(measured, 0.2)) - 0.5 / len(measured)
+    value = float(np.quantile(measured, OWN[0])) - 0.5 / len(measured)
     if len(np.unique(labels)) >= 2:
-        value = max(value, float(np.quantile(mean_top(np.where(same, -np.inf, sims)) - less, 0.55)))
+        value = max(value, float(np.quantile(mean_top(np.where(same, -np.inf, sims)) - less, NEAR[0])))
     return value
 
 
@@ -210,8 +214,15 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--kept", type=float, default=0.93)
     p.add_argument("--betas", default="0.25,0.5,1.0")
+    p.add_argument(
+        "--own", type=float, default=0.2, help="own-class quantile of the other scores' calibration"
+    )
+    p.add_argument(
+        "--near", type=float, default=0.55, help="near-miss quantile of the other scores' calibration"
+    )
     p.add_argument("--also", type=Path, help="a second model: every score on both models' features joined")
     a = p.parse_args()
+    OWN[0], NEAR[0] = a.own, a.near
     data = only(load_dataset(a.data, Embedder(a.model), cache=default_cache()), a.classes.split(","))
     alone = None
     if a.also:
