@@ -495,7 +495,7 @@ def items_3_4(root: Path, examples: int, parts: set[int], photos: str, storage: 
         root, "bigfollower", broker.port, root / "follower.npz", examples, storage, follow="bigleader"
     )
     rows = np.load(store)["rows"]
-    per_row = rows.shape[1] * 4 if storage == "float32" else rows.shape[1] + 4
+    per_row = rows.shape[1] * 4 if storage == "float32" else rows.shape[1] + 4  # auto: uint8 here
     row("3", f"the follower's store rows once loaded ({storage})", f"{len(rows) * per_row / 1e6:.1f} MB")
     del rows
     leader = Process("bigleader", leader_cfg, root)
@@ -739,7 +739,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=3, help="every n-th photo of each class is replayed")
     parser.add_argument("--examples", type=int, default=3000)
     parser.add_argument("--pictures", choices=("photos", "digits"), default="photos")
-    parser.add_argument("--storage", choices=("float32", "uint8"), default="float32", help="the follower's")
+    parser.add_argument("--storage", choices=("auto", "float32", "uint8"), default="auto",
+                        help="the follower's store.storage (auto, the default: uint8 for these quantized models)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (the processes' logs)")
     args = parser.parse_args()
     parts = {int(p) for p in args.parts.split(",")}

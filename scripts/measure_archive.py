@@ -41,7 +41,7 @@ def reset_hwm(pid: int | str = "self") -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # the kernel's reset of the peak resident size
 
 
-def build_store(path: Path, examples: int) -> None:
+def build_store(path: Path, examples: int, storage: str) -> None:
     from edgeknn import jpeg
     from edgeknn.imagefiles import find_images, load_rgb
     from edgeknn.model.tflite import Model
@@ -51,7 +51,7 @@ def build_store(path: Path, examples: int) -> None:
     dim = 768
     pictures = [jpeg.encode(model.prepare(load_rgb(p, 384))) for p in find_images([PHOTOS])[:200]]
     classes = [str(d) for d in range(10)]
-    store = KnnStore(dim, model.sha256, StoreSettings(capacity=examples, max_classes=10))
+    store = KnnStore(dim, model.sha256, StoreSettings(capacity=examples, max_classes=10, storage=storage))
     rng = np.random.default_rng(0)
     for i in range(examples):
         rows = np.abs(rng.standard_normal((6, dim), dtype=np.float32))
@@ -168,10 +168,12 @@ def main() -> int:
     parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--path", default="/api/examples.tar", help="download path (main's: /api/store.json)")
     parser.add_argument("--skip-roundtrip", action="store_true")
+    parser.add_argument("--storage", default="uint8", choices=("uint8", "float32"),
+                        help="the store's rows: uint8 is what a device keeps for this model (store.storage auto)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="archive-"))
     store_path = tmp / "store.npz"
-    build_store(store_path, args.examples)
+    build_store(store_path, args.examples, args.storage)
     rows: list[tuple[str, str]] = [("load average", " ".join(f"{x:.1f}" for x in os.getloadavg()))]
     if args.path.endswith(".tar"):
         for key, value in in_process(store_path, tmp / "cli.tar").items():
