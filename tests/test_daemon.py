@@ -182,7 +182,9 @@ def test_each_reading_is_of_its_own_frame_while_the_next_one_is_embedded(tmp_pat
     daemon.capture.start()
     try:
         readings, overlapped = [], 0
-        while len(readings) < 40:
+        # until 20 readings overlapped the next frame's embedding (a count, not a share: with both cores
+        # busy the inference thread sometimes has nothing new yet; 19 of 40 was seen under load)
+        while (overlapped < 20 or len(readings) < 40) and len(readings) < 400:
             reading = daemon.step(timeout=5)
             assert reading is not None
             overlapped += daemon._next is not None  # the next frame was being embedded meanwhile
