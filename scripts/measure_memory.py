@@ -79,7 +79,7 @@ def main() -> int:
     import edgeknn
     from edgeknn import config
     from edgeknn.bench.inputs import Plan, Setup, random_store
-    from edgeknn.bench.process import edgeknn_command, to_toml, wait_for_ready
+    from edgeknn.bench.process import edgeknn_command, notify_listener, to_toml, wait_for_ready
     from edgeknn.model.classifier import open_model
     from edgeknn.model.registry import DEFAULT_MODEL_FILE
 
@@ -113,14 +113,9 @@ def main() -> int:
     )
     conf = tmp / "run.toml"
     conf.write_text(to_toml(config.to_dict(rcfg)))
-    notify = tmp / "notify.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(str(notify))
-    env = {**os.environ, "NOTIFY_SOCKET": str(notify)}
+    listener, env = notify_listener(tmp / "notify.sock")
     if args.gpio:
         env["GPIOZERO_PIN_FACTORY"] = "mock"
-    for name in ("WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "INVOCATION_ID"):
-        env.pop(name, None)
     log_path = tmp / "run.log"
     with open(log_path, "wb") as log:
         started = time.monotonic()

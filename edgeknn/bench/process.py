@@ -63,12 +63,7 @@ def run_process(setup: Setup, store_path: Path, storage: str, results: dict[str,
     first = None  # a subscriber that ends at the first prediction: the daemon is classifying
     if broker is not None:
         first = MosquittoSub.start(broker, f"{rcfg.resolved_base_topic()}/prediction", count=1)
-    notify_path = tmp / f"notify-{storage}.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(str(notify_path))
-    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
-    for name in ("WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "INVOCATION_ID"):
-        env.pop(name, None)
+    listener, env = notify_listener(tmp / f"notify-{storage}.sock")
     log_path = tmp / f"run-{storage}.log"
     with open(log_path, "wb") as log:
         t0 = time.monotonic()
@@ -110,6 +105,18 @@ def edgeknn_command() -> list[str]:
     if script.exists():
         return [str(script)]
     return [sys.executable, "-c", "import sys; from edgeknn.cli.main import main; sys.exit(main())"]
+
+
+def notify_listener(path: Path) -> tuple[socket.socket, dict[str, str]]:
+    """A socket at ``path`` that receives an `edgeknn run`'s sd_notify messages (READY=1: see
+    ``wait_for_ready``), and the environment that points the process at it (none of this shell's
+    systemd watchdog or journal settings)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    env = {**os.environ, "NOTIFY_SOCKET": str(path)}
+    for name in ("WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "INVOCATION_ID"):
+        env.pop(name, None)
+    return listener, env
 
 
 def wait_for_ready(listener: socket.socket, proc: subprocess.Popen, timeout: float) -> float | None:
