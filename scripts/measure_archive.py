@@ -155,11 +155,9 @@ def _copy_store(source: Path, target: Path) -> None:
 
 
 def free_port() -> int:
-    import socket
+    from edgeknn.bench.broker import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def main() -> int:

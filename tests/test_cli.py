@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from conftest import DIGITS, EXTRACTOR, MODEL, MODELS, PHOTOS, TINY, needs_data
 from httpserve import serve
 
 from edgeknn import config
+from edgeknn.bench.broker import free_port
 from edgeknn.cli.evaluate import auroc
 from edgeknn.cli.main import main
 from edgeknn.imagefiles import find_images, load_rgb
@@ -624,12 +624,6 @@ def test_model_fetch_not_found(capsys, tmp_path, model_server):
     rc, _, err = run(capsys, "model", "fetch", "--url", f"{model_server}/missing.tflite", "--dest", dest)
     assert rc == 1 and "download failed" in err and "missing.tflite" in err
     assert list(tmp_path.iterdir()) == []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_model_fetch_unreachable(capsys, tmp_path):

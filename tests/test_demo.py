@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -23,6 +22,7 @@ from httpserve import serve
 from rig import needs_mosquitto, wait_for
 
 from edgeknn import assets, config
+from edgeknn.bench.broker import free_port
 from edgeknn.cli import data as datacli
 from edgeknn.cli import demo as democli
 from edgeknn.cli.main import main
@@ -40,12 +40,6 @@ def hermetic(tmp_path, monkeypatch):
     """No /etc/edgeknn/edgeknn.toml and no ~/.local/state: every default points into tmp_path."""
     monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "no-such-config.toml")
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Page:

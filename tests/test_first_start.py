@@ -23,6 +23,7 @@ import pytest
 from conftest import DIGITS, MODELS, PHOTOS, TINY, needs_data
 
 from edgeknn import assets, config
+from edgeknn.bench.broker import free_port
 from edgeknn.cli.main import EX_CONFIG, main
 from edgeknn.cli.progress import Progress
 from edgeknn.device import lifecycle
@@ -44,12 +45,6 @@ def hermetic(tmp_path, monkeypatch):
     """No /etc/edgeknn/edgeknn.toml and no ~/.local/state: every default points into tmp_path."""
     monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "no-such-config.toml")
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class NotifySocket:

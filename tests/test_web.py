@@ -23,6 +23,7 @@ import pytest
 from conftest import MODEL, TM, needs_data, phone_chromium
 from rig import CLASSES, Running, Scene, make_config, photo_folders, stable_on, teach, wait_for
 
+from edgeknn.bench.broker import free_port
 from edgeknn.device.build import build
 from edgeknn.model.tflite import Model
 from edgeknn.store import archive, exchange
@@ -31,12 +32,6 @@ from edgeknn.web.server import WebOutput
 
 PASSWORD = "correct horse battery"
 SHOTS = Path("/tmp/web-shots")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def web_daemon(tmp_path: Path, **web) -> tuple[Running, Scene, int]:

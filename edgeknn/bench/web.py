@@ -17,7 +17,6 @@ logs in, then reads the live view and the event stream and throws them away. Key
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeknn import config
-from edgeknn.bench.broker import end_process
+from edgeknn.bench.broker import end_process, free_port
 from edgeknn.bench.inputs import BenchError, Setup
 
 if TYPE_CHECKING:
@@ -40,12 +39,6 @@ if TYPE_CHECKING:
 PASSWORD = "bench-viewer"
 PAIRS = 5  # none / viewer block pairs (the ratio: their median)
 MIN_BLOCK_S = 1.0  # each side of a pair runs pipeline blocks for this long at least: several live JPEGs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Viewer:
