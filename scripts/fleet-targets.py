@@ -740,7 +740,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=3000)
     parser.add_argument("--pictures", choices=("photos", "digits"), default="photos")
     parser.add_argument("--storage", choices=("auto", "float32", "uint8"), default="auto",
-                        help="the follower's store.storage (auto, the default: uint8 for these quantized models)")
+                        help="the follower's store.storage (auto, the default: uint8 for these models)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (the processes' logs)")
     args = parser.parse_args()
     parts = {int(p) for p in args.parts.split(",")}

@@ -167,7 +167,7 @@ def main() -> int:
     parser.add_argument("--path", default="/api/examples.tar", help="download path (main's: /api/store.json)")
     parser.add_argument("--skip-roundtrip", action="store_true")
     parser.add_argument("--storage", default="uint8", choices=("uint8", "float32"),
-                        help="the store's rows: uint8 is what a device keeps for this model (store.storage auto)")
+                        help="the store's rows: uint8, what a device keeps for this model (auto)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="archive-"))
     store_path = tmp / "store.npz"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import time
 
 import numpy as np
@@ -29,7 +30,7 @@ from test_page import browser  # noqa: F401  (the fixture)
 
 from edgeknn import config
 from edgeknn.cli.main import main
-from edgeknn.commands import AddExample, RenameClass, Result
+from edgeknn.commands import AddExample, RenameClass, Result, Save
 from edgeknn.device.build import build
 from edgeknn.fleet import pack
 from edgeknn.store import archive
@@ -38,10 +39,12 @@ from edgeknn.store import archive
 OTHER_MODEL = EXTRACTOR
 
 
-def fleet_config(tmp_path, broker, device: str, model=None, **fleet):
+def fleet_config(tmp_path, broker, device: str, model=None, autosave_s=None, **fleet):
     folder = tmp_path / device
     folder.mkdir()
-    extra = {"model": {"path": str(model), "threads": 2}} if model else {}
+    extra: dict = {"model": {"path": str(model), "threads": 2}} if model else {}
+    if autosave_s is not None:
+        extra["store.autosave_s"] = autosave_s
     return make_config(
         folder,
         **extra,
@@ -220,6 +223,63 @@ def test_a_follower_keeps_its_last_good_pack_whatever_comes_next(tmp_path, broke
         follower.stop()
         if leader.thread.is_alive():
             leader.stop()
+
+
+@needs_data
+@needs_mosquitto
+def test_a_follower_names_its_pack_only_once_the_store_holding_it_is_saved(tmp_path, broker):
+    """fleet-follow.json says which pack the saved store holds. A power cut between a pack's swap and the
+    save that has it (copied here: the state folder as the cut leaves it) must not leave a follower that
+    believes it has the new pack while its store file holds the old one: it loads the new one again."""
+    photos = photo_folders(tmp_path)
+    scene = Scene(photos)
+    leader = Running(build(fleet_config(tmp_path, broker, "kitchen", publish=True), opener=scene.opener))
+    follower = Running(
+        build(
+            fleet_config(tmp_path, broker, "hall", autosave_s=3600, follow="kitchen"),
+            opener=Scene(photos).opener,
+        )
+    )
+    record = tmp_path / "hall" / "fleet-follow.json"
+    again = None
+
+    def recorded() -> str:
+        return json.loads(record.read_text())["sha256"][:16]
+
+    def loaded() -> str:
+        return follower.daemon.state()["fleet"]["pack"]  # set just after the loop swapped it in
+
+    try:
+        teach(leader, scene, per_class=2)
+        first = leader.daemon.store.counts()
+        assert wait_for(lambda: follower.daemon.store.counts() == first and loaded(), 90)
+        assert not record.exists()  # swapped in, not saved yet
+        assert submit(follower, lambda r: Save(source="test", reply=r)).ok
+        saved = recorded()
+        assert saved == loaded()
+        renamed = submit(
+            leader, lambda r: RenameClass(class_name="5", new_name="fist", source="test", reply=r)
+        )
+        assert renamed.ok, renamed
+        assert wait_for(lambda: "fist" in follower.daemon.store.classes and loaded() != saved, 30)
+        assert recorded() == saved  # still the saved store's pack
+        newer = loaded()
+        (tmp_path / "cut").mkdir()
+        cut = fleet_config(tmp_path / "cut", broker, "hall", autosave_s=3600, follow="kitchen")
+        for name in ("store.npz", "fleet-follow.json"):
+            (tmp_path / "cut" / "hall" / name).write_bytes((tmp_path / "hall" / name).read_bytes())
+        shutil.copytree(
+            tmp_path / "hall" / "store.npz.pictures", tmp_path / "cut" / "hall" / "store.npz.pictures"
+        )
+        follower.stop()
+        again = Running(build(cut, opener=Scene(photos).opener))
+        assert "5" in again.daemon.store.classes  # the saved store, from before the rename
+        assert wait_for(lambda: "fist" in again.daemon.store.classes, 60), again.daemon.store.classes
+        assert wait_for(lambda: again.daemon.state()["fleet"]["pack"] == newer, 30)
+    finally:
+        for run in (leader, follower, again):
+            if run is not None and run.thread.is_alive():
+                run.stop()
 
 
 @needs_mosquitto

@@ -330,6 +330,43 @@ def test_saver_retries_with_a_doubling_delay_up_to_its_bound(tmp_path, monkeypat
     assert saver.error and saver.dirty
 
 
+def test_when_saved_waits_for_a_save_that_covers_the_change(tmp_path, monkeypatch):
+    """A callback registered after a change runs once a save with that change succeeds: not after a
+    failed one, nor after an autosave whose snapshot was taken before the change."""
+    store = KnnStore(4, "m")
+    saver = Saver(store, tmp_path / "store.npz", 0.0, lambda _: None, first_retry_s=0, max_retry_s=0)
+    called: list[str] = []
+    saver.when_saved(lambda: called.append("clean"))  # nothing unsaved: at once
+    assert called == ["clean"]
+    release = threading.Event()
+    write = storefile.write
+
+    def held(*args, **kwargs):
+        release.wait(30)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr("edgeknn.device.saving.storefile.write", held)
+    store.add("a", np.ones(4, np.float32))
+    saver.changed()
+    saver.autosave()  # a snapshot with "a" is being written
+    store.add("b", np.ones(4, np.float32))
+    saver.changed()
+    saver.when_saved(lambda: called.append("b"))
+    release.set()
+    saver.wait()
+    assert called == ["clean"] and saver.dirty  # that save had "a" only
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("edgeknn.device.saving.storefile.write", full)
+    assert not saver.save()
+    assert called == ["clean"]
+    monkeypatch.setattr("edgeknn.device.saving.storefile.write", write)
+    assert saver.save()
+    assert called == ["clean", "b"]
+
+
 def test_an_autosave_does_not_stall_the_loop(tmp_path, monkeypatch):
     """The autosave writes a snapshot on its own thread: while the file write is held up, the loop
     classifies, teaches and forgets; the file then holds the snapshot as it was, and the next autosave

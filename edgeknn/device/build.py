@@ -315,6 +315,7 @@ def fleet_output(cfg: config.Config, daemon: Daemon) -> Output:
         folder=folder,
         # the live store's storage ("auto" resolved): the pack's rows are gathered as it keeps them
         settings=dataclasses.replace(cfg.store.settings(), storage=daemon.store.storage),
+        when_saved=daemon.saver.when_saved,
     )
     teaching = (
         AddExample,

@@ -104,6 +104,7 @@ class Saver:
         self._retry_at = 0.0
         self._delay = self.first_retry_s
         self._write: _Write | None = None
+        self._when_saved: list[tuple[int, Callable[[], None]]] = []  # (generation, callback)
 
     @property
     def dirty(self) -> bool:
@@ -113,6 +114,15 @@ class Saver:
         self._generation += 1
         if self.dirty_since is None:
             self.dirty_since = time.monotonic()
+
+    def when_saved(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the loop) once a save covers every change made so far; now if none is
+        unsaved. A follower records there which pack its store file holds: after a power cut before
+        that save, it still names the pack the file has, so the newer one is loaded again."""
+        if not self.dirty:
+            callback()
+        else:
+            self._when_saved.append((self._generation, callback))
 
     def save(self, final: bool = False) -> bool:
         """Save now, on this thread (a request, a reload, a shutdown); the backoff does not apply.
@@ -177,6 +187,10 @@ class Saver:
             log.info("saved %d examples to %s", examples, self.path)
         self.error = self.reason = ""
         self._delay, self._retry_at = self.first_retry_s, 0.0
+        due = [callback for wanted, callback in self._when_saved if wanted <= generation]
+        self._when_saved = [(wanted, c) for wanted, c in self._when_saved if wanted > generation]
+        for callback in due:
+            callback()
 
     def _failed(self, reason: str, quiet: bool = False) -> None:
         first = not self.error

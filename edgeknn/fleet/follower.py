@@ -46,13 +46,16 @@ class Follower(Output):
 
     def __init__(self, client: FleetClient, submit: Callable[[Command], None], *, leader: str,
                  leader_base: str, key: str, max_bytes: int, model_id: str, dim: int,
-                 embedder: Callable[[], object], folder: Path, settings: StoreSettings):  # fmt: skip
+                 embedder: Callable[[], object], folder: Path, settings: StoreSettings,
+                 when_saved: Callable[[Callable[[], None]], None]):  # fmt: skip
         self.client, self._submit, self.leader, self._key = client, submit, leader, key
         self._settings = settings  # the store's: the pack's store is built beside it with them
         self._leader_base, self._max_bytes, self._folder = leader_base, max_bytes, folder
         self._model_id, self._dim, self._make_embedder = model_id, dim, embedder
-        self._state_file = folder / "fleet-follow.json"
-        self.loaded: str | None = self._read_loaded()  # sha256 of the pack the store holds
+        self._state_file = folder / "fleet-follow.json"  # the pack the saved store holds
+        self.loaded: str | None = self._read_loaded()  # sha256 of the pack the store in memory holds
+        self._when_saved = when_saved  # the saver's: the state file follows the store file
+        self._applying: pack.Manifest | None = None  # the pack of the import handed to the loop
         self._assembly: pack.Assembly | None = None
         self._progress = 0.0  # when the pack being gathered last got a chunk
         self._lock = threading.Lock()
@@ -100,7 +103,10 @@ class Follower(Output):
 
         def handle(command: Command) -> Result | None:
             if isinstance(command, ImportExamples) and command.source == "fleet":
-                return apply(command)
+                result, manifest = apply(command), self._applying
+                if result is None and manifest is not None:  # applied (refusals are a Result)
+                    self._when_saved(lambda: self._write_loaded(manifest))
+                return result
             self._refusals.log(logging.INFO, "%s from %s refused: %s", type(command).__name__,
                                command.source, self.refusal())  # fmt: skip
             return Result(False, f"teaching: {self.refusal()}")
@@ -206,6 +212,7 @@ class Follower(Output):
             box["result"] = result
             done.set()
 
+        self._applying = manifest
         self._submit(ImportExamples(export=built, mode="replace", source="fleet", reply=reply, claim=claim))
         if not done.wait(APPLY_WAIT_S) and claim.abandon():  # the loop never started it: it never will
             built.discard()
@@ -216,8 +223,7 @@ class Follower(Output):
         if not result.ok:
             built.discard()
             raise RuntimeError(result.error)
-        self.loaded, self.last_error = manifest.sha256, ""
-        self._write_loaded(manifest)
+        self.loaded, self.last_error = manifest.sha256, ""  # fleet-follow.json: when it is saved
         self.client.publish(
             f"{self.client.base}/fleet/following",
             json.dumps({"leader": self.leader, "pack": manifest.version}),
