@@ -237,7 +237,9 @@ def test_anonymous_bad_requests_are_one_line_per_kind_never_a_traceback(daemon, 
     kinds = {
         "cookie": "GET /api/session HTTP/1.1\r\nHost: d\r\nConnection: close\r\n"
         "Cookie: edgeknn_session=a.99999999.\u00e9\r\n\r\n",
-        "url": b"GET /%%zz\xff HTTP/1.1\r\nHost: d\r\n\r\n",
+        # Connection: close: aiohttp 3.8 answers this one 404 and keeps the connection for its 15 s
+        # keep-alive (newer ones answer 400 and close); 30 of them were 7.5 minutes of this test
+        "url": b"GET /%%zz\xff HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n",
         "header": b"GET / HTTP/1.1\r\nHost: d\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
         "csrf": "POST /api/logout HTTP/1.1\r\nHost: d\r\nConnection: close\r\nX-CSRF-Token: \u00e9\r\n"
         "Content-Length: 0\r\n\r\n",
