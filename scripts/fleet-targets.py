@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Measure issue 25's targets (a fleet on one broker) and print one table.
 
-  python scripts/fleet-targets.py [--parts 1,2,3,4] [--every 3] [--examples 3000]
+  python scripts/fleet-targets.py [--parts 1,2,3,4] [--every 3] [--settings device|rig] [--examples 3000]
 
 1. A leader taught 3 classes x 5 examples and 5 followers (one on mobilenet_v1_0.75_192), in-process on one
    real Mosquitto: the time from the last example taught until each follower's store matches, then the share
@@ -136,7 +136,18 @@ class Device:
         return out
 
 
-def device_config(root: Path, broker: Broker, name: str, model: Path | None = None, **fleet):
+# ``--settings``: "device", what a device runs unless told otherwise (the default rule, whose head and
+# unknown threshold are fitted in a space centred on the frames the device has seen); "rig", the test
+# rig's (the exact k-NN, which has no centre and no unknown answer, and a 5-frame window)
+SETTINGS = {
+    "device": {"store": {"autosave_s": 0.5, "rule": "default"}, "stabilizer": {}},
+    "rig": {},
+}
+
+
+def device_config(
+    root: Path, broker: Broker, name: str, model: Path | None = None, settings: str = "device", **fleet
+):
     folder = root / name
     folder.mkdir(parents=True)
     extra = (
@@ -147,6 +158,7 @@ def device_config(root: Path, broker: Broker, name: str, model: Path | None = No
     return make_config(
         folder,
         **extra,
+        **SETTINGS[settings],
         panel={"kind": "none"},
         mqtt={
             "enabled": True,
@@ -173,7 +185,7 @@ def same_store(leader: Running, follower: Running) -> bool:
     )
 
 
-def items_1_2(root: Path, every: int, parts: set[int]) -> None:
+def items_1_2(root: Path, every: int, parts: set[int], settings: str) -> None:
     from edgeknn.commands import DeleteExample, RemoveClass, RenameClass
     from edgeknn.device.build import build
 
@@ -187,14 +199,15 @@ def items_1_2(root: Path, every: int, parts: set[int]) -> None:
         t = time.monotonic()
         for n in names:
             if n == "kitchen":
-                cfg = device_config(root, broker, n, publish=True)
+                cfg = device_config(root, broker, n, settings=settings, publish=True)
             else:
-                cfg = device_config(root, broker, n, OTHER_MODEL if n == other else None, follow="kitchen")
+                model = OTHER_MODEL if n == other else None
+                cfg = device_config(root, broker, n, model, settings, follow="kitchen")
             runs[n] = devices[n].run = Running(build(cfg, opener=devices[n].opener))
         print(f"six daemons started in {time.monotonic() - t:.1f} s (load {load()})", flush=True)
         devices["solo"] = Device("solo", feed)
         runs["solo"] = devices["solo"].run = Running(
-            build(device_config(root, broker, "solo", OTHER_MODEL), opener=devices["solo"].opener)
+            build(device_config(root, broker, "solo", OTHER_MODEL, settings), opener=devices["solo"].opener)
         )
         leader = runs["kitchen"]
         followers = {n: r for n, r in runs.items() if n not in ("kitchen", "solo")}
@@ -737,6 +750,8 @@ def main() -> None:
     )
     parser.add_argument("--parts", default="1,2,3,4")
     parser.add_argument("--every", type=int, default=3, help="every n-th photo of each class is replayed")
+    parser.add_argument("--settings", choices=tuple(SETTINGS), default="device",
+                        help="items 1-2: the devices' rule and stabilizer (see SETTINGS)")
     parser.add_argument("--examples", type=int, default=3000)
     parser.add_argument("--pictures", choices=("photos", "digits"), default="photos")
     parser.add_argument("--storage", choices=("auto", "float32", "uint8"), default="auto",
@@ -749,7 +764,7 @@ def main() -> None:
     print(f"working in {root}", flush=True)
     try:
         if parts & {1, 2}:
-            items_1_2(root / "a", args.every, parts)
+            items_1_2(root / "a", args.every, parts, args.settings)
         if parts & {3, 4}:
             (root / "b").mkdir()
             items_3_4(root / "b", args.examples, parts, args.pictures, args.storage)
