@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -263,8 +264,8 @@ def collect(
 
 def patch_threshold(loo: np.ndarray, quantile: float) -> float:
     """A patch score's threshold from the examples alone: the ``quantile`` of their leave-one-out
-    scores (-anomaly)."""
-    return float(np.quantile(-loo, quantile))
+    scores (-anomaly), less scan.py's allowance (0.5 / examples, as ``calibrated``)."""
+    return float(np.quantile(-loo, quantile)) - 0.5 / len(loo)
 
 
 def runs_for(recs: list[dict], key: str, quantile: float, w: float = 0.0, patch: str = "") -> list[tuple]:
@@ -330,6 +331,7 @@ def main() -> int:
     p.add_argument("--kept", type=float, default=0.93)
     p.add_argument("--sweep", action="store_true", help="the grid of quantiles and w (for 0-4)")
     p.add_argument("--cache", type=Path, default=default_cache().parent / "patch")
+    p.add_argument("--records", type=Path, help="keep the collected runs here (read back if there)")
     a = p.parse_args()
     names = a.classes.split(",")
     full = load_dataset(a.data, Embedder(a.model), cache=default_cache())
@@ -347,9 +349,7 @@ def main() -> int:
     )
     cost(maps, variants)
     for shots in [int(s) for s in a.shots.split(",")]:
-        start = time.perf_counter()
-        collected = collect(data, maps, variants, shots, a.seeds)
-        print(f"  ({shots} shots collected in {time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        collected = records(a, data, maps, variants, shots)
         for n in reports:
             for scenario, all_recs in collected.items():
                 recs = all_recs[:n]
@@ -367,6 +367,23 @@ def main() -> int:
                 if a.sweep:
                     sweep(recs, keys, base, a)
     return 0
+
+
+def records(a, data: Dataset, maps: dict[str, np.ndarray], variants: list[str], shots: int) -> dict:
+    """``collect``'s runs, or with ``--records`` the ones kept from the same arguments before."""
+    path = a.records.with_suffix(f".{shots}.pkl") if a.records else None
+    if path is not None and path.is_file():
+        with open(path, "rb") as f:
+            kept = pickle.load(f)
+        if kept["args"] == (a.classes, a.seeds, variants):
+            return kept["runs"]
+    start = time.perf_counter()
+    runs = collect(data, maps, variants, shots, a.seeds)
+    print(f"  ({shots} shots collected in {time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    if path is not None:
+        with open(path, "wb") as f:
+            pickle.dump({"args": (a.classes, a.seeds, variants), "runs": runs}, f)
+    return runs
 
 
 def sweep(recs: list[dict], keys: list[str], base: np.ndarray, a) -> None:
