@@ -181,7 +181,10 @@ def fit_head(
         weights /= np.maximum(np.linalg.norm(weights, axis=0, keepdims=True), 1e-12)
         bias = np.zeros(c, np.float32)
     else:
-        weights, bias = _fit_softmax(x, labels, c, None if start is None else (start.weights, start.bias))
+        # warm only from a fit of the same classes with examples: a class that had none was pushed
+        # down there, and 30 steps do not lift it (its examples answered as the others')
+        warm = start is not None and np.array_equal(start.present, present)
+        weights, bias = _fit_softmax(x, labels, present, (start.weights, start.bias) if warm else None)
     return Fit(
         weights,
         bias,
@@ -223,17 +226,19 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def _fit_softmax(
-    x: np.ndarray, y: np.ndarray, classes: int, start: tuple[np.ndarray, np.ndarray] | None
+    x: np.ndarray, y: np.ndarray, present: np.ndarray, start: tuple[np.ndarray, np.ndarray] | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression by full-batch gradient descent on (n, d) unit features."""
-    d = x.shape[1]
+    """Multinomial logistic regression by full-batch gradient descent on (n, d) unit features, over
+    the ``present`` classes only (a class with no examples is left at its start, never pushed down)."""
+    d, classes = x.shape[1], len(present)
     weights, bias = np.zeros((d, classes), np.float32), np.zeros(classes, np.float32)
     steps = _FIT_STEPS
     if start is not None and start[0].shape == weights.shape:
         weights, bias, steps = start[0].copy(), start[1].copy(), _REFIT_STEPS
     onehot = np.eye(classes, dtype=np.float32)[y]
+    absent = np.where(present, 0.0, -np.inf).astype(np.float32)
     for _ in range(steps):
-        p = _softmax(_TEMPERATURE * (x @ weights) + bias)
+        p = _softmax(_TEMPERATURE * (x @ weights) + bias + absent)
         g = (p - onehot) / len(x)
         weights -= _LEARNING_RATE * (_TEMPERATURE * (x.T @ g) + _WEIGHT_DECAY * weights)
         bias -= _LEARNING_RATE * g.sum(axis=0)
