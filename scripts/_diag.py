@@ -268,6 +268,19 @@ def items_1_2(root: Path, every: int, parts: set[int], settings: str) -> None:
                 return float(np.mean(np.argmax(x @ fit.weights + fit.bias, 1) == labels))
             cold = fit_head("softmax", f.center.copy(), None, rows.copy(), labels, np.ones(len(st.classes), bool))
             raw = [(r.candidate or r.label) for r in dv.run.recorder.readings if r.frame in dv.photo_of_frame]
+            lf = leader.daemon.store._matcher.head.fitted
+            same = f.center.shape == lf.center.shape
+            from edgeknn.store.scan import ExampleIndex, Space
+            def thr_at(center):
+                idx = ExampleIndex(Space(True, center))
+                get = lambda pos: st._rows.get(pos).astype(np.float32)
+                idx.sync(len(st._rows), st._rows.examples, get, Space(True, center))
+                book = st._book
+                added = lambda positions: np.array([book.added(int(i)) for i in st._rows.examples[positions]], np.float64)
+                return round(idx.threshold(st._rows.labels, get, len(st.classes), 3, added), 3)
+            if same:
+                print("DIAG", n, "thr at own fit centre", thr_at(f.center), "at leader's", thr_at(lf.center), "at own running centre", thr_at(m.head.center.copy()))
+            print("DIAG", n, "|fit centre - leader fit centre|", round(float(np.linalg.norm(f.center - lf.center)), 4) if same else "-", "calibration", m.index.calibration, "examples", len(st.examples()), "k", st.k if hasattr(st, "k") else None)
             print("DIAG", n, "train acc head", round(acc(f), 3), "|fit centre - centre|", round(float(np.linalg.norm(f.center - m.head.center)), 4), "|W-Wcold same centre|/|W|", round(float(np.linalg.norm(f.weights - cold.weights) / np.linalg.norm(f.weights)), 3), "thr", round(st.effective_threshold, 3), "seen", m.head.seen, "refits", m.refitter.fits if m.refitter else None, {x: raw.count(x) for x in set(raw)}, flush=True)
         pics = [len(leader.daemon.store.picture(e.id) or b"") for e in leader.daemon.store.examples()]
         row("1", "leader's pictures", f"{np.mean(pics) / 1024:.1f} KiB each on average")
