@@ -5,6 +5,7 @@ width without pictures, a leader that vanishes). Real daemons on replayed sign d
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -39,12 +40,14 @@ from edgeknn.store import archive
 OTHER_MODEL = EXTRACTOR
 
 
-def fleet_config(tmp_path, broker, device: str, model=None, autosave_s=None, **fleet):
+def fleet_config(tmp_path, broker, device: str, model=None, autosave_s=None, rule=None, **fleet):
     folder = tmp_path / device
     folder.mkdir()
     extra: dict = {"model": {"path": str(model), "threads": 2}} if model else {}
     if autosave_s is not None:
         extra["store.autosave_s"] = autosave_s
+    if rule is not None:
+        extra["store.rule"] = rule
     return make_config(
         folder,
         **extra,
@@ -65,6 +68,20 @@ def submit(run: Running, command_of) -> Result:
     run.daemon.submit(command_of(results.append))
     assert wait_for(lambda: results, 60), "no result"
     return results[0]
+
+
+def retained(port: int, topic: str) -> bytes:
+    """The broker's retained message on ``topic``."""
+    got: list[bytes] = []
+    client = raw_client(port)
+    client.on_message = lambda c, u, message: got.append(message.payload)
+    client.subscribe(topic, qos=1)
+    try:
+        assert wait_for(lambda: got, 10), f"nothing retained on {topic}"
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return got[0]
 
 
 def raw_client(port: int) -> mqtt.Client:
@@ -121,6 +138,25 @@ def test_a_manifest_signed_with_another_key_or_altered_is_refused():
         pack.parse(b"\xff{")
 
 
+def test_a_manifest_names_the_leaders_centre_and_a_bad_one_is_refused():
+    data, _ = a_pack()
+    center = np.full(16, 0.2, np.float32)
+    manifest = pack.make("kitchen", io.BytesIO(data), "0" * 64, ["a"], 1, 1024, center=(center, 300))
+    parsed = pack.parse(manifest.to_json("k"), "k")
+    assert np.array_equal(np.frombuffer(parsed.center, "<f4"), center) and parsed.seen == 300
+    assert parsed.sha256 == pack.make("kitchen", io.BytesIO(data), "0" * 64, ["a"], 1, 1024).sha256
+    body = json.loads(manifest.to_json())
+    for field, value, why in [
+        ("center", "not base64!", "not base64"),
+        ("center", base64.b64encode(b"abc").decode(), "finite float32"),
+        ("center", base64.b64encode(np.full(4, np.nan, "<f4").tobytes()).decode(), "finite float32"),
+        ("center", base64.b64encode(np.ones(4, "<f4").tobytes()).decode(), "longer than a mean"),
+        ("seen", 0, "seen a count"),
+    ]:
+        with pytest.raises(pack.PackError, match=why):
+            pack.parse(json.dumps({**body, field: value}).encode())
+
+
 # --- real daemons ---------------------------------------------------------------------------------
 
 
@@ -172,6 +208,50 @@ def test_followers_learn_what_the_leader_is_taught_and_refuse_teaching(tmp_path,
         assert all(d["online"] and d["classes"] == ["1", "2", "fist"] for d in seen.values()), seen
     finally:
         for run in [leader, *followers.values()]:
+            run.stop()
+
+
+@needs_data
+@needs_mosquitto
+def test_a_follower_on_the_leaders_model_measures_in_the_leaders_space(tmp_path, broker):
+    """The default rule's head and unknown threshold are fitted in a space centred on the frames the
+    device has seen. The pack names the leader's centre: a follower on its model takes it (the same
+    head and threshold as the leader's for the same examples); one on another model keeps its own."""
+    photos = photo_folders(tmp_path)
+    scene = Scene(photos)
+    followers = {
+        "hall": fleet_config(tmp_path, broker, "hall", rule="default", follow="kitchen"),
+        "porch": fleet_config(tmp_path, broker, "porch", OTHER_MODEL, rule="default", follow="kitchen"),
+    }
+    runs = {name: Running(build(cfg, opener=Scene(photos).opener)) for name, cfg in followers.items()}
+    leader = runs["kitchen"] = Running(
+        build(fleet_config(tmp_path, broker, "kitchen", rule="default", publish=True), opener=scene.opener)
+    )
+    try:
+        teach(leader, scene, per_class=3)
+        want = leader.daemon.store.counts()
+        for name in followers:
+            assert wait_for(lambda r=runs[name]: r.daemon.store.counts() == want, 90), name
+        # on the leader's model, the follower measures in the leader's space: the centre the pack names
+        manifest = pack.parse(retained(broker.port, "edgeknn/kitchen/fleet/manifest"))
+        center = np.frombuffer(manifest.center, "<f4")
+        assert center.size == leader.daemon.store.dim and manifest.seen > 0
+
+        def fitted(run: Running) -> np.ndarray | None:
+            got = run.daemon.store.fitted_center()  # read beside the loop: a reference, then a copy
+            return None if got is None else got[0]
+
+        def apart(run: Running) -> float:
+            got = fitted(run)
+            return np.inf if got is None or got.size != center.size else float(np.linalg.norm(got - center))
+
+        # its refit comes a frame or two after it took the centre, which those frames moved a little
+        # (0.003 here; a follower with its own centre was 0.17 away)
+        assert wait_for(lambda: apart(runs["hall"]) < 0.05, 30), apart(runs["hall"])
+        other = fitted(runs["porch"])
+        assert other is not None and other.size != center.size  # its own model's centre, its own frames
+    finally:
+        for run in runs.values():
             run.stop()
 
 

@@ -316,6 +316,7 @@ def fleet_output(cfg: config.Config, daemon: Daemon) -> Output:
         # the live store's storage ("auto" resolved): the pack's rows are gathered as it keeps them
         settings=dataclasses.replace(cfg.store.settings(), storage=daemon.store.storage),
         when_saved=daemon.saver.when_saved,
+        adopt_center=daemon.store.adopt_center,
     )
     teaching = (
         AddExample,

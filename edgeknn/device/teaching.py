@@ -210,7 +210,10 @@ class Teacher:
     def lend_examples(self, command: LendExamples) -> Result:
         """The store's examples for the page's download, written on its thread (``knn.lend``)."""
         lent = lend(self.store)
-        return Result(True, detail={"lent": lent, "give_back": partial(give_back, self.store, lent)})
+        center = self.store.fitted_center()  # a fleet's leader publishes it beside the examples
+        return Result(
+            True, detail={"lent": lent, "give_back": partial(give_back, self.store, lent), "center": center}
+        )
 
     def reset(self, command: Reset) -> Result:
         self.store.reset()

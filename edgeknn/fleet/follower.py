@@ -47,7 +47,8 @@ class Follower(Output):
     def __init__(self, client: FleetClient, submit: Callable[[Command], None], *, leader: str,
                  leader_base: str, key: str, max_bytes: int, model_id: str, dim: int,
                  embedder: Callable[[], object], folder: Path, settings: StoreSettings,
-                 when_saved: Callable[[Callable[[], None]], None]):  # fmt: skip
+                 when_saved: Callable[[Callable[[], None]], None],
+                 adopt_center: Callable[[np.ndarray, int], None]):  # fmt: skip
         self.client, self._submit, self.leader, self._key = client, submit, leader, key
         self._settings = settings  # the store's: the pack's store is built beside it with them
         self._leader_base, self._max_bytes, self._folder = leader_base, max_bytes, folder
@@ -55,6 +56,7 @@ class Follower(Output):
         self._state_file = folder / "fleet-follow.json"  # the pack the saved store holds
         self.loaded: str | None = self._read_loaded()  # sha256 of the pack the store in memory holds
         self._when_saved = when_saved  # the saver's: the state file follows the store file
+        self._adopt_center = adopt_center  # the store's: the leader's centre, on the leader's model
         self._applying: pack.Manifest | None = None  # the pack of the import handed to the loop
         self._assembly: pack.Assembly | None = None
         self._progress = 0.0  # when the pack being gathered last got a chunk
@@ -106,6 +108,7 @@ class Follower(Output):
                 result, manifest = apply(command), self._applying
                 if result is None and manifest is not None:  # applied (refusals are a Result)
                     self._when_saved(lambda: self._write_loaded(manifest))
+                    self._take_center(manifest)
                 return result
             self._refusals.log(logging.INFO, "%s from %s refused: %s", type(command).__name__,
                                command.source, self.refusal())  # fmt: skip
@@ -232,6 +235,14 @@ class Follower(Output):
         log.info(
             "fleet: loaded pack %s of %s: %s", manifest.version, self.leader, result.detail.get("classes")
         )
+
+    def _take_center(self, manifest: pack.Manifest) -> None:
+        """On the leader's model, measure in the leader's space: its centre (the mean of the frames its
+        camera had seen at its last fit) becomes this device's, which its own frames then move. Two
+        devices with the same examples and other centres draw the unknown line apart (the threshold
+        is calibrated in the centred space). Another model's space has another centre: its own stays."""
+        if manifest.center and manifest.model_id == self._model_id and len(manifest.center) == 4 * self._dim:
+            self._adopt_center(np.frombuffer(manifest.center, "<f4"), manifest.seen)
 
     def _reembedder(self) -> Callable[[bytes], np.ndarray]:
         """Rows of a pack's picture by this device's model (for a leader on another model), its embedder

@@ -164,7 +164,8 @@ class Leader(Output):
             finally:
                 detail["give_back"]()
             examples = len(lent.examples)
-            manifest = pack.make(self.device, f, lent.model_id, list(lent.classes), examples)
+            manifest = pack.make(self.device, f, lent.model_id, list(lent.classes), examples,
+                                 center=detail.get("center"))  # fmt: skip
             before = self._published
             if before is not None and before.sha256 == manifest.sha256 and not force:
                 log.debug("fleet: the broker already holds this pack (%s)", manifest.version)

@@ -10,6 +10,8 @@ Plain Python: no MQTT here.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -22,11 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 FORMAT = "edgeknn-pack"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 256 * 1024  # well under the device's 8 MiB packet limit and Mosquitto's defaults
 MAX_CHUNKS = 65_536
 MAX_MANIFEST_BYTES = 4 << 20  # 65 536 chunks' sha256s fit
+MAX_CENTER_VALUES = 8192  # a centre as wide as the widest embedding a store takes
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -47,6 +52,8 @@ class Manifest:
     classes: list[str]
     examples: int
     published: float
+    center: bytes = b""  # the leader's centre (float32, little-endian; ``KnnStore.fitted_center``)
+    seen: int = 0  # the frames its running mean had seen
 
     @property
     def version(self) -> str:
@@ -66,6 +73,7 @@ class Manifest:
             "classes": self.classes,
             "examples": self.examples,
             "published": self.published,
+            **({"center": base64.b64encode(self.center).decode(), "seen": self.seen} if self.center else {}),
         }
 
     def to_json(self, key: str = "") -> bytes:
@@ -85,8 +93,11 @@ def _sign(body: dict[str, Any], key: str) -> str:
 
 
 def make(device: str, archive_file: IO[bytes], model_id: str, classes: list[str], examples: int,
-         chunk_bytes: int = CHUNK_BYTES) -> Manifest:  # fmt: skip
-    """The manifest of the archive in ``archive_file`` (read from its start, a chunk at a time)."""
+         chunk_bytes: int = CHUNK_BYTES,
+         center: tuple[np.ndarray, int] | None = None) -> Manifest:  # fmt: skip
+    """The manifest of the archive in ``archive_file`` (read from its start, a chunk at a time), with the
+    leader's ``center`` (``KnnStore.fitted_center``) when it has one. The centre is not part of the pack's
+    identity: a leader whose camera saw more frames publishes no new version for it."""
     archive_file.seek(0)
     whole, chunks, size = hashlib.sha256(), [], 0
     for data in iter(lambda: archive_file.read(chunk_bytes), b""):
@@ -95,9 +106,11 @@ def make(device: str, archive_file: IO[bytes], model_id: str, classes: list[str]
         size += len(data)
     if len(chunks) > MAX_CHUNKS:
         raise PackError(f"the pack would be {len(chunks)} chunks, more than {MAX_CHUNKS}")
+    vector, seen = center if center is not None else (np.zeros(0, np.float32), 0)
     return Manifest(
-        device, whole.hexdigest(), size, chunk_bytes, chunks, model_id, classes, examples, time.time()
-    )
+        device, whole.hexdigest(), size, chunk_bytes, chunks, model_id, classes, examples, time.time(),
+        vector.astype("<f4").tobytes(), seen,
+    )  # fmt: skip
 
 
 def chunks_of(archive_file: IO[bytes], manifest: Manifest) -> Iterator[tuple[int, bytes]]:
@@ -145,9 +158,44 @@ def parse(payload: bytes, key: str = "", max_bytes: int = 256 << 20) -> Manifest
     device, model_id = body.get("device"), body.get("model_id")
     if not isinstance(device, str) or not isinstance(model_id, str):
         raise PackError("manifest: device and model_id expected strings")
+    center, seen = _center(body)
     return Manifest(
-        device, body["sha256"], size, chunk, chunks, model_id, classes, examples, float(published)
+        device,
+        body["sha256"],
+        size,
+        chunk,
+        chunks,
+        model_id,
+        classes,
+        examples,
+        float(published),
+        center,
+        seen,
     )
+
+
+def _center(body: dict[str, Any]) -> tuple[bytes, int]:
+    """The manifest's centre, checked: float32 values, finite, a mean of unit vectors (norm <= 1)."""
+    if "center" not in body:
+        return b"", 0
+    text, seen = body.get("center"), body.get("seen")
+    if (
+        not isinstance(text, str)
+        or len(text) > MAX_CENTER_VALUES * 6
+        or not isinstance(seen, int)
+        or seen < 1
+    ):
+        raise PackError("manifest: center expected base64 float32 values and seen a count of frames")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise PackError("manifest: center is not base64") from None
+    values = np.frombuffer(raw, "<f4") if len(raw) % 4 == 0 else np.zeros(0, np.float32)
+    if not 0 < values.size <= MAX_CENTER_VALUES or not np.isfinite(values).all():
+        raise PackError("manifest: center expected up to 8192 finite float32 values")
+    if float(np.linalg.norm(values)) > 1.001:
+        raise PackError("manifest: center is longer than a mean of unit vectors can be")
+    return raw, seen
 
 
 class Assembly:

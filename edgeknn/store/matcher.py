@@ -61,7 +61,6 @@ class Matcher:
         self._refit_after = 0  # ``_fits_here`` when the running refit started
         self._fitted_for: tuple[str, ...] = ()  # the classes (their slots) the head was fitted for
         self._refit_for: tuple[str, ...] = ()  # and those the running refit fits
-        self._cold = False  # the classes changed since the last fit: the next refit starts afresh
 
     @property
     def rule(self) -> str:
@@ -155,7 +154,7 @@ class Matcher:
         fitted = self.head.fitted
         if fitted is not None and self._fitted_for != now:  # classes added or removed: columns by name
             fitted = remapped(fitted, self._fitted_for, now)
-            self.head.fitted, self._fitted_for, self._cold = fitted, now, True
+            self.head.fitted, self._fitted_for = fitted, now
             self.head.stale = True
         if fitted is not None and not fitted.present.any():
             self.head.fitted = fitted = None  # no class it knows has examples (an import that replaced them)
@@ -170,9 +169,8 @@ class Matcher:
             index = fit_sample(rows.labels, rows.examples, len(classes))
             center = self.head.center.copy() if self.head.seen else None
             labels = rows.labels[index].copy()
-            start = None if self._cold else fitted  # new classes: a fit from scratch (as many steps)
-            self.refitter.start(self.rule, center, start, rows.get(index), labels, present)
-            self._refit_after, self._refit_for, self._cold = self._fits_here, now, False
+            self.refitter.start(self.rule, center, rows.get(index), labels, present)
+            self._refit_after, self._refit_for = self._fits_here, now
             self.head.stale = False  # a change from now on schedules one more
         self.index.sync(
             len(rows), rows.examples, rows.get, Space(True, None if fitted is None else fitted.center)

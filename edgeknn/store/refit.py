@@ -48,7 +48,6 @@ class Refitter:
         self,
         rule: str,
         center: np.ndarray | None,
-        start: Fit | None,
         rows: np.ndarray,
         labels: np.ndarray,
         present: np.ndarray,
@@ -60,7 +59,7 @@ class Refitter:
 
         def run() -> None:
             try:
-                self._result = heads.fit_head(rule, center, start, rows, labels, present)
+                self._result = heads.fit_head(rule, center, rows, labels, present)
             except Exception:
                 log.exception("refitting the head beside the loop failed; fitting on the loop from now on")
                 self.failed = True
