@@ -35,6 +35,7 @@ from edgeknn.commands import AddExample, RenameClass, Result, Save
 from edgeknn.device.build import build
 from edgeknn.fleet import pack
 from edgeknn.store import archive
+from edgeknn.store.knn import fitted_center
 
 # Another model than the rig's (the packaged default): the follower re-embeds the leader's pictures.
 OTHER_MODEL = EXTRACTOR
@@ -238,7 +239,7 @@ def test_a_follower_on_the_leaders_model_measures_in_the_leaders_space(tmp_path,
         assert center.size == leader.daemon.store.dim and manifest.seen > 0
 
         def fitted(run: Running) -> np.ndarray | None:
-            got = run.daemon.store.fitted_center()  # read beside the loop: a reference, then a copy
+            got = fitted_center(run.daemon.store)  # read beside the loop: a reference, then a copy
             return None if got is None else got[0]
 
         def apart(run: Running) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -43,7 +44,7 @@ from edgeknn.store import file as storefile
 from edgeknn.store import lock as storelock
 from edgeknn.store import pictures as storepictures
 from edgeknn.store.file import ModelMismatch, StoreError
-from edgeknn.store.knn import KnnStore
+from edgeknn.store.knn import KnnStore, adopt_center
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory
@@ -316,7 +317,7 @@ def fleet_output(cfg: config.Config, daemon: Daemon) -> Output:
         # the live store's storage ("auto" resolved): the pack's rows are gathered as it keeps them
         settings=dataclasses.replace(cfg.store.settings(), storage=daemon.store.storage),
         when_saved=daemon.saver.when_saved,
-        adopt_center=daemon.store.adopt_center,
+        adopt_center=functools.partial(adopt_center, daemon.store),
     )
     teaching = (
         AddExample,

@@ -40,7 +40,7 @@ from edgeknn.commands import (
     Reset,
     Result,
 )
-from edgeknn.store.knn import KnnStore, give_back, lend
+from edgeknn.store.knn import KnnStore, fitted_center, give_back, lend
 from edgeknn.store.names import class_name_error
 
 MAX_PENDING_EXAMPLES = 2 * MAX_EXAMPLES_PER_COMMAND  # examples waiting for frames, all commands together
@@ -210,7 +210,7 @@ class Teacher:
     def lend_examples(self, command: LendExamples) -> Result:
         """The store's examples for the page's download, written on its thread (``knn.lend``)."""
         lent = lend(self.store)
-        center = self.store.fitted_center()  # a fleet's leader publishes it beside the examples
+        center = fitted_center(self.store)  # a fleet's leader publishes it beside the examples
         return Result(
             True, detail={"lent": lent, "give_back": partial(give_back, self.store, lent), "center": center}
         )

@@ -120,6 +120,23 @@ class Head:
         if self.seen % _CENTER_WINDOW == 0:
             self.stale = True  # the centre has moved: refit the head on the next frame
 
+    def fitted_center(self) -> tuple[np.ndarray, int] | None:
+        """The centre the head was fitted with (the running mean of the frames seen until that fit) and
+        how many frames the running mean has seen; None before a fit on seen frames. What a fleet's
+        leader hands its followers, so that they measure in its space (``adopt_center``)."""
+        if self.fitted is None or not self.seen:
+            return None
+        return self.fitted.center.copy(), self.seen
+
+    def adopt_center(self, center: np.ndarray, seen: int) -> None:
+        """Take another head's centre (``fitted_center``) as the running mean of the seen frames, as if
+        this device had seen them; the head is refitted with it and the threshold calibrated in it."""
+        if center.shape != self.center.shape:
+            raise ValueError(f"a centre of {center.size} values for a head of width {self.center.size}")
+        self.center = center.astype(np.float32, copy=True)
+        self.seen = max(1, int(seen))
+        self.stale = True
+
     def fit(self, rows: np.ndarray, labels: np.ndarray, present: np.ndarray) -> None:
         """Refit the prototypes or the softmax head (from scratch: see ``fit_head``).
 

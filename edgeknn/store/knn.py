@@ -287,24 +287,6 @@ class KnnStore:
     def fit(self) -> None:
         self._matcher.fit(self._rows, self.classes)
 
-    def fitted_center(self) -> tuple[np.ndarray, int] | None:
-        """The centre the head was fitted with (the running mean of the frames seen until that fit) and
-        how many frames the running mean has seen; None before a fit on seen frames. What a fleet's
-        leader hands its followers, so that they measure in its space (``adopt_center``)."""
-        fitted, head = self._head.fitted, self._head
-        if fitted is None or not head.seen:
-            return None
-        return fitted.center.copy(), head.seen
-
-    def adopt_center(self, center: np.ndarray, seen: int) -> None:
-        """Take another store's centre (``fitted_center``) as this one's running mean of the seen
-        frames, as if it had seen them; the head is refitted with it, the threshold calibrated in it."""
-        if center.shape != (self.dim,):
-            raise ValueError(f"a centre of {center.size} values for a store of width {self.dim}")
-        self._head.center = center.astype(np.float32, copy=True)
-        self._head.seen = max(1, int(seen))
-        self._head.stale = True
-
     # --- files ----------------------------------------------------------------------------
 
     def save(self, path: Path) -> None:
@@ -403,6 +385,16 @@ def lend(store: KnnStore) -> Lent:
         store.model_id, store.dim, store.storage, list(store.classes), examples, arrays,
         order, starts, counts, pictures, token,
     )  # fmt: skip
+
+
+def fitted_center(store: KnnStore) -> tuple[np.ndarray, int] | None:
+    """What a fleet's leader shares beside its examples (``Head.fitted_center``), on the loop thread."""
+    return store._head.fitted_center()
+
+
+def adopt_center(store: KnnStore, center: np.ndarray, seen: int) -> None:
+    """A follower on its leader's model takes its centre (``Head.adopt_center``), on the loop thread."""
+    store._head.adopt_center(center, seen)
 
 
 def give_back(store: KnnStore, lent: Lent) -> None:
