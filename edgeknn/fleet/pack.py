@@ -52,7 +52,7 @@ class Manifest:
     classes: list[str]
     examples: int
     published: float
-    center: bytes = b""  # the leader's centre (float32, little-endian; ``KnnStore.fitted_center``)
+    center: bytes = b""  # the leader's centre (float32, little-endian; ``Head.fitted_center``)
     seen: int = 0  # the frames its running mean had seen
 
     @property
@@ -96,7 +96,7 @@ def make(device: str, archive_file: IO[bytes], model_id: str, classes: list[str]
          chunk_bytes: int = CHUNK_BYTES,
          center: tuple[np.ndarray, int] | None = None) -> Manifest:  # fmt: skip
     """The manifest of the archive in ``archive_file`` (read from its start, a chunk at a time), with the
-    leader's ``center`` (``KnnStore.fitted_center``) when it has one. The centre is not part of the pack's
+    leader's ``center`` (``Head.fitted_center``) when it has one. The centre is not part of the pack's
     identity: a leader whose camera saw more frames publishes no new version for it."""
     archive_file.seek(0)
     whole, chunks, size = hashlib.sha256(), [], 0
