@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -371,20 +371,54 @@ def main() -> int:
 
 
 def records(a, data: Dataset, maps: dict[str, np.ndarray], variants: list[str], shots: int) -> dict:
-    """``collect``'s runs, or with ``--records`` the ones kept from the same arguments before."""
-    path = a.records.with_suffix(f".{shots}.pkl") if a.records else None
+    """``collect``'s runs, or with ``--records`` the ones kept from the same arguments before (an
+    ``.npz`` of plain arrays: nothing here is unpickled)."""
+    path = a.records.with_suffix(f".{shots}.npz") if a.records else None
+    args = [a.classes, a.seeds, variants]
     if path is not None and path.is_file():
-        with open(path, "rb") as f:
-            kept = pickle.load(f)
-        if kept["args"] == (a.classes, a.seeds, variants):
-            return kept["runs"]
+        kept_args, runs = _read_records(path)
+        if kept_args == args:
+            return runs
     start = time.perf_counter()
     runs = collect(data, maps, variants, shots, a.seeds)
     print(f"  ({shots} shots collected in {time.perf_counter() - start:.0f} s)", file=sys.stderr)
     if path is not None:
-        with open(path, "wb") as f:
-            pickle.dump({"args": (a.classes, a.seeds, variants), "runs": runs}, f)
+        _write_records(path, args, runs)
     return runs
+
+
+def _write_records(path: Path, args: list, runs: dict[str, list[dict]]) -> None:
+    """Each record's value (an array, a number, or a pair of them) as arrays named
+    ``scenario/run/key/part/parts``."""
+    arrays = {"args": np.array(json.dumps(args))}
+    for scenario, recs in runs.items():
+        for i, rec in enumerate(recs):
+            for key, value in rec.items():
+                parts = value if isinstance(value, tuple) else (value,)
+                for j, part in enumerate(parts):
+                    arrays[f"{scenario}/{i}/{key}/{j}/{len(parts)}"] = np.asarray(part)
+    np.savez(path, **arrays)
+
+
+def _read_records(path: Path) -> tuple[list, dict[str, list[dict]]]:
+    runs: dict[str, list[dict]] = {}
+    with np.load(path, allow_pickle=False) as z:
+        args = json.loads(str(z["args"]))
+        for name in z.files:
+            if name == "args":
+                continue
+            scenario, i, key, j, n = name.split("/")
+            recs = runs.setdefault(scenario, [])
+            recs.extend({} for _ in range(int(i) + 1 - len(recs)))
+            value = z[name].item() if z[name].ndim == 0 else z[name]
+            if n == "1":
+                recs[int(i)][key] = value
+            else:
+                recs[int(i)].setdefault(key, [None] * int(n))[int(j)] = value
+    for recs in runs.values():
+        for rec in recs:
+            rec.update({k: tuple(v) for k, v in rec.items() if isinstance(v, list)})
+    return args, runs
 
 
 def sweep(recs: list[dict], keys: list[str], base: np.ndarray, a) -> None:
