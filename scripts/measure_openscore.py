@@ -205,13 +205,19 @@ def run(
     return out
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The photos, model, classes, shots and seeds every issue-22 measurement takes."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--model", type=Path, default=MODEL)
     p.add_argument("--classes", default="0,1,2,3,4")
     p.add_argument("--shots", default="5,10")
     p.add_argument("--seeds", type=int, default=20)
+    return p
+
+
+def main() -> int:
+    p = parser(__doc__)
     p.add_argument("--kept", type=float, default=0.93)
     p.add_argument("--betas", default="0.25,0.5,1.0")
     p.add_argument(

@@ -34,7 +34,6 @@ from (quantiles, w), for choosing on 0-4.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -54,10 +53,8 @@ from edgeknn.model.tflite import Model, TensorInfo  # noqa: E402
 from edgeknn.store.names import UNKNOWN  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure_openscore import at_kept, calibrated, centred, feats, mean_top, rates  # noqa: E402
+from measure_openscore import at_kept, calibrated, centred, feats, mean_top, parser, rates  # noqa: E402
 
-DATA = Path("/work/shared/data/sign_language_digits")
-MODEL = Path("/work/shared/models/mobilenet_v1_0.75_192_quant.tflite")
 K = 3
 LAYERS = {  # short name: the op whose Relu6 output is read (found by name, never by index)
     "c13": "Conv2d_13_pointwise",
@@ -317,12 +314,7 @@ def cost(maps: dict[str, np.ndarray], variants: list[str]) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=DATA)
-    p.add_argument("--model", type=Path, default=MODEL)
-    p.add_argument("--classes", default="0,1,2,3,4")
-    p.add_argument("--shots", default="5,10")
-    p.add_argument("--seeds", type=int, default=20)
+    p = parser(__doc__)
     p.add_argument("--report", default="10,20", help="report the first N seeds of the run, for each N")
     p.add_argument("--variants", default="c13-n1,c13-n3,c12-n1,c12-n3,c11s2-n3,c10s2-n3")
     # the defaults: what was chosen on digits 0-4 (docs/classifying.md)
