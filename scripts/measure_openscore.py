@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,24 @@ def joined(first: Dataset, second: Dataset) -> Dataset:
     )
 
 
+def taught_stores(data: Dataset, shots: int, seeds: int) -> Iterator[tuple]:
+    """eval --open-set's draws: per seed and scenario (1, 2, half taught) ``(seed, scenario, draw,
+    taught classes, the store taught them, its predictions for the queries, and their closed-set
+    labels: an unknown answer's best score)``, the same for every issue-22 measurement."""
+    n_classes = len(data.classes)
+    for seed in range(seeds):
+        d = draw(data.labels, n_classes, shots, 10, np.random.default_rng(seed))
+        for name, count in taught_counts(n_classes).items():
+            chosen = np.random.default_rng([seed, count]).permutation(n_classes)[:count]
+            taught = sorted(int(c) for c in chosen)
+            store = teach(data, d, taught, "softmax", K)
+            preds = [store.classify(data.vectors[i]) for i in d.query]
+            closed = np.array(
+                [p.label if p.label != UNKNOWN else max(p.scores, key=p.scores.__getitem__) for p in preds]
+            )
+            yield seed, name, d, taught, store, preds, closed
+
+
 def run(
     data, shots: int, seeds: int, betas: list[float], alone: Dataset | None = None
 ) -> dict[str, dict[str, list]]:
@@ -144,64 +163,51 @@ def run(
         "tta-3": v[:, [0, 2, 5]].mean(1),
         "tta-6": v.mean(1),
     }
-    for seed in range(seeds):
-        d = draw(data.labels, n_classes, shots, 10, np.random.default_rng(seed))
-        for name, count in taught_counts(n_classes).items():
-            chosen = np.random.default_rng([seed, count]).permutation(n_classes)[:count]
-            taught = sorted(int(c) for c in chosen)
-            store = teach(data, d, taught, "softmax", K)
-            preds = [store.classify(data.vectors[i]) for i in d.query]
-            truth = data.labels[d.query]
-            is_taught = np.isin(truth, taught)
-            closed = np.array(
-                [p.label if p.label != UNKNOWN else max(p.scores, key=p.scores.__getitem__) for p in preds]
-            )
-            right = closed == np.array(data.classes)[truth]
-            support = np.concatenate([d.support[c] for c in taught])
-            ex_labels = data.labels[support]
-            seen_idx = np.concatenate([d.seen[c] for c in range(n_classes)])
-            observed = np.concatenate([seen_idx, support])
-            res = out.setdefault(name, {})
+    for _, name, d, taught, store, preds, closed in taught_stores(data, shots, seeds):
+        truth = data.labels[d.query]
+        is_taught = np.isin(truth, taught)
+        right = closed == np.array(data.classes)[truth]
+        support = np.concatenate([d.support[c] for c in taught])
+        ex_labels = data.labels[support]
+        seen_idx = np.concatenate([d.seen[c] for c in range(n_classes)])
+        observed = np.concatenate([seen_idx, support])
+        res = out.setdefault(name, {})
 
-            def record(
-                key: str, score: np.ndarray, thr: float, res=res, taught=is_taught, right=right
-            ) -> None:
-                res.setdefault(key, []).append((score, taught, right, thr))
+        def record(key: str, score: np.ndarray, thr: float, res=res, taught=is_taught, right=right) -> None:
+            res.setdefault(key, []).append((score, taught, right, thr))
 
-            if alone is not None:  # --model by itself, on the same draw
-                a = alone.views[:, 0].astype(np.float64)
-                c = feats(a[observed]).mean(axis=0)
-                ex = centred(a[support], c)
-                score = mean_top(centred(a[d.query], c) @ ex.T)
-                record("--model alone", score, calibrated(ex, ex_labels))
-            for key, f in frames.items():
-                c = feats(f[observed]).mean(axis=0)  # the running mean of what the device observed
-                q = centred(f[d.query], c)
-                ex = centred(v[support].mean(1) if key == "ex-views" else f[support], c)
-                score = mean_top(q @ ex.T)
-                if key == "similarity":
-                    device = np.array([p.similarity for p in preds])
-                    assert np.allclose(score, device, atol=2e-3), np.abs(score - device).max()
-                    base, base_c = score, c
-                    base_thr = store.effective_threshold
-                    record(key, score, base_thr)
-                    record("similarity (own calibration)", score, calibrated(ex, ex_labels))
-                else:
-                    record(key, score, calibrated(ex, ex_labels))
-            q = centred(v[d.query, 0], base_c)
-            seen_f = centred(v[observed, 0], base_c)
-            seen_labels = data.labels[observed]
-            seen_sims = q @ seen_f.T
-            novel = np.where(
-                (~is_taught)[:, None] & (seen_labels[None, :] == truth[:, None]), -np.inf, seen_sims
-            )
-            ex0 = centred(v[support, 0], base_c)
-            ex_seen = ex0 @ seen_f.T
-            ex_seen[np.arange(len(support)), len(seen_idx) + np.arange(len(support))] = -np.inf  # itself
-            for b in betas:
-                thr = calibrated(ex0, ex_labels, b * mean_top(ex_seen))
-                record(f"rel-{b} seen", base - b * mean_top(seen_sims), thr)
-                record(f"rel-{b} novel", base - b * mean_top(novel), thr)
+        if alone is not None:  # --model by itself, on the same draw
+            a = alone.views[:, 0].astype(np.float64)
+            c = feats(a[observed]).mean(axis=0)
+            ex = centred(a[support], c)
+            score = mean_top(centred(a[d.query], c) @ ex.T)
+            record("--model alone", score, calibrated(ex, ex_labels))
+        for key, f in frames.items():
+            c = feats(f[observed]).mean(axis=0)  # the running mean of what the device observed
+            q = centred(f[d.query], c)
+            ex = centred(v[support].mean(1) if key == "ex-views" else f[support], c)
+            score = mean_top(q @ ex.T)
+            if key == "similarity":
+                device = np.array([p.similarity for p in preds])
+                assert np.allclose(score, device, atol=2e-3), np.abs(score - device).max()
+                base, base_c = score, c
+                base_thr = store.effective_threshold
+                record(key, score, base_thr)
+                record("similarity (own calibration)", score, calibrated(ex, ex_labels))
+            else:
+                record(key, score, calibrated(ex, ex_labels))
+        q = centred(v[d.query, 0], base_c)
+        seen_f = centred(v[observed, 0], base_c)
+        seen_labels = data.labels[observed]
+        seen_sims = q @ seen_f.T
+        novel = np.where((~is_taught)[:, None] & (seen_labels[None, :] == truth[:, None]), -np.inf, seen_sims)
+        ex0 = centred(v[support, 0], base_c)
+        ex_seen = ex0 @ seen_f.T
+        ex_seen[np.arange(len(support)), len(seen_idx) + np.arange(len(support))] = -np.inf  # itself
+        for b in betas:
+            thr = calibrated(ex0, ex_labels, b * mean_top(ex_seen))
+            record(f"rel-{b} seen", base - b * mean_top(seen_sims), thr)
+            record(f"rel-{b} novel", base - b * mean_top(novel), thr)
     return out
 
 

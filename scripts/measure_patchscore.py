@@ -45,15 +45,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgeknn.cli.evaluate import auroc, default_cache, draw, taught_counts, teach  # noqa: E402
+from edgeknn.cli.evaluate import auroc, default_cache  # noqa: E402
 from edgeknn.cli.photoset import Dataset, load_dataset, only  # noqa: E402
 from edgeknn.imagefiles import load_rgb  # noqa: E402
 from edgeknn.model.embedder import Embedder, augmented_views  # noqa: E402
 from edgeknn.model.tflite import Model, TensorInfo  # noqa: E402
-from edgeknn.store.names import UNKNOWN  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure_openscore import at_kept, calibrated, centred, feats, mean_top, parser, rates  # noqa: E402
+from measure_openscore import (  # noqa: E402
+    at_kept,
+    calibrated,
+    centred,
+    feats,
+    mean_top,
+    parser,
+    rates,
+    taught_stores,
+)
 
 K = 3
 LAYERS = {  # short name: the op whose Relu6 output is read (found by name, never by index)
@@ -217,45 +225,36 @@ def collect(
             m = np.sqrt(np.maximum(m, 0))
         feats_by[var] = unit(m.reshape(len(m), -1, m.shape[-1])).astype(np.float32)
     out: dict[str, list[dict]] = {}
-    for seed in range(seeds):
-        d = draw(data.labels, n_classes, shots, 10, np.random.default_rng(seed))
+    for _, name, d, taught, store, preds, closed in taught_stores(data, shots, seeds):
         seen_idx = np.concatenate([d.seen[c] for c in range(n_classes)])
-        for name, count in taught_counts(n_classes).items():
-            chosen = np.random.default_rng([seed, count]).permutation(n_classes)[:count]
-            taught = sorted(int(c) for c in chosen)
-            store = teach(data, d, taught, "softmax", K)
-            preds = [store.classify(data.vectors[i]) for i in d.query]
-            truth = data.labels[d.query]
-            closed = np.array(
-                [p.label if p.label != UNKNOWN else max(p.scores, key=p.scores.__getitem__) for p in preds]
-            )
-            support = np.concatenate([d.support[c] for c in taught])
-            observed = np.concatenate([seen_idx, support])
-            ex_labels = data.labels[support]
-            rec: dict = {
-                "taught": np.isin(truth, taught),
-                "right": closed == np.array(data.classes)[truth],
-                "ex_labels": ex_labels,
-                "device_thr": store.effective_threshold,
-            }
-            f = v[:, 0]
-            c = feats(f[observed]).mean(axis=0)
-            ex = centred(f[support], c)
-            score = mean_top(centred(f[d.query], c) @ ex.T)
-            device = np.array([p.similarity for p in preds])
-            assert np.allclose(score, device, atol=2e-3), np.abs(score - device).max()
-            rec["similarity"] = score
-            rec["sim_ex"] = ex  # for the combination's calibration
-            for how in ("gem-3", "max-pool"):
-                x = pools[how]
-                c2 = feats(x[observed]).mean(axis=0)
-                ex2 = centred(x[support], c2)
-                rec[how] = (mean_top(centred(x[d.query], c2) @ ex2.T), calibrated(ex2, ex_labels))
-            for var, fv in feats_by.items():
-                for cen in (False, True):
-                    for agg, pair in patch_scores(fv, d.query, support, observed, cen).items():
-                        rec[f"patch-{var}-{'c' if cen else 'u'}-{agg}"] = pair
-            out.setdefault(name, []).append(rec)
+        truth = data.labels[d.query]
+        support = np.concatenate([d.support[c] for c in taught])
+        observed = np.concatenate([seen_idx, support])
+        ex_labels = data.labels[support]
+        rec: dict = {
+            "taught": np.isin(truth, taught),
+            "right": closed == np.array(data.classes)[truth],
+            "ex_labels": ex_labels,
+            "device_thr": store.effective_threshold,
+        }
+        f = v[:, 0]
+        c = feats(f[observed]).mean(axis=0)
+        ex = centred(f[support], c)
+        score = mean_top(centred(f[d.query], c) @ ex.T)
+        device = np.array([p.similarity for p in preds])
+        assert np.allclose(score, device, atol=2e-3), np.abs(score - device).max()
+        rec["similarity"] = score
+        rec["sim_ex"] = ex  # for the combination's calibration
+        for how in ("gem-3", "max-pool"):
+            x = pools[how]
+            c2 = feats(x[observed]).mean(axis=0)
+            ex2 = centred(x[support], c2)
+            rec[how] = (mean_top(centred(x[d.query], c2) @ ex2.T), calibrated(ex2, ex_labels))
+        for var, fv in feats_by.items():
+            for cen in (False, True):
+                for agg, pair in patch_scores(fv, d.query, support, observed, cen).items():
+                    rec[f"patch-{var}-{'c' if cen else 'u'}-{agg}"] = pair
+        out.setdefault(name, []).append(rec)
     return out
 
 
