@@ -71,20 +71,6 @@ def submit(run: Running, command_of) -> Result:
     return results[0]
 
 
-def retained(port: int, topic: str) -> bytes:
-    """The broker's retained message on ``topic``."""
-    got: list[bytes] = []
-    client = raw_client(port)
-    client.on_message = lambda c, u, message: got.append(message.payload)
-    client.subscribe(topic, qos=1)
-    try:
-        assert wait_for(lambda: got, 10), f"nothing retained on {topic}"
-    finally:
-        client.loop_stop()
-        client.disconnect()
-    return got[0]
-
-
 def raw_client(port: int) -> mqtt.Client:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.connect("127.0.0.1", port)
@@ -214,7 +200,7 @@ def test_followers_learn_what_the_leader_is_taught_and_refuse_teaching(tmp_path,
 
 @needs_data
 @needs_mosquitto
-def test_a_follower_on_the_leaders_model_measures_in_the_leaders_space(tmp_path, broker):
+def test_a_follower_on_the_leaders_model_measures_in_the_leaders_space(tmp_path, broker, subscriber):
     """The default rule's head and unknown threshold are fitted in a space centred on the frames the
     device has seen. The pack names the leader's centre: a follower on its model takes it (the same
     head and threshold as the leader's for the same examples); one on another model keeps its own."""
@@ -234,7 +220,8 @@ def test_a_follower_on_the_leaders_model_measures_in_the_leaders_space(tmp_path,
         for name in followers:
             assert wait_for(lambda r=runs[name]: r.daemon.store.counts() == want, 90), name
         # on the leader's model, the follower measures in the leader's space: the centre the pack names
-        manifest = pack.parse(retained(broker.port, "edgeknn/kitchen/fleet/manifest"))
+        topic = "edgeknn/kitchen/fleet/manifest"
+        manifest = pack.parse(subscriber(broker.port, [topic]).wait_for(lambda m: m.retain, 10).payload)
         center = np.frombuffer(manifest.center, "<f4")
         assert center.size == leader.daemon.store.dim and manifest.seen > 0
 

@@ -208,7 +208,8 @@ class Teacher:
             self._reply(item[0], Result(False, why))
 
     def lend_examples(self, command: LendExamples) -> Result:
-        """The store's examples for the page's download, written on its thread (``knn.lend``)."""
+        """The store's examples for the page's download or a fleet's pack, written on their thread
+        (``knn.lend``), and the centre the head was fitted with (the pack names it)."""
         lent = lend(self.store)
         center = fitted_center(self.store)  # a fleet's leader publishes it beside the examples
         return Result(
